@@ -1,0 +1,187 @@
+"""`pollinate models ...`: look into the store and move channels.
+
+The store itself is stdlib-only; this module is its command-line face (typer + rich).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pollinate.console import HomeOption, JsonOption, human_console, open_store, print_json
+
+app = typer.Typer(help="List models and versions, and move channels (promote, staged rollout, rollback).",
+                  no_args_is_help=True)
+
+ChannelOption = Annotated[str, typer.Option("--channel", "-c", help="Channel name: stable, canary, or [a-z0-9_-]{1,32}.")]
+
+
+def _describe_channel(state: dict) -> str:
+    if state.get("version") is None:
+        return "unset"
+    text = f"v{state['version']}"
+    if state.get("candidate_version") is not None:
+        text += f" (+v{state['candidate_version']} for {state['rollout_percent']:g}%)"
+    return text
+
+
+@app.command("list")
+def list_models(home: HomeOption = Path(".pollinate"), as_json: JsonOption = False) -> None:
+    """Every model in the store, its latest version and its channels."""
+    from rich.table import Table
+
+    models = open_store(home).list_models()
+    if as_json:
+        print_json({"models": models})
+        return
+    out = human_console(False)
+    if not models:
+        out.print(f"No models in {home} yet. Train one: pollinate train --dataset digits")
+        return
+    table = Table(title=f"Models in {home}")
+    for column in ("name", "latest", "versions", "channels"):
+        table.add_column(column)
+    for model in models:
+        channels = ", ".join(f"{name} → {_describe_channel(state)}" for name, state in sorted(model["channels"].items()))
+        table.add_row(model["name"], f"v{model['latest_version']}", str(model["versions"]), channels or "—")
+    out.print(table)
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version (default: latest).")] = None,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """One version: lineage, metrics, input spec, labels and files."""
+    from rich.table import Table
+
+    store = open_store(home)
+    record = store.get_version(name, version)
+    channels = {c: s for c, s in store.list_channels(name).items()}
+    if as_json:
+        print_json({**record.to_dict(), "channels": {c: s.to_dict() for c, s in channels.items()}})
+        return
+    out = human_console(False)
+    lineage = record.lineage
+    out.rule(f"[bold]{record.model} v{record.version}[/]")
+    out.print(f"created   {record.created_at}")
+    origin = lineage.source
+    if lineage.round is not None:
+        origin += f", round {lineage.round}"
+    if lineage.parent_version is not None:
+        origin += f", parent v{lineage.parent_version}"
+    out.print(f"lineage   {origin}")
+    if lineage.dataset_fingerprint:
+        out.print(f"dataset   {lineage.extra.get('dataset', '')} sha256:{lineage.dataset_fingerprint[:16]}…")
+    if lineage.hyperparameters:
+        out.print("hyper     " + ", ".join(f"{k}={v}" for k, v in sorted(lineage.hyperparameters.items())))
+    out.print("metrics   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.metrics.items())))
+    spec = record.input_spec
+    if spec:
+        out.print(f"input     shape {spec.get('shape')} {spec.get('dtype')}, preprocessing: {spec.get('preprocessing', {}).get('kind', 'none')}")
+    if record.labels:
+        out.print(f"labels    {', '.join(map(str, record.labels))}")
+    here = [f"{c} → {_describe_channel(s.to_dict())}" for c, s in sorted(channels.items())]
+    out.print(f"channels  {', '.join(here) or '—'}")
+    table = Table(title="artifacts")
+    for column in ("format", "file", "bytes", "sha256"):
+        table.add_column(column)
+    for fmt, files in sorted(record.artifacts.items()):
+        for f in files:
+            table.add_row(fmt, f.name, f"{f.size:,}", f.sha256[:16] + "…")
+    out.print(table)
+
+
+@app.command("files")
+def files(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version (default: latest).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="Only this format (e.g. keras, report).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Copy the files here, as <format>/<file>.")] = None,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Where a version's files are, or copies of them under --out with their real names."""
+    from registry.errors import NotFound
+
+    store = open_store(home)
+    record = store.get_version(name, version)
+    formats = record.artifacts if fmt is None else {fmt: record.artifacts.get(fmt)}
+    if fmt is not None and formats[fmt] is None:
+        raise NotFound(f"{name} v{record.version} has no {fmt!r} files; it has: {', '.join(sorted(record.artifacts))}")
+    rows = []
+    for format_name, format_files in sorted(formats.items()):
+        for f in format_files:
+            source = store.blob_path(f.sha256)
+            path = source
+            if out_dir is not None:
+                path = Path(out_dir) / format_name / f.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, path)
+            rows.append({"format": format_name, "name": f.name, "bytes": f.size, "sha256": f.sha256, "path": str(path)})
+    if as_json:
+        print_json({"model": name, "version": record.version, "files": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{name} v{record.version}")
+    for column in ("format", "file", "bytes", "path"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["format"], row["name"], f"{row['bytes']:,}", row["path"])
+    human_console(False).print(table)
+
+
+@app.command("promote")
+def promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="The version to promote.")],
+    channel: ChannelOption = "stable",
+    percent: Annotated[Optional[float], typer.Option("--percent", "-p", help="Staged rollout: give VERSION to this percent of clients (0 < P ≤ 100).")] = None,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Point a channel at a version, or stage it for a percentage of clients."""
+    state = open_store(home).set_channel(name, channel, version, rollout_percent=percent)
+    _report_channel(state, as_json)
+
+
+@app.command("rollback")
+def rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    channel: ChannelOption = "stable",
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Undo the channel's last move (the history keeps both moves)."""
+    state = open_store(home).rollback(name, channel)
+    _report_channel(state, as_json)
+
+
+@app.command("history")
+def history(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    channel: Annotated[Optional[str], typer.Option("--channel", "-c", help="Only this channel.")] = None,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Every channel move, oldest first."""
+    rows = open_store(home).channel_history(name, channel)
+    if as_json:
+        print_json({"model": name, "history": rows})
+        return
+    out = human_console(False)
+    for row in rows:
+        out.print(f"{row['at']}  {row['channel']:<10} {row['action']:<9} → {_describe_channel(row)}")
+
+
+def _report_channel(state, as_json: bool) -> None:
+    if as_json:
+        print_json(state.to_dict())
+        return
+    human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}")

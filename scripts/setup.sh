@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install Pollinate into ./.venv with the frozen dependency set (constraints.txt).
+#   scripts/setup.sh          the Python package and its dependencies
+#   scripts/setup.sh --test   plus what the test suite needs
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[ "${1:-}" = "--test" ] && want_tests=1
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python=$candidate
+      break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $python"
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+extras=""
+[ "$want_tests" = 1 ] && extras="[test]"
+echo "==> installing pollinate$extras and its pinned dependencies (first run: a few minutes)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
+echo "==> ready: .venv/bin/pollinate"

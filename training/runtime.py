@@ -1,0 +1,41 @@
+"""Importing TensorFlow quietly.
+
+The TensorFlow 2.19 wheel registers its CUDA plugins at import time and writes a screenful of
+C++ log lines to stderr on a machine without a GPU ("Unable to register cuDNN factory", ...).
+They are noise for a CLI user, and they are printed before TF's own log-level setting is read,
+so the only way to hide them is to point stderr elsewhere while the import runs. Python
+exceptions are unaffected: they are raised after stderr is restored.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_imported = None
+
+
+def import_tensorflow():
+    """`import tensorflow` with its import-time C++ noise silenced; returns the module."""
+    global _imported
+    if _imported is not None:
+        return _imported
+    if "tensorflow" in sys.modules:
+        _imported = sys.modules["tensorflow"]
+        return _imported
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow as tf
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+    tf.get_logger().setLevel("ERROR")
+    _imported = tf
+    return tf

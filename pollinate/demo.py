@@ -1,7 +1,8 @@
 """`pollinate demo`: the whole loop on the embedded defaults, for a first look.
 
-Today: train the digits CNN, register it, point the `stable` channel at it, and print what was
-made. Export, federation and serving join here as their rooms land.
+Today: train the digits CNN, export it (TF.js + every TFLite variant, verified), register it,
+point the `stable` channel at it, and print what was made. Federation and serving join here
+as their rooms land.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def demo(
 ) -> None:
     """Run the loop end to end on the digits data and print what it made."""
     from training.cli import print_outcome, run_training
+
+    from .cli import export_on_train
     from training.datasets import load_dataset
 
     out = human_console(as_json)
@@ -29,7 +32,7 @@ def demo(
     out.rule("[bold]Pollinate demo[/]")
     out.print(f"Store: {Path(home).resolve()}")
     data = load_dataset("digits")
-    outcome = run_training(store, data, model="cnn", epochs=epochs, seed=seed, console=out)
+    outcome = run_training(store, data, model="cnn", epochs=epochs, seed=seed, console=out, export_hook=export_on_train)
     print_outcome(out, outcome)
     record = outcome.record
     channel = store.set_channel(record.model, "stable", record.version)

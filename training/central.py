@@ -26,6 +26,10 @@ from .report import evaluate_predictions, headline_metrics
 from .runtime import import_tensorflow
 
 EpochCallback = Callable[[int, int, dict], None]  # (epoch finished, total epochs, logs)
+# Extra files to publish with the version, made from the trained model before it is published
+# (the exporter, injected by the CLI layer so that training does not import export/):
+# (model, dataset, scratch folder) -> {format: {file name: path}}
+ArtifactHook = Callable[[object, Dataset, Path], dict[str, dict[str, Path]]]
 
 
 @dataclass
@@ -158,8 +162,10 @@ def train_and_register(
     *,
     name: str | None = None,
     on_epoch: EpochCallback | None = None,
+    extra_artifacts: ArtifactHook | None = None,
 ) -> TrainOutcome:
-    """Train, evaluate on the test split, and publish model + report as the next version."""
+    """Train, evaluate on the test split, and publish model + report (+ whatever
+    `extra_artifacts` makes, e.g. the exported formats) as the next version, in one step."""
     model_name = name or dataset.name
     check_model_name(model_name)  # refuse a bad name before spending minutes training
     started = time.perf_counter()
@@ -178,15 +184,18 @@ def train_and_register(
             "train_seconds": train_seconds,
         }
         report_files = write_report(scratch, dataset, evaluation, history, extra, predictions)
+        artifacts = {"keras": {"model.keras": model_path}, "report": report_files}
+        if extra_artifacts is not None:
+            artifacts.update(extra_artifacts(model, dataset, scratch / "extra"))
         record = store.publish(
             model_name,
             lineage=Lineage(
                 source="central",
                 dataset_fingerprint=dataset.fingerprint(),
                 hyperparameters=settings.hyperparameters(),
-                extra={"dataset": dataset.name, "zoo_model": settings.model},
+                extra={"dataset": dataset.name, "data": dataset.recipe, "zoo_model": settings.model},
             ),
-            artifacts={"keras": {"model.keras": model_path}, "report": report_files},
+            artifacts=artifacts,
             metrics=headline_metrics(evaluation),
             input_spec=dataset.input_spec(),
             labels=dataset.labels,

@@ -9,10 +9,28 @@ exceptions are unaffected: they are raised after stderr is restored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 _imported = None
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Point file descriptor 2 at /dev/null for the block (C++ logging bypasses Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def import_tensorflow():
@@ -25,17 +43,8 @@ def import_tensorflow():
         return _imported
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import tensorflow as tf
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
+    with quiet_stderr():
+        import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
     _imported = tf
     return tf

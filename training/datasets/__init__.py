@@ -27,20 +27,45 @@ def load_dataset(
             raise InvalidInput("--csv needs --target COLUMN (the column to predict)")
         from .tabular import load_csv
 
-        return load_csv(Path(csv), target, task=task, drop_missing=drop_missing)
+        dataset = load_csv(Path(csv), target, task=task, drop_missing=drop_missing)
+        dataset.recipe = {"csv": str(Path(csv).resolve()), "target": target, "task": task, "drop_missing": drop_missing}
+        return dataset
     if target is not None:
         raise InvalidInput("--target only applies to --csv")
     if name == "digits":
         from .digits import load_digits
 
-        return load_digits()
-    if name == "delivery-eta":
+        dataset = load_digits()
+    elif name == "delivery-eta":
         from .delivery_eta import load_delivery_eta
 
-        return load_delivery_eta()
+        dataset = load_delivery_eta()
+    else:
+        dataset = None
+    if dataset is not None:
+        dataset.recipe = {"dataset": name}
+        return dataset
     if name is None:
         raise InvalidInput("choose a dataset: --dataset digits|delivery-eta, or --csv FILE --target COLUMN")
     raise InvalidInput(f"unknown dataset {name!r}; built in: {', '.join(BUILTIN)} (or --csv FILE --target COLUMN)")
 
 
-__all__ = ["BUILTIN", "CLASSIFICATION", "REGRESSION", "Dataset", "load_dataset"]
+def reload_dataset(recipe: dict, fingerprint: str | None = None) -> Dataset | None:
+    """The dataset a version was trained on, rebuilt from its lineage's recipe; None when it
+    cannot be had any more (a CSV that moved or changed: the fingerprint tells)."""
+    if not recipe:
+        return None
+    try:
+        if "csv" in recipe:
+            dataset = load_dataset(csv=Path(recipe["csv"]), target=recipe.get("target"),
+                                   task=recipe.get("task", "auto"), drop_missing=recipe.get("drop_missing", False))
+        else:
+            dataset = load_dataset(recipe.get("dataset"))
+    except InvalidInput:
+        return None
+    if fingerprint and dataset.fingerprint() != fingerprint:
+        return None
+    return dataset
+
+
+__all__ = ["BUILTIN", "CLASSIFICATION", "REGRESSION", "Dataset", "load_dataset", "reload_dataset"]

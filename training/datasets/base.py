@@ -37,6 +37,9 @@ class Dataset:
     target: str | None = None
     description: str = ""
     extra: dict = field(default_factory=dict)
+    # how to load this dataset again (kept in a version's lineage, so export and the
+    # federation can rebuild the same splits): {"dataset": name} or {"csv": path, "target": ...}
+    recipe: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -17,6 +17,12 @@ app = typer.Typer(help="List models and versions, and move channels (promote, st
                   no_args_is_help=True)
 
 ChannelOption = Annotated[str, typer.Option("--channel", "-c", help="Channel name: stable, canary, or [a-z0-9_-]{1,32}.")]
+ServerOption = Annotated[
+    Optional[str],
+    typer.Option("--server", envvar="POLLINATE_SERVER", show_default=False,
+                 help="Move the channel through this Pollinate server's HTTP API (bearer token from"
+                      " $POLLINATE_ADMIN_TOKEN) instead of the local store."),
+]
 
 
 def _describe_channel(state: dict) -> str:
@@ -144,10 +150,14 @@ def promote(
     channel: ChannelOption = "stable",
     percent: Annotated[Optional[float], typer.Option("--percent", "-p", help="Staged rollout: give VERSION to this percent of clients (0 < P ≤ 100).")] = None,
     home: HomeOption = Path(".pollinate"),
+    server: ServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Point a channel at a version, or stage it for a percentage of clients."""
-    state = open_store(home).set_channel(name, channel, version, rollout_percent=percent)
+    if server:
+        state = _remote(server, "PUT", name, channel, {"version": version, "rollout_percent": percent})
+    else:
+        state = open_store(home).set_channel(name, channel, version, rollout_percent=percent)
     _report_channel(state, as_json)
 
 
@@ -156,10 +166,14 @@ def rollback(
     name: Annotated[str, typer.Argument(help="Model name.")],
     channel: ChannelOption = "stable",
     home: HomeOption = Path(".pollinate"),
+    server: ServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Undo the channel's last move (the history keeps both moves)."""
-    state = open_store(home).rollback(name, channel)
+    if server:
+        state = _remote(server, "POST", name, channel, None)
+    else:
+        state = open_store(home).rollback(name, channel)
     _report_channel(state, as_json)
 
 
@@ -185,3 +199,62 @@ def _report_channel(state, as_json: bool) -> None:
         print_json(state.to_dict())
         return
     human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}")
+
+
+def _remote(server: str, method: str, name: str, channel: str, body: dict | None):
+    """One admin request to a running `pollinate serve` (stdlib only: the CLI stays light).
+
+    PUT  /v1/models/{name}/channels/{channel}           (promote / staged rollout)
+    POST /v1/models/{name}/channels/{channel}/rollback
+    Any refusal becomes one PollinateError line carrying the server's `detail`.
+    """
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    from registry.channels import ChannelState
+    from registry.errors import PollinateError
+
+    if not server.startswith(("http://", "https://")):
+        raise PollinateError(f"--server must be an http:// or https:// URL, got {server!r}")
+    token = os.environ.get("POLLINATE_ADMIN_TOKEN")
+    if not token:
+        raise PollinateError("--server needs the admin token in POLLINATE_ADMIN_TOKEN")
+    path = f"/v1/models/{quote(name, safe='')}/channels/{quote(channel, safe='')}"
+    if method == "POST":
+        path += "/rollback"
+    request = urllib.request.Request(
+        server.rstrip("/") + path,
+        data=b"" if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise PollinateError(f"{server} refused ({exc.code}): {_detail(exc)}") from None
+    except urllib.error.URLError as exc:
+        raise PollinateError(f"cannot reach {server}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:  # timeouts, a malformed URL, a body that is not JSON
+        raise PollinateError(f"cannot talk to {server}: {exc}") from None
+    return ChannelState(**{k: payload.get(k) for k in ("model", "channel", "version", "candidate_version",
+                                                       "rollout_percent", "updated_at")})
+
+
+def _detail(error) -> str:
+    """The server's JSON `detail` on one line (FastAPI's 422 gives a list of problems)."""
+    import json
+
+    try:
+        detail = json.loads(error.read()).get("detail", error.reason)
+    except (ValueError, AttributeError, OSError):
+        return str(error.reason)
+    if isinstance(detail, list):
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}" if isinstance(item, dict) else str(item)
+            for item in detail
+        )
+    return " ".join(str(detail).split())

@@ -29,4 +29,17 @@ extras=""
 [ "$want_tests" = 1 ] && extras="[test]"
 echo "==> installing pollinate$extras and its pinned dependencies (first run: a few minutes)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
+# The server tests put Debian's nginx in front of `pollinate serve --offload nginx`.
+if [ "$want_tests" = 1 ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+fi
+# The TF.js exporter verifies every model.json in Node with the pinned @tensorflow/tfjs (both modes).
+if [ ! -d export/node/node_modules ] || [ export/node/package-lock.json -nt export/node/node_modules ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "==> installing the TF.js runner's npm packages (export/node, pinned by package-lock.json)"
+    (cd export/node && npm ci --no-audit --no-fund --silent)
+  else
+    echo "warning: npm not found: install Node.js >= 18 with npm to export and verify TF.js models" >&2
+  fi
+fi
 echo "==> ready: .venv/bin/pollinate"

@@ -1,0 +1,13 @@
+"""The distribution service: a small FastAPI app that serves every stored version.
+
+Browser apps, mobile apps and federated clients ask it which version to run (a channel's
+manifest), then download that version's files. Files are immutable and content-addressed,
+so they are cached forever; manifests are revalidated cheaply with strong ETags.
+
+The server only reads the store (``registry``) except for the two admin routes that move
+channels. It never imports TensorFlow, so it starts in well under a second.
+
+Entry points: :func:`server.app.create_app` (tests, embedding), ``server.app:app_from_env``
+(uvicorn's factory, used when ``pollinate serve`` runs several workers) and
+:func:`server.cli.serve` (the ``pollinate serve`` command).
+"""

@@ -1,0 +1,78 @@
+"""The FastAPI application: routers, middleware and error handlers, wired once.
+
+``create_app(config)`` builds an app for one process (tests, embedding);
+``app_from_env`` is the factory uvicorn imports in every worker (``--factory``), reading
+the same config from environment variables that ``pollinate serve`` sets.
+
+Middleware, outermost first, all pure ASGI (no per-request task, no body copies):
+metrics (time and count everything, refusals included) → CORS (so browsers can read
+refusals too) → body size limit → the shortcut for cached manifests and known files
+(``server/fastpath.py``) → the routers.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
+
+import server
+from server import errors
+from server.config import ServerConfig
+from server.fastpath import FastPath
+from server.limits import BodyLimitMiddleware
+from server.metrics import MetricsMiddleware
+from server.routers import channels, files, health, metrics, models, web
+from server.state import Services
+
+EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges"]
+ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-None-Match", "If-Range", "Range"]
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    app = FastAPI(
+        title="Pollinate distribution service",
+        version="1",
+        description=server.__doc__,
+        openapi_tags=[
+            {"name": "models", "description": "Models, versions and manifests."},
+            {"name": "files", "description": "Immutable, content-addressed files."},
+            {"name": "channels", "description": "Channel pointers, staged rollout, rollback (admin)."},
+        ],
+    )
+    app.state.services = Services.build(config)
+    errors.install(app)
+    for module in (health, models, files, channels, metrics, web):
+        app.include_router(module.router)
+    app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
+              name="web_client")
+
+    svc: Services = app.state.services
+    app.add_middleware(
+        FastPath,
+        catalog=svc.catalog,
+        blobs=svc.blobs,
+        manifest_route=_route(models.router, models.CHANNEL_MANIFEST_PATH, "GET"),
+        file_route=_route(files.router, files.router.prefix + files.FILE_PATH, "GET"),
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(config.cors_origins),
+        allow_methods=["GET", "HEAD", "PUT", "POST", "OPTIONS"],
+        allow_headers=ALLOWED_HEADERS,
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
+    app.add_middleware(MetricsMiddleware)
+    return app
+
+
+def _route(router: APIRouter, path: str, method: str) -> BaseRoute:
+    """The route object a shortcut labels its requests with (metrics use its template)."""
+    return next(r for r in router.routes if getattr(r, "path", None) == path and method in getattr(r, "methods", ()))
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for worker processes: ``server.app:app_from_env --factory``."""
+    return create_app(ServerConfig.from_env())

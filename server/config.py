@@ -1,0 +1,67 @@
+"""How a server process is configured: one frozen object, built from flags or environment.
+
+Uvicorn starts extra workers by importing ``server.app:app_from_env`` in fresh processes,
+so everything a worker needs travels in environment variables; ``pollinate serve`` sets
+them from its flags before it starts uvicorn. Secrets (the admin token) only ever come
+from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+REPO = Path(__file__).resolve().parents[1]
+
+ENV_HOME = "POLLINATE_HOME"
+ENV_ADMIN_TOKEN = "POLLINATE_ADMIN_TOKEN"
+ENV_CORS_ORIGINS = "POLLINATE_CORS_ORIGINS"
+ENV_OFFLOAD = "POLLINATE_OFFLOAD"
+ENV_WEB_CLIENT = "POLLINATE_WEB_CLIENT"
+
+OFFLOAD_MODES = ("nginx",)
+# Admin bodies are a version number and a percent: anything near this size is an attack.
+MAX_BODY_BYTES = 64 * 1024
+# nginx serves the store's objects/ folder under this internal prefix (server/nginx/).
+OFFLOAD_PREFIX = "/_pollinate_blobs/"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one server process needs; immutable once the app is built."""
+
+    home: Path
+    admin_token: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    offload: str | None = None
+    web_client: Path = field(default_factory=lambda: REPO / "web_client")
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.offload is not None and self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"unknown offload mode {self.offload!r}: use one of {', '.join(OFFLOAD_MODES)}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServerConfig":
+        env = os.environ if environ is None else environ
+        origins = tuple(o.strip() for o in env.get(ENV_CORS_ORIGINS, "*").split(",") if o.strip())
+        web_client = env.get(ENV_WEB_CLIENT)
+        return cls(
+            home=Path(env.get(ENV_HOME) or ".pollinate"),
+            admin_token=env.get(ENV_ADMIN_TOKEN) or None,
+            cors_origins=origins or ("*",),
+            offload=env.get(ENV_OFFLOAD) or None,
+            web_client=Path(web_client) if web_client else REPO / "web_client",
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that rebuild this config in a worker (the token is left to the caller)."""
+        env = {
+            ENV_HOME: str(self.home),
+            ENV_CORS_ORIGINS: ",".join(self.cors_origins),
+            ENV_OFFLOAD: self.offload or "",
+            ENV_WEB_CLIENT: str(self.web_client),
+        }
+        return env

@@ -1,0 +1,131 @@
+"""The manifest: the JSON contract between the server and every client.
+
+A manifest says which version a client runs and, per format, where each file is, how big
+it is and what it hashes to (hex sha256 and an SRI ``integrity`` string a browser can
+check with ``fetch(url, {integrity})``). URLs are absolute paths from the server root, so
+``tf.loadLayersModel(origin + artifacts["tfjs-layers"].url)`` works and TF.js finds the
+weight shards next to ``model.json``.
+
+Manifests are rendered once into canonical bytes (sorted keys, no spaces) and their strong
+ETag is the sha256 of those bytes: the ETag changes exactly when what a client would
+receive changes, in every worker process, without any shared state.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from registry import VersionRecord
+from server.conditional import accepts_gzip, none_match
+
+# The file a client opens first for a format, in order of preference (see entry_file).
+ENTRY_FILES = ("model.json", "model.tflite", "model.keras", "report.json", "export-report.json")
+# Below this size gzip costs more than the bytes it saves.
+GZIP_MIN_BYTES = 1024
+# Manifests may change (a channel moves, a format is attached): always revalidate (cheap: 304).
+NO_CACHE = "no-cache"
+
+
+def entry_file(names: list[str]) -> str:
+    """The file a format is opened by: TF.js's model.json, the one model file, or the report."""
+    for candidate in ENTRY_FILES:
+        if candidate in names:
+            return candidate
+    return sorted(names)[0]
+
+
+def integrity(sha256_hex: str) -> str:
+    """Subresource Integrity string: ``sha256-`` + base64 of the raw digest."""
+    return "sha256-" + base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
+
+
+def version_prefix(model: str, version: int) -> str:
+    return f"/v1/models/{model}/versions/{version}"
+
+
+def file_url(model: str, version: int, fmt: str, name: str) -> str:
+    """Model and format names are URL-safe by construction; file names are quoted."""
+    return f"{version_prefix(model, version)}/files/{fmt}/{quote(name, safe='')}"
+
+
+def build_manifest(record: VersionRecord, channel: str | None = None, cohort: str | None = None) -> dict:
+    """The manifest of one version; ``channel``/``cohort`` say why a channel served it."""
+    artifacts = {}
+    for fmt, files in sorted(record.artifacts.items()):
+        entries = [
+            {
+                "name": f.name,
+                "url": file_url(record.model, record.version, fmt, f.name),
+                "sha256": f.sha256,
+                "bytes": f.size,
+                "integrity": integrity(f.sha256),
+            }
+            for f in files
+        ]
+        entry = entry_file([f.name for f in files])
+        artifacts[fmt] = {"url": file_url(record.model, record.version, fmt, entry), "files": entries}
+    return {
+        "name": record.model,
+        "version": record.version,
+        "created_at": record.created_at,
+        "channel": channel,
+        "cohort": cohort,
+        "manifest_url": f"{version_prefix(record.model, record.version)}/manifest",
+        "lineage": record.lineage.to_dict(),
+        "input": record.input_spec,
+        "labels": record.labels,
+        "metrics": record.metrics,
+        "artifacts": artifacts,
+    }
+
+
+@dataclass(frozen=True)
+class RenderedManifest:
+    """A manifest as bytes on the wire, with its ETag and (when worth it) a gzipped copy."""
+
+    model: str
+    version: int
+    body: bytes
+    etag: str  # quoted, strong
+    gzipped: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, manifest: dict) -> "RenderedManifest":
+        body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        etag = '"' + hashlib.sha256(body).hexdigest() + '"'
+        packed = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+        return cls(manifest["name"], manifest["version"], body, etag, packed)
+
+    @property
+    def gzip_etag(self) -> str:
+        """The gzipped bytes are another representation, so they get their own strong ETag."""
+        return self.etag[:-1] + '-gzip"'
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def manifest_answer(
+    rendered: RenderedManifest, accept_encoding: str | None, if_none_match: str | None, cache_control: str
+) -> tuple[int, Headers, bytes]:
+    """Status, headers and body for one manifest request: 304 when the client's copy is
+    current, else the bytes (gzipped when the client takes it and it is worth it)."""
+    use_gzip = rendered.gzipped is not None and accepts_gzip(accept_encoding)
+    etag = rendered.gzip_etag if use_gzip else rendered.etag
+    headers = [
+        (b"etag", etag.encode()),
+        (b"cache-control", cache_control.encode()),
+        (b"vary", b"Accept-Encoding"),
+    ]
+    if none_match(if_none_match, etag):
+        return 304, headers, b""
+    body = rendered.gzipped if use_gzip else rendered.body
+    if use_gzip:
+        headers.append((b"content-encoding", b"gzip"))
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return 200, headers, body

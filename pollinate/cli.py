@@ -3,15 +3,28 @@ own `cli.py`. Nothing here imports TensorFlow, so `pollinate --help` answers at 
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import typer
 
+from export.cli import export
+from federated.cli import app as federate_app
 from registry.cli import app as models_app
 from registry.errors import PollinateError
-from training.cli import train
+from server.cli import serve
+from training.cli import make_train_command
 
 from .demo import demo
+
+
+def export_on_train(say):
+    """`pollinate train` publishes each version with its verified exports (lazy import)."""
+    from export.pipeline import export_for_publish
+
+    return export_for_publish(progress=say)
+
 
 app = typer.Typer(
     name="pollinate",
@@ -21,12 +34,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_app, name="models")
-app.command("train")(train)
+app.add_typer(federate_app, name="federate")
+app.command("train")(make_train_command(export_on_train))
+app.command("export")(export)
 app.command("demo")(demo)
+app.command("serve")(serve)
 
 
 def main() -> None:
     """Entry point: bad input becomes one `error:` line and exit code 2, never a traceback."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ INFO/WARNING lines
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning on CPU-only runs
+    warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
     try:
         app()
     except PollinateError as exc:

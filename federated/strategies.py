@@ -1,0 +1,156 @@
+"""Flower strategies by name, each wrapped in the update guard.
+
+The guard checks every client update before the strategy sees it: the arrays must match the
+global model's count, shapes and dtypes and hold only finite numbers; with `clip_norm` > 0 an
+update whose L2 norm ‖w − w_global‖ exceeds it is scaled down to it. A rejected update is
+logged and counted, never aggregated. Failed replies (a client that crashed or timed out)
+arrive as error messages, which the strategy drops; the guard counts them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from .settings import FederationSettings
+
+log = logging.getLogger("pollinate.federated")
+
+BASES = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+@dataclass
+class RoundStats:
+    """What happened to the updates of one round."""
+
+    round: int = 0
+    replies: int = 0
+    failed: int = 0
+    rejected: int = 0
+    clipped: int = 0
+    accepted: int = 0
+    examples: int = 0
+    clients: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    client_train_seconds: list[float] = field(default_factory=list)
+    train_loss: float | None = None
+    aggregation_seconds: float = 0.0
+
+
+def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
+    """Why this update may not be aggregated, or None when it is sound."""
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} arrays, the model has {len(reference)}"
+    for i, (a, r) in enumerate(zip(arrays, reference)):
+        if a.shape != r.shape:
+            return f"array {i} has shape {a.shape}, expected {r.shape}"
+        if a.dtype != r.dtype:
+            return f"array {i} has dtype {a.dtype}, expected {r.dtype}"
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            return f"array {i} holds NaN or infinite values"
+    return None
+
+
+def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], bool]:
+    deltas = [a.astype(np.float64) - r for a, r in zip(arrays, reference)]
+    norm = float(np.sqrt(sum(float((d**2).sum()) for d in deltas)))
+    if norm <= bound or norm == 0:
+        return arrays, False
+    factor = bound / norm
+    return [(r + d * factor).astype(a.dtype) for a, r, d in zip(arrays, reference, deltas)], True
+
+
+def strategy_kwargs(settings: FederationSettings, sampled: int) -> dict:
+    kwargs: dict = {
+        "fraction_train": settings.fraction,
+        "fraction_evaluate": 0.0,  # the server evaluates centrally on the held-out test split
+        "min_train_nodes": max(1, min(settings.min_clients, sampled)),
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": max(1, min(settings.min_clients, sampled)),
+    }
+    name = settings.strategy
+    if name == "fedprox":
+        kwargs["proximal_mu"] = settings.proximal_mu
+    elif name == "fedadam":
+        kwargs.update(eta=settings.eta, eta_l=settings.eta_l)
+    elif name == "fedavgm":
+        kwargs.update(server_learning_rate=settings.server_learning_rate, server_momentum=settings.server_momentum)
+    elif name == "fedtrimmedavg":
+        kwargs["beta"] = settings.beta
+    elif name == "krum":
+        kwargs["num_malicious_nodes"] = settings.krum_malicious or max(1, int(0.2 * sampled))
+    return kwargs
+
+
+def make_strategy(settings: FederationSettings, num_nodes: int):
+    """The named Flower strategy, guarded. `stats` on the result holds the last round's RoundStats."""
+    base = BASES[settings.strategy]
+    sampled = max(1, int(num_nodes * settings.fraction))
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.reference: list[np.ndarray] = []
+            self.stats = RoundStats()
+            self.history: list[RoundStats] = []
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+            self.reference = arrays.to_numpy_ndarrays()
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies):
+            started = time.perf_counter()
+            stats = RoundStats(round=server_round)
+            kept: list[Message] = []
+            for msg in replies:
+                stats.replies += 1
+                if msg.has_error():
+                    stats.failed += 1
+                    kept.append(msg)  # the base strategy drops (and logs) error replies
+                    continue
+                metrics = msg.content["metrics"]
+                client = int(metrics.get("partition-id", msg.metadata.src_node_id))
+                arrays = msg.content["arrays"].to_numpy_ndarrays()
+                problem = check_update(arrays, self.reference)
+                if problem:
+                    stats.rejected += 1
+                    stats.reasons.append(f"client {client}: {problem}")
+                    log.warning("round %s: rejected the update of client %s: %s", server_round, client, problem)
+                    continue
+                if settings.clip_norm > 0:
+                    arrays, clipped = clip_update(arrays, self.reference, settings.clip_norm)
+                    if clipped:
+                        stats.clipped += 1
+                        msg.content["arrays"] = ArrayRecord(arrays)
+                stats.accepted += 1
+                stats.clients.append(client)
+                stats.examples += int(metrics.get("num-examples", 0))
+                stats.client_train_seconds.append(float(metrics.get("train-seconds", 0.0)))
+                kept.append(msg)
+            ok = [m for m in kept if not m.has_error()]
+            if ok:
+                weights = [float(m.content["metrics"].get("num-examples", 1)) for m in ok]
+                losses = [float(m.content["metrics"].get("train-loss", 0.0)) for m in ok]
+                stats.train_loss = float(np.average(losses, weights=weights))
+                result = super().aggregate_train(server_round, kept)
+            else:
+                result = (None, None)  # nothing sound to aggregate: the global model stays
+            stats.aggregation_seconds = time.perf_counter() - started
+            self.stats = stats
+            self.history.append(stats)
+            return result
+
+    return Guarded(**strategy_kwargs(settings, sampled))

@@ -1,0 +1,182 @@
+"""Federated learning: partitioners, the update guard, simulations that publish versions,
+resume, dropout and poisoned clients, and a real SuperLink with two SuperNodes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from federated.partition import parse_scheme, partition, partition_summary
+from federated.settings import FederationSettings
+from federated.strategies import check_update, clip_update, make_strategy
+from registry import Store
+from registry.errors import InvalidInput
+from training.datasets import load_dataset
+
+
+# ---------------------------------------------------------------- partitions
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return load_dataset("digits").y_train
+
+
+def test_partitions_cover_every_example_once_and_are_seeded(labels):
+    for scheme in ("iid", "dirichlet:0.5", "shards:2"):
+        parts = partition(labels, 20, scheme, seed=3)
+        joined = np.concatenate(parts)
+        assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
+        assert all(len(p) >= 2 for p in parts)
+        again = partition(labels, 20, scheme, seed=3)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_small_alpha_is_skewed_and_iid_is_balanced(labels):
+    skew = {s: partition_summary(labels, partition(labels, 20, s, seed=0), 10)["skew"]
+            for s in ("iid", "dirichlet:100", "dirichlet:0.5", "dirichlet:0.1")}
+    assert skew["dirichlet:0.1"] > skew["dirichlet:0.5"] > skew["dirichlet:100"]
+    assert skew["dirichlet:0.1"] > 0.6 and skew["iid"] < 0.2
+    iid = partition_summary(labels, partition(labels, 20, "iid", seed=0), 10)
+    assert iid["size_max"] - iid["size_min"] <= 1
+    shards = partition_summary(labels, partition(labels, 20, "shards:2", seed=0), 10)
+    labels_per_client = [sum(1 for c in row if c) for row in shards["label_histograms"]]
+    assert max(labels_per_client) <= 4  # 2 shards, each may straddle one label boundary
+    assert np.mean(labels_per_client) < 3.5
+
+
+@pytest.mark.parametrize("text", ["dirichlet:0", "dirichlet:-1", "dirichlet:x", "shards:0", "random", ""])
+def test_bad_partition_specs_are_refused(text):
+    with pytest.raises(InvalidInput):
+        parse_scheme(text)
+
+
+# ---------------------------------------------------------------- the update guard
+
+
+def _reply(arrays: list[np.ndarray], client: int, examples: int = 10) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=client + 1, message_type=MessageType.TRAIN)
+    metrics = MetricRecord({"num-examples": examples, "partition-id": client, "train-loss": 0.5, "train-seconds": 0.1})
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction)
+
+
+def test_guard_rejects_nan_and_wrong_shapes_and_aggregates_the_rest():
+    global_weights = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
+    assert check_update([np.ones((3, 2), np.float32), np.ones(2, np.float32)], global_weights) is None
+    assert "NaN" in check_update([np.full((3, 2), np.nan, np.float32), np.ones(2, np.float32)], global_weights)
+    assert "shape" in check_update([np.ones((2, 3), np.float32), np.ones(2, np.float32)], global_weights)
+    assert "arrays" in check_update([np.ones((3, 2), np.float32)], global_weights)
+    assert "dtype" in check_update([np.ones((3, 2), np.float64), np.ones(2, np.float32)], global_weights)
+
+    strategy = make_strategy(FederationSettings(strategy="fedavg", min_clients=1), 4)
+    strategy.reference = global_weights
+    instruction = Message(RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN)
+    replies = [
+        _reply([np.ones((3, 2), np.float32), np.ones(2, np.float32)], 0),
+        _reply([np.full((3, 2), 3.0, np.float32), np.full(2, 3.0, np.float32)], 1),
+        _reply([np.full((3, 2), np.nan, np.float32), np.ones(2, np.float32)], 2),
+        _reply([np.ones((2, 3), np.float32), np.ones(2, np.float32)], 3),
+        Message(Error(code=0, reason="client crashed"), reply_to=instruction),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    aggregated = arrays.to_numpy_ndarrays()
+    assert np.allclose(aggregated[0], 2.0) and np.allclose(aggregated[1], 2.0)  # mean of the two sound ones
+    stats = strategy.stats
+    assert (stats.accepted, stats.rejected, stats.failed) == (2, 2, 1)
+    assert sorted(stats.clients) == [0, 1] and stats.examples == 20
+    assert any("client 2" in r and "NaN" in r for r in stats.reasons)
+
+
+def test_clipping_bounds_the_update_norm():
+    reference = [np.zeros(4, np.float32)]
+    clipped, changed = clip_update([np.full(4, 10.0, np.float32)], reference, 1.0)
+    assert changed and np.linalg.norm(clipped[0]) == pytest.approx(1.0, rel=1e-5)
+    same, changed = clip_update([np.full(4, 0.1, np.float32)], reference, 1.0)
+    assert not changed and np.allclose(same[0], 0.1)
+
+
+# ---------------------------------------------------------------- simulations (real Flower)
+
+
+def _versions(store: Store, name: str = "digits"):
+    return [v for v in store.list_versions(name) if v.lineage.source == "federated"]
+
+
+@pytest.mark.slow
+def test_simulation_publishes_every_round_and_resume_continues(tmp_path):
+    from federated.simulate import simulate
+
+    home = tmp_path / "store"
+    settings = FederationSettings(home=str(home), start_from="scratch", rounds=2, num_partitions=4,
+                                  partition="iid", formats="tfjs-layers,tflite-int8", seed=1)
+    first = simulate(settings)
+    store = Store(home)
+    versions = _versions(store)
+    assert [v.lineage.round for v in versions] == [1, 2]
+    assert versions[0].lineage.parent_version is None and versions[1].lineage.parent_version == versions[0].version
+    for v in versions:
+        assert {"keras", "report", "tfjs-layers", "tflite-int8", "export-report"} <= set(v.artifacts)
+        assert v.lineage.extra["strategy"] == "fedavg" and v.lineage.extra["federation_id"] == first.federation_id
+        assert v.lineage.extra["examples"] == len(load_dataset("digits").y_train)
+        assert sorted(v.lineage.extra["clients"]) == [0, 1, 2, 3]
+        assert "accuracy" in v.metrics
+    assert store.get_channel("digits", "canary").version == versions[-1].version
+
+    resumed = simulate(FederationSettings(home=str(home), rounds=3, resume=True))
+    versions = _versions(store)
+    assert resumed.start_round == 2 and [r["round"] for r in resumed.history] == [3]
+    assert [v.lineage.round for v in versions] == [1, 2, 3]
+    assert versions[-1].lineage.parent_version == versions[1].version
+    assert versions[-1].lineage.extra["federation_id"] == first.federation_id
+    done = simulate(FederationSettings(home=str(home), rounds=3, resume=True))
+    assert done.history == [] and len(_versions(store)) == 3  # nothing left to do
+
+
+@pytest.mark.slow
+def test_dropout_and_nan_attackers_do_not_stop_the_run(tmp_path):
+    from federated.simulate import simulate
+
+    settings = FederationSettings(home=str(tmp_path / "store"), start_from="scratch", rounds=3, num_partitions=10,
+                                  partition="iid", dropout=0.3, malicious=0.2, attack="nan", formats="",
+                                  min_clients=1, seed=2)
+    outcome = simulate(settings)
+    assert len(outcome.history) == 3
+    assert sum(r["failed"] for r in outcome.history) > 0
+    assert sum(r["rejected"] for r in outcome.history) > 0
+    for row in outcome.history:
+        assert row["accepted"] + row["rejected"] + row["failed"] == row["replies"] == 10
+        assert np.isfinite(row["loss"])
+    assert outcome.history[-1]["accuracy"] > outcome.initial["accuracy"]
+
+
+@pytest.mark.slow
+def test_cli_simulation_writes_history_and_plots(tmp_path):
+    from conftest import cli_json
+
+    home = tmp_path / "store"
+    summary = cli_json("federate", "simulate", "--clients", "3", "--rounds", "1", "--from-scratch",
+                       "--partition", "dirichlet:0.5", "--formats", "tflite-int8", home=home)
+    history = json.loads((tmp_path / "store" / "federations" / summary["federation_id"] / "history.json").read_text())
+    assert history["rounds"][0]["version"] == summary["versions"][0]
+    assert len(history["partition"]["sizes"]) == 3
+    for name in ("rounds.png", "partition.png"):
+        assert open(summary["files"][name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_federation_input_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    home = tmp_path / "store"
+    for args, message in [
+        (["--strategy", "fedbest", "--from-scratch"], "unknown strategy"),
+        (["--partition", "dirichlet:-2", "--from-scratch"], "dirichlet"),
+        (["--malicious", "0.2:teleport", "--from-scratch"], "unknown attack"),
+        (["--fraction", "0", "--from-scratch"], "--fraction"),
+        ([], "--from-scratch"),  # no model yet: the error says how to start
+    ]:
+        result = run_cli("federate", "simulate", *args, home=home)
+        assert result.returncode == 2 and message in result.stderr.lower() + result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -107,12 +107,27 @@ def _versions(store: Store, name: str = "digits"):
 
 @pytest.mark.slow
 def test_simulation_publishes_every_round_and_resume_continues(tmp_path):
+    import hashlib
+
+    import httpx
+
     from federated.simulate import simulate
+    from server_helpers.live import LiveServer
 
     home = tmp_path / "store"
+    Store(home)  # the server starts on an empty store and sees each round as it is published
     settings = FederationSettings(home=str(home), start_from="scratch", rounds=2, num_partitions=4,
                                   partition="iid", formats="tfjs-layers,tflite-int8", seed=1)
-    first = simulate(settings)
+    with LiveServer(home, log=tmp_path / "server.log") as server:
+        first = simulate(settings)
+        manifest = httpx.get(f"{server.url}/v1/models/digits/manifest", params={"channel": "canary"}).json()
+        assert manifest["version"] == first.versions[-1] and manifest["lineage"]["source"] == "federated"
+        assert manifest["lineage"]["round"] == 2
+        for fmt in ("tfjs-layers", "tflite-int8"):
+            for f in manifest["artifacts"][fmt]["files"]:
+                body = httpx.get(server.url + f["url"], headers={"Accept-Encoding": "identity"}).content
+                assert hashlib.sha256(body).hexdigest() == f["sha256"]
+        assert manifest["artifacts"]["tfjs-layers"]["url"].endswith("/model.json")
     store = Store(home)
     versions = _versions(store)
     assert [v.lineage.round for v in versions] == [1, 2]
@@ -180,3 +195,79 @@ def test_bad_federation_input_is_one_line(tmp_path):
         result = run_cli("federate", "simulate", *args, home=home)
         assert result.returncode == 2 and message in result.stderr.lower() + result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
+    """Flower's deployment engine on loopback: a SuperLink, two SuperNodes, `flwr run`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_cli
+
+    home = tmp_path / "store"
+    fleet, control, serverappio, app0, app1 = _free_ports(5)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    base = [sys.executable, "-m", "pollinate", "federate"]
+    commands = [
+        base + ["superlink", "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address",
+                f"127.0.0.1:{control}", "--serverappio-api-address", f"127.0.0.1:{serverappio}"],
+        base + ["supernode", "--partition-id", "0", "--num-partitions", "2", "--superlink", f"127.0.0.1:{fleet}",
+                "--clientappio-api-address", f"127.0.0.1:{app0}"],
+        base + ["supernode", "--partition-id", "1", "--num-partitions", "2", "--superlink", f"127.0.0.1:{fleet}",
+                "--clientappio-api-address", f"127.0.0.1:{app1}"],
+    ]
+    processes = []
+    try:
+        for i, command in enumerate(commands):
+            log = open(tmp_path / f"flower-{i}.log", "wb")
+            processes.append(subprocess.Popen(command + ["--home", str(home)], cwd=REPO, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+            if i == 0:
+                _wait_for_port(control)
+                _wait_for_port(fleet)
+        result = run_cli("federate", "run", "--from-scratch", "--rounds", "2", "--superlink", f"127.0.0.1:{control}",
+                         "--formats", "tflite-int8", "--partition", "iid", home=home, timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        versions = _versions(Store(home))
+        assert [v.lineage.round for v in versions] == [1, 2]
+        assert versions[1].lineage.parent_version == versions[0].version
+        assert sorted(versions[1].lineage.extra["clients"]) == [0, 1]
+        assert {"keras", "tflite-int8"} <= set(versions[1].artifacts)
+        assert Store(home).get_channel("digits", "canary").version == versions[1].version
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)

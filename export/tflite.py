@@ -118,7 +118,8 @@ class LiteRTRunner:
     def _prepare(self, batch: int) -> None:
         if batch != self._batch:
             self.interpreter.resize_tensor_input(self.input["index"], [batch, *self.input["shape"][1:]])
-            self.interpreter.allocate_tensors()
+            with quiet_stderr():  # LiteRT announces its XNNPACK delegate on stderr
+                self.interpreter.allocate_tensors()
             self._batch = batch
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:

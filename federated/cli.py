@@ -200,6 +200,7 @@ def superlink(
     fleet_address: Annotated[str, typer.Option("--fleet-api-address")] = SUPERLINK_FLEET,
     control_address: Annotated[str, typer.Option("--control-api-address")] = SUPERLINK_CONTROL,
     serverappio_address: Annotated[str, typer.Option("--serverappio-api-address")] = "127.0.0.1:9091",
+    supernode_auth: Annotated[bool, typer.Option("--enable-supernode-auth", help="Only registered SuperNodes may connect (needs --tls).")] = False,
     home: HomeOption = Path(".pollinate"),
 ) -> None:
     """Start a Flower SuperLink (runs our ServerApp for each `pollinate federate run`)."""
@@ -207,6 +208,8 @@ def superlink(
                "--control-api-address", control_address, "--serverappio-api-address", serverappio_address,
                "--database", str(Path(home).resolve() / "flower" / "superlink.db")]
     command += ["--insecure"] if insecure else _tls_args(ssl_ca_certfile, ssl_certfile, ssl_keyfile)
+    if supernode_auth:
+        command.append("--enable-supernode-auth")
     _exec(command, home)
 
 
@@ -218,6 +221,7 @@ def supernode(
     clientappio_address: Annotated[Optional[str], typer.Option("--clientappio-api-address", help="Default: 127.0.0.1:(9094 + partition id).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates", help="CA certificate (with --tls).")] = None,
+    auth_key: Annotated[Optional[Path], typer.Option("--auth-supernode-private-key", help="This node's private key (SuperLink with --enable-supernode-auth).")] = None,
     home: HomeOption = Path(".pollinate"),
 ) -> None:
     """Start a Flower SuperNode that trains on one partition."""
@@ -235,6 +239,8 @@ def supernode(
         command += ["--root-certificates", str(root_certificates)]
     else:
         raise InvalidInput("--tls needs --root-certificates CA.crt")
+    if auth_key:
+        command += ["--auth-supernode-private-key", str(auth_key)]
     _exec(command, home)
 
 

@@ -46,6 +46,8 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ INFO/WARNING lines
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning on CPU-only runs
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+    # the same for child processes (Ray actors running simulated clients, Flower's subprocesses)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         app()
     except PollinateError as exc:

@@ -46,5 +46,8 @@ def import_tensorflow():
     with quiet_stderr():
         import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # e.g. SavedModel reload notes on custom gradients
     _imported = tf
     return tf

@@ -1,0 +1,1 @@
+"""Federated learning with Flower: ClientApp, ServerApp, partitioning, strategies, simulation."""

@@ -9,8 +9,8 @@
    publishing (register + export + verify) and the rest (Flower, Ray, transport).
 3. 20% of clients sending `scale` attacks: FedAvg vs FedMedian vs Krum, against the clean run.
 4. Aggregation time of 20 updates of a 1.3M-parameter model per strategy (+ the update guard).
-5. Scale: N virtual clients, 10% sampled per round, 3 rounds, until one fails or exceeds
-   the time box; wall time and peak memory of the whole process tree.
+5. Scale: N virtual clients (delivery-eta MLP), 10% sampled per round, 3 rounds, until one
+   fails or exceeds the time box; wall time and peak memory of the whole process tree.
 Every simulation is a real `pollinate federate simulate` subprocess (Flower's Simulation
 Engine on Ray). Writes benchmarks/results/federated.json, federated.md and federated.png.
 """
@@ -87,21 +87,28 @@ def aggregation_times(repeats: int = 3) -> dict:
     shapes = [(64, 1536), (1536,), (1536, 768), (768,), (768, 10), (10,)]
     reference = [rng.normal(size=s).astype(np.float32) for s in shapes]
     parameters = int(sum(np.prod(s) for s in shapes))
-    replies = []
-    for client in range(20):
-        instruction = Message(RecordDict(), dst_node_id=client + 1, message_type=MessageType.TRAIN)
-        arrays = [w + rng.normal(scale=0.01, size=w.shape).astype(np.float32) for w in reference]
-        metrics = MetricRecord({"num-examples": 60, "partition-id": client, "train-loss": 0.1, "train-seconds": 0.1})
-        replies.append(Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction))
+    updates = [[w + rng.normal(scale=0.01, size=w.shape).astype(np.float32) for w in reference] for _ in range(20)]
+
+    def replies() -> list:
+        # fresh messages each time: Flower's aggregation empties the ArrayRecords it consumes
+        out = []
+        for client, arrays in enumerate(updates):
+            instruction = Message(RecordDict(), dst_node_id=client + 1, message_type=MessageType.TRAIN)
+            metrics = MetricRecord({"num-examples": 60, "partition-id": client, "train-loss": 0.1, "train-seconds": 0.1})
+            out.append(Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction))
+        return out
+
     out = {"parameters": parameters, "updates": 20, "seconds": {}}
     for name in ("fedavg", "fedmedian", "fedtrimmedavg", "krum"):
         strategy = make_strategy(FederationSettings(strategy=name, min_clients=1), 20)
         strategy.reference = reference
         times = []
         for _ in range(repeats):
+            batch = replies()
             started = time.perf_counter()
-            strategy.aggregate_train(1, replies)
+            strategy.aggregate_train(1, batch)
             times.append(time.perf_counter() - started)
+            assert strategy.stats.accepted == 20, strategy.stats.reasons[:3]
         out["seconds"][name] = float(np.median(times))
     return out
 
@@ -125,63 +132,82 @@ def timing_split(rows: list[dict], concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--scale", type=int, nargs="*", default=[200, 500, 1000])
+    parser.add_argument("--scale", type=int, nargs="*", default=[200, 500, 1000, 2000, 4000])
+    parser.add_argument("--parts", default="runs,aggregation,scale",
+                        help="comma-separated subset to (re)measure; the others are kept from the last results file")
     parser.add_argument("--scale-timebox", type=float, default=900, help="seconds per scale run")
     args = parser.parse_args()
-    result: dict = {"machine": {"cpus": os.cpu_count()}, "rounds": args.rounds}
+    parts = set(args.parts.split(","))
+    previous = RESULTS / "federated.json"
+    result: dict = json.loads(previous.read_text()) if parts != {"runs", "aggregation", "scale"} and previous.exists() else {}
+    result.update({"machine": {"cpus": os.cpu_count()}, "rounds": result.get("rounds", args.rounds)})
 
     with tempfile.TemporaryDirectory(prefix="pollinate-fedbench-") as scratch:
         scratch = Path(scratch)
-        print("== central reference", flush=True)
-        central, wall, _ = pollinate(scratch / "central", "train", "--dataset", "digits", "--model", "cnn",
-                                     "--epochs", "15", "--no-export")
-        result["central"] = {"accuracy": central["metrics"]["accuracy"], "loss": central["metrics"]["loss"], "wall_seconds": wall}
-
-        runs = {}
-        plan = [
-            ("fedavg (clean)", ["--strategy", "fedavg"]),
-            ("fedavg, 20% scale", ["--strategy", "fedavg", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(args.rounds)]),
-            ("fedmedian, 20% scale", ["--strategy", "fedmedian", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(args.rounds)]),
-            ("krum, 20% scale", ["--strategy", "krum", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(args.rounds)]),
-        ]
-        for label, extra in plan:
-            print(f"== {label}", flush=True)
-            summary, wall, peak = simulate(scratch / label.replace(" ", "_").replace(",", "").replace("%", ""),
-                                           args.rounds, "--clients", "20", "--partition", "dirichlet:0.5", *extra)
-            runs[label] = {"rounds": summary["rounds"], "initial": summary["initial"], "wall_seconds": wall,
-                           "peak_rss_gib": peak, "versions": summary["versions"],
-                           "rejected": summary["rejected_total"],
-                           "final_accuracy": summary["rounds"][-1]["accuracy"]}
-            print(f"   final accuracy {runs[label]['final_accuracy']:.4f} in {wall:.0f}s", flush=True)
-        result["runs"] = runs
-        clean = runs["fedavg (clean)"]
-        result["fedavg_vs_central"] = clean["final_accuracy"] / result["central"]["accuracy"]
-        result["timing_split"] = timing_split(clean["rounds"], concurrency=os.cpu_count() or 1)
-        print("== aggregation of 20 updates of a 1.3M-parameter model", flush=True)
-        result["aggregation"] = aggregation_times()
-
-        scale = []
-        for clients in args.scale:
-            print(f"== scale: {clients} clients, 10% per round", flush=True)
-            try:
-                summary, wall, peak = simulate(scratch / f"scale{clients}", 3, "--clients", str(clients), "--fraction", "0.1",
-                                               "--partition", "iid", "--formats", "", "--publish-every", "3",
-                                               timeout=args.scale_timebox)
-                scale.append({"clients": clients, "ok": True, "wall_seconds": wall, "peak_rss_gib": peak,
-                              "final_accuracy": summary["rounds"][-1]["accuracy"],
-                              "sampled_per_round": summary["rounds"][-1]["replies"]})
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                scale.append({"clients": clients, "ok": False, "error": str(exc)[-500:]})
-                break
-        result["scale"] = scale
-        ok = [s["clients"] for s in scale if s["ok"]]
-        result["largest_clients"] = max(ok) if ok else 0
+        if "runs" in parts:
+            measure_runs(result, scratch, args.rounds)
+        if "aggregation" in parts:
+            print("== aggregation of 20 updates of a 1.3M-parameter model", flush=True)
+            result["aggregation"] = aggregation_times()
+        if "scale" in parts:
+            measure_scale(result, scratch, args.scale, args.scale_timebox)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federated.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / "federated.png")
     write_markdown(result, RESULTS / "federated.md")
     print((RESULTS / "federated.md").read_text())
+
+
+def measure_runs(result: dict, scratch: Path, rounds: int) -> None:
+    result["rounds"] = rounds
+    print("== central reference", flush=True)
+    central, wall, _ = pollinate(scratch / "central", "train", "--dataset", "digits", "--model", "cnn",
+                                 "--epochs", "15", "--no-export")
+    result["central"] = {"accuracy": central["metrics"]["accuracy"], "loss": central["metrics"]["loss"], "wall_seconds": wall}
+
+    runs = {}
+    plan = [
+        ("fedavg (clean)", ["--strategy", "fedavg"]),
+        ("fedavg, 20% scale", ["--strategy", "fedavg", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
+        ("fedmedian, 20% scale", ["--strategy", "fedmedian", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
+        ("krum, 20% scale", ["--strategy", "krum", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
+    ]
+    for label, extra in plan:
+        print(f"== {label}", flush=True)
+        summary, wall, peak = simulate(scratch / label.replace(" ", "_").replace(",", "").replace("%", ""),
+                                       rounds, "--clients", "20", "--partition", "dirichlet:0.5", *extra)
+        runs[label] = {"rounds": summary["rounds"], "initial": summary["initial"], "wall_seconds": wall,
+                       "peak_rss_gib": peak, "versions": summary["versions"],
+                       "rejected": summary["rejected_total"],
+                       "final_accuracy": summary["rounds"][-1]["accuracy"]}
+        print(f"   final accuracy {runs[label]['final_accuracy']:.4f} in {wall:.0f}s", flush=True)
+    result["runs"] = runs
+    clean = runs["fedavg (clean)"]
+    result["fedavg_vs_central"] = clean["final_accuracy"] / result["central"]["accuracy"]
+    result["timing_split"] = timing_split(clean["rounds"], concurrency=os.cpu_count() or 1)
+
+
+def measure_scale(result: dict, scratch: Path, counts: list[int], timebox: float) -> None:
+    """The tabular delivery-eta data (8,400 training rows) so that thousands of clients each
+    still hold a few examples; the model is its small MLP."""
+    scale = []
+    for clients in counts:
+        print(f"== scale: {clients} clients, 10% per round", flush=True)
+        try:
+            summary, wall, peak = pollinate(
+                scratch / f"scale{clients}", "federate", "simulate", "--dataset", "delivery-eta", "--from-scratch",
+                "--model", "mlp", "--rounds", "3", "--clients", str(clients), "--fraction", "0.1",
+                "--partition", "iid", "--formats", "", "--publish-every", "3", timeout=timebox)
+            scale.append({"clients": clients, "ok": True, "wall_seconds": wall, "peak_rss_gib": peak,
+                          "final_mae": summary["rounds"][-1]["mae"],
+                          "sampled_per_round": summary["rounds"][-1]["replies"]})
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            scale.append({"clients": clients, "ok": False, "error": str(exc)[-500:]})
+            break
+    result["scale"] = scale
+    ok = [s["clients"] for s in scale if s["ok"]]
+    result["largest_clients"] = max(ok) if ok else 0
 
 
 def plot(result: dict, path: Path) -> None:
@@ -243,11 +269,12 @@ def write_markdown(result: dict, path: Path) -> None:
               "(update guard included), median of 3:", "",
               "| strategy | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in agg["seconds"].items()]
-    lines += ["", "Scale (10% of clients per round, 3 rounds, IID):", "",
-              "| clients | completed | wall s | peak RSS GiB (process tree) | final accuracy |", "|---:|---|---:|---:|---:|"]
+    lines += ["", "Scale: delivery-eta MLP (8,400 training rows, so thousands of clients still hold a few "
+              "examples each), 10% of clients per round, 3 rounds, IID:", "",
+              "| clients | completed | wall s | peak RSS GiB (process tree) | test MAE (min) |", "|---:|---|---:|---:|---:|"]
     for s in result["scale"]:
         if s["ok"]:
-            lines.append(f"| {s['clients']} | yes | {s['wall_seconds']:.0f} | {s['peak_rss_gib']:.1f} | {s['final_accuracy']:.4f} |")
+            lines.append(f"| {s['clients']} | yes | {s['wall_seconds']:.0f} | {s['peak_rss_gib']:.1f} | {s['final_mae']:.2f} |")
         else:
             lines.append(f"| {s['clients']} | no: {s['error'][-120:]!r} | | | |")
     robust = max((runs[k]["final_accuracy"] for k in runs if k.startswith(("fedmedian", "krum"))), default=0)

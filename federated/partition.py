@@ -141,6 +141,7 @@ def partition_summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: 
 def plot_partition(summary: dict, path: Path, *, title: str, label_names: list[str] | None = None) -> Path:
     """Stacked bars: each client's examples, coloured by label."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,6 +156,7 @@ def plot_partition(summary: dict, path: Path, *, title: str, label_names: list[s
                label=label_names[c] if label_names else str(c), width=0.85)
         bottom += histograms[:, c]
     ax.set_xlabel("client (partition id)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("examples")
     ax.set_title(f"{title} — label skew {summary['skew']:.2f}")
     if classes <= 20:

@@ -92,6 +92,7 @@ def write_history(outcome: FederationOutcome, settings: FederationSettings, fold
 def plot_rounds(runs: dict[str, FederationOutcome | list[dict]], path: Path, *, reference: dict | None, title: str) -> Path:
     """Accuracy (or MAE) and loss per round, one line per run, the central model as a reference."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,6 +113,7 @@ def plot_rounds(runs: dict[str, FederationOutcome | list[dict]], path: Path, *, 
             if reference.get(key) is not None:
                 ax.axhline(reference[key], color="black", ls="--", lw=1, label=f"central ({reference.get('label', 'reference')})")
     for ax, key in zip(axes, (metric, "loss")):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(f"test {key}")
         ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .settings import FederationSettings
-from .task import client_data, trainer_for
+from .task import client_data, to_arrays, trainer_for
 
 SCALE_FACTOR = -20.0
 NOISE_STD = 5.0
@@ -112,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         "malicious": int(malicious),
     }
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": ArrayRecord(to_arrays(weights)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

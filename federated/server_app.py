@@ -32,7 +32,7 @@ from training.runtime import import_tensorflow
 
 from .settings import FederationSettings
 from .strategies import RoundStats, make_strategy
-from .task import set_model_weights
+from .task import set_model_weights, to_arrays
 
 log = logging.getLogger("pollinate.federated")
 
@@ -226,7 +226,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             on_round(row)
         return MetricRecord(_headline(test))
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.get_weights()), num_rounds=remaining,
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(to_arrays(model.get_weights())), num_rounds=remaining,
                    timeout=settings.round_timeout, train_config=config, evaluate_config=config,
                    evaluate_fn=evaluate)
     return outcome

@@ -145,12 +145,26 @@ def make_strategy(settings: FederationSettings, num_nodes: int):
                 weights = [float(m.content["metrics"].get("num-examples", 1)) for m in ok]
                 losses = [float(m.content["metrics"].get("train-loss", 0.0)) for m in ok]
                 stats.train_loss = float(np.average(losses, weights=weights))
-                result = super().aggregate_train(server_round, kept)
+                arrays, metrics = super().aggregate_train(server_round, kept)
+                result = (self._keep_dtypes(arrays), metrics)
             else:
                 result = (None, None)  # nothing sound to aggregate: the global model stays
             stats.aggregation_seconds = time.perf_counter() - started
             self.stats = stats
             self.history.append(stats)
             return result
+
+        def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+            """Averaging turns integer weights (Normalization's sample count) into floats; the
+            global model keeps its own dtypes, or every later update would fail the guard."""
+            if arrays is None:
+                return None
+            values = arrays.to_numpy_ndarrays()
+            if all(v.dtype == r.dtype for v, r in zip(values, self.reference)):
+                return arrays
+            return ArrayRecord([
+                np.asarray((np.rint(v) if np.issubdtype(r.dtype, np.integer) else v).astype(r.dtype))
+                for v, r in zip(values, self.reference)
+            ])
 
     return Guarded(**strategy_kwargs(settings, sampled))

@@ -54,6 +54,12 @@ def client_data(recipe_json: str, scheme: str, num_partitions: int, partition_id
     return dataset.x_train[indices], dataset.y_train[indices]
 
 
+def to_arrays(weights) -> list[np.ndarray]:
+    """Keras weights as Flower wants them: every entry an ndarray (Keras hands back a numpy
+    scalar for 0-d variables such as Normalization's sample count)."""
+    return [np.asarray(w) for w in weights]
+
+
 def set_model_weights(model, weights: list[np.ndarray]) -> None:
     """set_weights, then refresh layers that derive constants from their weights
     (Normalization computes mean/variance tensors from its adapt state)."""

@@ -168,14 +168,20 @@ def test_dropout_and_nan_attackers_do_not_stop_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_simulation_writes_history_and_plots(tmp_path):
+def test_cli_simulation_of_a_tabular_model_writes_history_and_plots(tmp_path):
     from conftest import cli_json
 
     home = tmp_path / "store"
-    summary = cli_json("federate", "simulate", "--clients", "3", "--rounds", "1", "--from-scratch",
-                       "--partition", "dirichlet:0.5", "--formats", "tflite-int8", home=home)
+    summary = cli_json("federate", "simulate", "--dataset", "delivery-eta", "--model", "mlp", "--clients", "3",
+                       "--rounds", "2", "--from-scratch", "--partition", "dirichlet:0.5", "--formats", "tflite-int8",
+                       "--publish-every", "2", home=home)
+    # the int64 sample count of the Normalization layer survives averaging: round 2 is accepted too
+    assert [r["accepted"] for r in summary["rounds"]] == [3, 3]
+    assert summary["final"]["mae"] < summary["rounds"][0]["mae"] < summary["initial"]["mae"]
+    version = Store(home).get_version("delivery-eta", summary["versions"][0])
+    assert "tflite-int8" in version.artifacts and "mae" in version.metrics
     history = json.loads((tmp_path / "store" / "federations" / summary["federation_id"] / "history.json").read_text())
-    assert history["rounds"][0]["version"] == summary["versions"][0]
+    assert history["rounds"][-1]["version"] == summary["versions"][0] and history["rounds"][0]["version"] is None
     assert len(history["partition"]["sizes"]) == 3
     for name in ("rounds.png", "partition.png"):
         assert open(summary["files"][name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

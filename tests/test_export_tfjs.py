@@ -176,8 +176,10 @@ def test_embedding_and_recurrent_family(tmp_path):
     x = L.Embedding(50, 8, name="embed")(inputs)
     x = L.LSTM(16, return_sequences=True, name="lstm")(x)
     x = L.GRU(8, reset_after=False, return_sequences=True, go_backwards=True, name="gru")(x)
-    x = L.Bidirectional(L.LSTM(4, return_sequences=True), merge_mode="sum", name="bi_lstm")(x)
-    x = L.Concatenate()([L.SimpleRNN(6, name="rnn")(x), L.Bidirectional(L.GRU(3, reset_after=False), name="bi_gru")(x)])
+    # inner layers named: an auto-name ("lstm_7") depends on what earlier tests built
+    x = L.Bidirectional(L.LSTM(4, return_sequences=True, name="inner"), merge_mode="sum", name="bi_lstm")(x)
+    x = L.Concatenate()([L.SimpleRNN(6, name="rnn")(x),
+                         L.Bidirectional(L.GRU(3, reset_after=False, name="inner_gru"), name="bi_gru")(x)])
     outputs = L.Dense(3, activation="softmax", name="out")(x)
     model = keras.Model(inputs, outputs, name="recurrent_family")
     _randomise(model)
@@ -186,7 +188,7 @@ def test_embedding_and_recurrent_family(tmp_path):
     assert diff <= TOL, diff
     names = {w["name"] for w in _topology(tmp_path / "m")["weightsManifest"][0]["weights"]}
     assert {"embed/embeddings", "lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "gru/kernel", "rnn/bias",
-            "bi_lstm/forward_lstm/kernel", "bi_lstm/backward_lstm/bias"} <= names
+            "bi_lstm/forward_inner/kernel", "bi_lstm/backward_inner/bias", "bi_gru/forward_inner_gru/kernel"} <= names
 
 
 def test_masked_embedding_lstm(tmp_path):

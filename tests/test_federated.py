@@ -228,6 +228,27 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def _wait_for_supernodes(database, count: int, timeout: float = 90) -> None:
+    """Until `count` SuperNodes have registered with the SuperLink (its state database says so).
+
+    flwr 1.26's SuperLink creates its SQLite state lazily and without a lock, so a `flwr run`
+    arriving while the Fleet API registers the first SuperNodes can race the schema creation
+    ("table ... already exists"); submitting once the nodes are in avoids that."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
+                if db.execute("SELECT count(*) FROM node").fetchone()[0] >= count:
+                    return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{count} SuperNodes did not register within {timeout:.0f} s")
+
+
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
     """Flower's deployment engine on loopback: a SuperLink, two SuperNodes, `flwr run`."""
@@ -259,6 +280,7 @@ def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
             if i == 0:
                 _wait_for_port(control)
                 _wait_for_port(fleet)
+        _wait_for_supernodes(home / "flower" / "superlink.db", 2)
         result = run_cli("federate", "run", "--from-scratch", "--rounds", "2", "--superlink", f"127.0.0.1:{control}",
                          "--formats", "tflite-int8", "--partition", "iid", home=home, timeout=400)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -64,9 +64,10 @@ def demo(
         out.rule("3. serving")
         from server.cli import serve as run_server
 
-        out.print(f"Open http://127.0.0.1:{port}/ — the manifest a browser gets: "
-                  f"http://127.0.0.1:{port}/v1/models/{record.model}/manifest?channel=canary  (Ctrl-C to stop)",
-                  soft_wrap=True)
+        url = f"http://127.0.0.1:{port}/"
+        out.print(f"Open [bold]{url}[/] to draw a digit (channel stable, the central model), or "
+                  f"[bold]{url}?channel=canary[/] for the federated one. The manifest a browser gets: "
+                  f"{url}v1/models/{record.model}/manifest?channel=canary  (Ctrl-C to stop)", soft_wrap=True)
         run_server(home=Path(home), host="127.0.0.1", port=port, workers=1, offload=None, cors_origin=None,
                    access_log=False, print_nginx_config=False, nginx_port=8080, as_json=False)
 

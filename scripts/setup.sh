@@ -30,8 +30,10 @@ extras=""
 echo "==> installing pollinate$extras and its pinned dependencies (first run: a few minutes)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
 # The server tests put Debian's nginx in front of `pollinate serve --offload nginx`.
+# The web client's browser tests drive Debian's chromium (Playwright cannot download its own browser here).
 if [ "$want_tests" = 1 ]; then
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+  [ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 fi
 # The TF.js exporter verifies every model.json in Node with the pinned @tensorflow/tfjs (both modes).
 if [ ! -d export/node/node_modules ] || [ export/node/package-lock.json -nt export/node/node_modules ]; then
@@ -40,6 +42,15 @@ if [ ! -d export/node/node_modules ] || [ export/node/package-lock.json -nt expo
     (cd export/node && npm ci --no-audit --no-fund --silent)
   else
     echo "warning: npm not found: install Node.js >= 18 with npm to export and verify TF.js models" >&2
+  fi
+fi
+# The demo page loads TF.js from web_client/node_modules (served by `pollinate serve`, no CDN).
+if [ ! -d web_client/node_modules ] || [ web_client/package-lock.json -nt web_client/node_modules ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "==> installing the web client's npm packages (web_client, pinned by package-lock.json)"
+    (cd web_client && npm ci --no-audit --no-fund --silent)
+  else
+    echo "warning: npm not found: install Node.js >= 20 with npm for the web client's demo page and tests" >&2
   fi
 fi
 echo "==> ready: .venv/bin/pollinate"

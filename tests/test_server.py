@@ -140,6 +140,8 @@ def test_web_client_is_served_when_it_exists(offload, web_client_dir):
     with httpx.Client(base_url=offload.url, timeout=10) as c:
         root = c.get("/", follow_redirects=False)
         assert root.status_code == 307 and root.headers["location"] == "/web_client/"
+        kept = c.get("/", params={"channel": "canary"}, follow_redirects=False)
+        assert kept.headers["location"] == "/web_client/?channel=canary"  # the page reads its channel
         page = c.get("/", follow_redirects=True)
         assert page.status_code == 200 and "pollinate demo" in page.text
         assert c.get("/web_client/app.js").text == "console.log('hi')"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -28,9 +28,10 @@ WEB_PREFIX = "/web_client"
     responses={307: {"description": "To the demo page, when web_client/ has one."}},
     summary="The demo page, or where the docs are",
 )
-async def root(svc: ServicesDep):
+async def root(svc: ServicesDep, request: Request):
     if (svc.config.web_client / "index.html").is_file():
-        return RedirectResponse(f"{WEB_PREFIX}/", status_code=307)
+        query = request.url.query  # keep ?channel=… for the page
+        return RedirectResponse(f"{WEB_PREFIX}/" + (f"?{query}" if query else ""), status_code=307)
     return RootOut()
 
 

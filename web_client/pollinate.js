@@ -1,0 +1,574 @@
+// Pollinate's web client: get the model version the server picks for this client, never
+// download the same bytes twice, refuse tampered files, predict locally, and follow new
+// versions as they are published. One ES module, no build step; the same code runs in
+// browsers and in Node 20.
+//
+//   import { createClient } from './pollinate.js';
+//   const client = createClient({ serverUrl: 'http://127.0.0.1:8000', model: 'digits', channel: 'stable', clientId });
+//   await client.load();                      // manifest → files (sha256-checked, cached) → tf.LayersModel
+//   const result = await client.predict(pixels);   // raw 8×8 intensities 0..16 (ink high)
+//   result.label, result.top, result.labels   // best label, its probability, all labels ranked
+//   client.onUpdate(({ from, to }) => ..., { intervalMs: 30_000 });   // polls; switches without reload
+//
+// TF.js: pass `tf` (the module) or let the client `import('@tensorflow/tfjs')` (Node resolves
+// it from node_modules; a page maps the bare name with an import map, see index.html).
+
+import { chooseBackend, DEFAULT_BACKENDS } from './lib/backend.js';
+import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
+import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
+import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
+import { sha256Hex } from './lib/integrity.js';
+import { Poller } from './lib/poller.js';
+
+export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCache, PollinateError, Poller };
+export { inputContract, prepareInput, rankLabels } from './lib/input.js';
+export { sha256Hex } from './lib/integrity.js';
+
+const FORMAT = 'tfjs-layers';
+const FETCH_LOG_LIMIT = 500;
+const now = () => globalThis.performance?.now() ?? Date.now();
+
+/** Creates a client; nothing is fetched until `load()`. */
+export function createClient(options) {
+  return new PollinateClient(options);
+}
+
+async function importTf() {
+  const mod = await import('@tensorflow/tfjs');
+  return mod.default?.loadLayersModel ? mod.default : mod;
+}
+
+function decodePath(path) {
+  const last = String(path).split('/').pop();
+  try {
+    return decodeURIComponent(last);
+  } catch {
+    return last;
+  }
+}
+
+function concatBuffers(buffers) {
+  const total = buffers.reduce((n, b) => n + b.byteLength, 0);
+  const out = new Uint8Array(total);
+  let offset = 0;
+  for (const b of buffers) {
+    out.set(new Uint8Array(b), offset);
+    offset += b.byteLength;
+  }
+  return out.buffer;
+}
+
+export class PollinateClient {
+  /**
+   * @param {object} options
+   * @param {string} [options.serverUrl]  the Pollinate server's origin (default: the page's origin)
+   * @param {string} options.model        model name, e.g. "digits"
+   * @param {string} [options.channel]    "stable" (default), "canary", …
+   * @param {string} [options.clientId]   a stable id for this device: decides its staged-rollout cohort
+   * @param {object} [options.tf]         the @tensorflow/tfjs module (default: imported)
+   * @param {string[]} [options.backends] preference order (default webgl, wasm, cpu)
+   * @param {string} [options.wasmPaths]  folder (URL) of the tfjs-backend-wasm .wasm files
+   * @param {() => Promise<object>} [options.loadWasm] imports @tensorflow/tfjs-backend-wasm (default: import())
+   * @param {object} [options.cache]      cache adapter (default: IndexedDB in browsers, memory in Node)
+   * @param {typeof fetch} [options.fetch] fetch implementation (default: globalThis.fetch)
+   * @param {number} [options.timeoutMs]  per-request timeout (default 30 s)
+   * @param {boolean} [options.checkRange] refuse inputs outside the manifest's source_range (default true)
+   * @param {number} [options.minConfidence] `result.confident` is top >= this (default 0.5)
+   * @param {number} [options.keepVersions] cached versions kept per model (default 2: current + previous)
+   */
+  constructor({
+    serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
+    backends = DEFAULT_BACKENDS, wasmPaths, loadWasm = () => import('@tensorflow/tfjs-backend-wasm'),
+    cache = defaultCache(), fetch = globalThis.fetch?.bind(globalThis), timeoutMs = 30_000,
+    checkRange = true, minConfidence = 0.5, keepVersions = 2,
+  } = {}) {
+    if (!serverUrl) throw new PollinateError('config', 'serverUrl is required outside a browser page');
+    if (typeof model !== 'string' || !/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(model)) {
+      throw new PollinateError('config', `model must be a model name (1-64 of a-z 0-9 _ . -), got ${JSON.stringify(model)}`);
+    }
+    if (!/^[a-z0-9_-]{1,32}$/.test(channel)) throw new PollinateError('config', `channel must match [a-z0-9_-]{1,32}, got ${JSON.stringify(channel)}`);
+    if (typeof fetch !== 'function') throw new PollinateError('config', 'no fetch() here: pass options.fetch');
+    this.serverUrl = String(serverUrl).replace(/\/+$/, '');
+    this.modelName = model;
+    this.channel = channel;
+    this.clientId = clientId;
+    this.options = { backends: [...backends], wasmPaths, loadWasm, timeoutMs, checkRange, minConfidence, keepVersions };
+    this.cache = cache;
+    this.fetchImpl = fetch;
+    this.tf = tf;
+    this.backend = null;          // the TF.js backend in use, once loaded
+    this.skippedBackends = [];    // backends tried first that did not work here, with the reason
+    this.model = null;            // the tf.LayersModel in use
+    this.manifest = null;         // its manifest
+    this.etag = null;             // the manifest's ETag, for If-None-Match
+    this.offline = false;         // true when the last load/check could not reach the server
+    this.lastLoad = null;         // what the last load() or update did: see load()
+    this.lastDispose = null;      // the last model freed by an update: {version, numDisposedVariables}
+    this.fetchLog = [];           // every request: {kind, url, status, bytes, ms}
+    this.listeners = new Map();
+    this.inflight = new Set();
+    this.queue = Promise.resolve();
+    this.poller = null;
+    this.closed = false;
+  }
+
+  // ---- what is loaded ------------------------------------------------------------------------
+
+  get version() {
+    return this.manifest?.version ?? null;
+  }
+
+  get labels() {
+    return this.manifest?.labels ?? null;
+  }
+
+  get lineage() {
+    return this.manifest?.lineage ?? null;
+  }
+
+  /** Name, version, channel, cohort, lineage, input spec, labels, metrics and backend of the model in use. */
+  get info() {
+    const m = this.manifest;
+    if (!m) return null;
+    return {
+      name: m.name, version: m.version, channel: m.channel ?? this.channel, cohort: m.cohort ?? null,
+      createdAt: m.created_at, lineage: m.lineage, input: m.input, labels: m.labels, metrics: m.metrics,
+      backend: this.backend, offline: this.offline,
+    };
+  }
+
+  // ---- events --------------------------------------------------------------------------------
+
+  /** Subscribes to 'available' ({from, to, manifest}: a new version is downloading), 'updated'
+   * ({from, to, manifest}: it is in use), 'error' (a failed background check). Returns off(). */
+  on(event, callback) {
+    if (!this.listeners.has(event)) this.listeners.set(event, new Set());
+    this.listeners.get(event).add(callback);
+    return () => this.listeners.get(event)?.delete(callback);
+  }
+
+  emit(event, payload) {
+    for (const callback of this.listeners.get(event) ?? []) {
+      try {
+        callback(payload);
+      } catch (error) {
+        if (event !== 'error') this.emit('error', error);
+      }
+    }
+  }
+
+  // ---- HTTP ----------------------------------------------------------------------------------
+
+  manifestUrl() {
+    const url = new URL(`/v1/models/${encodeURIComponent(this.modelName)}/manifest`, this.serverUrl + '/');
+    url.searchParams.set('channel', this.channel);
+    if (this.clientId) url.searchParams.set('client_id', this.clientId);
+    return url.href;
+  }
+
+  async request(kind, url, init = {}) {
+    const started = now();
+    const entry = { kind, url, status: null, bytes: 0, ms: 0 };
+    this.fetchLog.push(entry);
+    if (this.fetchLog.length > FETCH_LOG_LIMIT) this.fetchLog.splice(0, this.fetchLog.length - FETCH_LOG_LIMIT);
+    const signal = globalThis.AbortSignal?.timeout ? AbortSignal.timeout(this.options.timeoutMs) : undefined;
+    let response;
+    try {
+      response = await this.fetchImpl(url, { ...init, signal });
+    } catch (error) {
+      entry.status = 'failed';
+      entry.ms = now() - started;
+      throw new PollinateError('network', `cannot reach ${url}: ${error?.message ?? error}`, { url, cause: error });
+    }
+    entry.status = response.status;
+    if (response.status === 304) {
+      entry.ms = now() - started;
+      return { response, body: null };
+    }
+    if (!response.ok) {
+      let detail = '';
+      try {
+        const body = await response.json();
+        detail = typeof body?.detail === 'string' ? body.detail : JSON.stringify(body?.detail ?? body);
+      } catch { /* not JSON */ }
+      entry.ms = now() - started;
+      throw new PollinateError('http', `${url} answered ${response.status}${detail ? `: ${detail}` : ''}`, { url, status: response.status, detail });
+    }
+    let body;
+    try {
+      body = await response.arrayBuffer();
+    } catch (error) {
+      entry.status = 'failed';
+      throw new PollinateError('network', `reading ${url} failed: ${error?.message ?? error}`, { url, cause: error });
+    }
+    entry.bytes = body.byteLength;
+    entry.ms = now() - started;
+    return { response, body };
+  }
+
+  /** GET the channel's manifest, conditional on `etag`: {status: 200, manifest, etag} or {status: 304}. */
+  async fetchManifest(etag) {
+    const headers = { Accept: 'application/json' };
+    if (etag) headers['If-None-Match'] = etag;
+    // no-store: the browser's HTTP cache must neither answer for the server nor hide its 304
+    const { response, body } = await this.request('manifest', this.manifestUrl(), { headers, cache: 'no-store' });
+    if (response.status === 304) return { status: 304 };
+    let manifest;
+    try {
+      manifest = JSON.parse(new TextDecoder().decode(body));
+    } catch (error) {
+      throw new PollinateError('model-format', `the manifest at ${this.manifestUrl()} is not JSON: ${error.message}`);
+    }
+    if (manifest?.name !== this.modelName || !Number.isInteger(manifest?.version)) {
+      throw new PollinateError('model-format', `the manifest at ${this.manifestUrl()} does not describe a version of ${this.modelName}`);
+    }
+    return { status: 200, manifest, etag: response.headers.get('etag') };
+  }
+
+  // ---- cache keys ----------------------------------------------------------------------------
+
+  // Keys name the server too: version numbers are only unique per server.
+  pointerKey() {
+    return `manifest/${encodeURIComponent(this.serverUrl)}/${this.modelName}/${this.channel}/${encodeURIComponent(this.clientId ?? '')}`;
+  }
+
+  filesPrefix() {
+    return `model/${encodeURIComponent(this.serverUrl)}/${this.modelName}/`;
+  }
+
+  filesKey(version) {
+    return `${this.filesPrefix()}${version}/${FORMAT}`;
+  }
+
+  async cacheGet(key) {
+    try {
+      return await this.cache.get(key);
+    } catch (error) {
+      this.cacheError = error;
+      return undefined;
+    }
+  }
+
+  async cacheSet(key, value) {
+    try {
+      await this.cache.set(key, value);
+      return true;
+    } catch (error) {
+      // a full or unavailable cache costs a download next time, never the load itself
+      this.cacheError = error;
+      return false;
+    }
+  }
+
+  // ---- files ---------------------------------------------------------------------------------
+
+  formatEntry(manifest) {
+    const entry = manifest.artifacts?.[FORMAT];
+    if (!entry || !Array.isArray(entry.files) || entry.files.length === 0) {
+      const formats = Object.keys(manifest.artifacts ?? {}).join(', ') || 'none';
+      throw new PollinateError('no-format', `${manifest.name} v${manifest.version} has no ${FORMAT} files (formats: ${formats}): export it with \`pollinate export ${manifest.name} --version ${manifest.version} --formats ${FORMAT}\``);
+    }
+    return entry;
+  }
+
+  /** Files of a version, from the cache when every one is there and still hashes right, else downloaded and verified. */
+  async obtainFiles(manifest) {
+    const entry = this.formatEntry(manifest);
+    const wanted = entry.files;
+    const key = this.filesKey(manifest.version);
+    const cached = await this.cacheGet(key);
+    if (cached?.files) {
+      const byName = new Map(cached.files.map(f => [f.name, f]));
+      const complete = wanted.every(w => byName.get(w.name)?.sha256 === w.sha256);
+      if (complete) {
+        const started = now();
+        const checks = await Promise.all(wanted.map(async w => (await sha256Hex(byName.get(w.name).data)) === w.sha256));
+        if (checks.every(Boolean)) {
+          return { source: 'cache', files: new Map(wanted.map(w => [w.name, byName.get(w.name).data])), downloads: [], verifyMs: now() - started };
+        }
+        await this.cache.delete(key).catch(() => {});  // corrupted cache entry: fetch again
+      }
+    }
+    const results = await Promise.all(wanted.map(async w => {
+      const url = new URL(w.url, this.serverUrl + '/').href;
+      const { body } = await this.request('file', url);
+      return { want: w, url, data: body };
+    }));
+    const started = now();
+    for (const { want, url, data } of results) {
+      if (Number.isInteger(want.bytes) && data.byteLength !== want.bytes) {
+        throw new IntegrityError(`${want.name} of ${manifest.name} v${manifest.version} has ${data.byteLength} bytes, the manifest says ${want.bytes}: refused, nothing cached`, { file: want.name, url });
+      }
+      const got = await sha256Hex(data);
+      if (got !== want.sha256) {
+        throw new IntegrityError(`${want.name} of ${manifest.name} v${manifest.version} hashes to sha256 ${got}, the manifest says ${want.sha256}: refused, nothing cached`, { file: want.name, url, expected: want.sha256, actual: got });
+      }
+    }
+    const verifyMs = now() - started;
+    const stored = await this.cacheSet(key, {
+      model: manifest.name, version: manifest.version, format: FORMAT, storedAt: Date.now(),
+      files: results.map(({ want, data }) => ({ name: want.name, sha256: want.sha256, data })),
+    });
+    return {
+      source: 'network', stored, verifyMs,
+      files: new Map(results.map(({ want, data }) => [want.name, data])),
+      downloads: results.map(({ want, data }) => ({ name: want.name, bytes: data.byteLength })),
+    };
+  }
+
+  async buildModel(manifest, files) {
+    const tf = this.tf;
+    const entry = this.formatEntry(manifest);
+    const entryName = decodePath(entry.url);
+    const jsonBytes = files.get(entryName);
+    if (!jsonBytes) throw new PollinateError('model-format', `${manifest.name} v${manifest.version}: ${entryName} is not among its ${FORMAT} files`);
+    let modelJson;
+    try {
+      modelJson = JSON.parse(new TextDecoder().decode(jsonBytes));
+    } catch (error) {
+      throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is not JSON: ${error.message}`);
+    }
+    if (!modelJson?.modelTopology || !Array.isArray(modelJson.weightsManifest)) {
+      throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is not a TF.js layers model (no modelTopology/weightsManifest)`);
+    }
+    const weightSpecs = [];
+    const buffers = [];
+    for (const group of modelJson.weightsManifest) {
+      weightSpecs.push(...group.weights);
+      for (const path of group.paths) {
+        const data = files.get(decodePath(path));
+        if (!data) throw new PollinateError('model-format', `${entryName} needs ${path}, which the manifest does not list`);
+        buffers.push(data);
+      }
+    }
+    const model = await tf.loadLayersModel(tf.io.fromMemory({
+      modelTopology: modelJson.modelTopology, weightSpecs, weightData: concatBuffers(buffers),
+      format: modelJson.format, generatedBy: modelJson.generatedBy, convertedBy: modelJson.convertedBy,
+      trainingConfig: modelJson.trainingConfig, userDefinedMetadata: modelJson.userDefinedMetadata,
+    }));
+    // one untimed predict compiles kernels (shaders on WebGL) so the first real one is honest
+    const contract = inputContract(manifest);
+    const warm = tf.tidy(() => {
+      const out = model.predict(tf.zeros([1, ...contract.shape]));
+      return Array.isArray(out) ? out[0] : out;
+    });
+    await warm.data();
+    warm.dispose();
+    return model;
+  }
+
+  // ---- load, update --------------------------------------------------------------------------
+
+  serialize(work) {
+    const run = this.queue.then(work, work);
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  async ensureTf() {
+    if (this.closed) throw new PollinateError('closed', 'this client was closed');
+    this.tf ??= await importTf();
+    if (!this.backend) {
+      const chosen = await chooseBackend(this.tf, this.options);
+      this.backend = chosen.name;
+      this.skippedBackends = chosen.skipped;
+    }
+  }
+
+  /**
+   * Loads the version the server picks for this client: revalidates the cached manifest
+   * (If-None-Match → 304 costs no download), takes the files from the cache when it has
+   * them, else downloads and verifies them. Offline (no connection, timeout or 5xx) it
+   * falls back to the cached version. Resolves to `lastLoad`:
+   * {version, manifestStatus: 200|304|'offline', source: 'cache'|'network',
+   *  downloads: [{name, bytes}], bytesDownloaded, ms, verifyMs}.
+   */
+  load() {
+    return this.serialize(async () => {
+      await this.ensureTf();
+      const started = now();
+      const pointer = await this.cacheGet(this.pointerKey());
+      let answer;
+      try {
+        answer = await this.fetchManifest(pointer?.manifest ? pointer.etag : null);
+      } catch (error) {
+        if (!(isUnreachable(error) && pointer?.manifest)) throw error;
+        answer = { status: 'offline', error };
+      }
+      const manifest = answer.status === 200 ? answer.manifest : pointer.manifest;
+      const etag = answer.status === 200 ? answer.etag : pointer.etag;
+      const result = await this.activate(manifest, etag, { persistPointer: answer.status === 200 });
+      this.offline = answer.status === 'offline';
+      this.lastLoad = { ...result, manifestStatus: answer.status, ms: now() - started };
+      return this.lastLoad;
+    });
+  }
+
+  /** Files → model → swap in → remember. The old model is freed once no prediction uses it. */
+  async activate(manifest, etag, { persistPointer }) {
+    inputContract(manifest);  // refuse a manifest without a usable input spec before downloading
+    if (this.model && manifest.version === this.version) {
+      this.manifest = manifest;
+      this.etag = etag;
+      if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
+      return { version: manifest.version, source: 'memory', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
+    }
+    const obtained = await this.obtainFiles(manifest);
+    const model = await this.buildModel(manifest, obtained.files);
+    const previous = { model: this.model, version: this.version };
+    this.model = model;
+    this.manifest = manifest;
+    this.contract = inputContract(manifest);
+    this.etag = etag;
+    if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
+    if (previous.model && previous.model !== model) {
+      await Promise.allSettled([...this.inflight]);
+      const freed = previous.model.dispose();
+      this.lastDispose = { version: previous.version, ...freed };
+    }
+    await this.evict(previous.version);
+    return {
+      version: manifest.version, source: obtained.source, downloads: obtained.downloads,
+      bytesDownloaded: obtained.downloads.reduce((n, d) => n + d.bytes, 0), verifyMs: obtained.verifyMs,
+    };
+  }
+
+  /** Drops cached versions of this model other than the current and the previous one. */
+  async evict(previousVersion) {
+    const keep = this.options.keepVersions;
+    if (!(keep > 0)) return;
+    try {
+      const prefix = this.filesPrefix();
+      const versions = (await this.cache.keys(prefix))
+        .map(k => Number(k.slice(prefix.length).split('/')[0]))
+        .filter(Number.isInteger);
+      const protect = [this.version, previousVersion].filter(v => v != null).slice(0, keep);
+      for (const v of new Set(versions)) {
+        if (!protect.includes(v)) await this.cache.delete(this.filesKey(v));
+      }
+    } catch (error) {
+      this.cacheError = error;
+    }
+  }
+
+  /**
+   * Revalidates the manifest; when the server now picks another version, downloads,
+   * verifies and switches to it (no reload) and frees the old model.
+   * Resolves to {updated, status: 200|304, from, to}.
+   */
+  checkForUpdate() {
+    if (!this.model) return this.load().then(r => ({ updated: true, status: r.manifestStatus, from: null, to: r.version }));
+    return this.serialize(async () => {
+      await this.ensureTf();
+      const from = this.version;
+      const answer = await this.fetchManifest(this.etag);
+      this.offline = false;
+      if (answer.status === 304) return { updated: false, status: 304, from, to: from };
+      if (answer.manifest.version === from) {
+        // same version, new answer (e.g. a format was attached): remember it, nothing to load
+        this.manifest = answer.manifest;
+        this.etag = answer.etag;
+        await this.cacheSet(this.pointerKey(), { etag: answer.etag, manifest: answer.manifest, storedAt: Date.now() });
+        return { updated: false, status: 200, from, to: from };
+      }
+      const started = now();
+      this.emit('available', { from, to: answer.manifest.version, manifest: answer.manifest });
+      const result = await this.activate(answer.manifest, answer.etag, { persistPointer: true });
+      this.lastLoad = { ...result, manifestStatus: 200, ms: now() - started };
+      this.emit('updated', { from, to: this.version, manifest: this.manifest, lastLoad: this.lastLoad });
+      return { updated: true, status: 200, from, to: this.version };
+    });
+  }
+
+  /**
+   * Calls `callback({from, to, manifest})` after each switch to a new version, and starts
+   * polling (every intervalMs while the server answers, backing off ×2 up to maxIntervalMs
+   * while it does not). Returns off(); polling stops when the last update listener goes.
+   */
+  onUpdate(callback, pollOptions = {}) {
+    const off = this.on('updated', callback);
+    this.startPolling(pollOptions);
+    return () => {
+      off();
+      if ((this.listeners.get('updated')?.size ?? 0) === 0) this.stopPolling();
+    };
+  }
+
+  startPolling(options = {}) {
+    if (this.poller?.running) return this.poller;
+    this.poller = new Poller(() => this.checkForUpdate(), {
+      ...options,
+      onError: (error, nextDelayMs) => {
+        if (isUnreachable(error)) this.offline = true;
+        this.emit('error', Object.assign(error, { nextDelayMs }));
+      },
+    });
+    return this.poller.start();
+  }
+
+  stopPolling() {
+    this.poller?.stop();
+  }
+
+  // ---- predict -------------------------------------------------------------------------------
+
+  /**
+   * Predicts one sample. `input`: raw values in the manifest's source range and input shape
+   * ([8,8,1], also [8,8] or 64 flat for digits); checked and preprocessed here.
+   * Resolves to {label, top, confident, labels: [{label, index, probability}] most likely first,
+   * probabilities (label order), inferenceMs, version, backend}; regressors give {values, ...}.
+   */
+  async predict(input, { checkRange = this.options.checkRange } = {}) {
+    if (this.closed) throw new PollinateError('closed', 'this client was closed');
+    if (!this.model) throw new PollinateError('not-loaded', 'call load() before predict()');
+    const { model, manifest, contract, tf } = this;
+    const values = prepareInput(input, contract, { checkRange });
+    const job = (async () => {
+      const started = now();
+      const output = tf.tidy(() => {
+        const out = model.predict(tf.tensor(values, [1, ...contract.shape], 'float32'));
+        return Array.isArray(out) ? out[0] : out;
+      });
+      try {
+        const raw = await output.data();
+        return { raw, inferenceMs: now() - started };
+      } finally {
+        output.dispose();
+      }
+    })();
+    this.inflight.add(job);
+    let raw;
+    let inferenceMs;
+    try {
+      ({ raw, inferenceMs } = await job);
+    } finally {
+      this.inflight.delete(job);
+    }
+    const base = { inferenceMs, version: manifest.version, backend: this.backend, modelInput: values };
+    if (!Array.isArray(manifest.labels)) return { ...base, values: Array.from(raw) };
+    const probabilities = toProbabilities(raw);
+    const labels = rankLabels(probabilities, manifest.labels);
+    const top = labels[0].probability;
+    return { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
+  }
+
+  // ---- housekeeping --------------------------------------------------------------------------
+
+  /** Forgets every cached manifest and file of this model. */
+  async clearCache() {
+    const server = encodeURIComponent(this.serverUrl);
+    const keys = [...await this.cache.keys(this.filesPrefix()), ...await this.cache.keys(`manifest/${server}/${this.modelName}/`)];
+    for (const key of keys) await this.cache.delete(key);
+    return keys.length;
+  }
+
+  /** Stops polling and frees the model's tensors; the client cannot be used afterwards. */
+  async close() {
+    this.closed = true;
+    this.stopPolling();
+    await this.queue;
+    await Promise.allSettled([...this.inflight]);
+    this.model?.dispose();
+    this.model = null;
+  }
+}

@@ -183,7 +183,11 @@ def flower_env(home: Path) -> dict:
     """Flower keeps its own state (FABs, config) under FLWR_HOME: inside our store."""
     flwr_home = Path(home).resolve() / "flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # Flower's processes start helpers by name (flower-superexec, flwr-serverapp, flwr-clientapp):
+    # put this interpreter's scripts first on PATH, even when the venv is not activated
+    scripts = str(Path(sys.executable).parent)
+    path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": path}
 
 
 def _flower_bin(name: str) -> str:

@@ -64,6 +64,12 @@ def demo(
         out.rule("3. serving")
         from server.cli import serve as run_server
 
+        if port == 0:  # pick it now, so the URL printed below is the real one
+            import socket
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
         url = f"http://127.0.0.1:{port}/"
         out.print(f"Open [bold]{url}[/] to draw a digit (channel stable, the central model), or "
                   f"[bold]{url}?channel=canary[/] for the federated one. The manifest a browser gets: "

@@ -228,25 +228,25 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def _wait_for_supernodes(database, count: int, timeout: float = 90) -> None:
-    """Until `count` SuperNodes have registered with the SuperLink (its state database says so).
-
-    flwr 1.26's SuperLink creates its SQLite state lazily and without a lock, so a `flwr run`
-    arriving while the Fleet API registers the first SuperNodes can race the schema creation
-    ("table ... already exists"); submitting once the nodes are in avoids that."""
+def _superlink_rows(database, query: str) -> int:
     import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute(query).fetchone()[0])
+    except sqlite3.Error:
+        return -1
+
+
+def _wait_until(condition, what: str, timeout: float = 90) -> None:
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
-                if db.execute("SELECT count(*) FROM node").fetchone()[0] >= count:
-                    return
-        except sqlite3.Error:
-            pass
+        if condition():
+            return
         time.sleep(0.5)
-    raise AssertionError(f"{count} SuperNodes did not register within {timeout:.0f} s")
+    raise AssertionError(f"{what} within {timeout:.0f} s")
 
 
 @pytest.mark.slow
@@ -256,6 +256,7 @@ def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
     import signal
     import subprocess
     import sys
+    import time
 
     from conftest import REPO, run_cli
 
@@ -271,6 +272,12 @@ def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
         base + ["supernode", "--partition-id", "1", "--num-partitions", "2", "--superlink", f"127.0.0.1:{fleet}",
                 "--clientappio-api-address", f"127.0.0.1:{app1}"],
     ]
+    # flwr 1.26's SuperLink creates its state (SQLite + migrations) lazily and without a lock;
+    # its own SuperExec, SuperNodes registering and `flwr run` arriving together race that
+    # ("table already exists", KeyError 'config'). So, as the README advises: start the
+    # SuperNodes once the SuperLink's state exists, one after the other, and submit the run
+    # once they are registered.
+    database = home / "flower" / "superlink.db"
     processes = []
     try:
         for i, command in enumerate(commands):
@@ -280,7 +287,12 @@ def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
             if i == 0:
                 _wait_for_port(control)
                 _wait_for_port(fleet)
-        _wait_for_supernodes(home / "flower" / "superlink.db", 2)
+                _wait_until(lambda: _superlink_rows(database, "SELECT count(*) FROM alembic_version") > 0,
+                            "the SuperLink did not create its state")
+                time.sleep(2)
+            else:
+                _wait_until(lambda: _superlink_rows(database, "SELECT count(*) FROM node") >= i,
+                            f"SuperNode {i - 1} did not register")
         result = run_cli("federate", "run", "--from-scratch", "--rounds", "2", "--superlink", f"127.0.0.1:{control}",
                          "--formats", "tflite-int8", "--partition", "iid", home=home, timeout=400)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

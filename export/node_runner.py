@@ -22,7 +22,10 @@ import numpy as np
 
 from registry.errors import PollinateError
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
+# Beside this file, unless POLLINATE_TFJS_RUNNER_DIR says otherwise: Flower runs our ServerApp
+# from a copy of the app (a FAB) that holds only .py/.toml/.md files, so the runner's
+# package.json and node_modules must be found where the project is installed.
+NODE_DIR = Path(os.environ.get("POLLINATE_TFJS_RUNNER_DIR") or Path(__file__).resolve().parent / "node")
 SCRIPT = NODE_DIR / "run_tfjs.mjs"
 MIN_NODE_MAJOR = 18  # global fetch (loading over HTTP) and WebAssembly SIMD
 BACKENDS = ("cpu", "wasm")

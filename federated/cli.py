@@ -187,7 +187,9 @@ def flower_env(home: Path) -> dict:
     # put this interpreter's scripts first on PATH, even when the venv is not activated
     scripts = str(Path(sys.executable).parent)
     path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": path}
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": path,
+            # the ServerApp runs from Flower's copy of our .py files: point it at the TF.js runner
+            "POLLINATE_TFJS_RUNNER_DIR": str(REPO / "export" / "node")}
 
 
 def _flower_bin(name: str) -> str:

@@ -117,7 +117,7 @@ def test_csv_training_and_the_models_commands(tmp_path, home):
 
 @pytest.mark.slow
 def test_demo_trains_exports_federates_and_points_channels(home):
-    summary = cli_json("demo", "--epochs", "2", "--rounds", "1", "--clients", "3", "--no-serve", home=home)
+    summary = cli_json("demo", "--epochs", "5", "--rounds", "1", "--clients", "3", "--no-serve", home=home)
     assert summary["training"]["model"] == "digits"
     assert summary["channels"]["stable"]["version"] == summary["training"]["version"]
     assert summary["federation"]["versions"] == [summary["training"]["version"] + 1]

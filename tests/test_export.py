@@ -102,7 +102,7 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
     from training.central import TrainSettings, train_and_register
 
     store = Store(tmp_path / "store")
-    train_and_register(store, digits, TrainSettings(model="mlp", epochs=3))
+    train_and_register(store, digits, TrainSettings(model="mlp", epochs=5))
     before = store.get_version("digits", 1)
 
     monkeypatch.setattr(verify, "FLOAT_TOLERANCE", 0.0)  # an impossible gate: float32 TFLite differs by ~1e-7
@@ -124,7 +124,7 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
 
 @pytest.mark.slow
 def test_train_exports_every_format_by_default(home):
-    summary = cli_json("train", "--dataset", "digits", "--epochs", "3", home=home)
+    summary = cli_json("train", "--dataset", "digits", "--epochs", "5", home=home)
     assert set(summary["artifacts"]) == {
         "keras", "report", "export-report", "tfjs-layers",
         "tflite-float32", "tflite-dynamic", "tflite-float16", "tflite-int8", "tflite-train",

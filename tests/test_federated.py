@@ -114,9 +114,13 @@ def test_simulation_publishes_every_round_and_resume_continues(tmp_path):
     from federated.simulate import simulate
     from server_helpers.live import LiveServer
 
+    from training.central import TrainSettings, train_and_register
+
     home = tmp_path / "store"
-    Store(home)  # the server starts on an empty store and sees each round as it is published
-    settings = FederationSettings(home=str(home), start_from="scratch", rounds=2, num_partitions=4,
+    # a trained start (~0.95): an undertrained round-1 model can legitimately fail the int8
+    # gate (> 2 points lost) and go unpublished, which is not what this test is about
+    central = train_and_register(Store(home), load_dataset("digits"), TrainSettings(model="cnn", epochs=5)).record
+    settings = FederationSettings(home=str(home), rounds=2, num_partitions=4,
                                   partition="iid", formats="tfjs-layers,tflite-int8", seed=1)
     with LiveServer(home, log=tmp_path / "server.log") as server:
         first = simulate(settings)
@@ -131,7 +135,8 @@ def test_simulation_publishes_every_round_and_resume_continues(tmp_path):
     store = Store(home)
     versions = _versions(store)
     assert [v.lineage.round for v in versions] == [1, 2]
-    assert versions[0].lineage.parent_version is None and versions[1].lineage.parent_version == versions[0].version
+    assert versions[0].lineage.parent_version == central.version
+    assert versions[1].lineage.parent_version == versions[0].version
     for v in versions:
         assert {"keras", "report", "tfjs-layers", "tflite-int8", "export-report"} <= set(v.artifacts)
         assert v.lineage.extra["strategy"] == "fedavg" and v.lineage.extra["federation_id"] == first.federation_id
@@ -294,13 +299,13 @@ def test_superlink_and_two_supernodes_complete_a_federation(tmp_path):
                 _wait_until(lambda: _superlink_rows(database, "SELECT count(*) FROM node") >= i,
                             f"SuperNode {i - 1} did not register")
         result = run_cli("federate", "run", "--from-scratch", "--rounds", "2", "--superlink", f"127.0.0.1:{control}",
-                         "--formats", "tflite-int8", "--partition", "iid", home=home, timeout=400)
+                         "--formats", "tfjs-layers", "--partition", "iid", home=home, timeout=400)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         versions = _versions(Store(home))
         assert [v.lineage.round for v in versions] == [1, 2]
         assert versions[1].lineage.parent_version == versions[0].version
         assert sorted(versions[1].lineage.extra["clients"]) == [0, 1]
-        assert {"keras", "tflite-int8"} <= set(versions[1].artifacts)
+        assert {"keras", "tfjs-layers"} <= set(versions[1].artifacts)
         assert Store(home).get_channel("digits", "canary").version == versions[1].version
     finally:
         for process in processes:

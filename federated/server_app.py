@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from registry import Lineage, Store, VersionRecord
 from registry.errors import InvalidInput, PollinateError
-from training.runtime import import_tensorflow
+from training.runtime import import_tensorflow, quiet_keras_warnings
 
 from .settings import FederationSettings
 from .strategies import RoundStats, make_strategy
@@ -159,6 +159,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
     from training.datasets import reload_dataset
 
     import_tensorflow()
+    quiet_keras_warnings()
     settings.check()
     store = Store(settings.home)
     dataset = reload_dataset(settings.recipe())

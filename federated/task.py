@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from registry.errors import InvalidInput
-from training.runtime import import_tensorflow
+from training.runtime import import_tensorflow, quiet_keras_warnings
 
 from .partition import partition
 
@@ -79,6 +79,7 @@ class LocalTrainer:
 
     def __init__(self, architecture_json: str, task: str):
         tf = import_tensorflow()
+        quiet_keras_warnings()
         import keras
 
         self.tf = tf

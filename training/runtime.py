@@ -33,6 +33,14 @@ def quiet_stderr():
         os.close(saved)
 
 
+def quiet_keras_warnings() -> None:
+    """Keras 3.15 on numpy 2 warns on every array conversion; it says nothing about our code.
+    Ray and Flower reset warning filters when they start, so callers there call this again."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+
+
 def import_tensorflow():
     """`import tensorflow` with its import-time C++ noise silenced; returns the module."""
     global _imported
@@ -43,6 +51,7 @@ def import_tensorflow():
         return _imported
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    quiet_keras_warnings()
     with quiet_stderr():
         import tensorflow as tf
     tf.get_logger().setLevel("ERROR")

@@ -13,7 +13,6 @@ checkpoint: `resume` continues from the newest version of the federation and its
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time

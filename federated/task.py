@@ -8,7 +8,6 @@ Rebuilding the Keras model every round would re-trace its tf.function each time 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 
@@ -137,7 +136,3 @@ class LocalTrainer:
 @lru_cache(maxsize=4)
 def trainer_for(architecture_json: str, task: str) -> LocalTrainer:
     return LocalTrainer(architecture_json, task)
-
-
-def architecture_key(architecture_json: str) -> str:
-    return hashlib.sha256(architecture_json.encode()).hexdigest()[:16]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import PollinateError
+from core.errors import PollinateError
 
 # Beside this file, unless POLLINATE_TFJS_RUNNER_DIR says otherwise: Flower runs our ServerApp
 # from a copy of the app (a FAB) that holds only .py/.toml/.md files, so the runner's

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import InvalidInput
-from training.runtime import import_tensorflow, quiet_stderr
+from core.errors import InvalidInput
+from core.tensorflow import import_tensorflow, quiet_stderr
 
 from .tflite import ConversionFailed
 

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from registry import Store, VersionRecord
-from registry.errors import InvalidInput, NotFound
-from training.runtime import import_tensorflow
+from core.errors import InvalidInput, NotFound
+from core.tensorflow import import_tensorflow
 
 from .verify import report_markdown, verify_export
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 from .tfjs_layers import TRANSLATORS, Refuse, TfjsLayer, input_layer
 from .tfjs_weights import QUANTIZE_CHOICES, WeightEntry, write_shards

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import InvalidInput
-from training.runtime import import_tensorflow, quiet_stderr
+from core.errors import InvalidInput
+from core.tensorflow import import_tensorflow, quiet_stderr
 
 VARIANTS = ("float32", "dynamic", "float16", "int8")
 CALIBRATION_SAMPLES = 200

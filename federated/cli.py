@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pollinate.console import HomeOption, JsonOption, human_console, open_store, print_json
+from registry import open_store
+from core.console import HomeOption, JsonOption, human_console, print_json
 
 app = typer.Typer(help="Federated learning with Flower: every round becomes a published version.",
                   no_args_is_help=True)
@@ -25,7 +26,7 @@ SUPERLINK_CONTROL = "127.0.0.1:9093"
 
 def parse_from(value: str | None, dataset: str) -> tuple[str, str]:
     """--from NAME[@VERSION] → (model name, "latest" | version)."""
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
 
     if not value:
         return dataset, "latest"
@@ -37,7 +38,7 @@ def parse_from(value: str | None, dataset: str) -> tuple[str, str]:
 
 def parse_malicious(value: str | None) -> tuple[float, str]:
     """--malicious SHARE:ATTACK (e.g. 0.2:scale)."""
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
 
     if not value:
         return 0.0, "scale"
@@ -76,7 +77,7 @@ def simulate_command(
     as_json: JsonOption = False,
 ) -> None:
     """Run a federation with Flower's Simulation Engine; each round is registered, exported and published."""
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from federated.settings import FederationSettings
@@ -97,7 +98,7 @@ def simulate_command(
     ).check()
     store = open_store(home)
     if not from_scratch and not resume:
-        from registry.errors import NotFound
+        from core.errors import NotFound
 
         try:  # fail fast, with the way out
             store.get_version(model_name, None if start_from == "latest" else int(start_from))
@@ -148,7 +149,7 @@ def simulate_command(
 
 def central_reference(store, model_name: str) -> dict | None:
     """The newest centrally trained version's test metrics: the line a federation aims at."""
-    from registry.errors import PollinateError
+    from core.errors import PollinateError
 
     try:
         versions = [v for v in store.list_versions(model_name) if v.lineage.source == "central"]
@@ -162,7 +163,7 @@ def central_reference(store, model_name: str) -> dict | None:
 
 def describe_partition(settings) -> dict:
     """Client sizes and label histograms of this federation's partition (what each client gets)."""
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
 
     from federated.partition import partition, partition_summary
     from federated.task import partition_labels
@@ -231,7 +232,7 @@ def supernode(
     home: HomeOption = Path(".pollinate"),
 ) -> None:
     """Start a Flower SuperNode that trains on one partition."""
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
 
     if not 0 <= partition_id < num_partitions:
         raise InvalidInput(f"--partition-id must be in 0..{num_partitions - 1}")
@@ -306,7 +307,7 @@ def write_flower_config(flwr_home: Path, name: str, connection: dict) -> Path:
 
 
 def _tls_args(ca, cert, key) -> list[str]:
-    from registry.errors import InvalidInput
+    from core.errors import InvalidInput
 
     if not (ca and cert and key):
         raise InvalidInput("--tls needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")

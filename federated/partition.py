@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 MIN_EXAMPLES = 2
 MAX_REDRAWS = 100

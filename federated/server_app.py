@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from registry import Lineage, Store, VersionRecord
-from registry.errors import InvalidInput, PollinateError
-from training.runtime import import_tensorflow, quiet_keras_warnings
+from core.errors import InvalidInput, PollinateError
+from core.tensorflow import import_tensorflow, quiet_keras_warnings
 
 from .settings import FederationSettings
 from .strategies import RoundStats, make_strategy

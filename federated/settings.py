@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 ATTACKS = ("scale", "signflip", "nan", "noise")

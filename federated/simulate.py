@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import PollinateError
+from core.errors import PollinateError
 
 from .server_app import FederationOutcome, RoundCallback, run_federation
 from .settings import FederationSettings
@@ -32,7 +32,7 @@ def quiet_flower() -> None:
 
 def simulate(settings: FederationSettings, on_round: RoundCallback | None = None,
              cpus_per_client: float = 1.0) -> FederationOutcome:
-    from training.runtime import import_tensorflow, quiet_stderr
+    from core.tensorflow import import_tensorflow, quiet_stderr
 
     import_tensorflow()  # flwr.simulation imports TensorFlow itself: let ours go first, quietly
     with quiet_stderr():

@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from registry.errors import InvalidInput
-from training.runtime import import_tensorflow, quiet_keras_warnings
+from core.errors import InvalidInput
+from core.tensorflow import import_tensorflow, quiet_keras_warnings
 
 from .partition import partition
 

@@ -12,7 +12,7 @@ import typer
 from export.cli import export
 from federated.cli import app as federate_app
 from registry.cli import app as models_app
-from registry.errors import PollinateError
+from core.errors import PollinateError
 from server.cli import serve
 from training.cli import make_train_command
 

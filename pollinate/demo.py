@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from .console import HomeOption, JsonOption, human_console, open_store, print_json
+from registry import open_store
+from core.console import HomeOption, JsonOption, human_console, print_json
 
 
 def demo(

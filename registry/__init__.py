@@ -3,8 +3,8 @@
 Stdlib only, so the server and the CLI can import it without TensorFlow.
 """
 
+from core.errors import InvalidInput, NotFound, PollinateError
 from registry.channels import ChannelState, cohort_bucket
-from registry.errors import InvalidInput, NotFound, PollinateError
 from registry.store import ArtifactFile, Lineage, Store, VersionRecord
 
 __all__ = [
@@ -17,4 +17,10 @@ __all__ = [
     "Store",
     "VersionRecord",
     "cohort_bucket",
+    "open_store",
 ]
+
+
+def open_store(home) -> Store:
+    """The store at `home` (created on first use); what every room's CLI opens."""
+    return Store(home)

@@ -20,7 +20,7 @@ import re
 import sqlite3
 from dataclasses import asdict, dataclass
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 CHANNEL_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 

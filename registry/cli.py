@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pollinate.console import HomeOption, JsonOption, human_console, open_store, print_json
+from registry import open_store
+from core.console import HomeOption, JsonOption, human_console, print_json
 
 app = typer.Typer(help="List models and versions, and move channels (promote, staged rollout, rollback).",
                   no_args_is_help=True)
@@ -113,7 +114,7 @@ def files(
     as_json: JsonOption = False,
 ) -> None:
     """Where a version's files are, or copies of them under --out with their real names."""
-    from registry.errors import NotFound
+    from core.errors import NotFound
 
     store = open_store(home)
     record = store.get_version(name, version)
@@ -215,7 +216,7 @@ def _remote(server: str, method: str, name: str, channel: str, body: dict | None
     from urllib.parse import quote
 
     from registry.channels import ChannelState
-    from registry.errors import PollinateError
+    from core.errors import PollinateError
 
     if not server.startswith(("http://", "https://")):
         raise PollinateError(f"--server must be an http:// or https:// URL, got {server!r}")

@@ -31,7 +31,7 @@ from typing import Iterator, Mapping, Union
 
 from registry import channels
 from registry.channels import ChannelState
-from registry.errors import InvalidInput, NotFound, PollinateError
+from core.errors import InvalidInput, NotFound, PollinateError
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -44,7 +44,11 @@ BUSY_TIMEOUT_S = 30.0
 CHUNK = 1 << 20
 # A temp blob this old belongs to a writer that died; younger ones may be in flight.
 STALE_TMP_S = 24 * 3600
-SCHEMA_VERSION = 1
+# The store's schema version, kept in SQLite's `PRAGMA user_version`. Opening a store runs
+# the migrations from its version up to this one, in one transaction (an older store is
+# upgraded in place, or left exactly as it was if anything fails); a store written by a
+# newer Pollinate is refused with a clear error, never read with the wrong schema.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -78,6 +82,19 @@ BEGIN SELECT RAISE(ABORT, 'versions are immutable'); END;
 CREATE TRIGGER IF NOT EXISTS artifacts_immutable BEFORE UPDATE ON artifacts
 BEGIN SELECT RAISE(ABORT, 'artifacts are immutable'); END;
 """ + channels.SCHEMA
+
+# Each migration takes a store from version N to N + 1. Version 1 is the first release's
+# schema (the tables above); every later change is appended here, never edited in place.
+MIGRATIONS: dict[int, str] = {
+    # 1 → 2: a record of every schema change, so an upgraded store says where it came from.
+    1: """
+CREATE TABLE IF NOT EXISTS schema_history (
+    version     INTEGER PRIMARY KEY,   -- the schema version reached
+    from_version INTEGER NOT NULL,     -- 0 for a store created at this version
+    applied_at  TEXT NOT NULL
+);
+""",
+}
 
 
 # --------------------------------------------------------------------------- records
@@ -346,7 +363,7 @@ class Store:
         return self._transaction("DEFERRED")
 
     def _init_schema(self) -> None:
-        """Create tables once; retried because two processes may open a new home together."""
+        """Create or migrate the schema; retried because two processes may open a new home together."""
         deadline = time.monotonic() + BUSY_TIMEOUT_S
         while True:
             try:
@@ -355,9 +372,7 @@ class Store:
                     db.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
                     db.execute("BEGIN IMMEDIATE")
                     try:
-                        for statement in _statements(SCHEMA):
-                            db.execute(statement)
-                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                        _upgrade(db, self.db_path)
                     except BaseException:
                         db.execute("ROLLBACK")
                         raise
@@ -365,10 +380,24 @@ class Store:
                 finally:
                     db.close()
                 return
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise PollinateError(f"cannot open {self.db_path}: {exc}") from None
                 time.sleep(0.05)
+
+    def schema_version(self) -> int:
+        """The schema version of this store (after the migrations run on open)."""
+        db = self._connect()
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+
+    def schema_history(self) -> list[dict]:
+        """Every schema version this store has been at: how it was created, then each upgrade."""
+        with self._read() as db:
+            rows = db.execute("SELECT version, from_version, applied_at FROM schema_history ORDER BY version")
+            return [{"version": v, "from_version": f, "applied_at": at} for v, f, at in rows]
 
     def _sweep_tmp(self) -> None:
         cutoff = time.time() - STALE_TMP_S
@@ -743,6 +772,32 @@ class Store:
                 params,
             )
         ]
+
+
+def _upgrade(db: sqlite3.Connection, db_path: Path) -> None:
+    """Bring the schema inside the open transaction `db` to SCHEMA_VERSION (or refuse)."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise PollinateError(
+            f"{db_path} has store schema version {found}, newer than this Pollinate understands "
+            f"({SCHEMA_VERSION}): upgrade Pollinate to open it (nothing was changed)")
+    if found == SCHEMA_VERSION:
+        return
+    now = _now()
+    if found == 0:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables:  # every store Pollinate ever wrote has a version: this file is something else
+            raise PollinateError(f"{db_path} is not a Pollinate store (tables {', '.join(sorted(tables))},"
+                                 " no schema version): use another --home")
+        for statement in _statements(SCHEMA) + [s for v in sorted(MIGRATIONS) for s in _statements(MIGRATIONS[v])]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_history VALUES (?, 0, ?)", (SCHEMA_VERSION, now))
+    else:
+        for version in range(found, SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[version]):
+                db.execute(statement)
+            db.execute("INSERT INTO schema_history VALUES (?, ?, ?)", (version + 1, version, now))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _statements(script: str) -> list[str]:

@@ -21,8 +21,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pollinate.console import HomeOption, JsonOption, human_console
-from registry.errors import PollinateError
+from core.console import HomeOption, JsonOption, human_console
+from core.errors import PollinateError
 
 
 class Offload(str, Enum):

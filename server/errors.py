@@ -1,6 +1,6 @@
 """Store errors become HTTP answers with a JSON ``detail``, never a 500.
 
-Routes let :mod:`registry.errors` propagate; these handlers choose the status. Whatever
+Routes let :mod:`core.errors` propagate; these handlers choose the status. Whatever
 slips through anyway is logged and answered with a JSON 500 (a bug to fix, not a page of
 HTML).
 """
@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from registry.errors import InvalidInput, NotFound, PollinateError
+from core.errors import InvalidInput, NotFound, PollinateError
 
 log = logging.getLogger("pollinate.server")
 

@@ -8,7 +8,7 @@ filesystem path.
 
 from __future__ import annotations
 
-from registry.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound
 from registry.store import check_file_name, check_format_name, check_model_name
 
 

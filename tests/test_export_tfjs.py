@@ -19,7 +19,7 @@ import pytest
 
 from export.node_runner import ensure_node_modules, node_available, run_tfjs, tfjs_fit
 from export.tfjs import UnsupportedLayer, check_tfjs_support, write_tfjs
-from registry.errors import InvalidInput, PollinateError
+from core.errors import InvalidInput, PollinateError
 
 L = keras.layers
 TOL = 1e-5

@@ -13,7 +13,7 @@ from federated.partition import parse_scheme, partition, partition_summary
 from federated.settings import FederationSettings
 from federated.strategies import check_update, clip_update, make_strategy
 from registry import Store
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 from training.datasets import load_dataset
 
 

@@ -530,3 +530,72 @@ def test_unknown_version_or_model_is_not_found(three: Store) -> None:
 
 def test_errors_are_pollinate_errors() -> None:
     assert issubclass(NotFound, PollinateError) and issubclass(InvalidInput, PollinateError)
+
+
+# --------------------------------------------------------------------------- schema versions
+
+
+def _as_first_release(home: Path) -> None:
+    """Turn a store into exactly what the first release wrote: schema 1, no schema_history."""
+    db = sqlite3.connect(home / "registry.sqlite")
+    db.execute("DROP TABLE schema_history")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+
+def test_a_new_store_is_at_the_current_schema(store: Store) -> None:
+    from registry.store import SCHEMA_VERSION
+
+    assert store.schema_version() == SCHEMA_VERSION
+    assert [(h["version"], h["from_version"]) for h in store.schema_history()] == [(SCHEMA_VERSION, 0)]
+
+
+def test_an_older_store_is_migrated_in_place_and_keeps_its_data(tmp_path: Path) -> None:
+    from registry.store import SCHEMA_VERSION
+
+    old = Store(tmp_path / "home")
+    old.publish("digits", lineage=CENTRAL, artifacts=keras_only(), metrics={"accuracy": 0.9})
+    old.set_channel("digits", "stable", 1)
+    _as_first_release(tmp_path / "home")
+
+    store = Store(tmp_path / "home")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert [(h["version"], h["from_version"]) for h in store.schema_history()] == [(2, 1)]
+    assert store.get_version("digits", 1).metrics == {"accuracy": 0.9}
+    assert store.get_channel("digits", "stable").version == 1
+    assert store.verify() == []
+    Store(tmp_path / "home")  # opening again is a no-op
+    assert len(store.schema_history()) == 1
+
+
+def test_a_newer_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    Store(tmp_path / "home").publish("digits", lineage=CENTRAL, artifacts=keras_only())
+    db_path = tmp_path / "home" / "registry.sqlite"
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    before = hashlib.sha256(db_path.read_bytes()).hexdigest()
+    with pytest.raises(PollinateError, match=r"schema version 99, newer than this Pollinate"):
+        Store(tmp_path / "home")
+    assert hashlib.sha256(db_path.read_bytes()).hexdigest() == before
+
+
+def test_a_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    db = sqlite3.connect(tmp_path / "home" / "registry.sqlite")
+    db.execute("CREATE TABLE notes (body TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(PollinateError, match="is not a Pollinate store"):
+        Store(tmp_path / "home")
+
+
+def test_an_old_store_through_the_cli_is_migrated(tmp_path: Path) -> None:
+    Store(tmp_path / "home").publish("digits", lineage=CENTRAL, artifacts=keras_only())
+    _as_first_release(tmp_path / "home")
+    result = subprocess.run([sys.executable, "-m", "pollinate", "models", "list", "--home", str(tmp_path / "home"), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "digits" in result.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from registry import Store
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 from training.datasets import load_dataset
 from training.datasets.delivery_eta import generate_orders
 from training.datasets.tabular import load_csv

@@ -18,12 +18,12 @@ import numpy as np
 
 from registry import Lineage, Store, VersionRecord
 from registry.store import check_model_name
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 from . import plots
 from .datasets import CLASSIFICATION, Dataset
 from .report import evaluate_predictions, headline_metrics
-from .runtime import import_tensorflow
+from core.tensorflow import import_tensorflow
 
 EpochCallback = Callable[[int, int, dict], None]  # (epoch finished, total epochs, logs)
 # Extra files to publish with the version, made from the trained model before it is published

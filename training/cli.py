@@ -7,7 +7,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from pollinate.console import HomeOption, JsonOption, human_console, open_store, print_json
+from registry import open_store
+from core.console import HomeOption, JsonOption, human_console, print_json
 
 # Given a progress callback, returns the hook that exports a freshly trained model before it is
 # published (see training.central.ArtifactHook). The CLI layer injects it: training does not

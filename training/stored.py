@@ -12,7 +12,7 @@ from pathlib import Path
 
 from registry import Store
 
-from .runtime import import_tensorflow
+from core.tensorflow import import_tensorflow
 
 
 def load_keras_model(store: Store, model: str, version: int | None = None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 from .datasets import CLASSIFICATION, Dataset
 

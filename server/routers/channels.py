@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Path
 from starlette.concurrency import run_in_threadpool
 
 from registry.channels import CHANNEL_NAME
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 from server.auth import AdminOnly
 from server.names import existing_model_name
 from server.schemas import ChannelMoveIn, ChannelsOut, ChannelStateOut, ErrorOut, HistoryEntryOut

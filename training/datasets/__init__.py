@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 from .base import CLASSIFICATION, REGRESSION, Dataset
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"

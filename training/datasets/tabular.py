@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.errors import InvalidInput
+from core.errors import InvalidInput
 
 from .base import CLASSIFICATION, REGRESSION, TASKS, Dataset, split_indices
 

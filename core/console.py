@@ -37,9 +37,3 @@ def human_console(as_json: bool) -> Console:
 def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
-
-
-def open_store(home: Path):
-    from registry import Store
-
-    return Store(home)

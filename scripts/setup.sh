@@ -25,10 +25,13 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-extras=""
-[ "$want_tests" = 1 ] && extras="[test]"
-echo "==> installing pollinate$extras and its pinned dependencies (first run: a few minutes)"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
+extras="converter"
+[ "$want_tests" = 1 ] && extras="converter,test"
+echo "==> installing pollinate[$extras] and its pinned dependencies (first run: a few minutes)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$extras]"
+# The stock TF.js converter, without its stale `packaging~=23.1` pin (it would cap Flower at 1.26);
+# everything else it needs came with the `converter` extra. See pyproject.toml.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt tensorflowjs==4.22.0
 # The server tests put Debian's nginx in front of `pollinate serve --offload nginx`.
 # The web client's browser tests drive Debian's chromium (Playwright cannot download its own browser here).
 if [ "$want_tests" = 1 ]; then

@@ -9,10 +9,11 @@ import warnings
 
 import typer
 
+import registry.cli
+from core.errors import PollinateError
 from export.cli import export
 from federated.cli import app as federate_app
 from registry.cli import app as models_app
-from core.errors import PollinateError
 from server.cli import serve
 from training.cli import make_train_command
 
@@ -25,6 +26,15 @@ def export_on_train(say):
 
     return export_for_publish(progress=say)
 
+
+def remote_channels(server_url: str):
+    """`pollinate models promote|rollback --server URL`: the server room's admin client."""
+    from server.admin_client import AdminClient
+
+    return AdminClient(server_url)
+
+
+registry.cli.remote_channels = remote_channels
 
 app = typer.Typer(
     name="pollinate",

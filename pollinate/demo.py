@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from registry import open_store
 from core.console import HomeOption, JsonOption, human_console, print_json
+from registry import open_store
 
 
 def demo(
@@ -63,20 +63,20 @@ def demo(
         print_json(summary)
     if serve:
         out.rule("3. serving")
-        from server.cli import serve as run_server
+        from dataclasses import replace
 
-        if port == 0:  # pick it now, so the URL printed below is the real one
-            import socket
+        from server import run as run_server
+        from server.config import ServerConfig
 
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-        url = f"http://127.0.0.1:{port}/"
-        out.print(f"Open [bold]{url}[/] to draw a digit (channel stable, the central model), or "
-                  f"[bold]{url}?channel=canary[/] for the federated one. The manifest a browser gets: "
-                  f"{url}v1/models/{record.model}/manifest?channel=canary  (Ctrl-C to stop)", soft_wrap=True)
-        run_server(home=Path(home), host="127.0.0.1", port=port, workers=1, offload=None, cors_origin=None,
-                   access_log=False, print_nginx_config=False, nginx_port=8080, as_json=False)
+        config = replace(ServerConfig.from_env(), home=Path(home).resolve(), offload=None)
+
+        def announce(listening) -> None:
+            url = listening.url + "/"
+            out.print(f"Open [bold]{url}[/] to draw a digit (channel stable, the central model), or "
+                      f"[bold]{url}?channel=canary[/] for the federated one. The manifest a browser gets: "
+                      f"{url}v1/models/{record.model}/manifest?channel=canary  (Ctrl-C to stop)", soft_wrap=True)
+
+        run_server(config, host="127.0.0.1", port=port, announce=announce)
 
 
 def federate(out, home: Path, model: str, version: int, rounds: int, clients: int, seed: int) -> dict:

@@ -98,7 +98,7 @@ def cohort_bucket(model: str, channel: str, client_id: str) -> float:
     First 8 bytes of sha256("model\\0channel\\0client_id"), read big-endian, mod 10 000,
     divided by 100. Hashing the channel too keeps canary and stable cohorts independent.
     """
-    digest = hashlib.sha256(f"{model}\0{channel}\0{client_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{model}\0{channel}\0{client_id}".encode()).digest()
     return (int.from_bytes(digest[:8], "big") % BUCKETS) / 100
 
 

@@ -6,16 +6,39 @@ The store itself is stdlib-only; this module is its command-line face (typer + r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Protocol
 
 import typer
 
-from registry import open_store
 from core.console import HomeOption, JsonOption, human_console, print_json
+from registry import open_store
+from registry.channels import ChannelState
 
 app = typer.Typer(help="List models and versions, and move channels (promote, staged rollout, rollback).",
                   no_args_is_help=True)
+
+
+class RemoteChannels(Protocol):
+    """Moves channels on a running server instead of the local store (`--server URL`)."""
+
+    def promote(self, name: str, channel: str, version: int, *, rollout_percent: float | None) -> ChannelState: ...
+
+    def rollback(self, name: str, channel: str) -> ChannelState: ...
+
+
+# The registry does not know the server's routes: the composer (pollinate/cli.py) plugs in
+# the server room's admin client here. Unset, `--server` is refused with a clear error.
+remote_channels: Callable[[str], RemoteChannels] | None = None
+
+
+def _remote(server: str) -> RemoteChannels:
+    from core.errors import PollinateError
+
+    if remote_channels is None:
+        raise PollinateError("--server is not available: this installation has no server admin client")
+    return remote_channels(server)
 
 ChannelOption = Annotated[str, typer.Option("--channel", "-c", help="Channel name: stable, canary, or [a-z0-9_-]{1,32}.")]
 ServerOption = Annotated[
@@ -69,7 +92,7 @@ def show(
 
     store = open_store(home)
     record = store.get_version(name, version)
-    channels = {c: s for c, s in store.list_channels(name).items()}
+    channels = store.list_channels(name)
     if as_json:
         print_json({**record.to_dict(), "channels": {c: s.to_dict() for c, s in channels.items()}})
         return
@@ -156,7 +179,7 @@ def promote(
 ) -> None:
     """Point a channel at a version, or stage it for a percentage of clients."""
     if server:
-        state = _remote(server, "PUT", name, channel, {"version": version, "rollout_percent": percent})
+        state = _remote(server).promote(name, channel, version, rollout_percent=percent)
     else:
         state = open_store(home).set_channel(name, channel, version, rollout_percent=percent)
     _report_channel(state, as_json)
@@ -172,7 +195,7 @@ def rollback(
 ) -> None:
     """Undo the channel's last move (the history keeps both moves)."""
     if server:
-        state = _remote(server, "POST", name, channel, None)
+        state = _remote(server).rollback(name, channel)
     else:
         state = open_store(home).rollback(name, channel)
     _report_channel(state, as_json)
@@ -200,62 +223,3 @@ def _report_channel(state, as_json: bool) -> None:
         print_json(state.to_dict())
         return
     human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}")
-
-
-def _remote(server: str, method: str, name: str, channel: str, body: dict | None):
-    """One admin request to a running `pollinate serve` (stdlib only: the CLI stays light).
-
-    PUT  /v1/models/{name}/channels/{channel}           (promote / staged rollout)
-    POST /v1/models/{name}/channels/{channel}/rollback
-    Any refusal becomes one PollinateError line carrying the server's `detail`.
-    """
-    import json
-    import os
-    import urllib.error
-    import urllib.request
-    from urllib.parse import quote
-
-    from registry.channels import ChannelState
-    from core.errors import PollinateError
-
-    if not server.startswith(("http://", "https://")):
-        raise PollinateError(f"--server must be an http:// or https:// URL, got {server!r}")
-    token = os.environ.get("POLLINATE_ADMIN_TOKEN")
-    if not token:
-        raise PollinateError("--server needs the admin token in POLLINATE_ADMIN_TOKEN")
-    path = f"/v1/models/{quote(name, safe='')}/channels/{quote(channel, safe='')}"
-    if method == "POST":
-        path += "/rollback"
-    request = urllib.request.Request(
-        server.rstrip("/") + path,
-        data=b"" if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            payload = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise PollinateError(f"{server} refused ({exc.code}): {_detail(exc)}") from None
-    except urllib.error.URLError as exc:
-        raise PollinateError(f"cannot reach {server}: {exc.reason}") from None
-    except (OSError, ValueError) as exc:  # timeouts, a malformed URL, a body that is not JSON
-        raise PollinateError(f"cannot talk to {server}: {exc}") from None
-    return ChannelState(**{k: payload.get(k) for k in ("model", "channel", "version", "candidate_version",
-                                                       "rollout_percent", "updated_at")})
-
-
-def _detail(error) -> str:
-    """The server's JSON `detail` on one line (FastAPI's 422 gives a list of problems)."""
-    import json
-
-    try:
-        detail = json.loads(error.read()).get("detail", error.reason)
-    except (ValueError, AttributeError, OSError):
-        return str(error.reason)
-    if isinstance(detail, list):
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}" if isinstance(item, dict) else str(item)
-            for item in detail
-        )
-    return " ".join(str(detail).split())

@@ -24,14 +24,15 @@ import re
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Union
 
+from core.errors import InvalidInput, NotFound, PollinateError
 from registry import channels
 from registry.channels import ChannelState
-from core.errors import InvalidInput, NotFound, PollinateError
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -115,7 +116,7 @@ class Lineage:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Lineage":
+    def from_dict(cls, data: Mapping) -> Lineage:
         """Build from JSON (CLI, manifests); unknown keys are refused, not silently dropped."""
         if not isinstance(data, Mapping):
             raise InvalidInput(f"lineage must be an object, got {type(data).__name__}")
@@ -288,7 +289,7 @@ def _plan_artifacts(artifacts: object, *, allow_empty: bool) -> list[_Source]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _fsync_dir(path: Path) -> None:

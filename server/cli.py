@@ -1,20 +1,10 @@
-"""`pollinate serve`: run the distribution service with uvicorn.
-
-Workers are separate processes that import ``server.app:app_from_env``; the flags travel
-to them as environment variables (``server/config.py``). With more than one worker,
-Prometheus counters go through a fresh multiprocess folder so ``/metrics`` reports the
-whole server, not whichever worker answered.
-"""
+"""`pollinate serve`: parse the flags, print where the service is, and call `server.run`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-import os
-import shutil
-import socket
 import sys
-import tempfile
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,23 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from core.console import HomeOption, JsonOption, human_console
-from core.errors import PollinateError
 
 
 class Offload(str, Enum):
     nginx = "nginx"
-
-
-def _free_port(host: str, port: int) -> int:
-    """Check the address is free (one clear error instead of uvicorn's log); 0 picks one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise PollinateError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        return probe.getsockname()[1]
 
 
 def serve(
@@ -75,47 +52,24 @@ def serve(
     config = replace(ServerConfig.from_env(), home=home, offload=offload.value if offload else None)
     if cors_origin:
         config = replace(config, cors_origins=tuple(cors_origin))
-    from registry import Store
 
-    Store(home)  # create or check the store now: a bad --home is one error line, not a worker crash
-    port = _free_port(host, port)
-    os.environ.update(config.to_env())
-    metrics_dir = None
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.mkdtemp(prefix="pollinate-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-
-    shown_host = f"[{host}]" if ":" in host else host
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else shown_host}:{port}"
-    if as_json:
-        sys.stdout.write(json.dumps({
-            "url": url, "docs": f"{url}/docs", "home": str(home), "workers": workers,
-            "offload": config.offload, "admin": bool(os.environ.get("POLLINATE_ADMIN_TOKEN")),
-        }, sort_keys=True) + "\n")
-        sys.stdout.flush()
-    else:
+    def announce(listening) -> None:
+        url = listening.url
+        if as_json:
+            sys.stdout.write(json.dumps({
+                "url": url, "docs": f"{url}/docs", "home": str(home), "workers": workers,
+                "offload": config.offload, "admin": bool(config.admin_token),
+            }, sort_keys=True) + "\n")
+            sys.stdout.flush()
+            return
         out = human_console(False)
         out.print(f"Serving [bold]{home}[/] at [bold]{url}[/]  (API docs: {url}/docs)", soft_wrap=True)
-        if not os.environ.get("POLLINATE_ADMIN_TOKEN"):
+        if not config.admin_token:
             out.print("POLLINATE_ADMIN_TOKEN is unset: channel changes over HTTP are refused.", soft_wrap=True)
         if config.offload == "nginx":
-            out.print(f"File bytes go through nginx: pollinate serve --home {home} --port {port}"
+            out.print(f"File bytes go through nginx: pollinate serve --home {home} --port {listening.port}"
                       " --print-nginx-config > pollinate-nginx.conf", soft_wrap=True)
 
-    import uvicorn
+    from server.serving import run
 
-    try:
-        uvicorn.run(
-            "server.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            access_log=access_log,
-            server_header=False,
-            log_level="info" if access_log else "warning",
-            timeout_graceful_shutdown=5,
-        )
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    run(config, host=host, port=port, workers=workers, access_log=access_log, announce=announce)

@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export TF_CPP_MIN_LOG_LEVEL=2
-# Both suites run even when the first fails; the script fails if either does.
+# Lint and both suites run even when one fails; the script fails if any does.
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+echo "==> lint: ruff check ."
+.venv/bin/ruff check . || status=$?
+.venv/bin/python -m pytest "$@" || status=$((status == 0 ? $? : status))
 echo "==> web client: node --test (web_client/test/)"
 (cd web_client && node --test test/) || status=$((status == 0 ? 1 : status))
 exit "$status"

@@ -80,7 +80,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
                 return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up")
+                raise RuntimeError(f"{url} did not come up") from None
             time.sleep(0.05)
 
 

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from registry import open_store
 from core.console import HomeOption, JsonOption, human_console, print_json
+from registry import open_store
 
 FORMATS_HELP = "Comma-separated: tfjs-layers, tflite-float32, tflite-dynamic, tflite-float16, tflite-int8, tflite-train (default: all)."
 

@@ -15,8 +15,8 @@ reproduce exactly; `export.tfjs` turns it into `UnsupportedLayer` naming the lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

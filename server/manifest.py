@@ -95,7 +95,7 @@ class RenderedManifest:
     gzipped: bytes | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, manifest: dict) -> "RenderedManifest":
+    def of(cls, manifest: dict) -> RenderedManifest:
         body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
         etag = '"' + hashlib.sha256(body).hexdigest() + '"'
         packed = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None

@@ -25,7 +25,7 @@ class Services:
     blobs: BlobStore
 
     @classmethod
-    def build(cls, config: ServerConfig) -> "Services":
+    def build(cls, config: ServerConfig) -> Services:
         store = Store(config.home)
         return cls(config, store, Catalog(store), BlobStore(config.offload))
 

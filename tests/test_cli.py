@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, cli_json, run_cli
+
 from registry import Store
 
 

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import cli_json, run_cli
+
 from registry import Store
 from training.datasets import load_dataset
 

@@ -24,12 +24,12 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
-
 from conftest import REPO
-from registry import Store, cohort_bucket
-from server.schemas import ManifestOut
 from server_helpers import stores
 from server_helpers.live import LiveServer
+
+from registry import Store, cohort_bucket
+from server.schemas import ManifestOut
 
 TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -639,9 +639,8 @@ def test_remote_promote_and_rollback_from_the_cli(server, store):
 def _metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -804,7 +803,7 @@ def test_schemathesis_finds_no_server_errors(fuzz_server):
                         response = case.call_and_validate(headers=headers, checks=[not_a_server_error], timeout=10)
                         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                     except Exception as exc:  # noqa: BLE001 - collect every failure
-                        failures.append(f"{operation.label}: {str(exc)[:400]}")
+                        failures.append(f"{operation.label}: {str(exc)[:400]}")  # noqa: B023 - run() is called in this iteration
                         return
 
             try:

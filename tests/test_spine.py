@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 ROOMS = ("core", "registry", "training", "export", "federated", "server", "pollinate")

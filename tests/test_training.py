@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from registry import Store
 from core.errors import InvalidInput
+from registry import Store
 from training.datasets import load_dataset
 from training.datasets.delivery_eta import generate_orders
 from training.datasets.tabular import load_csv
 from training.stored import load_keras_model
-
 
 # ---------------------------------------------------------------- datasets
 
@@ -24,7 +23,7 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     assert first.fingerprint() == second.fingerprint()
     assert first.input_shape == (8, 8, 1)
     assert len(first.x_train) + len(first.x_val) + len(first.x_test) == 1797
-    assert 0.0 <= first.x_train.min() and first.x_train.max() <= 1.0
+    assert first.x_train.min() >= 0.0 and first.x_train.max() <= 1.0
     assert first.preprocessing["scale"] == pytest.approx(1 / 16)
     overall = np.bincount(np.concatenate([first.y_train, first.y_val, first.y_test])) / 1797
     for y in (first.y_train, first.y_val, first.y_test):

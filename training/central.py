@@ -10,20 +10,20 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from core.errors import InvalidInput
+from core.tensorflow import import_tensorflow
 from registry import Lineage, Store, VersionRecord
 from registry.store import check_model_name
-from core.errors import InvalidInput
 
 from . import plots
 from .datasets import CLASSIFICATION, Dataset
 from .report import evaluate_predictions, headline_metrics
-from core.tensorflow import import_tensorflow
 
 EpochCallback = Callable[[int, int, dict], None]  # (epoch finished, total epochs, logs)
 # Extra files to publish with the version, made from the trained model before it is published

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from registry import open_store
 from core.console import HomeOption, JsonOption, human_console, print_json
+from registry import open_store
 
 # Given a progress callback, returns the hook that exports a freshly trained model before it is
 # published (see training.central.ArtifactHook). The CLI layer injects it: training does not

@@ -10,9 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from registry import Store
-
 from core.tensorflow import import_tensorflow
+from registry import Store
 
 
 def load_keras_model(store: Store, model: str, version: int | None = None):

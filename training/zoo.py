@@ -7,8 +7,8 @@ regression outputs back to the target's units, so a client only builds the raw f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from core.errors import InvalidInput
 

@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path
 from starlette.concurrency import run_in_threadpool
 
-from registry.channels import CHANNEL_NAME
 from core.errors import InvalidInput
+from registry.channels import CHANNEL_NAME
 from server.auth import AdminOnly
 from server.names import existing_model_name
 from server.schemas import ChannelMoveIn, ChannelsOut, ChannelStateOut, ErrorOut, HistoryEntryOut

@@ -35,7 +35,7 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         command = [sys.executable, "-m", "pollinate", "serve", "--home", str(self.home), "--port", "0",
                    "--json", *self.args]
         with open(self.log, "ab") as log:
@@ -73,7 +73,7 @@ class LiveServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

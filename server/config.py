@@ -4,14 +4,21 @@ Uvicorn starts extra workers by importing ``server.app:app_from_env`` in fresh p
 so everything a worker needs travels in environment variables; ``pollinate serve`` sets
 them from its flags before it starts uvicorn. Secrets (the admin token) only ever come
 from the environment.
+
+The web client defaults to the one that ships with Pollinate (``server/web_assets.py`` finds
+it, installed or in a checkout); ``POLLINATE_WEB_CLIENT=DIR`` serves another folder and
+``POLLINATE_WEB_CLIENT=off`` none (``web_client`` is then None).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+
+from server.web_assets import OFF as WEB_CLIENT_OFF
+from server.web_assets import default_web_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +43,7 @@ class ServerConfig:
     admin_token: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     offload: str | None = None
-    web_client: Path = field(default_factory=lambda: REPO / "web_client")
+    web_client: Path | None = field(default_factory=default_web_client)  # None: no demo page
     max_body_bytes: int = MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
@@ -44,16 +51,16 @@ class ServerConfig:
             raise ValueError(f"unknown offload mode {self.offload!r}: use one of {', '.join(OFFLOAD_MODES)}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServerConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
         env = os.environ if environ is None else environ
         origins = tuple(o.strip() for o in env.get(ENV_CORS_ORIGINS, "*").split(",") if o.strip())
-        web_client = env.get(ENV_WEB_CLIENT)
+        web_client = (env.get(ENV_WEB_CLIENT) or "").strip()
         return cls(
             home=Path(env.get(ENV_HOME) or ".pollinate"),
             admin_token=env.get(ENV_ADMIN_TOKEN) or None,
             cors_origins=origins or ("*",),
             offload=env.get(ENV_OFFLOAD) or None,
-            web_client=Path(web_client) if web_client else REPO / "web_client",
+            web_client=None if web_client.lower() == WEB_CLIENT_OFF else Path(web_client) if web_client else default_web_client(),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -62,6 +69,6 @@ class ServerConfig:
             ENV_HOME: str(self.home),
             ENV_CORS_ORIGINS: ",".join(self.cors_origins),
             ENV_OFFLOAD: self.offload or "",
-            ENV_WEB_CLIENT: str(self.web_client),
+            ENV_WEB_CLIENT: str(self.web_client) if self.web_client is not None else WEB_CLIENT_OFF,
         }
         return env

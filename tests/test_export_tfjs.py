@@ -2,7 +2,9 @@
 
 Each model is built with random weights (BatchNormalization with non-trivial moving statistics,
 Normalization adapted on random data), written with `write_tfjs`, loaded and run by
-`export/node/run_tfjs.mjs` (one Node process per model) and compared with Keras `model(x)`.
+`export/node/run_tfjs.mjs` (one long-lived Node process serves every request) and compared
+with Keras `model(x)`. The end of the file checks that process: reused, restarted when it dies,
+Node's errors carried over, and a missing Node or runner refused at once with the fix.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import keras
 import numpy as np
 import pytest
 
+from core.errors import InvalidInput, PollinateError
+from export import node_runner
 from export.node_runner import ensure_node_modules, node_available, run_tfjs, tfjs_fit
 from export.tfjs import UnsupportedLayer, check_tfjs_support, write_tfjs
-from core.errors import InvalidInput, PollinateError
 
 L = keras.layers
 TOL = 1e-5
@@ -509,3 +512,77 @@ def test_zoo_models_round_trip(tmp_path, zoo_name, dataset_name):
         losses = tfjs_fit(tmp_path / "m", dataset.x_train[:640], dataset.y_train[:640], loss="mse",
                           learning_rate=3e-3, steps=20, batch_size=64)
         assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+# ---- the long-lived Node verifier ------------------------------------------------------------------
+
+
+def test_one_node_process_serves_every_check_and_comes_back_after_dying(tmp_path):
+    model = _conv_model()
+    write_tfjs(model, tmp_path / "m")
+    x = np.random.default_rng(3).uniform(0, 1, size=(6, 8, 8, 1)).astype("float32")
+    first = run_tfjs(tmp_path / "m", x, backend="cpu", latency_repeats=1)
+    pid = node_runner.verifier().proc.pid
+    for backend in ("wasm", "cpu", "wasm"):  # switching backends in one process keeps the numbers
+        again = run_tfjs(tmp_path / "m", x, backend=backend, latency_repeats=1)
+        assert again.backend == backend
+        assert float(np.max(np.abs(again.outputs - first.outputs))) <= TOL
+    assert node_runner.verifier().proc.pid == pid, "the same Node process answered every request"
+
+    # an error in Node is the request's error; the process stays up for the next one
+    with pytest.raises(PollinateError, match=r"TF.js predict in Node failed: .*input"):
+        run_tfjs(tmp_path / "m", np.zeros((2, 7), dtype="float32"), latency_repeats=0)
+    assert node_runner.verifier().proc.pid == pid
+
+    node_runner.verifier().proc.kill()  # a crash: the next request starts a fresh process
+    node_runner.verifier().proc.wait(timeout=10)
+    rerun = run_tfjs(tmp_path / "m", x, backend="cpu", latency_repeats=0)
+    assert node_runner.verifier().proc.pid != pid
+    assert float(np.max(np.abs(rerun.outputs - first.outputs))) <= TOL
+
+
+def test_the_packaged_bundle_runs_without_node_modules(tmp_path, monkeypatch):
+    """dist/run_tfjs.mjs (what the wheel ships) alone, in a folder with no node_modules anywhere up."""
+    import shutil
+    import subprocess
+
+    source = Path(node_runner.__file__).parent / "node"
+    if not (source / "dist" / "run_tfjs.mjs").is_file():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is needed to build the runner bundle")
+        subprocess.run(["npm", "run", "build", "--silent"], cwd=source, check=True, capture_output=True, timeout=300)
+    folder = tmp_path / "runner"
+    shutil.copytree(source / "dist", folder / "dist")
+    model = _conv_model()
+    write_tfjs(model, tmp_path / "m")
+    x = np.random.default_rng(4).uniform(0, 1, size=(5, 8, 8, 1)).astype("float32")
+    monkeypatch.setenv(node_runner.ENV_RUNNER_DIR, str(folder))
+    node_runner.shutdown()
+    try:
+        assert node_runner.check_runner().kind == "bundle"
+        for backend in ("cpu", "wasm"):
+            run = run_tfjs(tmp_path / "m", x, backend=backend, latency_repeats=1)
+            assert run.backend == backend and float(np.max(np.abs(run.outputs - np.asarray(model(x))))) <= TOL
+    finally:
+        node_runner.shutdown()
+
+
+def test_missing_node_or_runner_fails_fast_naming_the_fix(tmp_path, monkeypatch):
+    import time
+
+    write_tfjs(keras.Sequential([L.Input((4,)), L.Dense(2)]), tmp_path / "m")
+    node_runner.shutdown()
+    empty = tmp_path / "runner"
+    empty.mkdir()
+    monkeypatch.setenv(node_runner.ENV_RUNNER_DIR, str(empty))
+    started = time.monotonic()
+    with pytest.raises(PollinateError, match=r"TF.js runner is missing.*reinstall Pollinate"):
+        run_tfjs(tmp_path / "m", np.zeros((1, 4), dtype="float32"))
+    (empty / "package-lock.json").write_text("{}")  # a checkout without npm ci
+    with pytest.raises(PollinateError, match=r"run scripts/setup.sh"):
+        node_runner.check_runner()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no node at all
+    with pytest.raises(PollinateError, match=r"Node.js >= 18 is needed.*install Node.js 20"):
+        node_runner.check_runner()
+    assert time.monotonic() - started < 5, "refused at once, nothing installed"
+    assert not (empty / "node_modules").exists()

@@ -3,7 +3,7 @@
 // It caches the page, its scripts and TF.js (the model itself lives in IndexedDB, put there
 // by pollinate.js). Page files are network-first, so a running server always serves the
 // newest page, and the cache answers only when the network cannot. TF.js under
-// node_modules/ is pinned by package-lock.json and never changes for a cache name, so it is
+// vendor/ is pinned by package-lock.json and never changes for a cache name, so it is
 // cache-first. Requests outside this folder (the /v1 API: manifests and model files) are not
 // touched: pollinate.js revalidates and verifies those itself.
 // Lookups ignore Vary: the server varies on Origin (CORS), which module scripts send and the
@@ -31,10 +31,10 @@ const SHELL = [
   './app/node-builtin-stub.js',
 ];
 const VENDOR = [
-  './node_modules/@tensorflow/tfjs/dist/tf.fesm.min.js',
-  './node_modules/@tensorflow/tfjs-backend-wasm/dist/tf-backend-wasm.fesm.min.js',
-  './node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-simd.wasm',
-  './node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm',
+  './vendor/tfjs/tf.fesm.min.js',
+  './vendor/tfjs/tf-backend-wasm.fesm.min.js',
+  './vendor/tfjs/tfjs-backend-wasm-simd.wasm',
+  './vendor/tfjs/tfjs-backend-wasm.wasm',
 ];
 
 const scopePath = new URL('./', self.location.href).pathname;
@@ -92,7 +92,7 @@ self.addEventListener('fetch', event => {
   if (request.method !== 'GET') return;
   const url = new URL(request.url);
   if (url.origin !== self.location.origin || !url.pathname.startsWith(scopePath)) return;
-  if (url.pathname.startsWith(`${scopePath}node_modules/`)) {
+  if (url.pathname.startsWith(`${scopePath}vendor/`)) {
     event.respondWith(cacheFirst(request));
   } else {
     event.respondWith(networkFirst(request));

@@ -3,7 +3,7 @@
 // the same library a browser loads. Pollinate uses it to prove that an exported model.json
 // computes what the Keras model computes, to time it, and to check that it trains.
 //
-// Protocol (export/node_runner.py is the Python side):
+// Protocol (export/node_runner.py is the Python side). One request per process:
 //
 //   node run_tfjs.mjs predict (--model DIR | --url URL) --input X.npy [--input X2.npy ...]
 //        [--shape 1,8,8,1] [--backend cpu|wasm] [--batch-size 256]
@@ -38,22 +38,41 @@
 //
 // Exit status 0 on success; on failure "error: MESSAGE" on stderr and exit status 1 (2 for bad
 // arguments). Nothing useful is printed on stdout.
+//
+// Many requests per process (what Python uses: starting Node and TF.js costs more than a
+// small model's whole check):
+//
+//   node run_tfjs.mjs serve
+//
+// reads one JSON request per line on stdin and answers one JSON line on stdout, in order:
+//   {"id": 7, "mode": "predict", "args": {"model": DIR, "input": ["X.npy"], "backend": "wasm",
+//    "latency-repeats": 50, "out": DIR, ...}}          (args: the flags above, without "--")
+//   -> {"id": 7, "ok": true, "report": {...the report.json above...}}
+//   -> {"id": 7, "ok": false, "error": "MESSAGE", "usage": false}
+//   {"id": 8, "mode": "hello"} -> {"id": 8, "ok": true, "report": {"tfjs_version": ..., "node": ...}}
+// Each request loads its model on the backend it names and disposes it afterwards; output
+// arrays still go to files under "out". Anything TF.js logs goes to stderr. The process
+// exits when stdin closes.
+//
+// Built for the package (npm run build): esbuild bundles this file with its dependencies
+// into dist/run_tfjs.mjs, next to the wasm backend's .wasm files and the licences; the
+// bundle needs no node_modules.
 import fs from 'node:fs';
 import path from 'node:path';
+import readline from 'node:readline';
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 
-const require = createRequire(import.meta.url);
+const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 class UsageError extends Error {}
 
+const REPEATED = new Set(['input', 'shape', 'x', 'x-shape', 'y-shape']);
+
 function parseArgs(argv) {
   const [mode, ...rest] = argv;
-  if (mode !== 'predict' && mode !== 'fit') {
-    throw new UsageError(`first argument must be "predict" or "fit", got ${JSON.stringify(mode)}`);
-  }
-  const repeated = new Set(['input', 'shape', 'x', 'x-shape', 'y-shape']);
-  const args = { mode, input: [], shape: [], x: [], 'x-shape': [], 'y-shape': [] };
+  const args = { mode };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i];
     if (!flag.startsWith('--')) throw new UsageError(`unexpected argument ${JSON.stringify(flag)}`);
@@ -61,9 +80,31 @@ function parseArgs(argv) {
     const value = rest[i + 1];
     if (value === undefined) throw new UsageError(`${flag} needs a value`);
     i++;
-    if (repeated.has(key)) args[key].push(value);
+    if (REPEATED.has(key)) (args[key] ??= []).push(value);
     else args[key] = value;
   }
+  return checkArgs(args);
+}
+
+// The same checks for command-line flags and for a serve request's "args" (strings or numbers).
+function checkArgs(raw) {
+  const { mode } = raw;
+  if (mode !== 'predict' && mode !== 'fit') {
+    throw new UsageError(`mode must be "predict" or "fit", got ${JSON.stringify(mode)}`);
+  }
+  const args = { mode };
+  for (const [key, value] of Object.entries(raw)) {
+    if (key === 'mode') continue;
+    if (REPEATED.has(key)) {
+      const list = Array.isArray(value) ? value : [value];
+      if (list.some(v => typeof v !== 'string')) throw new UsageError(`${key} must be a list of strings`);
+      args[key] = list;
+    } else if (value != null) {
+      if (typeof value !== 'string' && typeof value !== 'number') throw new UsageError(`${key} must be a string or a number`);
+      args[key] = String(value);
+    }
+  }
+  for (const key of REPEATED) args[key] ??= [];
   if ((args.model == null) === (args.url == null)) throw new UsageError('give exactly one of --model DIR or --url URL');
   if (args.out == null) throw new UsageError('--out DIR is required');
   args.backend = args.backend ?? 'cpu';
@@ -142,13 +183,22 @@ function npyBytes(values, shape) {
 
 // ---- backend and model -----------------------------------------------------------------------
 
+// The wasm backend's .wasm binaries: beside this file in the bundle (dist/), else in the
+// package's dist folder under node_modules. Under Node a plain file path works.
+function wasmFolder() {
+  if (fs.existsSync(path.join(HERE, 'tfjs-backend-wasm.wasm'))) return HERE + path.sep;
+  const require = createRequire(import.meta.url);
+  return path.join(path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/package.json')), 'dist') + path.sep;
+}
+
+let wasmReady = false;
+
 async function loadTf(backend) {
   const tf = await import('@tensorflow/tfjs');
-  if (backend === 'wasm') {
+  if (backend === 'wasm' && !wasmReady) {
     const wasm = await import('@tensorflow/tfjs-backend-wasm');
-    // The .wasm binaries ship in the package's dist folder; under Node a plain file path works.
-    const dist = path.join(path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/package.json')), 'dist') + path.sep;
-    wasm.setWasmPaths(dist);
+    wasm.setWasmPaths(wasmFolder());
+    wasmReady = true;
   }
   if (!(await tf.setBackend(backend))) throw new Error(`the ${backend} backend failed to initialise`);
   await tf.ready();
@@ -335,26 +385,65 @@ async function fit(tf, model, args) {
   return { losses, steps, batch_size: batchSize, optimizer: optimizerName, loss, learning_rate: learningRate, fit_ms: fitMs };
 }
 
-async function main() {
-  const args = parseArgs(process.argv.slice(2));
+// One request: load the model on its backend, predict or fit, free everything it made.
+async function runRequest(args) {
   fs.mkdirSync(args.out, { recursive: true });
   const tf = await loadTf(args.backend);
   const t0 = performance.now();
   const model = await loadModel(tf, args);
   const loadMs = performance.now() - t0;
-  const result = args.mode === 'predict' ? await predict(tf, model, args) : await fit(tf, model, args);
-  const report = { mode: args.mode, backend: tf.getBackend(), tfjs_version: tf.version.tfjs, load_ms: loadMs, ...result };
-  if (report.backend === 'wasm') {
-    report.wasm = {
-      simd: await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT'),
-      threads: await tf.env().getAsync('WASM_HAS_MULTITHREAD_SUPPORT'),
-    };
+  try {
+    const result = args.mode === 'predict' ? await predict(tf, model, args) : await fit(tf, model, args);
+    const report = { mode: args.mode, backend: tf.getBackend(), tfjs_version: tf.version.tfjs, load_ms: loadMs, ...result };
+    if (report.backend === 'wasm') {
+      report.wasm = {
+        simd: await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT'),
+        threads: await tf.env().getAsync('WASM_HAS_MULTITHREAD_SUPPORT'),
+      };
+    }
+    return report;
+  } finally {
+    model.optimizer?.dispose?.();
+    model.dispose();
   }
+}
+
+function errorMessage(err) {
+  return (err?.message ?? String(err)).replace(/\s+/g, ' ').trim();
+}
+
+async function hello() {
+  const tf = await import('@tensorflow/tfjs');
+  return { tfjs_version: tf.version.tfjs, node: process.version, bundled: fs.existsSync(path.join(HERE, 'tfjs-backend-wasm.wasm')) };
+}
+
+async function serve() {
+  // stdout carries the answers and nothing else: TF.js' own messages go to stderr
+  for (const name of ['log', 'info', 'warn', 'debug']) console[name] = (...a) => console.error(...a);
+  const reply = message => new Promise(resolve => process.stdout.write(JSON.stringify(message) + '\n', resolve));
+  const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+  for await (const line of lines) {
+    if (!line.trim()) continue;
+    let id = null;
+    try {
+      const request = JSON.parse(line);
+      id = request.id ?? null;
+      const report = request.mode === 'hello' ? await hello() : await runRequest(checkArgs({ ...request.args, mode: request.mode }));
+      await reply({ id, ok: true, report });
+    } catch (err) {
+      await reply({ id, ok: false, error: errorMessage(err), usage: err instanceof UsageError || err instanceof SyntaxError });
+    }
+  }
+}
+
+async function main() {
+  if (process.argv[2] === 'serve') return serve();
+  const args = parseArgs(process.argv.slice(2));
+  const report = await runRequest(args);
   fs.writeFileSync(path.join(args.out, 'report.json'), JSON.stringify(report));
 }
 
 main().catch(err => {
-  const message = err?.message ?? String(err);
-  process.stderr.write(`error: ${message.replace(/\s+/g, ' ').trim()}\n`);
+  process.stderr.write(`error: ${errorMessage(err)}\n`);
   process.exit(err instanceof UsageError ? 2 : 1);
 });

@@ -1,45 +1,72 @@
-"""The root page: the web client's demo once ``web_client/index.html`` exists.
+"""The root page: the web client's demo when the server has one.
 
 ``/`` redirects to ``/web_client/`` (so the page's relative script and model URLs
-resolve under it) and ``/web_client`` is a static mount of the repository's folder.
-Until the folder has an index, ``/`` says where the API docs are.
+resolve under it) and ``/web_client`` is a static mount of the web client's folder (the
+one that ships with Pollinate unless ``POLLINATE_WEB_CLIENT`` says otherwise; see
+``server/web_assets.py``). Without a page, ``/`` says where the API docs are. A page whose
+TF.js files are missing is never served: ``/`` and the page itself answer 503 with what is
+missing and how to fix it (the server also refuses to start that way).
 """
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from server.schemas import RootOut
+from server.schemas import ErrorOut, RootOut
 from server.state import ServicesDep
+from server.web_assets import inspect_web_client, is_default
 
 router = APIRouter(tags=["web"])
 
 WEB_PREFIX = "/web_client"
+PAGE_PATHS = ("/", "", "/index.html")  # inside the mount: the page itself
 
 
 @router.get(
     "/",
     response_model=RootOut,
-    responses={307: {"description": "To the demo page, when web_client/ has one."}},
+    responses={
+        307: {"description": "To the demo page, when the server has one."},
+        503: {"model": ErrorOut, "description": "The demo page is there but its TF.js files are not."},
+    },
     summary="The demo page, or where the docs are",
 )
 async def root(svc: ServicesDep, request: Request):
-    if (svc.config.web_client / "index.html").is_file():
+    status = inspect_web_client(svc.config.web_client)
+    if status.whole:
         query = request.url.query  # keep ?channel=… for the page
         return RedirectResponse(f"{WEB_PREFIX}/" + (f"?{query}" if query else ""), status_code=307)
+    if status.folder is not None and (status.has_page or is_default(status.folder)):
+        return JSONResponse({"detail": f"the demo page is unavailable: {status.problem()}"}, status_code=503)
     return RootOut()
 
 
 class WebClientFiles(StaticFiles):
-    """The web client's folder; a plain 404 (not a 500) while the folder does not exist."""
+    """The web client's folder; a plain 404 (not a 500) while the folder does not exist, and a
+    503 page saying what is missing instead of a page that would fail in the browser."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.directory is None or not Path(self.directory).is_dir():
             await JSONResponse({"detail": "no web client is installed"}, status_code=404)(scope, receive, send)
             return
+        if scope["type"] == "http" and scope.get("path", "").removeprefix(scope.get("root_path", "")) in PAGE_PATHS:
+            status = inspect_web_client(Path(self.directory))
+            if status.has_page and not status.whole:
+                await _unavailable(status.problem())(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+
+def _unavailable(problem: str | None) -> HTMLResponse:
+    return HTMLResponse(
+        "<!doctype html><meta charset=utf-8><title>Pollinate: demo page unavailable</title>"
+        f"<h1>The demo page is unavailable</h1><p>{escape(problem or '')}</p>"
+        '<p>The API still works: <a href="/docs">/docs</a>.</p>',
+        status_code=503, headers={"Cache-Control": "no-store"},
+    )

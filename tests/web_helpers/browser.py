@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("POLLINATE_CHROMIUM", "/usr/bin/chromium")
@@ -30,8 +30,8 @@ def missing_requirements() -> list[str]:
         import playwright  # noqa: F401
     except ImportError:
         missing.append("Python playwright is not installed (pip install -e '.[test]')")
-    if not (REPO / "web_client" / "node_modules" / "@tensorflow" / "tfjs" / "dist" / "tf.fesm.min.js").is_file():
-        missing.append("web_client/node_modules is missing (cd web_client && npm ci)")
+    if not (REPO / "web_client" / "vendor" / "tfjs" / "tf.fesm.min.js").is_file():
+        missing.append("web_client/vendor/tfjs is missing (scripts/setup.sh, or cd web_client && npm ci)")
     return missing
 
 

@@ -55,7 +55,7 @@ const client = createClient({
   channel: settings.channel,
   clientId: clientId(),
   backends: settings.backends,
-  wasmPaths: new URL('../node_modules/@tensorflow/tfjs-backend-wasm/dist/', import.meta.url).href,
+  wasmPaths: new URL('../vendor/tfjs/', import.meta.url).href,
   minConfidence: settings.threshold,
 });
 

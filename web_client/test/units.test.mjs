@@ -207,6 +207,28 @@ describe('offline page files', () => {
     const tfjsVersion = JSON.parse(fs.readFileSync(path.join(ROOT, 'node_modules/@tensorflow/tfjs/package.json'), 'utf8')).version;
     assert.match(sw, new RegExp(`TFJS_VERSION = '${tfjsVersion.replace(/\./g, '\\.')}'`), 'sw.js cache name follows the installed TF.js');
   });
+
+  test('TF.js comes from vendor/ (vendor.json), never node_modules/, in the page, the app and sw.js', () => {
+    const spec = JSON.parse(fs.readFileSync(path.join(ROOT, 'vendor.json'), 'utf8'));
+    const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8'));
+    assert.equal(spec.tfjs_version, pkg.dependencies['@tensorflow/tfjs'], 'vendor.json follows package.json');
+    const vendored = new Set(Object.keys(spec.files).map(f => `${spec.folder}/${f}`));
+    const html = fs.readFileSync(path.join(ROOT, 'index.html'), 'utf8');
+    const importMap = JSON.parse(/<script type="importmap">([\s\S]*?)<\/script>/.exec(html)[1]);
+    for (const target of Object.values(importMap.imports)) {
+      const file = target.replace(/^\.\//, '');
+      assert.ok(!file.includes('node_modules'), `${file}: an installed package has no node_modules`);
+      if (file.startsWith('vendor/')) assert.ok(vendored.has(file), `${file} is not in vendor.json`);
+    }
+    for (const file of listed) {
+      if (file.startsWith('vendor/')) assert.ok(vendored.has(file), `sw.js caches ${file}, which vendor.json does not ship`);
+      assert.ok(!file.includes('node_modules'), `sw.js caches ${file}`);
+    }
+    const app = fs.readFileSync(path.join(ROOT, 'app', 'app.js'), 'utf8');
+    assert.match(app, /new URL\('\.\.\/vendor\/tfjs\/'/, 'the wasm binaries come from vendor/tfjs/');
+    for (const f of Object.keys(spec.files)) assert.ok(fs.existsSync(path.join(ROOT, spec.folder, f)), `${spec.folder}/${f} (npm run vendor)`);
+    assert.ok(fs.existsSync(path.join(ROOT, spec.folder, spec.licenses)), 'the licences ship with the files');
+  });
 });
 
 describe('backend choice', () => {

@@ -99,6 +99,10 @@ def verify_export(
     `files` maps a format to its file (TFLite) or folder (`tfjs-layers`, holding model.json)."""
     x = np.asarray(x, dtype=np.float32)
     say = progress or (lambda message: None)
+    if "tfjs-layers" in files and tfjs_backends:
+        from .node_runner import check_runner
+
+        check_runner()  # no Node or no runner: say so now, not after every other format was checked
     say("keras")
     reference = np.asarray(model.predict(x, batch_size=256, verbose=0))
     keras_metric = task_metric(task, reference, y)

@@ -38,22 +38,25 @@ if [ "$want_tests" = 1 ]; then
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
   [ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 fi
-# The TF.js exporter verifies every model.json in Node with the pinned @tensorflow/tfjs (both modes).
+# npm: pinned by each folder's package-lock.json; needed in a checkout only (an installed wheel
+# carries the built files). `npm ci` runs when node_modules is missing or older than the lock.
+#   export/node: the TF.js runner's packages (export verifies every model.json in Node, cpu and wasm)
+#   web_client:  TF.js for the demo page; npm ci copies it into web_client/vendor/tfjs/ (npm run vendor)
+npm_ci() {  # folder, what it is for
+  if command -v npm >/dev/null 2>&1; then
+    echo "==> installing npm packages in $1 (pinned by package-lock.json): $2"
+    (cd "$1" && npm ci --no-audit --no-fund --silent)
+  else
+    echo "warning: npm not found: install Node.js 20 with npm for $2" >&2
+    return 1
+  fi
+}
 if [ ! -d export/node/node_modules ] || [ export/node/package-lock.json -nt export/node/node_modules ]; then
-  if command -v npm >/dev/null 2>&1; then
-    echo "==> installing the TF.js runner's npm packages (export/node, pinned by package-lock.json)"
-    (cd export/node && npm ci --no-audit --no-fund --silent)
-  else
-    echo "warning: npm not found: install Node.js >= 18 with npm to export and verify TF.js models" >&2
-  fi
+  npm_ci export/node "exporting and verifying TF.js models" || true
 fi
-# The demo page loads TF.js from web_client/node_modules (served by `pollinate serve`, no CDN).
 if [ ! -d web_client/node_modules ] || [ web_client/package-lock.json -nt web_client/node_modules ]; then
-  if command -v npm >/dev/null 2>&1; then
-    echo "==> installing the web client's npm packages (web_client, pinned by package-lock.json)"
-    (cd web_client && npm ci --no-audit --no-fund --silent)
-  else
-    echo "warning: npm not found: install Node.js >= 20 with npm for the web client's demo page and tests" >&2
-  fi
+  npm_ci web_client "the demo page and the web client's tests" || true
+elif [ ! -f web_client/vendor/tfjs/tf.fesm.min.js ] && command -v npm >/dev/null 2>&1; then
+  (cd web_client && npm run vendor --silent)
 fi
 echo "==> ready: .venv/bin/pollinate"

@@ -21,8 +21,8 @@ CHROMIUM_ARGS = [
 ]
 
 
-def missing_requirements() -> list[str]:
-    """What the browser tests need and this machine lacks (scripts/setup.sh --test installs it all)."""
+def missing_browser() -> list[str]:
+    """What driving a real browser needs and this machine lacks (scripts/setup.sh --test installs it)."""
     missing = []
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
         missing.append(f"no chromium at {CHROMIUM} (apt-get install chromium)")
@@ -30,6 +30,12 @@ def missing_requirements() -> list[str]:
         import playwright  # noqa: F401
     except ImportError:
         missing.append("Python playwright is not installed (pip install -e '.[test]')")
+    return missing
+
+
+def missing_requirements() -> list[str]:
+    """What the checkout's browser tests need and this machine lacks: a browser, and the page's TF.js."""
+    missing = missing_browser()
     if not (REPO / "web_client" / "vendor" / "tfjs" / "tf.fesm.min.js").is_file():
         missing.append("web_client/vendor/tfjs is missing (scripts/setup.sh, or cd web_client && npm ci)")
     return missing

@@ -5,8 +5,9 @@
 1. Central reference: the digits CNN trained centrally on the same training split.
 2. FedAvg, 20 clients, Dirichlet α=0.5, 20 rounds, from a freshly initialised CNN, every
    round published (TF.js + TFLite int8): test accuracy per round vs the central one, and the
-   wall time of each round split into client training, aggregation, central evaluation,
-   publishing (register + export + verify) and the rest (Flower, Ray, transport).
+   time of a round split into client training, aggregation, central evaluation (the compute
+   floor), the rest (Flower, Ray, transport) and publishing (register + export + verify, in
+   the background), with the effective time per round against the floor.
 3. 20% of clients sending `scale` attacks: FedAvg vs FedMedian vs Krum, against the clean run.
 4. Aggregation time of 20 updates of a 1.3M-parameter model per strategy (+ the update guard).
 5. Scale: N virtual clients (delivery-eta MLP), 10% sampled per round, 3 rounds, until one
@@ -113,19 +114,33 @@ def aggregation_times(repeats: int = 3) -> dict:
     return out
 
 
-def timing_split(rows: list[dict], concurrency: int) -> dict:
-    """Mean per round: client training (as wall time over `concurrency` actors), aggregation,
-    evaluation, publishing, and the remainder (Flower + Ray + transport)."""
-    steady = rows[1:] or rows  # round 1 includes starting Ray and importing TensorFlow in each actor
-    keys = {
-        "round": "round_seconds", "aggregation": "aggregation_seconds",
-        "evaluation": "evaluation_seconds", "publish": "publish_seconds",
+def timing_split(rows: list[dict], publishing: dict, concurrency: int) -> dict:
+    """Per round, rounds 2+ (round 1 also starts Ray and TensorFlow in each actor):
+
+    - the compute floor: client training (the clients' summed training time over the
+      `concurrency` Ray actors running them), aggregation and central evaluation;
+    - Flower overhead: the rest of the round's own wall time (scheduling, Ray, transport);
+    - publishing (register + export + verify), which runs in the background while the next
+      round trains, and the wait at the end for the last publishes;
+    - the effective time per round: from the end of round 1 to the last publish done, over
+      the remaining rounds. This is the figure held against the floor."""
+    steady = rows[1:] or rows
+    split = {
+        "round_own": float(np.mean([r["round_seconds"] for r in steady])),
+        "aggregation": float(np.mean([r["aggregation_seconds"] for r in steady])),
+        "evaluation": float(np.mean([r["evaluation_seconds"] for r in steady])),
+        "publish": float(np.mean([r["publish_seconds"] for r in steady])),
+        "client_training": float(np.mean([r["client_train_seconds_sum"] for r in steady])) / concurrency,
+        "first_round": rows[0]["round_seconds"],
+        "drain": float(publishing.get("drain_seconds", 0.0)),
+        "published": int(publishing.get("published", 0)),
+        "publish_failed": int(publishing.get("failed", 0)),
     }
-    split = {k: float(np.mean([r[v] for r in steady])) for k, v in keys.items()}
-    split["client_training"] = float(np.mean([r["client_train_seconds_sum"] for r in steady])) / concurrency
-    split["flower_overhead"] = max(0.0, split["round"] - split["aggregation"] - split["evaluation"]
-                                   - split["publish"] - split["client_training"])
-    split["first_round"] = rows[0]["round_seconds"]
+    split["floor"] = split["client_training"] + split["aggregation"] + split["evaluation"]
+    split["flower_overhead"] = max(0.0, split["round_own"] - split["floor"])
+    total = float(publishing.get("total_seconds", sum(r["round_seconds"] for r in rows)))
+    split["round"] = (total - rows[0]["round_seconds"]) / max(1, len(rows) - 1)
+    split["ratio_to_floor"] = split["round"] / split["floor"]
     return split
 
 
@@ -178,14 +193,17 @@ def measure_runs(result: dict, scratch: Path, rounds: int) -> None:
         summary, wall, peak = simulate(scratch / label.replace(" ", "_").replace(",", "").replace("%", ""),
                                        rounds, "--clients", "20", "--partition", "dirichlet:0.5", *extra)
         runs[label] = {"rounds": summary["rounds"], "initial": summary["initial"], "wall_seconds": wall,
-                       "peak_rss_gib": peak, "versions": summary["versions"],
+                       "peak_rss_gib": peak, "versions": summary["versions"], "publishing": summary["publishing"],
                        "rejected": summary["rejected_total"],
                        "final_accuracy": summary["rounds"][-1]["accuracy"]}
         print(f"   final accuracy {runs[label]['final_accuracy']:.4f} in {wall:.0f}s", flush=True)
     result["runs"] = runs
     clean = runs["fedavg (clean)"]
     result["fedavg_vs_central"] = clean["final_accuracy"] / result["central"]["accuracy"]
-    result["timing_split"] = timing_split(clean["rounds"], concurrency=os.cpu_count() or 1)
+    before = result.get("timing_split", {}).get("round")  # the previous results file's figure
+    result["timing_split"] = timing_split(clean["rounds"], clean["publishing"], concurrency=os.cpu_count() or 1)
+    if before and "before" not in result["timing_split"]:
+        result["timing_split"]["before"] = before
 
 
 def measure_scale(result: dict, scratch: Path, counts: list[int], timebox: float) -> None:
@@ -254,15 +272,21 @@ def write_markdown(result: dict, path: Path) -> None:
     per_round = " ".join(f"{r['accuracy']:.3f}" for r in runs["fedavg (clean)"]["rounds"])
     lines += ["", f"FedAvg (clean) accuracy per round: {per_round}.", ""]
     split = result["timing_split"]
+    before = f" (before background publishing: {split['before']:.2f} s)" if split.get("before") else ""
     lines += [
-        "Wall time per round of the clean FedAvg run (mean over rounds 2+, seconds; round 1 also starts Ray "
-        f"and TensorFlow in each actor: {split['first_round']:.1f} s):", "",
-        "| round | client training | aggregation | central evaluation | publish (register + export + verify) | Flower, Ray, transport |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {split['round']:.2f} | {split['client_training']:.2f} | {split['aggregation']:.3f} | {split['evaluation']:.2f} | "
-        f"{split['publish']:.2f} | {split['flower_overhead']:.2f} |", "",
-        "Client training is the clients' own reported training time summed and divided by the number of Ray "
-        "actors (one per CPU) running them in parallel.", "",
+        "Time per round of the clean FedAvg run, publishing every round (TF.js + TFLite int8, verified; "
+        f"{split['published']} published, {split['publish_failed']} failed), mean over rounds 2+ in seconds "
+        f"(round 1 also starts Ray and TensorFlow in each actor: {split['first_round']:.1f} s):", "",
+        "| effective per round | × floor | floor: client training + aggregation + evaluation | client training | "
+        "aggregation | central evaluation | Flower, Ray, transport | publish (background) | final drain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {split['round']:.2f}{before} | {split['ratio_to_floor']:.2f} | {split['floor']:.2f} | "
+        f"{split['client_training']:.2f} | {split['aggregation']:.3f} | {split['evaluation']:.2f} | "
+        f"{split['flower_overhead']:.2f} | {split['publish']:.2f} | {split['drain']:.2f} |", "",
+        "Effective per round: from the end of round 1 until the last round is published, over the remaining "
+        "rounds. Client training is the clients' own reported training time summed and divided by the number "
+        "of Ray actors (one per CPU) running them in parallel. Publishing runs in a background thread of the "
+        "ServerApp while the next round trains, on the same CPUs.", "",
     ]
     agg = result["aggregation"]
     lines += [f"Aggregation of {agg['updates']} updates of a {agg['parameters']:,}-parameter model "
@@ -282,6 +306,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "", "Targets:",
         f"- FedAvg ≥ 95% of central by round {result['rounds']}: {result['fedavg_vs_central']:.3f}× → "
         f"{'met' if result['fedavg_vs_central'] >= 0.95 else 'NOT met'}.",
+        f"- A round (publishing every round) ≤ 1.5× the compute floor: {split['round']:.2f} s vs "
+        f"{split['floor']:.2f} s = {split['ratio_to_floor']:.2f}× → {'met' if split['ratio_to_floor'] <= 1.5 else 'NOT met'}.",
         f"- A robust strategy within 3 points of the clean run under 20% `scale` attackers "
         f"(best {robust:.4f} vs clean {clean:.4f}: {100 * (clean - robust):.1f} points) while FedAvg collapses "
         f"({runs['fedavg, 20% scale']['final_accuracy']:.4f}) → "

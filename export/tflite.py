@@ -7,10 +7,17 @@
 | `float16` | float16            | float32     | 2x smaller, GPU delegates            |
 | `int8`    | int8               | int8        | full integer: NPUs, DSPs, micro      |
 
-The route is Keras → SavedModel (`model.export`, one `serve` signature) → `from_saved_model`:
-`from_keras_model` fails on Keras 3 recurrent layers, and a concrete function converts but
-fails at run time (READ_VARIABLE). The batch axis stays dynamic except for recurrent models,
-whose TensorList ops need a fixed batch of 1. `int8` is calibrated on a representative sample
+Two routes, the same `serve` computation:
+- non-recurrent models: the inference function traced once, its variables frozen into
+  constants, then `from_concrete_functions` (measured on the digits CNN: 0.18 s for int8,
+  against 0.9 s through a SavedModel on disk; a federation converts every round). A concrete
+  function with live variables converts but fails at run time (READ_VARIABLE): freezing is
+  what makes it work.
+- recurrent models (and any model the frozen route fails on): Keras → SavedModel
+  (`model.export`, one `serve` signature) → `from_saved_model`. `from_keras_model` fails on
+  Keras 3 LSTM/GRU (`TensorListReserve`), and frozen TensorList loops do too.
+The batch axis stays dynamic except for recurrent models, whose TensorList ops need a fixed
+batch of 1. `int8` is calibrated on a representative sample
 of the training data; its input/output stay float32 unless `int8_io` is asked for, in which
 case the client quantizes with the scale and zero point stored in the file.
 """
@@ -55,12 +62,28 @@ def saved_model(model, folder: Path) -> Path:
     return path
 
 
-def convert(saved_model_dir: Path, variant: str, *, calibration: np.ndarray | None = None, int8_io: bool = False) -> bytes:
-    """One variant's .tflite bytes."""
+def frozen_function(model):
+    """The model's inference function with its variables folded into constants (non-recurrent
+    models): converts without a SavedModel on disk."""
+    tf = import_tensorflow()
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    specs = [tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype) for tensor in model.inputs]
+    serve = tf.function(lambda *inputs: model(list(inputs) if len(inputs) > 1 else inputs[0], training=False),
+                        input_signature=specs)
+    with quiet_stderr():
+        return convert_variables_to_constants_v2(serve.get_concrete_function())
+
+
+def convert(source, variant: str, *, calibration: np.ndarray | None = None, int8_io: bool = False) -> bytes:
+    """One variant's .tflite bytes, from a SavedModel folder or a frozen concrete function."""
     tf = import_tensorflow()
     if variant not in VARIANTS:
         raise InvalidInput(f"unknown TFLite variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    if isinstance(source, (str, Path)):
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(source))
+    else:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([source])
     if variant != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
@@ -91,14 +114,24 @@ def write_tflite(model, out_dir: Path, variants=VARIANTS, *, calibration=None, i
     """Write `<variant>.tflite` files into out_dir; returns {variant: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
+    if not has_recurrent_layers(model):
+        try:
+            source = frozen_function(model)
+            return {variant: _write(out_dir / f"{variant}.tflite",
+                                    convert(source, variant, calibration=calibration, int8_io=int8_io))
+                    for variant in variants}
+        except (ConversionFailed, ValueError, TypeError):
+            pass  # some graphs only convert from a SavedModel: take the long way below
     with tempfile.TemporaryDirectory(prefix="pollinate-savedmodel-") as scratch:
         source = saved_model(model, Path(scratch))
-        for variant in variants:
-            path = out_dir / f"{variant}.tflite"
-            path.write_bytes(convert(source, variant, calibration=calibration, int8_io=int8_io))
-            written[variant] = path
-    return written
+        return {variant: _write(out_dir / f"{variant}.tflite",
+                                convert(source, variant, calibration=calibration, int8_io=int8_io))
+                for variant in variants}
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
 
 
 class LiteRTRunner:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from registry import open_store
 from core.console import HomeOption, JsonOption, human_console, print_json
+from registry import open_store
 
 app = typer.Typer(help="Federated learning with Flower: every round becomes a published version.",
                   no_args_is_help=True)
 
-REPO = Path(__file__).resolve().parents[1]
-SUPERLINK_FLEET = "127.0.0.1:9092"
-SUPERLINK_CONTROL = "127.0.0.1:9093"
+SUPERLINK_HOST = "127.0.0.1"
+SUPERLINK_PORT = 9092  # Flower's own default (8000) is the one `pollinate serve` uses
+SUPERLINK = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
 
 
 def parse_from(value: str | None, dataset: str) -> tuple[str, str]:
@@ -77,9 +76,9 @@ def simulate_command(
     as_json: JsonOption = False,
 ) -> None:
     """Run a federation with Flower's Simulation Engine; each round is registered, exported and published."""
-    from core.errors import InvalidInput
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from core.errors import InvalidInput
     from federated.settings import FederationSettings
     from federated.simulate import simulate, write_history
 
@@ -117,6 +116,8 @@ def simulate_command(
         def on_round(row: dict) -> None:
             metric = f"acc {row['accuracy']:.3f}" if "accuracy" in row else f"mae {row['mae']:.3f}"
             version = f"v{row['version']}" if row["version"] else "not published"
+            if row.get("publish_error"):
+                progress.console.print(f"[yellow]round {row['round']} not published:[/] {row['publish_error']}")
             extra = (f" rejected {row['rejected']}" if row["rejected"] else "") + (f" failed {row['failed']}" if row["failed"] else "")
             progress.update(task, completed=row["round"], info=f"{metric} → {version}{extra}")
 
@@ -133,6 +134,9 @@ def simulate_command(
         "final": outcome.history[-1] if outcome.history else None, "reference": reference,
         "rejected_total": sum(r["rejected"] for r in outcome.history),
         "failed_total": sum(r["failed"] for r in outcome.history),
+        "publishing": outcome.publishing,
+        "published": outcome.publishing.get("published", len(outcome.versions)),
+        "publish_failed": outcome.publishing.get("failed", 0),
         "files": {name: str(path) for name, path in files.items()},
     }
     if as_json:
@@ -144,6 +148,9 @@ def simulate_command(
         ref = f" (central reference {reference[metric]:.4f})" if reference and metric in reference else ""
         console.print(f"Final test {metric}: {final[metric]:.4f}{ref}; versions {outcome.versions} on channel {channel}; "
                       f"{summary['rejected_total']} updates rejected, {summary['failed_total']} clients failed.")
+    if summary["publish_failed"]:
+        console.print(f"[yellow]{summary['publish_failed']} round(s) not published:[/] "
+                      + "; ".join(f"round {e['round']}: {e['error']}" for e in outcome.publishing.get("errors", [])))
     console.print(f"History and plots: {folder}")
 
 
@@ -164,7 +171,6 @@ def central_reference(store, model_name: str) -> dict | None:
 def describe_partition(settings) -> dict:
     """Client sizes and label histograms of this federation's partition (what each client gets)."""
     from core.errors import InvalidInput
-
     from federated.partition import partition, partition_summary
     from federated.task import partition_labels
     from training.datasets import reload_dataset
@@ -180,40 +186,28 @@ def describe_partition(settings) -> dict:
 # ---------------------------------------------------------------- deployment
 
 
-def flower_env(home: Path) -> dict:
-    """Flower keeps its own state (FABs, config) under FLWR_HOME: inside our store."""
-    flwr_home = Path(home).resolve() / "flower"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    # Flower's processes start helpers by name (flower-superexec, flwr-serverapp, flwr-clientapp):
-    # put this interpreter's scripts first on PATH, even when the venv is not activated
-    scripts = str(Path(sys.executable).parent)
-    path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": path,
-            # the ServerApp runs from Flower's copy of our .py files: point it at the TF.js runner
-            "POLLINATE_TFJS_RUNNER_DIR": str(REPO / "export" / "node")}
-
-
-def _flower_bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
+def _flower_home(home: Path) -> Path:
+    return Path(home).resolve() / "flower"
 
 
 @app.command("superlink")
 def superlink(
-    insecure: Annotated[bool, typer.Option("--insecure/--tls", help="Plain gRPC on loopback (development); --tls needs the certificate options below.")] = True,
+    host: Annotated[str, typer.Option("--host", help="Where the SuperLink serves its Fleet, Control and runtime APIs (one HTTP port).")] = SUPERLINK_HOST,
+    port: Annotated[int, typer.Option("--port")] = SUPERLINK_PORT,
+    insecure: Annotated[bool, typer.Option("--insecure/--tls", help="Plain HTTP on loopback (development); --tls needs the certificate options below.")] = True,
     ssl_ca_certfile: Annotated[Optional[Path], typer.Option("--ssl-ca-certfile")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile")] = None,
     ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile")] = None,
-    fleet_address: Annotated[str, typer.Option("--fleet-api-address")] = SUPERLINK_FLEET,
-    control_address: Annotated[str, typer.Option("--control-api-address")] = SUPERLINK_CONTROL,
-    serverappio_address: Annotated[str, typer.Option("--serverappio-api-address")] = "127.0.0.1:9091",
     supernode_auth: Annotated[bool, typer.Option("--enable-supernode-auth", help="Only registered SuperNodes may connect (needs --tls).")] = False,
     home: HomeOption = Path(".pollinate"),
 ) -> None:
     """Start a Flower SuperLink (runs our ServerApp for each `pollinate federate run`)."""
-    command = [_flower_bin("flower-superlink"), "--fleet-api-address", fleet_address,
-               "--control-api-address", control_address, "--serverappio-api-address", serverappio_address,
-               "--database", str(Path(home).resolve() / "flower" / "superlink.db")]
+    from federated.runtime import flower_bin
+
+    command = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--isolation", "subprocess",
+               "--database", str(_flower_home(home) / "superlink.db"),
+               # offline: the app's dependencies are this environment, never installed at run time
+               "--disable-runtime-dependency-installation"]
     command += ["--insecure"] if insecure else _tls_args(ssl_ca_certfile, ssl_certfile, ssl_keyfile)
     if supernode_auth:
         command.append("--enable-supernode-auth")
@@ -224,8 +218,9 @@ def superlink(
 def supernode(
     partition_id: Annotated[int, typer.Option("--partition-id", help="This node's share of the dataset.")],
     num_partitions: Annotated[int, typer.Option("--num-partitions", help="How many nodes share it.")],
-    superlink_address: Annotated[str, typer.Option("--superlink")] = SUPERLINK_FLEET,
-    clientappio_address: Annotated[Optional[str], typer.Option("--clientappio-api-address", help="Default: 127.0.0.1:(9094 + partition id).")] = None,
+    superlink_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")] = SUPERLINK,
+    host: Annotated[str, typer.Option("--host", help="This node's runtime API (for its ClientApp processes).")] = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option("--port", help="Default: 9100 + partition id.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates", help="CA certificate (with --tls).")] = None,
     auth_key: Annotated[Optional[Path], typer.Option("--auth-supernode-private-key", help="This node's private key (SuperLink with --enable-supernode-auth).")] = None,
@@ -233,12 +228,12 @@ def supernode(
 ) -> None:
     """Start a Flower SuperNode that trains on one partition."""
     from core.errors import InvalidInput
+    from federated.runtime import flower_bin
 
     if not 0 <= partition_id < num_partitions:
         raise InvalidInput(f"--partition-id must be in 0..{num_partitions - 1}")
-    address = clientappio_address or f"127.0.0.1:{9094 + partition_id}"
-    command = [_flower_bin("flower-supernode"), "--superlink", superlink_address,
-               "--clientappio-api-address", address,
+    command = [flower_bin("flower-supernode"), "--superlink", superlink_address, "--host", host,
+               "--port", str(port if port is not None else 9100 + partition_id),
                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
     if insecure:
         command.append("--insecure")
@@ -263,47 +258,73 @@ def run(
     partition: Annotated[str, typer.Option("--partition")] = "iid",
     formats: Annotated[str, typer.Option("--formats")] = "tfjs-layers,tflite-int8",
     channel: Annotated[str, typer.Option("--channel")] = "canary",
-    control_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's Control API.")] = SUPERLINK_CONTROL,
+    publish_every: Annotated[int, typer.Option("--publish-every")] = 1,
+    superlink_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")] = SUPERLINK,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates")] = None,
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
 ) -> None:
-    """Submit our Flower app to a running SuperLink (`flwr run`) and stream its log."""
+    """Submit our Flower app to a running SuperLink (`flwr run`) and stream its log until it ends."""
+    import time
+    import uuid
+
+    from core.errors import PollinateError
+    from federated.runtime import REPO, flower_bin, flower_env, write_flower_config, write_run_config
     from federated.settings import FederationSettings
 
     model_name, start_from = parse_from(from_version, dataset)
+    runs = _flower_home(home) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    # read back when the SuperLink runs on this machine (loopback); elsewhere only the log tells
+    progress = runs / f"{stem}.progress.jsonl"
     settings = FederationSettings(home=str(Path(home).resolve()), model_name=model_name, dataset=dataset,
                                   start_from="scratch" if from_scratch else start_from, rounds=rounds,
                                   strategy=strategy, min_clients=min_clients, num_partitions=num_partitions,
-                                  partition=partition, formats=formats, channel=channel).check()
-    env = flower_env(home)
-    connection = {"address": control_address, "insecure": insecure}
+                                  partition=partition, formats=formats, channel=channel,
+                                  publish_every=publish_every, progress_file=str(progress)).check()
+    env = flower_env(_flower_home(home))
+    connection = {"address": superlink_address, "insecure": insecure}
     if not insecure:
-        connection["root-certificates"] = str(root_certificates)
+        if root_certificates is None:
+            from core.errors import InvalidInput
+
+            raise InvalidInput("--tls needs --root-certificates CA.crt")
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
     write_flower_config(Path(env["FLWR_HOME"]), "pollinate", connection)
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.to_config().items()
-                         if k in ("home", "model-name", "dataset", "start-from", "rounds", "strategy", "min-clients",
-                                  "num-partitions", "partition", "formats", "channel"))
-    command = [_flower_bin("flwr"), "run", str(REPO), "pollinate", "--run-config", overrides, "--stream"]
-    human_console(as_json).print("$ " + " ".join(command))
-    result = subprocess.run(command, env=env)
+    overrides = write_run_config(runs / f"{stem}.run-config.toml", settings.to_config())
+    command = [flower_bin("flwr"), "run", str(REPO), "pollinate", "--run-config", str(overrides), "--stream"]
+    console = human_console(as_json)
+    console.print("$ " + " ".join(command))
+    result = subprocess.run(command, env=env, stdout=sys.stderr if as_json else None)
     if result.returncode != 0:
         raise typer.Exit(result.returncode)
+    final = _final_record(progress)
+    if final and final["event"] == "error":
+        raise PollinateError(f"the federation failed: {final['message']}")
+    outcome = final["outcome"] if final else None
     if as_json:
         store = open_store(home)
-        print_json({"model": model_name, "versions": [v.to_dict() for v in store.list_versions(model_name)
-                                                       if v.lineage.source == "federated"]})
+        print_json({"model": model_name, "outcome": outcome,
+                    "versions": [v.to_dict() for v in store.list_versions(model_name) if v.lineage.source == "federated"]})
+    elif outcome:
+        pub = outcome.get("publishing", {})
+        console.print(f"Federation {outcome['federation_id']}: versions {outcome['versions']}; "
+                      f"{pub.get('published', 0)} round(s) published, {pub.get('failed', 0)} failed"
+                      + "".join(f"; round {e['round']}: {e['error']}" for e in pub.get("errors", [])))
 
 
-def write_flower_config(flwr_home: Path, name: str, connection: dict) -> Path:
-    """FLWR_HOME/config.toml with one SuperLink connection, the default."""
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]"]
-    for key, value in connection.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def _final_record(progress: Path) -> dict | None:
+    if not progress.exists():
+        return None
+    final = None
+    for line in progress.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record["event"] in ("done", "error"):
+                final = record
+    return final
 
 
 def _tls_args(ca, cert, key) -> list[str]:
@@ -316,7 +337,8 @@ def _tls_args(ca, cert, key) -> list[str]:
 
 def _exec(command: list[str], home: Path) -> None:
     """Replace this process with the Flower binary, with FLWR_HOME inside the store."""
-    env = flower_env(home)
+    from federated.runtime import flower_env
+
+    env = flower_env(_flower_home(home))
     sys.stdout.flush()
     os.execvpe(command[0], command, env)
-

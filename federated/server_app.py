@@ -1,11 +1,18 @@
 """The Flower ServerApp: runs the strategy and turns rounds into published versions.
 
-Each round (or every `publish_every` rounds, and always the last) the aggregated global model
-is evaluated centrally on the held-out test split, registered as a new version (source
-`federated`, its round, its parent version, the strategy, the clients and examples that made
-it, how many updates were rejected or dropped), exported (TF.js + TFLite int8 by default,
-verified like any export) and pointed to by a channel (default `canary`), so a running
-`pollinate serve` hands it to browsers and phones at once.
+Each round the aggregated global model is evaluated centrally on the held-out test split.
+Every round (or every `publish_every` rounds, and always the last) it is then handed to the
+`RoundPublisher` (publishing.py), which registers it as a new version (source `federated`,
+its round, its parent version, the strategy, the clients and examples that made it, how many
+updates were rejected or dropped), exports it (TF.js + TFLite int8 by default, verified like
+any export) and points a channel at it (default `canary`), so a running `pollinate serve`
+hands it to browsers and phones at once. The publish runs in the background while the next
+round trains; the run ends when the last round is published.
+
+Progress: with `progress_file` set (the simulation sets it; Flower runs this ServerApp in its
+own process), every finished round is appended to that file as a JSON line, then the outcome
+or the error: `{"event": "round", "row": {...}}`, `{"event": "done", "outcome": {...}}`,
+`{"event": "error", "kind": "InvalidInput", "message": "..."}`.
 
 Flower leaves checkpointing and resuming to the user; here every published round *is* the
 checkpoint: `resume` continues from the newest version of the federation and its round.
@@ -13,24 +20,26 @@ checkpoint: `resume` continues from the newest version of the federation and its
 
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from registry import Lineage, Store, VersionRecord
-from core.errors import InvalidInput, PollinateError
+from core.errors import InvalidInput, NotFound, PollinateError
 from core.tensorflow import import_tensorflow, quiet_keras_warnings
+from registry import Store, VersionRecord
 
+from .publishing import PublishResult, RoundJob, RoundPublisher
 from .settings import FederationSettings
-from .strategies import RoundStats, make_strategy
+from .strategies import make_strategy
 from .task import set_model_weights, to_arrays
 
 log = logging.getLogger("pollinate.federated")
@@ -57,6 +66,15 @@ class FederationOutcome:
     history: list[dict] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     initial: dict = field(default_factory=dict)
+    publishing: dict = field(default_factory=dict)  # published/failed counts, errors, drain time
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FederationOutcome:
+        keys = ("federation_id", "model_name", "start_round", "history", "versions", "initial", "publishing")
+        return cls(**{k: data[k] for k in keys if k in data})
 
 
 def resolve_start(store: Store, settings: FederationSettings, dataset) -> Start:
@@ -69,7 +87,8 @@ def resolve_start(store: Store, settings: FederationSettings, dataset) -> Start:
             raise InvalidInput(f"nothing to resume: {settings.model_name} has no federated version yet")
         last = versions[-1]
         # the federation's own settings, extended to more rounds if asked for
-        saved = FederationSettings(**{**last.lineage.extra["federation"], "resume": False, "home": settings.home})
+        saved = FederationSettings(**{**last.lineage.extra["federation"], "resume": False, "home": settings.home,
+                                      "progress_file": settings.progress_file})
         saved.rounds = max(saved.rounds, settings.rounds)
         model = load_keras_model(store, last.model, last.version)
         return Start(model, last.version, int(last.lineage.round or 0), saved.federation_id, saved)
@@ -94,67 +113,61 @@ def _versions_or_none(store: Store, name: str) -> list[VersionRecord]:
         return []
 
 
-def central_evaluation(model, dataset) -> dict:
+def central_evaluation(model, dataset) -> tuple[dict, np.ndarray]:
+    """The global model on the held-out test split: (metrics, predictions)."""
     from training.report import evaluate_predictions
 
     predictions = np.asarray(model.predict(dataset.x_test, batch_size=256, verbose=0))
-    return evaluate_predictions(dataset, predictions) | {"_predictions": predictions}
+    return evaluate_predictions(dataset, predictions), predictions
 
 
-def publish_round(store: Store, settings: FederationSettings, model, dataset, evaluation: dict,
-                  round_number: int, parent: int | None, stats: RoundStats) -> VersionRecord:
-    """Register the global model of this round with its exports, and move the channel."""
-    from export.pipeline import ExportOptions, export_model
-    from training.central import write_report
-    from training.report import headline_metrics
+class RoundLedger:
+    """The run's history, one row per round, released in round order once final.
 
-    predictions = evaluation.pop("_predictions")
-    with tempfile.TemporaryDirectory(prefix="pollinate-round-") as scratch:
-        scratch = Path(scratch)
-        model.save(scratch / "model.keras")
-        report = write_report(scratch, dataset, evaluation, {}, {"federation": settings.federation_id,
-                                                                  "round": round_number}, predictions)
-        artifacts = {"keras": {"model.keras": scratch / "model.keras"}, "report": report}
-        if settings.format_list():
-            options = ExportOptions(formats=settings.format_list(), tfjs_backends=("cpu",), latency_repeats=5)
-            result = export_model(model, scratch / "export", task=dataset.task, x_eval=dataset.x_test,
-                                  y_eval=dataset.y_test, calibration=dataset.x_train, options=options,
-                                  title=f"{settings.model_name} round {round_number}")
-            artifacts.update(result.artifacts())
-        record = store.publish(
-            settings.model_name,
-            lineage=Lineage(
-                source="federated",
-                parent_version=parent,
-                round=round_number,
-                dataset_fingerprint=dataset.fingerprint(),
-                hyperparameters={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
-                                 "learning_rate": settings.learning_rate, "strategy": settings.strategy,
-                                 "fraction": settings.fraction, "partition": settings.partition},
-                extra={
-                    "federation_id": settings.federation_id,
-                    "strategy": settings.strategy,
-                    "clients": sorted(stats.clients),
-                    "examples": stats.examples,
-                    "rejected": stats.rejected,
-                    "failed": stats.failed,
-                    "clipped": stats.clipped,
-                    "data": settings.recipe(),
-                    "federation": asdict(settings),
-                },
-            ),
-            artifacts=artifacts,
-            metrics=headline_metrics(evaluation),
-            input_spec=dataset.input_spec(),
-            labels=dataset.labels,
-        )
-    store.set_channel(settings.model_name, settings.channel, record.version)
-    return record
+    A row is final when its round is trained, aggregated and evaluated, and (when the round
+    is due for publishing) the publisher has reported its version or its error. Rows are
+    finalised from two threads (the federation's and the publisher's), hence the lock."""
+
+    def __init__(self, outcome: FederationOutcome, on_round: RoundCallback | None):
+        self.outcome = outcome
+        self.on_round = on_round
+        self._pending: list[dict] = []
+        self._waiting: set[int] = set()
+        self._lock = threading.Lock()
+
+    def add(self, row: dict, awaits_publish: bool) -> None:
+        with self._lock:
+            self._pending.append(row)
+            if awaits_publish:
+                self._waiting.add(row["round"])
+            self._release()
+
+    def published(self, result: PublishResult) -> None:
+        with self._lock:
+            for row in self._pending:
+                if row["round"] == result.round:
+                    row.update(version=result.version, parent_version=result.parent, publish_error=result.error,
+                               publish_seconds=result.seconds, publish_wait_seconds=result.waited_seconds)
+                    if result.version is not None:
+                        self.outcome.versions.append(result.version)
+            self._waiting.discard(result.round)
+            self._release()
+
+    def _release(self) -> None:
+        while self._pending and self._pending[0]["round"] not in self._waiting:
+            row = self._pending.pop(0)
+            self.outcome.history.append(row)
+            if self.on_round:
+                try:
+                    self.on_round(row)
+                except Exception:  # a broken progress display must not stop the federation
+                    log.exception("round %s: the progress callback failed", row["round"])
 
 
 def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCallback | None = None,
                    num_nodes: int | None = None) -> FederationOutcome:
-    """Run the rounds on `grid` and publish them; shared by simulation and deployment."""
+    """Run the rounds on `grid`, handing due rounds to a RoundPublisher; shared by simulation
+    and deployment. Returns once every round is published (or has failed to)."""
     from training.datasets import reload_dataset
 
     import_tensorflow()
@@ -178,23 +191,26 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
     nodes = num_nodes if num_nodes is not None else len(list(grid.get_node_ids()))
     strategy = make_strategy(settings, max(nodes, settings.min_clients))
     config = ConfigRecord({**settings.to_config(), "architecture": model.to_json(), "task": dataset.task})
-    parent = start.parent_version
+    ledger = RoundLedger(outcome, on_round)
+    publisher = RoundPublisher(store, settings, dataset, model, start.parent_version, on_result=ledger.published)
     clock = {"round_started": time.perf_counter()}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal parent
+        """Flower's server-side evaluation: evaluate, record the round, hand it to the publisher."""
         global_round = start.first_round + server_round
         evaluated_at = time.perf_counter()
-        set_model_weights(model, arrays.to_numpy_ndarrays())
-        evaluation = central_evaluation(model, dataset)
+        weights = arrays.to_numpy_ndarrays()
+        set_model_weights(model, weights)
+        evaluation, predictions = central_evaluation(model, dataset)
         test = evaluation["test"]
         eval_seconds = time.perf_counter() - evaluated_at
         if server_round == 0:
-            evaluation.pop("_predictions")
             outcome.initial = {"round": global_round, **_headline(test)}
             clock["round_started"] = time.perf_counter()
             return MetricRecord(_headline(test))
         stats = strategy.stats
+        due = global_round % settings.publish_every == 0 or global_round == settings.rounds
+        now = time.perf_counter()
         row = {
             "round": global_round, **_headline(test),
             "replies": stats.replies, "accepted": stats.accepted, "rejected": stats.rejected,
@@ -204,31 +220,29 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             "client_train_seconds_max": float(max(stats.client_train_seconds, default=0.0)),
             "aggregation_seconds": stats.aggregation_seconds,
             "evaluation_seconds": eval_seconds,
-            "version": None, "publish_seconds": 0.0, "publish_error": None,
+            # the round's own wall time (training, aggregation, evaluation, Flower); its publish
+            # runs in the background: publish_seconds once known
+            "round_seconds": now - clock["round_started"],
+            "published": due, "version": None, "parent_version": None, "publish_error": None,
+            "publish_seconds": 0.0, "publish_wait_seconds": 0.0,
         }
-        due = global_round % settings.publish_every == 0 or global_round == settings.rounds
-        if due:
-            publish_started = time.perf_counter()
-            try:
-                record = publish_round(store, settings, model, dataset, evaluation, global_round, parent, stats)
-                parent = record.version
-                row["version"] = record.version
-                outcome.versions.append(record.version)
-            except PollinateError as exc:  # e.g. a poisoned model failing an export gate
-                row["publish_error"] = str(exc)
-                log.warning("round %s: not published: %s", global_round, exc)
-            row["publish_seconds"] = time.perf_counter() - publish_started
-        now = time.perf_counter()
-        row["round_seconds"] = now - clock["round_started"]
         clock["round_started"] = now
-        outcome.history.append(row)
-        if on_round:
-            on_round(row)
+        ledger.add(row, awaits_publish=due)
+        if due:
+            publisher.submit(RoundJob(global_round, weights, evaluation, predictions, stats,
+                                      full_report=global_round == settings.rounds))
         return MetricRecord(_headline(test))
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(to_arrays(model.get_weights())), num_rounds=remaining,
-                   timeout=settings.round_timeout, train_config=config, evaluate_config=config,
-                   evaluate_fn=evaluate)
+    started = time.perf_counter()
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(to_arrays(model.get_weights())), num_rounds=remaining,
+                       timeout=settings.round_timeout, train_config=config, evaluate_config=config,
+                       evaluate_fn=evaluate)
+    finally:
+        rounds_done = time.perf_counter()
+        summary = publisher.close()  # rounds already handed over are still published
+    outcome.publishing = {**summary.to_dict(), "rounds_seconds": rounds_done - started,
+                          "total_seconds": time.perf_counter() - started}
     return outcome
 
 
@@ -237,13 +251,66 @@ def _headline(test: dict) -> dict:
     return {k: float(test[k]) for k in keys}
 
 
+class ProgressFile:
+    """Appends JSON lines for whoever started the run (see the module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        line = json.dumps(record, default=_jsonable) + "\n"
+        try:
+            with self._lock, open(self.path, "a") as handle:
+                handle.write(line)
+        except OSError as exc:  # e.g. a path on the submitting machine: the log still tells
+            log.warning("cannot write progress to %s: %s", self.path, exc)
+            self.path = None
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+ERROR_KINDS = {"InvalidInput": InvalidInput, "NotFound": NotFound, "PollinateError": PollinateError}
+
+
+def error_record(exc: BaseException) -> dict:
+    kind = next((name for name, cls in ERROR_KINDS.items() if type(exc) is cls), None)
+    if kind is None:
+        kind = "InvalidInput" if isinstance(exc, InvalidInput) else "PollinateError" if isinstance(exc, PollinateError) else "crash"
+    message = str(exc).strip() or type(exc).__name__
+    return {"event": "error", "kind": kind, "type": type(exc).__name__, "message": message}
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point (`flwr run`): settings come from the run config."""
+    """Entry point for `flwr run` (simulation and deployment): settings come from the run config."""
     settings = FederationSettings.from_config(dict(context.run_config))
-    outcome = run_federation(grid, settings, on_round=lambda row: log.warning(
-        "round %s: %s, version %s", row["round"], {k: row[k] for k in ("accuracy", "loss") if k in row}, row["version"]))
-    log.warning("federation %s finished: versions %s", outcome.federation_id, outcome.versions)
+    progress = ProgressFile(settings.progress_file)
+
+    def on_round(row: dict) -> None:
+        progress.write({"event": "round", "row": row})
+        headline = {k: round(row[k], 4) for k in ("accuracy", "mae", "loss") if k in row}
+        published = f"version {row['version']}" if row["version"] else (
+            f"NOT published: {row['publish_error']}" if row["publish_error"] else "not due for publishing")
+        log.warning("round %s: %s, %s", row["round"], headline, published)
+
+    try:
+        outcome = run_federation(grid, settings, on_round=on_round)
+    except BaseException as exc:
+        progress.write(error_record(exc))
+        raise
+    progress.write({"event": "done", "outcome": outcome.to_dict()})
+    pub = outcome.publishing
+    log.warning("federation %s finished: versions %s (%s published, %s failed)", outcome.federation_id,
+                outcome.versions, pub.get("published", 0), pub.get("failed", 0))

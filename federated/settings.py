@@ -51,8 +51,9 @@ class FederationSettings:
     round_timeout: float = 600.0
     resume: bool = False
     federation_id: str = ""  # set by the server: ties the versions of one federation together
+    progress_file: str = ""  # where the ServerApp appends each finished round (JSON lines); "" = nowhere
 
-    def check(self) -> "FederationSettings":
+    def check(self) -> FederationSettings:
         from federated.partition import parse_scheme
 
         parse_scheme(self.partition)
@@ -82,7 +83,7 @@ class FederationSettings:
         return {key.replace("_", "-"): value for key, value in asdict(self).items()}
 
     @classmethod
-    def from_config(cls, config) -> "FederationSettings":
+    def from_config(cls, config) -> FederationSettings:
         """From a Flower run config or ConfigRecord (unknown keys ignored, types coerced)."""
         values = {}
         for f in fields(cls):

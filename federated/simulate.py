@@ -1,67 +1,123 @@
-"""Flower's Simulation Engine on one machine: N virtual SuperNodes in Ray actors, our
-ServerApp in this process, every round published to the store as it finishes."""
+"""Flower's Simulation Engine on one machine, the current way (flwr 1.42): a SuperLink in
+simulation mode on a free loopback port, our app submitted to it with `flwr run`, N virtual
+SuperNodes in Ray actors. (`flwr.simulation.run_simulation` is deprecated since 1.28.)
+
+Flower runs our ServerApp in a process of its own, from a FAB copy of the app; the ServerApp
+appends each finished round to a progress file (JSON lines, see server_app.py) that this
+process tails, so `on_round` still sees every round as it completes, and reads the outcome
+(or the error) from the same file. Flower's own state for the run (FLWR_HOME) lives in the
+store under `flower/simulations/`, and is removed once the run succeeded; the SuperLink and
+everything it started are stopped on success, on errors and on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import PollinateError
+from core.errors import InvalidInput, NotFound, PollinateError
 
-from .server_app import FederationOutcome, RoundCallback, run_federation
+from .runtime import REPO, LocalSuperLink, flower_bin, stop_process_tree, write_run_config
+from .server_app import FederationOutcome, RoundCallback
 from .settings import FederationSettings
 
+log = logging.getLogger("pollinate.federated")
+ERRORS = {"InvalidInput": InvalidInput, "NotFound": NotFound, "PollinateError": PollinateError}
 
-def backend_config(cpus_per_client: float = 1.0) -> dict:
-    """Ray: one actor per core on this machine, each running clients one after another."""
+
+def federation_config(num_supernodes: int, cpus_per_client: float = 1.0) -> dict:
+    """`flwr run --federation-config`: N virtual SuperNodes, Ray with one actor per core."""
     return {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": False},
+        "num-supernodes": num_supernodes,
+        "backend": "ray",
+        "client-resources-num-cpus": max(1, int(round(cpus_per_client))),
+        "init-args-num-cpus": os.cpu_count() or 1,
+        "init-args-logging-level": "ERROR",
+        "init-args-log-to-driver": False,
     }
 
 
-def quiet_flower() -> None:
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def simulate(settings: FederationSettings, on_round: RoundCallback | None = None,
-             cpus_per_client: float = 1.0) -> FederationOutcome:
-    from core.tensorflow import import_tensorflow, quiet_stderr
-
-    import_tensorflow()  # flwr.simulation imports TensorFlow itself: let ours go first, quietly
-    with quiet_stderr():
-        from flwr.serverapp import ServerApp
-        from flwr.simulation import run_simulation
-
-    from .client_app import app as client_app
-
+             cpus_per_client: float = 1.0, keep_flower_home: bool = False) -> FederationOutcome:
+    """Run a federation of `settings.num_partitions` virtual SuperNodes; returns once every
+    round is published. Raises the ServerApp's own error (InvalidInput, NotFound, ...)."""
     settings.check()
-    box: dict = {}
-    server = ServerApp()
+    home = Path(settings.home).resolve()
+    flwr_home = home / "flower" / "simulations" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    flwr_home.mkdir(parents=True)
+    progress = flwr_home / "progress.jsonl"
+    settings = replace(settings, home=str(home), progress_file=str(progress))
+    overrides = write_run_config(flwr_home / "run-config.toml", settings.to_config())
+    federation = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(settings.num_partitions,
+                                                                               cpus_per_client).items())
+    succeeded = False
+    try:
+        with LocalSuperLink(flwr_home, simulation=True) as link:
+            command = [flower_bin("flwr"), "run", str(REPO), "local", "--run-config", str(overrides),
+                       "--federation-config", federation, "--stream"]
+            with open(flwr_home / "run.log", "wb") as run_log:
+                runner = subprocess.Popen(command, env=link.env, cwd=flwr_home, stdout=run_log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                final = _follow(progress, runner, on_round)
+            finally:
+                if runner.poll() is None:
+                    stop_process_tree(runner, timeout=5)
+        if final is None:
+            raise PollinateError(f"the simulation ended without a result; see {flwr_home / 'run.log'} "
+                                 f"and {flwr_home / 'superlink.log'}{_last_lines(flwr_home / 'run.log')}")
+        if final["event"] == "error":
+            error = ERRORS.get(final["kind"], PollinateError)
+            message = final["message"] if final["kind"] in ERRORS else f"{final['type']}: {final['message']}"
+            raise error(message)
+        succeeded = True
+        return FederationOutcome.from_dict(final["outcome"])
+    finally:
+        if succeeded and not keep_flower_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
 
-    @server.main()
-    def main(grid, context):
-        try:
-            box["outcome"] = run_federation(grid, settings, on_round, num_nodes=settings.num_partitions)
-        except BaseException as exc:  # re-raised in the caller's thread below
-            box["error"] = exc
 
-    quiet_flower()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=settings.num_partitions,
-                   backend_config=backend_config(cpus_per_client))
-    if "error" in box:
-        raise box["error"]
-    if "outcome" not in box:
-        raise PollinateError("the simulation ended without a result (see the log above)")
-    return box["outcome"]
+def _follow(progress: Path, runner: subprocess.Popen, on_round: RoundCallback | None) -> dict | None:
+    """Tail the progress file until the run ends; returns the final record."""
+    offset, buffer, final = 0, "", None
+    while True:
+        finished = runner.poll() is not None  # read once more after the run ended
+        if progress.exists():
+            with open(progress) as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            buffer += chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if record["event"] == "round":
+                    if on_round:
+                        on_round(record["row"])
+                else:
+                    final = record
+        if final is not None or finished:
+            return final
+        time.sleep(0.1)
+
+
+def _last_lines(path: Path, count: int = 5) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return (":\n" + "\n".join(lines[-count:])) if lines else ""
 
 
 def write_history(outcome: FederationOutcome, settings: FederationSettings, folder: Path,
@@ -79,6 +135,7 @@ def write_history(outcome: FederationOutcome, settings: FederationSettings, fold
         "initial": outcome.initial,
         "rounds": outcome.history,
         "versions": outcome.versions,
+        "publishing": outcome.publishing,
         "reference": reference,
         "partition": partition,
     }

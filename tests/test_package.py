@@ -14,6 +14,7 @@ not run). Everything Pollinate runs is then the installed copy: `pollinate train
 `pollinate export` (TF.js verified in Node by the packaged runner, cpu and wasm),
 `pollinate serve` and the demo page in Debian's headless chromium, predicting a test digit.
 Then the clear errors: a wheel whose TF.js files or runner were removed, and no Node at all.
+The last two tests check the same refusals on a web client folder directly, in seconds.
 """
 
 from __future__ import annotations
@@ -36,11 +37,19 @@ import pytest
 from tests.conftest import REPO
 from tests.web_helpers.browser import chromium_context, missing_browser
 
-pytestmark = [
-    pytest.mark.slow,  # a wheel build, a venv, a training run and a browser: about a minute
+# a wheel build, a venv, a training run and a browser: about 45 s together
+NEEDS_WHEEL = [
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("npm") is None or shutil.which("node") is None,
                        reason="building the wheel needs Node.js 20 with npm"),
 ]
+
+
+def needs_wheel(test):
+    for mark in NEEDS_WHEEL:
+        test = mark(test)
+    return test
+
 
 VENDOR = ("tf.fesm.min.js", "tf-backend-wasm.fesm.min.js", "tfjs-backend-wasm.wasm", "tfjs-backend-wasm-simd.wasm")
 MAX_WHEEL_BYTES = 8_000_000  # a few MB of JS and wasm, never a node_modules tree
@@ -124,6 +133,7 @@ def trained(installed) -> dict:
     return {"home": home, "report": json.loads(result.stdout)}
 
 
+@needs_wheel
 def test_the_wheel_carries_the_page_tfjs_and_the_runner_but_no_node_modules(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert not [n for n in names if "node_modules" in n]
@@ -144,6 +154,7 @@ def test_the_wheel_carries_the_page_tfjs_and_the_runner_but_no_node_modules(inst
         assert Path(path).is_relative_to(installed["site"]), where.stdout
 
 
+@needs_wheel
 def test_installed_export_verifies_tfjs_with_the_packaged_runner(trained):
     rows = {row["runtime"]: row for row in trained["report"]["formats"] if row["format"] == "tfjs-layers"}
     assert set(rows) == {"tfjs cpu", "tfjs wasm"}, trained["report"]["formats"]
@@ -176,6 +187,7 @@ def served(installed, trained, tmp_path):
         proc.wait(timeout=10)
 
 
+@needs_wheel
 @pytest.mark.skipif(bool(missing_browser()), reason="; ".join(missing_browser()) or "ok")
 def test_installed_serve_gives_a_page_that_loads_tfjs_and_predicts_in_chromium(installed, trained, served, tmp_path):
     from training.datasets.digits import load_digits
@@ -210,6 +222,7 @@ def test_installed_serve_gives_a_page_that_loads_tfjs_and_predicts_in_chromium(i
     print("timings (s):", {k: round(v, 1) for k, v in installed["timings"].items()})
 
 
+@needs_wheel
 def test_a_page_without_its_tfjs_files_is_refused_at_start(installed, trained, tmp_path):
     vendor = installed["site"] / "web_client" / "vendor"
     hidden = tmp_path / "vendor"
@@ -224,6 +237,7 @@ def test_a_page_without_its_tfjs_files_is_refused_at_start(installed, trained, t
         shutil.move(hidden, vendor)
 
 
+@needs_wheel
 def test_export_without_the_runner_or_without_node_fails_naming_the_fix(installed, trained, tmp_path):
     from registry import Store
 
@@ -248,3 +262,60 @@ def test_export_without_the_runner_or_without_node_fails_naming_the_fix(installe
     assert "Node.js >= 18 is needed" in result.stderr and "install Node.js 20" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "export-report.json").exists()
+
+
+# ---- the same checks on a web client folder, without building anything (fast) -------------------
+
+
+@pytest.fixture
+def page_copy(tmp_path) -> Path:
+    """The checkout's web client without its vendored TF.js: what a broken install looks like."""
+    from server.web_assets import default_web_client
+
+    folder = tmp_path / "web_client"
+    shutil.copytree(default_web_client(), folder, ignore=shutil.ignore_patterns("node_modules", "vendor", "test*"))
+    return folder
+
+
+def test_a_web_client_without_tfjs_is_refused_and_explained(page_copy, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from core.errors import PollinateError
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.web_assets import check_web_client, inspect_web_client
+
+    status = inspect_web_client(page_copy)
+    assert status.has_page and not status.whole
+    assert status.missing[0] == "vendor/tfjs/tf.fesm.min.js", "the page's own import comes first"
+    config = ServerConfig(home=tmp_path / "store", web_client=page_copy)
+    with pytest.raises(PollinateError, match=r"cannot serve the demo page: .*missing vendor/tfjs/tf.fesm.min.js"):
+        check_web_client(config)
+    with TestClient(create_app(config)) as client:
+        root = client.get("/", follow_redirects=False)
+        assert root.status_code == 503 and "vendor/tfjs/tf.fesm.min.js" in root.json()["detail"]
+        for path in ("/web_client/", "/web_client/index.html"):
+            page = client.get(path)
+            assert page.status_code == 503 and "demo page is unavailable" in page.text, path
+        assert client.get("/web_client/pollinate.js").status_code == 200  # the rest is still served
+        assert client.get("/healthz").status_code == 200
+
+
+def test_the_checkout_page_is_whole_and_folders_without_a_page_mean_api_only(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.web_assets import check_web_client, default_web_client, inspect_web_client
+
+    if not inspect_web_client(default_web_client()).whole:
+        pytest.skip("web_client/vendor/tfjs is not built here (scripts/setup.sh)")
+    check_web_client(ServerConfig(home=tmp_path / "s"))  # the default: whole, no error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for env in ({"POLLINATE_WEB_CLIENT": str(empty)}, {"POLLINATE_WEB_CLIENT": "off"}):
+        config = ServerConfig.from_env({**env, "POLLINATE_HOME": str(tmp_path / "s")})
+        check_web_client(config)  # API only: no error
+        with TestClient(create_app(config)) as client:
+            assert client.get("/").json()["docs"] == "/docs"
+    assert ServerConfig.from_env({"POLLINATE_WEB_CLIENT": "off"}).to_env()["POLLINATE_WEB_CLIENT"] == "off"

@@ -10,7 +10,7 @@
 // precache requests do not, so an exact match would miss every cached script.
 
 const TFJS_VERSION = '4.22.0';
-const CACHE = `pollinate-web-${TFJS_VERSION}-v1`;
+const CACHE = `pollinate-web-${TFJS_VERSION}-v2`;  // v2: TF.js moved from node_modules/ to vendor/
 
 // Relative to this file (the folder the server mounts at /web_client/).
 const SHELL = [

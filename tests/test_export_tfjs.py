@@ -528,11 +528,14 @@ def test_one_node_process_serves_every_check_and_comes_back_after_dying(tmp_path
         assert again.backend == backend
         assert float(np.max(np.abs(again.outputs - first.outputs))) <= TOL
     assert node_runner.verifier().proc.pid == pid, "the same Node process answered every request"
+    tfjs_fit(tmp_path / "m", x, np.arange(6) % 10, loss="sparse_categorical_crossentropy", learning_rate=1e-3,
+             steps=1, batch_size=6)
 
     # an error in Node is the request's error; the process stays up for the next one
     with pytest.raises(PollinateError, match=r"TF.js predict in Node failed: .*input"):
         run_tfjs(tmp_path / "m", np.zeros((2, 7), dtype="float32"), latency_repeats=0)
-    assert node_runner.verifier().proc.pid == pid
+    hello = node_runner.verifier().request("hello", {}, 60)
+    assert hello["pid"] == pid and hello["num_tensors"] == 0, "every request freed its model, inputs and optimizer"
 
     node_runner.verifier().proc.kill()  # a crash: the next request starts a fresh process
     node_runner.verifier().proc.wait(timeout=10)
@@ -547,10 +550,10 @@ def test_the_packaged_bundle_runs_without_node_modules(tmp_path, monkeypatch):
     import subprocess
 
     source = Path(node_runner.__file__).parent / "node"
-    if not (source / "dist" / "run_tfjs.mjs").is_file():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is needed to build the runner bundle")
+    if shutil.which("npm") is not None:  # build it from this checkout's run_tfjs.mjs (esbuild: a second or two)
         subprocess.run(["npm", "run", "build", "--silent"], cwd=source, check=True, capture_output=True, timeout=300)
+    elif not (source / "dist" / "run_tfjs.mjs").is_file():
+        pytest.skip("npm is needed to build the runner bundle")
     folder = tmp_path / "runner"
     shutil.copytree(source / "dist", folder / "dist")
     model = _conv_model()

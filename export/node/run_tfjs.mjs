@@ -49,7 +49,8 @@
 //    "latency-repeats": 50, "out": DIR, ...}}          (args: the flags above, without "--")
 //   -> {"id": 7, "ok": true, "report": {...the report.json above...}}
 //   -> {"id": 7, "ok": false, "error": "MESSAGE", "usage": false}
-//   {"id": 8, "mode": "hello"} -> {"id": 8, "ok": true, "report": {"tfjs_version": ..., "node": ...}}
+//   {"id": 8, "mode": "hello"} -> {"id": 8, "ok": true, "report": {"tfjs_version": ..., "node": ...,
+//    "pid": ..., "num_tensors": 0}}
 // Each request loads its model on the backend it names and disposes it afterwards; output
 // arrays still go to files under "out". Anything TF.js logs goes to stderr. The process
 // exits when stdin closes.
@@ -386,13 +387,17 @@ async function fit(tf, model, args) {
 }
 
 // One request: load the model on its backend, predict or fit, free everything it made.
+// Requests run one at a time, so one engine scope per request frees every tensor it made, even
+// when it fails half-way (the model's weights are variables: model.dispose() frees those).
 async function runRequest(args) {
   fs.mkdirSync(args.out, { recursive: true });
   const tf = await loadTf(args.backend);
-  const t0 = performance.now();
-  const model = await loadModel(tf, args);
-  const loadMs = performance.now() - t0;
+  tf.engine().startScope();
+  let model = null;
   try {
+    const t0 = performance.now();
+    model = await loadModel(tf, args);
+    const loadMs = performance.now() - t0;
     const result = args.mode === 'predict' ? await predict(tf, model, args) : await fit(tf, model, args);
     const report = { mode: args.mode, backend: tf.getBackend(), tfjs_version: tf.version.tfjs, load_ms: loadMs, ...result };
     if (report.backend === 'wasm') {
@@ -403,8 +408,9 @@ async function runRequest(args) {
     }
     return report;
   } finally {
-    model.optimizer?.dispose?.();
-    model.dispose();
+    model?.optimizer?.dispose?.();
+    model?.dispose();
+    tf.engine().endScope();
   }
 }
 
@@ -412,9 +418,13 @@ function errorMessage(err) {
   return (err?.message ?? String(err)).replace(/\s+/g, ' ').trim();
 }
 
+// Who is answering, and how many tensors are alive (a leak across requests would show here).
 async function hello() {
   const tf = await import('@tensorflow/tfjs');
-  return { tfjs_version: tf.version.tfjs, node: process.version, bundled: fs.existsSync(path.join(HERE, 'tfjs-backend-wasm.wasm')) };
+  return {
+    tfjs_version: tf.version.tfjs, node: process.version, pid: process.pid,
+    bundled: fs.existsSync(path.join(HERE, 'tfjs-backend-wasm.wasm')), num_tensors: tf.memory().numTensors,
+  };
 }
 
 async function serve() {

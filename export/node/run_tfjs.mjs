@@ -388,10 +388,13 @@ async function fit(tf, model, args) {
 
 // One request: load the model on its backend, predict or fit, free everything it made.
 // Requests run one at a time, so one engine scope per request frees every tensor it made, even
-// when it fails half-way (the model's weights are variables: model.dispose() frees those).
+// when it fails half-way; variables (weights, optimizer state) outlive scopes, so every variable
+// the request created is disposed too (model.dispose() alone leaves a nested model's weights).
 async function runRequest(args) {
   fs.mkdirSync(args.out, { recursive: true });
   const tf = await loadTf(args.backend);
+  const variables = () => tf.engine().state.registeredVariables;
+  const existing = new Set(Object.keys(variables()));
   tf.engine().startScope();
   let model = null;
   try {
@@ -410,6 +413,7 @@ async function runRequest(args) {
   } finally {
     model?.optimizer?.dispose?.();
     model?.dispose();
+    for (const [name, variable] of Object.entries(variables())) if (!existing.has(name)) variable.dispose();
     tf.engine().endScope();
   }
 }

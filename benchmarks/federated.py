@@ -79,7 +79,7 @@ def simulate(home: Path, rounds: int, *extra: str, timeout: float = 3600):
 
 def aggregation_times(repeats: int = 3) -> dict:
     """Guard + aggregation of 20 replies of the 1.3M-parameter digits MLP, per strategy."""
-    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
     from federated.settings import FederationSettings
     from federated.strategies import make_strategy
@@ -94,9 +94,12 @@ def aggregation_times(repeats: int = 3) -> dict:
         # fresh messages each time: Flower's aggregation empties the ArrayRecords it consumes
         out = []
         for client, arrays in enumerate(updates):
-            instruction = Message(RecordDict(), dst_node_id=client + 1, message_type=MessageType.TRAIN)
+            # flwr 1.42: a Message built outside a run needs its Metadata (what the SuperLink fills in)
+            metadata = Metadata(run_id=1, message_id=f"reply-{client}", src_node_id=client + 1, dst_node_id=0,
+                                reply_to_message_id=f"instruction-{client}", group_id="1", created_at=time.time(),
+                                ttl=3600.0, message_type=MessageType.TRAIN)
             metrics = MetricRecord({"num-examples": 60, "partition-id": client, "train-loss": 0.1, "train-seconds": 0.1})
-            out.append(Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction))
+            out.append(Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), metadata=metadata))
         return out
 
     out = {"parameters": parameters, "updates": 20, "seconds": {}}
@@ -136,6 +139,9 @@ def timing_split(rows: list[dict], publishing: dict, concurrency: int) -> dict:
         "published": int(publishing.get("published", 0)),
         "publish_failed": int(publishing.get("failed", 0)),
     }
+    stages = sorted({k for r in steady for k in r.get("publish_breakdown", {})})
+    split["publish_breakdown"] = {k: float(np.mean([r["publish_breakdown"].get(k, 0.0) for r in steady
+                                                    if r.get("publish_breakdown")])) for k in stages}
     split["floor"] = split["client_training"] + split["aggregation"] + split["evaluation"]
     split["flower_overhead"] = max(0.0, split["round_own"] - split["floor"])
     total = float(publishing.get("total_seconds", sum(r["round_seconds"] for r in rows)))
@@ -287,6 +293,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "rounds. Client training is the clients' own reported training time summed and divided by the number "
         "of Ray actors (one per CPU) running them in parallel. Publishing runs in a background thread of the "
         "ServerApp while the next round trains, on the same CPUs.", "",
+        "Where a round's publish goes (mean seconds; `export:*` are the parts of `export`): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in split.get("publish_breakdown", {}).items()) + ".", "",
     ]
     agg = result["aggregation"]
     lines += [f"Aggregation of {agg['updates']} updates of a {agg['parameters']:,}-parameter model "

@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from registry import Store, VersionRecord
 from core.errors import InvalidInput, NotFound
 from core.tensorflow import import_tensorflow
+from registry import Store, VersionRecord
 
 from .verify import report_markdown, verify_export
 
@@ -100,6 +101,15 @@ def export_model(
     options.check()
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
+    seconds: dict[str, float] = {}  # where the export's time goes, per stage
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock
+        clock = now
+
     if "tfjs-layers" in options.formats:
         from .tfjs import check_tfjs_support
 
@@ -112,6 +122,7 @@ def export_model(
         say("writing tfjs-layers")
         write_tfjs(model, out_dir / "tfjs", quantize=options.tfjs_quantize)
         folders["tfjs-layers"] = out_dir / "tfjs"
+        lap("tfjs-layers")
     variants = [TFLITE_FORMATS[f] for f in options.formats if f in TFLITE_FORMATS]
     if variants:
         say("converting TFLite " + ", ".join(variants))
@@ -119,18 +130,22 @@ def export_model(
         for fmt, variant in TFLITE_FORMATS.items():
             if variant in written:
                 folders[fmt] = written[variant]
+        lap("tflite")
     if "tflite-train" in options.formats:
         say("converting tflite-train (on-device training)")
         folders["tflite-train"] = write_training_tflite(
             model, out_dir / "tflite" / "train.tflite", task=task, learning_rate=options.learning_rate
         )
+        lap("tflite-train")
     say("verifying")
     report = verify_export(
         model, folders, x_eval, y_eval, task=task, tfjs_quantized=options.tfjs_quantize is not None,
         tfjs_backends=options.tfjs_backends, latency_repeats=options.latency_repeats,
         progress=lambda what: say(f"verifying {what}"),
     )
+    lap("verify")
     report["title"] = title
+    report["seconds"] = seconds
     report["options"] = {"formats": list(options.formats), "tfjs_quantize": options.tfjs_quantize, "int8_io": options.int8_io}
     markdown = report_markdown(report, title=title)
     report_files = {"export-report.json": out_dir / "export-report.json", "export-report.md": out_dir / "export-report.md"}

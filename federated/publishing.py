@@ -58,6 +58,7 @@ class PublishResult:
     error: str | None = None
     seconds: float = 0.0
     waited_seconds: float = 0.0  # time in the queue before its publish began
+    breakdown: dict = field(default_factory=dict)  # seconds per stage: keras, report, tflite, verify, register...
 
 
 @dataclass
@@ -118,7 +119,8 @@ class RoundPublisher:
             result.waited_seconds = started - queued_at
             try:
                 set_model_weights(self.model, job.weights)
-                record = publish_round(self.store, self.settings, self.model, self.dataset, job, self.parent)
+                record = publish_round(self.store, self.settings, self.model, self.dataset, job, self.parent,
+                                       breakdown=result.breakdown)
                 result.version = record.version
                 self.parent = record.version
                 self.summary.published += 1
@@ -160,17 +162,28 @@ def write_round_report(folder: Path, dataset, job: RoundJob, federation_id: str)
 
 
 def publish_round(store: Store, settings: FederationSettings, model, dataset, job: RoundJob,
-                  parent: int | None) -> VersionRecord:
-    """Register the round's global model with its exports (verified), and move the channel."""
+                  parent: int | None, breakdown: dict | None = None) -> VersionRecord:
+    """Register the round's global model with its exports (verified), and move the channel.
+    `breakdown`, when given, receives the seconds spent per stage."""
     from export.pipeline import ExportOptions, export_model
     from training.report import headline_metrics
 
     stats = job.stats
+    seconds = breakdown if breakdown is not None else {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        seconds[stage] = now - clock[0]
+        clock[0] = now
+
     with tempfile.TemporaryDirectory(prefix="pollinate-round-") as scratch:
         scratch = Path(scratch)
         (scratch / "report").mkdir()
         model.save(scratch / "model.keras")
+        lap("keras")
         report = write_round_report(scratch / "report", dataset, job, settings.federation_id)
+        lap("report")
         artifacts = {"keras": {"model.keras": scratch / "model.keras"}, "report": report}
         if settings.format_list():
             # single-sample latency is a property of the architecture, not of a round's
@@ -180,6 +193,8 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
                                   y_eval=dataset.y_test, calibration=dataset.x_train, options=options,
                                   title=f"{settings.model_name} round {job.round}")
             artifacts.update(result.artifacts())
+            seconds.update({f"export:{stage}": value for stage, value in result.report.get("seconds", {}).items()})
+            lap("export")
         record = store.publish(
             settings.model_name,
             lineage=Lineage(
@@ -208,4 +223,5 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
             labels=dataset.labels,
         )
     store.set_channel(settings.model_name, settings.channel, record.version)
+    lap("register")
     return record

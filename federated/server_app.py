@@ -147,7 +147,8 @@ class RoundLedger:
             for row in self._pending:
                 if row["round"] == result.round:
                     row.update(version=result.version, parent_version=result.parent, publish_error=result.error,
-                               publish_seconds=result.seconds, publish_wait_seconds=result.waited_seconds)
+                               publish_seconds=result.seconds, publish_wait_seconds=result.waited_seconds,
+                               publish_breakdown=result.breakdown)
                     if result.version is not None:
                         self.outcome.versions.append(result.version)
             self._waiting.discard(result.round)
@@ -224,7 +225,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             # runs in the background: publish_seconds once known
             "round_seconds": now - clock["round_started"],
             "published": due, "version": None, "parent_version": None, "publish_error": None,
-            "publish_seconds": 0.0, "publish_wait_seconds": 0.0,
+            "publish_seconds": 0.0, "publish_wait_seconds": 0.0, "publish_breakdown": {},
         }
         clock["round_started"] = now
         ledger.add(row, awaits_publish=due)

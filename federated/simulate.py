@@ -52,6 +52,9 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
     round is published. Raises the ServerApp's own error (InvalidInput, NotFound, ...)."""
     settings.check()
     home = Path(settings.home).resolve()
+    finished = _already_finished(settings)
+    if finished is not None:  # nothing left to do: no need to start Flower to find out
+        return finished
     flwr_home = home / "flower" / "simulations" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     flwr_home.mkdir(parents=True)
     progress = flwr_home / "progress.jsonl"
@@ -84,6 +87,27 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
     finally:
         if succeeded and not keep_flower_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def _already_finished(settings: FederationSettings) -> FederationOutcome | None:
+    """With `resume`: the outcome of a federation that already ran all its rounds (the
+    ServerApp decides the same way: see server_app.resolve_start), else None."""
+    if not settings.resume:
+        return None
+    from registry import Store
+
+    try:
+        versions = [v for v in Store(settings.home).list_versions(settings.model_name) if v.lineage.source == "federated"]
+    except PollinateError:
+        versions = []
+    if not versions:
+        raise InvalidInput(f"nothing to resume: {settings.model_name} has no federated version yet")
+    last = versions[-1]
+    saved = last.lineage.extra.get("federation", {})
+    done = int(last.lineage.round or 0)
+    if done < max(int(saved.get("rounds", 0)), settings.rounds):
+        return None
+    return FederationOutcome(str(saved.get("federation_id", "")), settings.model_name, done)
 
 
 def _follow(progress: Path, runner: subprocess.Popen, on_round: RoundCallback | None) -> dict | None:

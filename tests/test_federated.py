@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from core.errors import InvalidInput
 from federated.partition import parse_scheme, partition, partition_summary
@@ -58,10 +58,19 @@ def test_bad_partition_specs_are_refused(text):
 # ---------------------------------------------------------------- the update guard
 
 
+def _metadata(client: int) -> Metadata:
+    """A reply's metadata, as the SuperLink would fill it in (flwr 1.42: a Message built
+    outside a run needs its Metadata)."""
+    import time
+
+    return Metadata(run_id=1, message_id=f"reply-{client}", src_node_id=client + 1, dst_node_id=0,
+                    reply_to_message_id=f"instruction-{client}", group_id="1", created_at=time.time(), ttl=3600.0,
+                    message_type=MessageType.TRAIN)
+
+
 def _reply(arrays: list[np.ndarray], client: int, examples: int = 10) -> Message:
-    instruction = Message(RecordDict(), dst_node_id=client + 1, message_type=MessageType.TRAIN)
     metrics = MetricRecord({"num-examples": examples, "partition-id": client, "train-loss": 0.5, "train-seconds": 0.1})
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=instruction)
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), metadata=_metadata(client))
 
 
 def test_guard_rejects_nan_and_wrong_shapes_and_aggregates_the_rest():
@@ -74,13 +83,12 @@ def test_guard_rejects_nan_and_wrong_shapes_and_aggregates_the_rest():
 
     strategy = make_strategy(FederationSettings(strategy="fedavg", min_clients=1), 4)
     strategy.reference = global_weights
-    instruction = Message(RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN)
     replies = [
         _reply([np.ones((3, 2), np.float32), np.ones(2, np.float32)], 0),
         _reply([np.full((3, 2), 3.0, np.float32), np.full(2, 3.0, np.float32)], 1),
         _reply([np.full((3, 2), np.nan, np.float32), np.ones(2, np.float32)], 2),
         _reply([np.ones((2, 3), np.float32), np.ones(2, np.float32)], 3),
-        Message(Error(code=0, reason="client crashed"), reply_to=instruction),
+        Message(Error(code=0, reason="client crashed"), metadata=_metadata(8)),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     aggregated = arrays.to_numpy_ndarrays()

@@ -29,6 +29,11 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Run the loop end to end on the digits data: train, export, federate, serve."""
+    from dataclasses import replace
+
+    from export.node_runner import check_runner
+    from server.config import ServerConfig
+    from server.serving import prepare
     from training.cli import print_outcome, run_training
     from training.datasets import load_dataset
 
@@ -36,6 +41,12 @@ def demo(
 
     out = human_console(as_json)
     store = open_store(home)
+    # Everything that could fail late fails now, before minutes of training: Node and the TF.js
+    # runner (export verifies TF.js), the demo page with its TF.js files, the port.
+    check_runner()
+    config = replace(ServerConfig.from_env(), home=Path(home).resolve(), offload=None)
+    if serve:
+        prepare(config, host="127.0.0.1", port=port)
     out.rule("[bold]Pollinate demo[/]")
     out.print(f"Store: {Path(home).resolve()}")
     out.rule("1. central training + export")
@@ -63,12 +74,7 @@ def demo(
         print_json(summary)
     if serve:
         out.rule("3. serving")
-        from dataclasses import replace
-
         from server import run as run_server
-        from server.config import ServerConfig
-
-        config = replace(ServerConfig.from_env(), home=Path(home).resolve(), offload=None)
 
         def announce(listening) -> None:
             url = listening.url + "/"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from core.errors import PollinateError
 from server.config import ENV_ADMIN_TOKEN, ServerConfig
+from server.web_assets import check_web_client
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,8 @@ def prepare(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, wor
     if workers < 1:
         raise PollinateError("workers must be at least 1")
     Store(config.home)  # create, migrate or refuse the store now: one error line, not a worker crash
-    check_web_client(config)
+    check_web_client(config)  # Pollinate's own page must be whole (with its vendored TF.js)
     return Listening(host, free_port(host, port), workers)
-
-
-def check_web_client(config: ServerConfig) -> None:
-    """The demo page must be whole, or the server says so at start (never a page that fails later)."""
-    try:
-        from server import web_assets
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
-    checker = getattr(web_assets, "check_web_client", None)
-    if checker is not None:
-        checker(config)
 
 
 def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -36,6 +37,9 @@ from .strategies import RoundStats
 from .task import set_model_weights
 
 log = logging.getLogger("pollinate.federated")
+# The publisher yields the CPU to the round in progress (its clients, on a small machine, and the
+# server's evaluation) and uses the gaps between; 0 = same priority.
+PUBLISHER_NICENESS = int(os.environ.get("POLLINATE_PUBLISHER_NICENESS", "10"))
 
 
 @dataclass
@@ -109,6 +113,11 @@ class RoundPublisher:
         return self.summary
 
     def _work(self) -> None:
+        if PUBLISHER_NICENESS and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            try:  # Linux: niceness is per thread, and the Node verifier it starts inherits it
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUBLISHER_NICENESS)
+            except OSError:
+                pass
         while True:
             item = self._queue.get()
             if item is None:

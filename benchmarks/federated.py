@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 LOCAL = ["--local-epochs", "2", "--learning-rate", "0.003", "--batch-size", "16"]
+# The same clean run's seconds per round when every round was published inside Flower's
+# evaluate_fn, before the next round could start (results file of commit c1208e3, this machine).
+SYNCHRONOUS_PUBLISHING_ROUND = 2.95
 
 
 def pollinate(home: Path, *args: str, timeout: float = 3600) -> tuple[dict, float, float]:
@@ -206,10 +209,8 @@ def measure_runs(result: dict, scratch: Path, rounds: int) -> None:
     result["runs"] = runs
     clean = runs["fedavg (clean)"]
     result["fedavg_vs_central"] = clean["final_accuracy"] / result["central"]["accuracy"]
-    before = result.get("timing_split", {}).get("round")  # the previous results file's figure
     result["timing_split"] = timing_split(clean["rounds"], clean["publishing"], concurrency=os.cpu_count() or 1)
-    if before and "before" not in result["timing_split"]:
-        result["timing_split"]["before"] = before
+    result["timing_split"]["before"] = SYNCHRONOUS_PUBLISHING_ROUND
 
 
 def measure_scale(result: dict, scratch: Path, counts: list[int], timebox: float) -> None:
@@ -258,6 +259,22 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def unpublished_line(runs: dict, cpus: int) -> str:
+    """The same-sized run without publishing (`fedavg, 20% scale`: `--formats ""`, one publish at
+    the end), for scale: what a round costs when nothing is exported."""
+    run = runs.get("fedavg, 20% scale")
+    if not run or not run.get("publishing"):
+        return ""
+    rows = run["rounds"]
+    steady = rows[1:] or rows
+    effective = (run["publishing"]["total_seconds"] - rows[0]["round_seconds"]) / max(1, len(rows) - 1)
+    floor = float(np.mean([r["client_train_seconds_sum"] / cpus + r["aggregation_seconds"] + r["evaluation_seconds"]
+                           for r in steady]))
+    return (f"For scale, the run without per-round publishing in the same benchmark (`fedavg, 20% scale`): "
+            f"{effective:.2f} s per round against its floor of {floor:.2f} s ({effective / floor:.2f}×): "
+            "Flower's own per-round cost is most of the gap to the floor.")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     central = result["central"]["accuracy"]
     runs = result["runs"]
@@ -293,6 +310,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "rounds. Client training is the clients' own reported training time summed and divided by the number "
         "of Ray actors (one per CPU) running them in parallel. Publishing runs in a background thread of the "
         "ServerApp while the next round trains, on the same CPUs.", "",
+        unpublished_line(runs, result["machine"]["cpus"]), "",
         "Where a round's publish goes (mean seconds; `export:*` are the parts of `export`): "
         + ", ".join(f"{k} {v:.2f}" for k, v in split.get("publish_breakdown", {}).items()) + ".", "",
     ]
@@ -309,13 +327,19 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {s['clients']} | yes | {s['wall_seconds']:.0f} | {s['peak_rss_gib']:.1f} | {s['final_mae']:.2f} |")
         else:
             lines.append(f"| {s['clients']} | no: {s['error'][-120:]!r} | | | |")
+    quiet = runs.get("fedavg, 20% scale")
+    quiet_floor = float(np.mean([r["client_train_seconds_sum"] / result["machine"]["cpus"] + r["aggregation_seconds"]
+                                 + r["evaluation_seconds"] for r in quiet["rounds"][1:]])) if quiet else 0.0
     robust = max((runs[k]["final_accuracy"] for k in runs if k.startswith(("fedmedian", "krum"))), default=0)
     lines += [
         "", "Targets:",
         f"- FedAvg ≥ 95% of central by round {result['rounds']}: {result['fedavg_vs_central']:.3f}× → "
         f"{'met' if result['fedavg_vs_central'] >= 0.95 else 'NOT met'}.",
-        f"- A round (publishing every round) ≤ 1.5× the compute floor: {split['round']:.2f} s vs "
-        f"{split['floor']:.2f} s = {split['ratio_to_floor']:.2f}× → {'met' if split['ratio_to_floor'] <= 1.5 else 'NOT met'}.",
+        f"- A round (publishing every round) ≤ 1.5× the compute floor measured in the same run: {split['round']:.2f} s vs "
+        f"{split['floor']:.2f} s = {split['ratio_to_floor']:.2f}× → {'met' if split['ratio_to_floor'] <= 1.5 else 'NOT met'}"
+        + (f"; but that floor is inflated by publishing's own CPU use on {result['machine']['cpus']} cores: against the "
+           f"floor of the same-sized run without publishing ({quiet_floor:.2f} s) it is {split['round'] / quiet_floor:.2f}×."
+           if quiet_floor else "."),
         f"- A robust strategy within 3 points of the clean run under 20% `scale` attackers "
         f"(best {robust:.4f} vs clean {clean:.4f}: {100 * (clean - robust):.1f} points) while FedAvg collapses "
         f"({runs['fedavg, 20% scale']['final_accuracy']:.4f}) → "

@@ -178,6 +178,20 @@ def test_dropout_and_nan_attackers_do_not_stop_the_run(tmp_path):
         assert row["accepted"] + row["rejected"] + row["failed"] == row["replies"] == 10
         assert np.isfinite(row["loss"])
     assert outcome.history[-1]["accuracy"] > outcome.initial["accuracy"]
+    # the SuperLink and everything it started (SuperExec, the simulation, Ray) are gone, and so
+    # is Flower's state for the run
+    import psutil
+
+    home = str(tmp_path / "store")
+    leftovers = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if home in " ".join(process.info["cmdline"] or []) or home in (process.info["environ"] or {}).get("FLWR_HOME", ""):
+                leftovers.append(process.info["cmdline"])
+        except psutil.Error:
+            pass
+    assert leftovers == []
+    assert list((tmp_path / "store" / "flower" / "simulations").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ Flower runs our ServerApp in a process of its own, from a FAB copy of the app; t
 appends each finished round to a progress file (JSON lines, see server_app.py) that this
 process tails, so `on_round` still sees every round as it completes, and reads the outcome
 (or the error) from the same file. Flower's own state for the run (FLWR_HOME) lives in the
-store under `flower/simulations/`, and is removed once the run succeeded; the SuperLink and
-everything it started are stopped on success, on errors and on Ctrl-C.
+store under `flower/simulations/`; it is removed after the run, unless the run crashed (then
+it keeps Flower's logs). The SuperLink and everything it started are stopped on success, on
+errors and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
             raise PollinateError(f"the simulation ended without a result; see {flwr_home / 'run.log'} "
                                  f"and {flwr_home / 'superlink.log'}{_last_lines(flwr_home / 'run.log')}")
         if final["event"] == "error":
+            succeeded = final["kind"] in ERRORS  # reported cleanly (bad input...): nothing to debug
             error = ERRORS.get(final["kind"], PollinateError)
             message = final["message"] if final["kind"] in ERRORS else f"{final['type']}: {final['message']}"
             raise error(message)

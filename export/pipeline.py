@@ -99,6 +99,7 @@ def export_model(
     from .ondevice import write_training_tflite
 
     options.check()
+    check_runtimes(options.formats)
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}  # where the export's time goes, per stage
@@ -161,9 +162,20 @@ def _eval_arrays(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return dataset.x_test[:EVAL_LIMIT], dataset.y_test[:EVAL_LIMIT], dataset.x_train
 
 
+def check_runtimes(formats) -> None:
+    """Fail fast, before any training or conversion, when a chosen format cannot be verified
+    here (TF.js needs Node and the TF.js runner): the error names the fix."""
+    if any(f.startswith("tfjs") for f in formats):
+        from .node_runner import check_runner
+
+        check_runner()
+
+
 def export_for_publish(options: ExportOptions | None = None, progress: Progress | None = None):
-    """The `extra_artifacts` hook for training: export + verify before the version exists."""
+    """The `extra_artifacts` hook for training: export + verify before the version exists.
+    Made before training starts, so a missing runtime is reported before minutes of work."""
     options = options or ExportOptions()
+    check_runtimes(options.formats)
 
     def hook(model, dataset, scratch: Path) -> dict[str, dict[str, Path]]:
         x, y, calibration = _eval_arrays(dataset)

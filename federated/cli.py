@@ -270,7 +270,7 @@ def run(
     import uuid
 
     from core.errors import PollinateError
-    from federated.runtime import REPO, flower_bin, flower_env, write_flower_config, write_run_config
+    from federated.runtime import APP_DIR, flower_bin, flower_env, write_flower_config, write_run_config
     from federated.settings import FederationSettings
 
     model_name, start_from = parse_from(from_version, dataset)
@@ -294,7 +294,7 @@ def run(
         connection["root-certificates"] = str(Path(root_certificates).resolve())
     write_flower_config(Path(env["FLWR_HOME"]), "pollinate", connection)
     overrides = write_run_config(runs / f"{stem}.run-config.toml", settings.to_config())
-    command = [flower_bin("flwr"), "run", str(REPO), "pollinate", "--run-config", str(overrides), "--stream"]
+    command = [flower_bin("flwr"), "run", str(APP_DIR), "pollinate", "--run-config", str(overrides), "--stream"]
     console = human_console(as_json)
     console.print("$ " + " ".join(command))
     result = subprocess.run(command, env=env, stdout=sys.stderr if as_json else None)

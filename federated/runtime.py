@@ -29,7 +29,9 @@ from pathlib import Path
 
 from core.errors import PollinateError
 
-REPO = Path(__file__).resolve().parents[1]  # the Flower app: [tool.flwr.app] in pyproject.toml
+# The Flower app `flwr run` submits: a folder holding only its pyproject.toml ([tool.flwr.app]),
+# whose components are imported from this package, checkout or wheel alike.
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
 STARTUP_TIMEOUT = 60.0
 
 
@@ -48,9 +50,7 @@ def flower_env(flwr_home: Path) -> dict:
     scripts = str(Path(sys.executable).parent)
     path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     return {**os.environ, "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": path,
-            "RAY_DEDUP_LOGS": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            # the ServerApp runs from Flower's copy of our .py files: point it at the TF.js runner
-            "POLLINATE_TFJS_RUNNER_DIR": str(REPO / "export" / "node")}
+            "RAY_DEDUP_LOGS": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def write_flower_config(flwr_home: Path, name: str, connection: dict) -> Path:

@@ -1,7 +1,7 @@
 """Everything that defines a federation, in one flat record.
 
 The same settings travel three ways: from `pollinate federate simulate` options, from a Flower
-run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-config`), and to
+run config (`[tool.flwr.app.config]` in federated/flower_app/pyproject.toml, or `flwr run --run-config`), and to
 every client inside each round's ConfigRecord (so a SuperNode needs nothing but its partition
 id). Keys use Flower's kebab-case; values are str/int/float/bool as ConfigRecord requires.
 """

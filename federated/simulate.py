@@ -27,7 +27,7 @@ import numpy as np
 
 from core.errors import InvalidInput, NotFound, PollinateError
 
-from .runtime import REPO, LocalSuperLink, flower_bin, stop_process_tree, write_run_config
+from .runtime import APP_DIR, LocalSuperLink, flower_bin, stop_process_tree, write_run_config
 from .server_app import FederationOutcome, RoundCallback
 from .settings import FederationSettings
 
@@ -52,6 +52,9 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
     """Run a federation of `settings.num_partitions` virtual SuperNodes; returns once every
     round is published. Raises the ServerApp's own error (InvalidInput, NotFound, ...)."""
     settings.check()
+    from export.pipeline import check_runtimes
+
+    check_runtimes(settings.format_list())  # rounds export: fail now, not in round 1's publish
     home = Path(settings.home).resolve()
     finished = _already_finished(settings)
     if finished is not None:  # nothing left to do: no need to start Flower to find out
@@ -66,7 +69,7 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
     succeeded = False
     try:
         with LocalSuperLink(flwr_home, simulation=True) as link:
-            command = [flower_bin("flwr"), "run", str(REPO), "local", "--run-config", str(overrides),
+            command = [flower_bin("flwr"), "run", str(APP_DIR), "local", "--run-config", str(overrides),
                        "--federation-config", federation, "--stream"]
             with open(flwr_home / "run.log", "wb") as run_log:
                 runner = subprocess.Popen(command, env=link.env, cwd=flwr_home, stdout=run_log,

@@ -99,6 +99,7 @@ def federate(out, home: Path, model: str, version: int, rounds: int, clients: in
                   TimeElapsedColumn(), console=out) as progress:
         task = progress.add_task("rounds", total=rounds, info="starting Flower…")
         outcome = simulate(settings, on_round=lambda row: progress.update(
-            task, completed=row["round"], info=f"acc {row['accuracy']:.3f} → v{row['version']}"))
+            task, completed=row["round"], info=f"acc {row['accuracy']:.3f} → "
+            + (f"v{row['version']}" if row.get("version") else f"not published: {row.get('publish_error')}")))
     return {"federation_id": outcome.federation_id, "versions": outcome.versions,
             "accuracy": [row["accuracy"] for row in outcome.history]}

@@ -319,3 +319,39 @@ def test_the_checkout_page_is_whole_and_folders_without_a_page_mean_api_only(tmp
         with TestClient(create_app(config)) as client:
             assert client.get("/").json()["docs"] == "/docs"
     assert ServerConfig.from_env({"POLLINATE_WEB_CLIENT": "off"}).to_env()["POLLINATE_WEB_CLIENT"] == "off"
+
+
+def flower_scripts(installed: dict) -> None:
+    """Flower starts its helpers by name from the venv's bin/ (flower-superlink, flwr-simulation,
+    flower-superexec, flwr-serverapp, ...). The fresh venv got flwr through the .pth line, not its
+    scripts: write them, running the fresh venv's python, so every Flower process imports the
+    installed wheel and never the checkout."""
+    import importlib.metadata
+
+    bin_dir = installed["venv"] / "bin"
+    for entry in importlib.metadata.distribution("flwr").entry_points:
+        if entry.group != "console_scripts" or (bin_dir / entry.name).exists():
+            continue
+        module, _, attr = entry.value.partition(":")
+        script = bin_dir / entry.name
+        script.write_text(f"#!{installed['python']}\nimport sys\nfrom {module} import {attr.split('.')[0]} as main\n"
+                          f"sys.exit(main{''.join('.' + a for a in attr.split('.')[1:])}())\n")
+        script.chmod(0o755)
+
+
+@needs_wheel
+def test_installed_package_federates_with_its_packaged_flower_app(installed, trained):
+    """`flwr run` gets the app folder shipped in the wheel (federated/flower_app), and Flower's
+    own processes import the installed ServerApp/ClientApp: a round is trained and published."""
+    flower_scripts(installed)
+    result = pollinate(installed, "federate", "simulate", "--dataset", "digits", "--from", "digits@1", "--clients", "2",
+                       "--rounds", "1", "--partition", "iid", "--formats", "tflite-float32", "--home", trained["home"],
+                       "--json", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["versions"], summary
+    shown = pollinate(installed, "models", "show", "digits", "--version", str(summary["versions"][-1]), "--home",
+                      trained["home"], "--json")
+    record = json.loads(shown.stdout)
+    assert record["lineage"]["source"] == "federated" and record["lineage"]["parent_version"] == 1
+    assert "tflite-float32" in record["artifacts"]

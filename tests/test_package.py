@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.server_helpers.live import wait_healthy
 from tests.web_helpers.browser import chromium_context, missing_browser
 
 # a wheel build, a venv, a training run and a browser: about 45 s together
@@ -172,15 +173,7 @@ def served(installed, trained, tmp_path):
         line = proc.stdout.readline()
         assert line, f"pollinate serve exited ({proc.wait(timeout=10)}):\n{log.read_text()}"
         url = json.loads(line)["url"]
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_healthy(url, proc, 30, log.read_text)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from conftest import REPO
 from server_helpers import stores
-from server_helpers.live import LiveServer
+from server_helpers.live import LiveServer, wait_healthy
 
 from registry import Store, cohort_bucket
 from server.schemas import ManifestOut
@@ -717,15 +717,7 @@ def test_real_nginx_sends_the_bytes(offload, store, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, (runtime / "error.log").read_text()
-            time.sleep(0.05)
+        wait_healthy(base, proc, 10, (runtime / "error.log").read_text)
         files = store["published"]["digits"][0]["files"]
         with httpx.Client(base_url=base, timeout=10) as c:
             manifest = c.get("/v1/models/digits/manifest", headers={"Origin": "https://app.example"}).json()

@@ -16,6 +16,21 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30
 
 
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float, explain=lambda: "") -> None:
+    """Until `base`/healthz answers 200; fails with `explain()` (e.g. the log) if `proc` exits first
+    or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not come up:\n{explain()}")
+        time.sleep(0.05)
+
+
 class LiveServer:
     """`python -m pollinate serve --port 0 --json ...`; the first stdout line gives the URL."""
 
@@ -46,17 +61,12 @@ class LiveServer:
             self.proc.wait(timeout=10)
             raise RuntimeError(f"pollinate serve exited ({self.proc.returncode}):\n{self.log.read_text()}")
         self.url = json.loads(line)["url"]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"pollinate serve did not come up:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        try:
+            wait_healthy(self.url, self.proc, START_TIMEOUT_S, self.log.read_text)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def kill9(self) -> None:
         """SIGKILL the server's process group (uvicorn and any workers): no clean shutdown."""

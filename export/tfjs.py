@@ -9,6 +9,12 @@ exactly), and writes the weights with the converter's shard format (`export.tfjs
 
     check_tfjs_support(model)                    # raises UnsupportedLayer naming the layer
     write_tfjs(model, out_dir, quantize=None)    # -> [out_dir/model.json, out_dir/group1-shard1of1.bin, ...]
+    write_tfjs_any(model, out_dir, quantize=None)  # -> TfjsWritten(kind="layers"|"graph", folder, files, reason)
+    model_kind(out_dir)                          # -> "layers" | "graph" (from model.json's "format")
+
+`write_tfjs_any` is the one entry point for every TF.js format: a LayersModel when this module
+can express the model (it trains in TF.js), else a graph model through the stock converter
+(`export.tfjs_graph`: inference only), else `TfjsUnsupported` naming the layer and the op.
 
 A Sequential model whose layers form a chain is written as a TF.js `Sequential`; everything else
 (functional models, multi-input/-output, shared layers) as a `Functional` graph. Keras 3 layers
@@ -26,11 +32,17 @@ from pathlib import Path
 
 from core.errors import InvalidInput
 
+from .tfjs_graph import TfjsUnsupported, graph_ops, write_tfjs_graph
 from .tfjs_layers import TRANSLATORS, Refuse, TfjsLayer, input_layer
 from .tfjs_weights import QUANTIZE_CHOICES, WeightEntry, write_shards
 
 SUPPORTED_LAYERS = tuple(TRANSLATORS)
 MODEL_JSON = "model.json"
+# Format names (store artifacts, manifests): the format → the weight quantization it carries.
+# tfjs-layers is always a LayersModel, tfjs-graph always a graph model; the quantized formats
+# are whichever kind the model gets (layers when possible), as their model.json says.
+TFJS_FORMATS = {"tfjs-layers": None, "tfjs-graph": None, "tfjs-float16": "float16", "tfjs-uint8": "uint8"}
+KINDS = {"layers-model": "layers", "graph-model": "graph"}  # model.json "format" → kind
 _SHARD_NAME = re.compile(r"^group\d+-shard\d+of\d+\.bin$")
 
 
@@ -322,3 +334,87 @@ def write_tfjs(model, out_dir, *, quantize: str | None = None) -> list[Path]:
     tmp.write_text(json.dumps(document, allow_nan=False))
     tmp.replace(model_json)
     return [model_json, *shards]
+
+
+@dataclass(frozen=True)
+class TfjsWritten:
+    """What `write_tfjs_any` wrote."""
+
+    kind: str  # "layers" (tf.loadLayersModel; trains) | "graph" (tf.loadGraphModel; inference only)
+    folder: Path
+    files: list[Path]  # model.json first, then the weight shards
+    reason: str | None = None  # why not a LayersModel (the refused layer), when kind == "graph"
+    quantize: str | None = None
+
+    @property
+    def model_json(self) -> Path:
+        return self.folder / MODEL_JSON
+
+
+def write_tfjs_any(model, out_dir, *, quantize: str | None = None, kind: str | None = None) -> TfjsWritten:
+    """Write `model` to TF.js in `out_dir`: a LayersModel when the translator can express it,
+    else a graph model; `kind="layers"` or `"graph"` forces one (tfjs-layers / tfjs-graph).
+
+    Raises `UnsupportedLayer` (kind="layers"), `TfjsUnsupported` (an op TF.js has no kernel for,
+    naming it, and the layer that ruled out a LayersModel), `InvalidInput` (bad arguments, a
+    subclassed model). A refused model leaves `out_dir`'s previous contents alone."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise InvalidInput(f"quantize must be one of None, 'float16', 'uint8'; got {quantize!r}")
+    if kind not in (None, "layers", "graph"):
+        raise InvalidInput(f"kind must be None, 'layers' or 'graph'; got {kind!r}")
+    out_dir = Path(out_dir)
+    reason = None
+    if kind != "graph":
+        try:
+            build_topology(model)
+        except UnsupportedLayer as err:
+            if kind == "layers":
+                raise
+            reason = str(err)
+        else:
+            files = write_tfjs(model, out_dir, quantize=quantize)
+            return TfjsWritten("layers", out_dir, files, None, quantize)
+    else:
+        _model_inputs(model)
+    try:
+        files = write_tfjs_graph(model, out_dir, quantize=quantize)
+    except TfjsUnsupported as err:
+        raise TfjsUnsupported(err.ops, reason) from None
+    return TfjsWritten("graph", out_dir, files, reason or "graph model requested", quantize)
+
+
+def tfjs_support(model) -> str:
+    """"layers" or "graph": the kind `write_tfjs_any` would write, without converting anything
+    (a graph model's ops are only known once converted: `write_tfjs_any` may still refuse)."""
+    try:
+        build_topology(model)
+    except UnsupportedLayer:
+        _model_inputs(model)
+        return "graph"
+    return "layers"
+
+
+def model_kind(folder) -> str:
+    """"layers" or "graph" for a TF.js model folder (or its model.json), from model.json's `format`."""
+    path = Path(folder)
+    path = path / MODEL_JSON if path.is_dir() else path
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"{path} is not a readable TF.js model.json: {err}") from None
+    fmt = document.get("format") if isinstance(document, dict) else None
+    if fmt in KINDS:
+        return KINDS[fmt]
+    topology = document.get("modelTopology") if isinstance(document, dict) else None
+    if isinstance(topology, dict) and "node" in topology:
+        return "graph"
+    if isinstance(topology, dict) and ("model_config" in topology or "class_name" in topology):
+        return "layers"
+    raise InvalidInput(f"{path} is neither a TF.js layers model nor a graph model (format {fmt!r})")
+
+
+__all__ = [
+    "KINDS", "MODEL_JSON", "SUPPORTED_LAYERS", "TFJS_FORMATS", "TfjsUnsupported", "TfjsWritten", "UnsupportedLayer",
+    "build_topology", "check_tfjs_support", "graph_ops", "model_kind", "tfjs_support", "write_tfjs", "write_tfjs_any",
+    "write_tfjs_graph",
+]

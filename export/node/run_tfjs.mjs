@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Runs a TensorFlow.js LayersModel under Node with pure @tensorflow/tfjs (cpu or wasm backend),
+// Runs a TensorFlow.js model (LayersModel or graph model) under Node with pure @tensorflow/tfjs (cpu or wasm backend),
 // the same library a browser loads. Pollinate uses it to prove that an exported model.json
 // computes what the Keras model computes, to time it, and to check that it trains.
 //
@@ -15,6 +15,10 @@
 //
 // --model DIR reads DIR/model.json and the weight shards it lists from disk and loads them with
 // tf.io.fromMemory; --url loads over HTTP with tf.loadLayersModel(url) (the browser's path).
+// Both kinds of TF.js model load, told apart by model.json's "format": a LayersModel
+// ("layers-model": tf.loadLayersModel, predict and fit) or a graph model ("graph-model":
+// tf.loadGraphModel, predict only; execute(), or executeAsync() when the graph has control
+// flow). Reports say which: "kind": "layers" | "graph".
 // Inputs are .npy files (float32/float64/int32/int64/uint8, C order), or raw little-endian
 // float32 files (.bin or anything else) whose shape --shape gives (one --shape per --input,
 // in order). Inputs are cast to float32 (TF.js casts again where a layer needs int32).
@@ -207,13 +211,33 @@ async function loadTf(backend) {
   return tf;
 }
 
+// model.json's "format" says which kind it is: "layers-model" (tf.loadLayersModel: predicts and
+// trains) or "graph-model" (tf.loadGraphModel: a TF graph, inference only).
+function modelKind(modelJson, where) {
+  if (modelJson?.format === 'graph-model') return 'graph';
+  if (modelJson?.format === 'layers-model') return 'layers';
+  const topology = modelJson?.modelTopology;
+  if (topology?.node) return 'graph';
+  if (topology?.model_config || topology?.class_name) return 'layers';
+  throw new Error(`${where} is neither a TF.js layers model nor a graph model`);
+}
+
+// {model, kind}: the model from DIR (files read here, tf.io.fromMemory) or from a URL (the
+// browser's path: TF.js fetches model.json and the shards itself).
 async function loadModel(tf, args) {
-  if (args.url != null) return tf.loadLayersModel(args.url);
+  if (args.url != null) {
+    const response = await fetch(args.url);
+    if (!response.ok) throw new Error(`${args.url} answered ${response.status}`);
+    const kind = modelKind(await response.json(), args.url);
+    const model = kind === 'graph' ? await tf.loadGraphModel(args.url) : await tf.loadLayersModel(args.url);
+    return { model, kind };
+  }
   const dir = args.model;
   const modelJsonPath = path.join(dir, 'model.json');
   if (!fs.existsSync(modelJsonPath)) throw new Error(`${modelJsonPath} does not exist`);
   const modelJson = JSON.parse(fs.readFileSync(modelJsonPath, 'utf8'));
   if (modelJson.modelTopology == null) throw new Error(`${modelJsonPath} has no modelTopology`);
+  const kind = modelKind(modelJson, modelJsonPath);
   const weightSpecs = [];
   const buffers = [];
   for (const group of modelJson.weightsManifest ?? []) {
@@ -222,7 +246,7 @@ async function loadModel(tf, args) {
   }
   const joined = Buffer.concat(buffers);
   const weightData = joined.buffer.slice(joined.byteOffset, joined.byteOffset + joined.byteLength);
-  return tf.loadLayersModel(tf.io.fromMemory({
+  const artifacts = {
     modelTopology: modelJson.modelTopology,
     weightSpecs,
     weightData,
@@ -230,7 +254,33 @@ async function loadModel(tf, args) {
     format: modelJson.format,
     generatedBy: modelJson.generatedBy,
     convertedBy: modelJson.convertedBy,
-  }));
+    signature: modelJson.signature,
+    userDefinedMetadata: modelJson.userDefinedMetadata,
+    modelInitializer: modelJson.modelInitializer,
+  };
+  const handler = tf.io.fromMemory(artifacts);
+  const model = kind === 'graph' ? await tf.loadGraphModel(handler) : await tf.loadLayersModel(handler);
+  return { model, kind };
+}
+
+// A function running the model on a batch (a tensor, or a list for several inputs) that resolves
+// to the list of output tensors. A graph model runs with execute() unless it has control flow
+// (a recurrent layer's While loop), which needs executeAsync(); which one is found on the first call.
+function makeRunner(model, kind) {
+  const asList = out => (Array.isArray(out) ? out : out instanceof Object && !(out.dataId) ? Object.values(out) : [out]);
+  if (kind === 'layers') return async batch => asList(model.predict(batch));
+  let sync = true;
+  return async batch => {
+    if (sync) {
+      try {
+        return asList(model.execute(batch));
+      } catch (err) {
+        if (!/executeAsync/.test(String(err?.message))) throw err;
+        sync = false;
+      }
+    }
+    return asList(await model.executeAsync(batch));
+  };
 }
 
 function toTensors(tf, arrays) {
@@ -255,7 +305,7 @@ function percentile(sorted, q) {
 
 // ---- modes -----------------------------------------------------------------------------------
 
-async function predict(tf, model, args) {
+async function predict(tf, model, args, kind) {
   if (args.input.length === 0) throw new UsageError('predict needs --input');
   if (args.shape.length > 0 && args.shape.length !== args.input.length) {
     throw new UsageError('give one --shape per raw --input (or none when all inputs are .npy)');
@@ -273,12 +323,12 @@ async function predict(tf, model, args) {
   if (!['npy', 'bin', 'json'].includes(format)) throw new UsageError('--output-format must be npy, bin or json');
 
   const inputs = toTensors(tf, arrays);
+  const runModel = makeRunner(model, kind);
   const chunks = model.outputs.map(() => []);
   const outShapes = [];
   for (let start = 0; start < rows; start += batchSize) {
     const batch = sliceRows(tf, inputs, start, batchSize);
-    const result = model.predict(single(batch));
-    const outs = Array.isArray(result) ? result : [result];
+    const outs = await runModel(single(batch));
     outs.forEach((t, i) => {
       chunks[i].push(t.dataSync().slice());
       outShapes[i] = t.shape.slice(1);
@@ -292,7 +342,7 @@ async function predict(tf, model, args) {
     const values = new Float32Array(total);
     let at = 0;
     for (const p of parts) { values.set(p, at); at += p.length; }
-    const shape = [rows, ...(outShapes[i] ?? model.outputs[i].shape.slice(1))];
+    const shape = [rows, ...(outShapes[i] ?? (model.outputs[i].shape ?? [0]).slice(1).map(d => Math.max(d, 0)))];
     const entry = { shape };
     if (format === 'npy') {
       entry.file = `output_${i}.npy`;
@@ -309,17 +359,16 @@ async function predict(tf, model, args) {
   let latency = { warmup, repeats, median: null, p90: null, mean: null, min: null, max: null };
   if (repeats > 0 && rows > 0) {
     const one = sliceRows(tf, inputs, 0, 1);
-    const run = () => {
-      const result = model.predict(single(one));
-      const outs = Array.isArray(result) ? result : [result];
+    const run = async () => {
+      const outs = await runModel(single(one));
       outs.forEach(t => t.dataSync());
       tf.dispose(outs);
     };
-    for (let i = 0; i < warmup; i++) run();
+    for (let i = 0; i < warmup; i++) await run();
     const times = [];
     for (let i = 0; i < repeats; i++) {
       const t0 = performance.now();
-      run();
+      await run();
       times.push(performance.now() - t0);
     }
     tf.dispose(one);
@@ -344,7 +393,10 @@ function camel(name) {
   return name.replace(/_+(\w)/g, (_, c) => c.toUpperCase());
 }
 
-async function fit(tf, model, args) {
+async function fit(tf, model, args, kind) {
+  if (kind !== 'layers') {
+    throw new Error('this is a TF.js graph model, which runs inference only: fit needs a LayersModel (tfjs-layers)');
+  }
   if (args.x.length === 0 || args.y == null) throw new UsageError('fit needs --x and --y');
   if (args.loss == null) throw new UsageError('fit needs --loss');
   if (args.x.length !== model.inputs.length) {
@@ -399,10 +451,11 @@ async function runRequest(args) {
   let model = null;
   try {
     const t0 = performance.now();
-    model = await loadModel(tf, args);
+    const loaded = await loadModel(tf, args);
+    model = loaded.model;
     const loadMs = performance.now() - t0;
-    const result = args.mode === 'predict' ? await predict(tf, model, args) : await fit(tf, model, args);
-    const report = { mode: args.mode, backend: tf.getBackend(), tfjs_version: tf.version.tfjs, load_ms: loadMs, ...result };
+    const result = args.mode === 'predict' ? await predict(tf, model, args, loaded.kind) : await fit(tf, model, args, loaded.kind);
+    const report = { mode: args.mode, kind: loaded.kind, backend: tf.getBackend(), tfjs_version: tf.version.tfjs, load_ms: loadMs, ...result };
     if (report.backend === 'wasm') {
       report.wasm = {
         simd: await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT'),

@@ -1,4 +1,9 @@
-"""`pollinate export`: a stored version, or your own .keras file, to TF.js and TFLite, verified."""
+"""`pollinate export`: a stored version, or your own .keras file, to TF.js and TFLite, verified.
+
+Every format is made and verified on its own; the table says per format ok or refused (why).
+Exit codes say what was delivered: 0 every requested format, 3 some (the refused ones are in
+the report), 4 none (nothing stored or written but the report); 2 is bad input, as for
+every command. `--strict` keeps all-or-nothing: one refused format refuses the export (4)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import typer
 from core.console import HomeOption, JsonOption, human_console, print_json
 from registry import open_store
 
-FORMATS_HELP = "Comma-separated: tfjs-layers, tflite-float32, tflite-dynamic, tflite-float16, tflite-int8, tflite-train (default: all)."
+FORMATS_HELP = ("Comma-separated: tfjs-layers, tflite-float32, tflite-dynamic, tflite-float16, tflite-int8, tflite-train "
+                "(the default: all of these); tfjs-graph, tfjs-float16, tfjs-uint8 where the TF.js exporter has them.")
 
 
 def parse_formats(values: list[str] | None) -> tuple[str, ...] | None:
@@ -28,60 +34,85 @@ def export(
     labels: Annotated[Optional[Path], typer.Option("--labels", help=".npy labels/targets for --samples, to report real accuracy.")] = None,
     tfjs_quantize: Annotated[Optional[str], typer.Option("--tfjs-quantize", help="Quantize TF.js weights: float16 or uint8.")] = None,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 TFLite takes and returns int8 (default: float32 in/out).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="All or nothing: one refused format refuses the export (exit 4).")] = False,
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
 ) -> None:
-    """Export to TF.js and TFLite (all variants), verify every file against Keras, store or write them."""
-    from export.pipeline import ExportOptions, export_file, export_version
+    """Export to TF.js and TFLite (all variants), verify every file against Keras, store or write
+    the ones that pass. Exit code: 0 all formats delivered, 3 some, 4 none, 2 bad input."""
+    from export.pipeline import ExportOptions, ExportRejected, exit_code, export_file, export_version
 
     console = human_console(as_json)
-    options = ExportOptions(int8_io=int8_io, tfjs_quantize=tfjs_quantize)
+    options = ExportOptions(int8_io=int8_io, tfjs_quantize=tfjs_quantize, strict=strict)
     chosen = parse_formats(formats)
     if chosen:
         options.formats = chosen
     options.check()
     is_file = target.endswith((".keras", ".h5")) or "/" in target or Path(target).is_file()
+    if is_file and out is None:
+        raise typer.BadParameter("exporting a file needs --out DIR")
+    if not is_file and (out is not None or samples is not None or labels is not None):
+        raise typer.BadParameter("--out/--samples/--labels apply to a .keras file, not a stored model")
+    title = target
     with console.status("exporting…") as status:
         progress = lambda message: status.update(f"{message}…")  # noqa: E731
-        if is_file:
-            if out is None:
-                raise typer.BadParameter("exporting a file needs --out DIR")
-            report = export_file(Path(target), out, samples=samples, labels=labels, options=options, progress=progress)
-            where = f"{out}/tfjs/model.json, {out}/tflite/*.tflite, {out}/export-report.json"
-            title = target
-        else:
-            if out is not None or samples is not None or labels is not None:
-                raise typer.BadParameter("--out/--samples/--labels apply to a .keras file, not a stored model")
-            record, report = export_version(open_store(home), target, version, options=options, progress=progress)
-            where = f"{record.model} v{record.version} now has: {', '.join(sorted(record.artifacts))}"
-            title = f"{record.model} v{record.version}"
+        try:
+            if is_file:
+                report = export_file(Path(target), out, samples=samples, labels=labels, options=options, progress=progress)
+                where = f"written to {out}/ (export-report.json lists every file)"
+            else:
+                record, report = export_version(open_store(home), target, version, options=options, progress=progress)
+                where = f"{record.model} v{record.version} now has: {', '.join(sorted(record.artifacts))}"
+                title = f"{record.model} v{record.version}"
+        except ExportRejected as rejected:
+            if rejected.report is None:
+                raise
+            report = rejected.report
+            where = (f"nothing delivered; the report is in {out}/export-report.json" if is_file
+                     else "nothing attached to the stored version")
     if as_json:
         print_json(report)
-        return
-    print_report(console, report, title)
-    console.print(where)
+    else:
+        print_report(console, report, title)
+        console.print(where)
+    code = exit_code(report["outcome"])
+    if code:
+        raise typer.Exit(code)
 
 
 def print_report(console, report: dict, title: str) -> None:
+    """Per format and runtime: size, difference, metric, latency, then ok or refused (why)."""
     from rich.table import Table
 
+    from export.verify import gates_sentence
+
     metric = "accuracy" if report["task"] == "classification" else "mae"
+    outcome = report["outcome"]
     table = Table(title=f"export of {title}: {report['samples']} held-out inputs")
-    for column in ("format", "runtime", "bytes", "max |diff|", metric, "ms", "ok"):
-        table.add_column(column, justify="right" if column not in ("format", "runtime", "ok") else "left",
-                         no_wrap=column in ("format", "ok"))
+    for column in ("format", "runtime", "bytes", "max |diff|", "top-1", metric, "ms", "outcome"):
+        table.add_column(column, justify="left" if column in ("format", "runtime", "outcome") else "right",
+                         no_wrap=column == "format")
     keras = report["keras"]
     value = keras["metric"].get(metric)
-    table.add_row("keras", keras["runtime"], "", "0", "" if value is None else f"{value:.4f}",
+    table.add_row("keras", keras["runtime"], "", "0", "", "" if value is None else f"{value:.4f}",
                   f"{keras['latency_ms']['median']:.3f}", "reference")
+    shown = set()
     for row in report["formats"]:
+        shown.add(row["format"])
         value = row["metric"].get(metric)
-        table.add_row(row["format"], row["runtime"], f"{row['bytes']:,}", f"{row['max_abs_diff']:.1e}",
-                      "" if value is None else f"{value:.4f}", f"{row['latency_ms']['median']:.3f}",
-                      "✔" if row["passed"] else "✘")
+        verdict = "ok" if row["passed"] else f"refused: {row['gate']}"
+        if row["passed"] and row["format"] in outcome["refused"]:
+            verdict = "refused (another runtime failed)"
+        latency = (row["latency_ms"] or {}).get("median")
+        table.add_row(row["format"], row["runtime"], f"{row['bytes']:,}",
+                      "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",
+                      "" if row.get("agreement") is None else f"{100 * row['agreement']:.1f}%",
+                      "" if value is None else f"{value:.4f}", "" if latency is None else f"{latency:.3f}", verdict)
+    for fmt, why in outcome["refused"].items():
+        if fmt not in shown:  # refused before verification: it could not be made
+            table.add_row(fmt, "", "", "", "", "", "", f"refused ({why['stage']}): {why['reason']}")
     console.print(table)
-    console.print("ms = median single-sample latency. Gates: " + "; ".join(
-        f"{row['format']} ({row['runtime']}): {row['gate']}" for row in report["formats"] if not row["passed"]
-    ) if report["failures"] else "ms = median single-sample latency. Every gate passed: float formats within "
-        f"{report['thresholds']['float_max_abs_diff']:g} of Keras, quantized classifiers within "
-        f"{100 * report['thresholds']['quantized_max_accuracy_drop']:g} accuracy points.")
+    console.print(f"ms = median single-sample latency. Gates: {gates_sentence(report['thresholds'])}.")
+    strict = " (--strict: one refusal refuses all)" if outcome.get("strict") and outcome["refused"] else ""
+    console.print(f"delivered {len(outcome['delivered'])} of {len(outcome['requested'])} formats: "
+                  f"{outcome['status']}{strict}")

@@ -1,7 +1,7 @@
 """On-device training TFLite (`tflite-train`): a phone fine-tunes locally and hands its
 weights back to the federation.
 
-Signatures (all tensors float32 unless said):
+Signatures (all tensors float32 unless said; `x` has the model's input dtype, int32 for token ids):
 
 | signature     | inputs                          | outputs                  |
 |---------------|---------------------------------|--------------------------|
@@ -33,7 +33,7 @@ import numpy as np
 from core.errors import InvalidInput
 from core.tensorflow import import_tensorflow, quiet_stderr
 
-from .tflite import ConversionFailed
+from .tflite import ConversionFailed, as_input, first_line, input_dtype
 
 SIGNATURES = ("infer", "train", "get_weights", "set_weights", "save", "restore")
 
@@ -46,6 +46,7 @@ def build_training_module(model, *, task: str, learning_rate: float = 1e-3):
     if len(model.inputs) != 1:
         raise InvalidInput("on-device training export supports single-input models")
     input_shape = [None, *model.inputs[0].shape[1:]]
+    x_dtype = tf.as_dtype(str(input_dtype(model)))  # token ids stay integers
     classification = task == "classification"
     loss_fn = keras.losses.SparseCategoricalCrossentropy() if classification else keras.losses.MeanSquaredError()
     y_spec = tf.TensorSpec([None], tf.int32 if classification else tf.float32, name="y")
@@ -66,11 +67,11 @@ def build_training_module(model, *, task: str, learning_rate: float = 1e-3):
             # (model.variables also holds Dropout's seed-generator state, which train uses).
             self.tracked = [v.value for v in list(model.variables) + list(optimizer.variables)]
 
-        @tf.function(input_signature=[tf.TensorSpec(input_shape, tf.float32, name="x")])
+        @tf.function(input_signature=[tf.TensorSpec(input_shape, x_dtype, name="x")])
         def infer(self, x):
             return {"output": self.model(x, training=False)}
 
-        @tf.function(input_signature=[tf.TensorSpec(input_shape, tf.float32, name="x"), y_spec])
+        @tf.function(input_signature=[tf.TensorSpec(input_shape, x_dtype, name="x"), y_spec])
         def train(self, x, y):
             with tf.GradientTape() as tape:
                 prediction = self.model(x, training=True)
@@ -123,8 +124,7 @@ def write_training_tflite(model, path: Path, *, task: str, learning_rate: float 
             with quiet_stderr():
                 content = converter.convert()
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConversionFailed(f"on-device training conversion failed: {first}") from exc
+            raise ConversionFailed(f"on-device training conversion failed: {first_line(exc)}") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
@@ -141,14 +141,15 @@ class OnDeviceTrainer:
             self.interpreter = tf.lite.Interpreter(model_path=str(path))
             self.interpreter.allocate_tensors()
         self.runners = {name: self.interpreter.get_signature_runner(name) for name in SIGNATURES}
+        self.x_dtype = self.runners["infer"].get_input_details()["x"]["dtype"]
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.runners["infer"](x=np.asarray(x, np.float32))["output"]
+        return self.runners["infer"](x=as_input(x, self.x_dtype))["output"]
 
     def train(self, x: np.ndarray, y: np.ndarray) -> float:
         y = np.asarray(y)
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-        return float(self.runners["train"](x=np.asarray(x, np.float32), y=y)["loss"])
+        return float(self.runners["train"](x=as_input(x, self.x_dtype), y=y)["loss"])
 
     def get_weights(self) -> np.ndarray:
         return self.runners["get_weights"]()["weights"]

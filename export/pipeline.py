@@ -28,7 +28,11 @@ from registry import Store, VersionRecord
 from .verify import report_markdown, verify_export
 
 TFLITE_FORMATS = {"tflite-float32": "float32", "tflite-dynamic": "dynamic", "tflite-float16": "float16", "tflite-int8": "int8"}
-ALL_FORMATS = ("tfjs-layers", *TFLITE_FORMATS, "tflite-train")
+ALL_FORMATS = ("tfjs-layers", *TFLITE_FORMATS, "tflite-train")  # the default
+# TF.js formats beyond the LayersModel: made through `export.tfjs.write_tfjs_any` when that exists
+TFJS_QUANTIZED = {"tfjs-float16": "float16", "tfjs-uint8": "uint8"}
+TFJS_FOLDERS = {"tfjs-layers": "tfjs", "tfjs-graph": "tfjs-graph", "tfjs-float16": "tfjs-float16", "tfjs-uint8": "tfjs-uint8"}
+KNOWN_FORMATS = ("tfjs-layers", "tfjs-graph", *TFJS_QUANTIZED, *TFLITE_FORMATS, "tflite-train")
 EVAL_LIMIT = 1000  # held-out rows verified per export: enough for the gates, quick in Node
 RANDOM_SAMPLES = 256
 
@@ -36,7 +40,16 @@ Progress = Callable[[str], None]
 
 
 class ExportRejected(InvalidInput):
-    """A verification gate failed: nothing was published."""
+    """No format could be delivered (or, with `strict`, at least one could not): nothing was
+    published. `report` is the export report (with its `outcome`) when one was made."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+# `pollinate export` exit codes: what was delivered (bad input stays 2, like every command)
+EXIT_ALL, EXIT_SOME, EXIT_NONE = 0, 3, 4
 
 
 @dataclass
@@ -47,11 +60,12 @@ class ExportOptions:
     tfjs_backends: tuple[str, ...] = ("cpu", "wasm")
     latency_repeats: int = 50
     learning_rate: float = 1e-3  # the on-device optimizer's step (tflite-train)
+    strict: bool = False  # all or nothing: one refused format refuses the export
 
     def check(self) -> None:
-        unknown = [f for f in self.formats if f not in ALL_FORMATS]
+        unknown = [f for f in self.formats if f not in KNOWN_FORMATS]
         if unknown:
-            raise InvalidInput(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(ALL_FORMATS)}")
+            raise InvalidInput(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_FORMATS)}")
         if not self.formats:
             raise InvalidInput("no export formats chosen")
         if self.tfjs_quantize not in (None, "float16", "uint8"):
@@ -63,13 +77,18 @@ class ExportOptions:
 
 @dataclass
 class ExportResult:
-    folders: dict[str, Path]  # format -> file or folder written
+    folders: dict[str, Path]  # format -> file or folder written, delivered formats only
     report: dict
     markdown: str
     report_files: dict[str, Path] = field(default_factory=dict)
 
+    @property
+    def outcome(self) -> dict:
+        return self.report["outcome"]
+
     def artifacts(self) -> dict[str, dict[str, Path]]:
-        """{format: {file name: path}} as the store wants it; TFLite files become `model.tflite`."""
+        """{format: {file name: path}} as the store wants it (verified formats only, plus the
+        export report with the refusals); TFLite files become `model.tflite`."""
         out: dict[str, dict[str, Path]] = {}
         for fmt, path in self.folders.items():
             if path.is_dir():
@@ -78,6 +97,38 @@ class ExportResult:
                 out[fmt] = {"model.tflite": path}
         out["export-report"] = dict(self.report_files)
         return out
+
+
+def outcome_status(delivered, requested) -> str:
+    return "all" if len(delivered) == len(requested) else "some" if delivered else "none"
+
+
+def exit_code(outcome: dict) -> int:
+    """`pollinate export`'s exit code for an outcome: 0 all, 3 some, 4 none."""
+    return {"all": EXIT_ALL, "some": EXIT_SOME, "none": EXIT_NONE}[outcome["status"]]
+
+
+def _tfjs_writer(fmt: str, options: ExportOptions):
+    """The function writing one TF.js format into a folder (raises naming the layer/op).
+
+    `tfjs-layers` is the LayersModel writer here; the graph model and the weight-quantized
+    formats come from `export.tfjs.write_tfjs_any` when the TF.js exporter provides it."""
+    from . import tfjs
+
+    if fmt == "tfjs-layers":
+        return lambda model, folder: tfjs.write_tfjs(model, folder, quantize=options.tfjs_quantize)
+    write_any = getattr(tfjs, "write_tfjs_any", None)
+    if write_any is None:
+        raise InvalidInput(f"{fmt} is not available in this version of the TF.js exporter")
+
+    def write(model, folder):
+        written = write_any(model, folder, quantize=TFJS_QUANTIZED.get(fmt))
+        kind = getattr(written, "kind", None)
+        if fmt == "tfjs-graph" and kind != "graph":
+            raise InvalidInput(f"the TF.js exporter wrote a {kind} model, not a graph model")
+        return written
+
+    return write
 
 
 def export_model(
@@ -92,9 +143,12 @@ def export_model(
     title: str,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Write the chosen formats into out_dir, verify them all, write the report.
+    """Write the chosen formats into out_dir, each made and verified on its own, and the report.
 
-    Raises ExportRejected (after writing the report) when a gate fails."""
+    A format that cannot be made or fails its gate is refused (its files removed, the reason
+    in `report["outcome"]["refused"]`); the others are delivered. Never raises for a refused
+    format unless `options.strict` (then ExportRejected, after writing the report); callers
+    decide what "none delivered" means for them."""
     from . import tflite
     from .ondevice import write_training_tflite
 
@@ -111,51 +165,90 @@ def export_model(
         seconds[stage] = seconds.get(stage, 0.0) + now - clock
         clock = now
 
-    if "tfjs-layers" in options.formats:
-        from .tfjs import check_tfjs_support
-
-        check_tfjs_support(model)  # before anything is written
+    requested = list(dict.fromkeys(options.formats))
     out_dir.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
-    if "tfjs-layers" in options.formats:
-        from .tfjs import write_tfjs
+    refused: dict[str, dict] = {}
 
-        say("writing tfjs-layers")
-        write_tfjs(model, out_dir / "tfjs", quantize=options.tfjs_quantize)
-        folders["tfjs-layers"] = out_dir / "tfjs"
-        lap("tfjs-layers")
-    variants = [TFLITE_FORMATS[f] for f in options.formats if f in TFLITE_FORMATS]
+    def refuse(fmt: str, stage: str, error) -> None:
+        from .tflite import first_line
+
+        reason = error if isinstance(error, str) else first_line(error)
+        refused[fmt] = {"stage": stage, "reason": reason}
+        say(f"{fmt} refused: {reason}")
+
+    for fmt in (f for f in requested if f.startswith("tfjs")):
+        folder = out_dir / TFJS_FOLDERS[fmt]
+        say(f"writing {fmt}")
+        try:
+            _tfjs_writer(fmt, options)(model, folder)
+            folders[fmt] = folder
+        except Exception as exc:  # UnsupportedLayer names the layer; anything else is a refusal too
+            shutil.rmtree(folder, ignore_errors=True)
+            refuse(fmt, "convert", exc)
+        lap(fmt)
+    variants = [TFLITE_FORMATS[f] for f in requested if f in TFLITE_FORMATS]
     if variants:
         say("converting TFLite " + ", ".join(variants))
-        written = tflite.write_tflite(model, out_dir / "tflite", variants, calibration=calibration, int8_io=options.int8_io)
+        written, failed = tflite.write_tflite_each(model, out_dir / "tflite", variants, calibration=calibration,
+                                                   int8_io=options.int8_io)
         for fmt, variant in TFLITE_FORMATS.items():
             if variant in written:
                 folders[fmt] = written[variant]
+            elif variant in failed:
+                refuse(fmt, "convert", failed[variant])
         lap("tflite")
-    if "tflite-train" in options.formats:
+    if "tflite-train" in requested:
         say("converting tflite-train (on-device training)")
-        folders["tflite-train"] = write_training_tflite(
-            model, out_dir / "tflite" / "train.tflite", task=task, learning_rate=options.learning_rate
-        )
+        try:
+            folders["tflite-train"] = write_training_tflite(
+                model, out_dir / "tflite" / "train.tflite", task=task, learning_rate=options.learning_rate
+            )
+        except Exception as exc:
+            refuse("tflite-train", "convert", exc)
         lap("tflite-train")
     say("verifying")
+    quantized = tuple(f for f in TFJS_QUANTIZED if f in folders)
+    if options.tfjs_quantize and "tfjs-layers" in folders:
+        quantized += ("tfjs-layers",)
     report = verify_export(
-        model, folders, x_eval, y_eval, task=task, tfjs_quantized=options.tfjs_quantize is not None,
+        model, {f: folders[f] for f in requested if f in folders}, x_eval, y_eval, task=task,
+        tfjs_quantized=options.tfjs_quantize is not None, quantized_formats=quantized,
         tfjs_backends=options.tfjs_backends, latency_repeats=options.latency_repeats,
         progress=lambda what: say(f"verifying {what}"),
     )
     lap("verify")
+    for fmt, why in report.pop("refused").items():
+        refuse(fmt, "verify", why)
+    for fmt in refused:  # only verified files are handed on
+        path = folders.pop(fmt, None)
+        if path is not None and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path is not None:
+            path.unlink(missing_ok=True)
+    delivered = [f for f in requested if f in folders]
+    report["outcome"] = {
+        "status": outcome_status(delivered, requested),
+        "requested": requested,
+        "delivered": delivered,
+        "refused": {f: refused[f] for f in requested if f in refused},
+        "strict": options.strict,
+    }
+    report["failures"] = [f"{f}: {why['reason']}" for f, why in report["outcome"]["refused"].items()]
+    report["passed"] = not refused
     report["title"] = title
     report["seconds"] = seconds
-    report["options"] = {"formats": list(options.formats), "tfjs_quantize": options.tfjs_quantize, "int8_io": options.int8_io}
+    report["options"] = {"formats": requested, "tfjs_quantize": options.tfjs_quantize, "int8_io": options.int8_io,
+                         "strict": options.strict}
+    if options.strict and refused:
+        report["outcome"].update(status="none", delivered=[])
     markdown = report_markdown(report, title=title)
     report_files = {"export-report.json": out_dir / "export-report.json", "export-report.md": out_dir / "export-report.md"}
     report_files["export-report.json"].write_text(json.dumps(report, indent=2) + "\n")
     report_files["export-report.md"].write_text(markdown)
-    result = ExportResult(folders, report, markdown, report_files)
-    if not report["passed"]:
-        raise ExportRejected("export verification failed, nothing published: " + "; ".join(report["failures"]))
-    return result
+    if options.strict and refused:
+        raise ExportRejected("--strict: export refused, nothing published: " + "; ".join(report["failures"]), report)
+    return ExportResult(folders, report, markdown, report_files)
 
 
 def _eval_arrays(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,7 +287,9 @@ def export_version(
     options: ExportOptions | None = None,
     progress: Progress | None = None,
 ) -> tuple[VersionRecord, dict]:
-    """Export a stored version and attach the new formats to it (all or nothing)."""
+    """Export a stored version and attach the formats that passed (with the export report,
+    which names the refused ones); ExportRejected, and nothing attached, when none passed
+    (or, with `strict`, when any was refused)."""
     from training.datasets import reload_dataset
     from training.stored import load_keras_model
 
@@ -222,14 +317,52 @@ def export_version(
     with tempfile.TemporaryDirectory(prefix="pollinate-export-") as scratch:
         result = export_model(model, Path(scratch), task=task, x_eval=x, y_eval=y, calibration=calibration,
                               options=options, title=f"{name} v{record.version}", progress=progress)
-        updated = store.add_artifacts(name, record.version, result.artifacts())
+        if not result.outcome["delivered"]:
+            raise ExportRejected(f"no format passed, nothing attached to {name} v{record.version}: "
+                                 + "; ".join(result.report["failures"]), result.report)
+        artifacts = result.artifacts()
+        artifacts[report_format(record.artifacts)] = artifacts.pop("export-report")
+        updated = store.add_artifacts(name, record.version, artifacts)
     return updated, result.report
 
 
+def report_format(attached) -> str:
+    """`export-report` for a version's first export; a later export of more formats (one that
+    was refused before, say) attaches its report as `export-report-2`, `-3`, …"""
+    if "export-report" not in attached:
+        return "export-report"
+    n = 2
+    while f"export-report-{n}" in attached:
+        n += 1
+    return f"export-report-{n}"
+
+
+def version_outcome(store: Store, record: VersionRecord) -> dict:
+    """What a stored version has: delivered formats, refused ones with the reason, TF.js kinds
+    (see `registry.cli.export_outcome`, which `pollinate models show` prints)."""
+    from registry.cli import export_outcome
+
+    return export_outcome(store, record)
+
+
 def random_inputs(model, count: int, seed: int = 0) -> np.ndarray:
-    """Inputs for a model nobody gave samples for: uniform in [0, 1) in its input shape."""
+    """Inputs for a model nobody gave samples for: uniform in [0, 1) in its input shape, or,
+    for an integer input (token ids), ids below the smallest Embedding's vocabulary."""
+    from .tflite import input_dtype
+
     shape = [int(d) if d is not None else 1 for d in model.inputs[0].shape[1:]]
-    return np.random.default_rng(seed).random((count, *shape), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    dtype = input_dtype(model)
+    if np.issubdtype(dtype, np.integer):
+        vocab = [int(layer.input_dim) for layer in _all_layers(model) if hasattr(layer, "input_dim")]
+        return rng.integers(0, min(vocab) if vocab else 2, (count, *shape)).astype(dtype)
+    return rng.random((count, *shape), dtype=np.float32)
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []) or []:
+        yield layer
+        yield from _all_layers(layer)
 
 
 def infer_task(model, x: np.ndarray) -> str:
@@ -251,7 +384,9 @@ def export_file(
 ) -> dict:
     """A user's `.keras` file → DIR/tfjs/, DIR/tflite/<variant>.tflite, DIR/export-report.json.
 
-    Files appear in DIR only when every gate passed; on failure DIR gets just the report."""
+    Only verified formats appear in DIR (refusals and their reasons are in the report); when
+    none passed (or one was refused under `strict`) DIR gets just the report and
+    ExportRejected is raised."""
     import_tensorflow()
     import keras
 
@@ -268,8 +403,10 @@ def export_file(
         raise InvalidInput(f"cannot load {keras_path.name} as a Keras model: {str(exc).splitlines()[0]}") from exc
     if len(model.inputs) != 1:
         raise InvalidInput("export verification supports single-input models")
+    from .tflite import as_input, input_dtype
+
     if samples is not None:
-        x = load_array(samples, "--samples").astype(np.float32)
+        x = as_input(load_array(samples, "--samples"), input_dtype(model))
         expected = tuple(int(d) for d in model.inputs[0].shape[1:] if d is not None)
         if tuple(x.shape[1:]) != expected:
             raise InvalidInput(f"--samples has shape {x.shape}; the model expects (N, {', '.join(map(str, expected))})")
@@ -279,29 +416,30 @@ def export_file(
     if y is not None and len(y) != len(x):
         raise InvalidInput(f"--labels has {len(y)} rows, --samples has {len(x)}")
     task = infer_task(model, x)
-    if "tfjs-layers" in options.formats:
-        from .tfjs import check_tfjs_support
-
-        check_tfjs_support(model)  # refuse before the output folder is even created
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pollinate-export-", dir=out_dir) as scratch:
         try:
             result = export_model(model, Path(scratch), task=task, x_eval=x[:EVAL_LIMIT],
                                   y_eval=None if y is None else y[:EVAL_LIMIT], calibration=x,
                                   options=options, title=keras_path.name, progress=progress)
-        except ExportRejected:
-            for name in ("export-report.json", "export-report.md"):
-                if (Path(scratch) / name).exists():
-                    shutil.copyfile(Path(scratch) / name, out_dir / name)
+        except ExportRejected:  # --strict and a format was refused: DIR gets just the report
+            _copy_reports(Path(scratch), out_dir)
             raise
-        for sub in ("tfjs", "tflite"):
+        for sub in ("tflite", *TFJS_FOLDERS.values()):
             if (out_dir / sub).exists():
                 shutil.rmtree(out_dir / sub)
-            if (Path(scratch) / sub).exists():
+            if (Path(scratch) / sub).exists() and any((Path(scratch) / sub).iterdir()):
                 shutil.move(str(Path(scratch) / sub), out_dir / sub)
-        for name, path in result.report_files.items():
-            shutil.copyfile(path, out_dir / name)
+        _copy_reports(Path(scratch), out_dir)
+    if not result.outcome["delivered"]:
+        raise ExportRejected("no format passed: " + "; ".join(result.report["failures"]), result.report)
     return result.report
+
+
+def _copy_reports(scratch: Path, out_dir: Path) -> None:
+    for name in ("export-report.json", "export-report.md"):
+        if (scratch / name).exists():
+            shutil.copyfile(scratch / name, out_dir / name)
 
 
 def load_array(path: Path, what: str) -> np.ndarray:

@@ -18,12 +18,16 @@ Two routes, the same `serve` computation:
   Keras 3 LSTM/GRU (`TensorListReserve`), and frozen TensorList loops do too.
 The batch axis stays dynamic except for recurrent models, whose TensorList ops need a fixed
 batch of 1. `int8` is calibrated on a representative sample
-of the training data; its input/output stay float32 unless `int8_io` is asked for, in which
-case the client quantizes with the scale and zero point stored in the file.
+of the training data in the input's own dtype (token ids stay integers); its input/output stay
+float32 unless `int8_io` is asked for, in which case the client quantizes with the scale and
+zero point stored in the file (an integer-id input is never quantized: ids stay ids).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,8 +79,27 @@ def frozen_function(model):
         return convert_variables_to_constants_v2(serve.get_concrete_function())
 
 
-def convert(source, variant: str, *, calibration: np.ndarray | None = None, int8_io: bool = False) -> bytes:
-    """One variant's .tflite bytes, from a SavedModel folder or a frozen concrete function."""
+def input_dtype(model) -> np.dtype:
+    """The dtype the model's (first) input takes: float32 for most, int32/int64 for token ids."""
+    dtype = np.dtype(str(getattr(model.inputs[0], "dtype", "float32")))
+    return np.dtype(np.float32) if dtype == np.float64 else dtype
+
+
+def as_input(x, dtype) -> np.ndarray:
+    """Cast samples to the model's input dtype; integer ids are rounded, never truncated."""
+    x = np.asarray(x)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        x = np.round(x)
+    return x.astype(dtype, copy=False)
+
+
+def convert(source, variant: str, *, calibration: np.ndarray | None = None, int8_io: bool = False,
+            dtype=np.float32) -> bytes:
+    """One variant's .tflite bytes, from a SavedModel folder or a frozen concrete function.
+
+    `calibration` feeds int8's representative dataset in the input's real `dtype` (token ids
+    stay integers: a float32 sample into an int32 input is refused by the calibrator)."""
     tf = import_tensorflow()
     if variant not in VARIANTS:
         raise InvalidInput(f"unknown TFLite variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -91,7 +114,7 @@ def convert(source, variant: str, *, calibration: np.ndarray | None = None, int8
     if variant == "int8":
         if calibration is None or len(calibration) == 0:
             raise InvalidInput("int8 needs a representative sample of inputs to calibrate on")
-        sample = np.asarray(calibration, dtype=np.float32)[:CALIBRATION_SAMPLES]
+        sample = as_input(calibration[:CALIBRATION_SAMPLES], dtype)
 
         def representative():
             for row in sample:
@@ -100,33 +123,118 @@ def convert(source, variant: str, *, calibration: np.ndarray | None = None, int8
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io:
-            converter.inference_input_type = tf.int8
+            if np.issubdtype(np.dtype(dtype), np.floating):  # integer ids stay integer ids
+                converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
     try:
         with quiet_stderr():
             return converter.convert()
     except Exception as exc:  # the converter raises several unrelated types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionFailed(f"TFLite {variant} conversion failed: {first}") from exc
+        raise ConversionFailed(f"TFLite {variant} conversion failed: {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of an exception worth showing a user (converters put the op name there)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:  # MLIR errors: the line naming the op beats the generic header
+        if "error:" in line and ("op" in line or "'tf." in line):
+            return line[:400]
+    return lines[0][:400]
 
 
 def write_tflite(model, out_dir: Path, variants=VARIANTS, *, calibration=None, int8_io=False) -> dict[str, Path]:
-    """Write `<variant>.tflite` files into out_dir; returns {variant: path}."""
+    """Write `<variant>.tflite` files into out_dir; returns {variant: path}. Raises on the
+    first variant that cannot be made (see `write_tflite_each` for per-variant outcomes)."""
+    written, refused = write_tflite_each(model, out_dir, variants, calibration=calibration, int8_io=int8_io)
+    if refused:
+        raise next(iter(refused.values()))
+    return written
+
+
+def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=None,
+                      int8_io=False) -> tuple[dict[str, Path], dict[str, ConversionFailed]]:
+    """Write every variant it can; returns ({variant: path}, {variant: the error}).
+
+    One variant failing (int8 on an op without an integer kernel, say) leaves the others."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = input_dtype(model)
+    written: dict[str, Path] = {}
+    refused: dict[str, ConversionFailed] = {}
+    pending = list(variants)
     if not has_recurrent_layers(model):
         try:
             source = frozen_function(model)
-            return {variant: _write(out_dir / f"{variant}.tflite",
-                                    convert(source, variant, calibration=calibration, int8_io=int8_io))
-                    for variant in variants}
-        except (ConversionFailed, ValueError, TypeError):
-            pass  # some graphs only convert from a SavedModel: take the long way below
-    with tempfile.TemporaryDirectory(prefix="pollinate-savedmodel-") as scratch:
-        source = saved_model(model, Path(scratch))
-        return {variant: _write(out_dir / f"{variant}.tflite",
-                                convert(source, variant, calibration=calibration, int8_io=int8_io))
-                for variant in variants}
+        except Exception:  # some graphs only convert from a SavedModel: take the long way below
+            source = None
+        if source is not None:
+            for variant in list(pending):
+                try:
+                    written[variant] = _write(out_dir / f"{variant}.tflite", convert(
+                        source, variant, calibration=calibration, int8_io=int8_io, dtype=dtype))
+                    pending.remove(variant)
+                except ConversionFailed:
+                    pass  # retried from a SavedModel below
+    if pending:
+        with tempfile.TemporaryDirectory(prefix="pollinate-savedmodel-") as scratch:
+            try:
+                source = saved_model(model, Path(scratch))
+            except Exception as exc:
+                error = ConversionFailed(f"TFLite conversion failed: cannot export a SavedModel: {first_line(exc)}")
+                return written, dict.fromkeys(pending, error)
+            recurrent = has_recurrent_layers(model)
+            for variant in pending:
+                try:
+                    if recurrent and variant == "int8":
+                        content = convert_isolated(source, variant, calibration=calibration, int8_io=int8_io, dtype=dtype)
+                    else:
+                        content = convert(source, variant, calibration=calibration, int8_io=int8_io, dtype=dtype)
+                    written[variant] = _write(out_dir / f"{variant}.tflite", content)
+                except ConversionFailed as exc:
+                    refused[variant] = exc
+    return {v: written[v] for v in variants if v in written}, refused
+
+
+def convert_isolated(saved_model_dir: Path, variant: str, *, calibration, int8_io: bool, dtype) -> bytes:
+    """`convert` in a child process. Calibrating Keras 3 GRU/LSTM SavedModels kills the TF 2.19
+    converter with a segfault (measured): in a child, that refuses one variant instead of
+    ending the export (and a federation's process) with it."""
+    if calibration is None or len(calibration) == 0:
+        raise InvalidInput(f"{variant} needs a representative sample of inputs to calibrate on")
+    with tempfile.TemporaryDirectory(prefix="pollinate-convert-") as scratch:
+        sample, out = Path(scratch) / "calibration.npy", Path(scratch) / "model.tflite"
+        np.save(sample, as_input(np.asarray(calibration)[:CALIBRATION_SAMPLES], dtype))
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+        try:
+            child = subprocess.run([sys.executable, "-m", "export.tflite", str(saved_model_dir), variant, str(sample),
+                                    str(out), "1" if int8_io else "0"], capture_output=True, text=True, env=env, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise ConversionFailed(f"TFLite {variant} conversion did not finish in 900 s") from None
+        if child.returncode < 0:
+            raise ConversionFailed(f"TFLite {variant}: the converter crashed (signal {-child.returncode}) "
+                                   "while calibrating; TensorFlow 2.19 cannot quantize these recurrent layers to int8")
+        if child.returncode != 0 or not out.is_file():
+            lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+            raise ConversionFailed(lines[-1] if lines else f"TFLite {variant} conversion failed (exit {child.returncode})")
+        return out.read_bytes()
+
+
+def _child_main(argv: list[str]) -> int:
+    """`python -m export.tflite SAVED_MODEL VARIANT CALIBRATION.npy OUT.tflite INT8_IO`."""
+    saved, variant, sample, out, int8_io = argv
+    calibration = np.load(sample)
+    try:
+        content = convert(saved, variant, calibration=calibration, int8_io=int8_io == "1", dtype=calibration.dtype)
+    except ConversionFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    Path(out).write_bytes(content)
+    return 0
 
 
 def _write(path: Path, content: bytes) -> Path:
@@ -157,16 +265,16 @@ class LiteRTRunner:
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         dtype = self.input["dtype"]
-        if dtype == np.float32:
-            return x.astype(np.float32)
         scale, zero = self.input["quantization"]
+        if dtype == np.float32 or not scale:  # float input, or integer ids (no quantization)
+            return as_input(x, dtype)
         info = np.iinfo(dtype)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
     def _dequantize(self, y: np.ndarray) -> np.ndarray:
-        if self.output["dtype"] == np.float32:
-            return y
         scale, zero = self.output["quantization"]
+        if self.output["dtype"] == np.float32 or not scale:
+            return y
         return (y.astype(np.float32) - zero) * scale
 
     def predict_one(self, x: np.ndarray) -> np.ndarray:
@@ -177,7 +285,7 @@ class LiteRTRunner:
         return self._dequantize(self.interpreter.get_tensor(self.output["index"]))
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x)
         if self.fixed_batch:
             return np.concatenate([self.predict_one(x[i : i + 1]) for i in range(len(x))])
         outputs = []
@@ -188,3 +296,7 @@ class LiteRTRunner:
             self.interpreter.invoke()
             outputs.append(self._dequantize(self.interpreter.get_tensor(self.output["index"])).copy())
         return np.concatenate(outputs)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -5,6 +5,7 @@ The store itself is stdlib-only; this module is its command-line face (typer + r
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,12 @@ from typing import Annotated, Optional, Protocol
 import typer
 
 from core.console import HomeOption, JsonOption, human_console, print_json
-from registry import open_store
+from registry import Store, VersionRecord, open_store
 from registry.channels import ChannelState
+
+# Formats that are not a runnable model: the Keras source, training and export reports.
+NOT_EXPORTS = ("keras", "report")
+TFJS_KINDS = {"layers-model": "layers", "graph-model": "graph"}
 
 app = typer.Typer(help="List models and versions, and move channels (promote, staged rollout, rollback).",
                   no_args_is_help=True)
@@ -93,8 +98,9 @@ def show(
     store = open_store(home)
     record = store.get_version(name, version)
     channels = store.list_channels(name)
+    outcome = export_outcome(store, record)
     if as_json:
-        print_json({**record.to_dict(), "channels": {c: s.to_dict() for c, s in channels.items()}})
+        print_json({**record.to_dict(), "channels": {c: s.to_dict() for c, s in channels.items()}, "export": outcome})
         return
     out = human_console(False)
     lineage = record.lineage
@@ -125,6 +131,46 @@ def show(
         for f in files:
             table.add_row(fmt, f.name, f"{f.size:,}", f.sha256[:16] + "…")
     out.print(table)
+    kinds = outcome["tfjs_kinds"]
+    out.print("exports   " + (", ".join(f"{f} ({kinds[f]})" if f in kinds else f for f in outcome["delivered"]) or "—")
+              + "  (verified against Keras)")
+    for fmt, why in sorted(outcome["refused"].items()):
+        out.print(f"refused   {fmt} ({why.get('stage', '?')}): {why.get('reason', '')}")
+
+
+def is_report(fmt: str) -> bool:
+    return fmt == "export-report" or fmt.startswith("export-report-")
+
+
+def export_outcome(store: Store, record: VersionRecord) -> dict:
+    """What a stored version has, from its artifacts and its export reports (stdlib only):
+    `delivered` (the exported formats attached, all verified), `refused` ({format: {stage,
+    reason}} from the reports, for formats no later export delivered) and `tfjs_kinds`
+    ({format: "layers" | "graph"} from each TF.js model.json's `format` field)."""
+    delivered = sorted(f for f in record.artifacts if f not in NOT_EXPORTS and not is_report(f))
+    refused: dict[str, dict] = {}
+    reports = sorted((f for f in record.artifacts if is_report(f)),
+                     key=lambda f: 1 if f == "export-report" else int(f.rsplit("-", 1)[1]))
+    for fmt in reports:
+        if not any(f.name == "export-report.json" for f in record.artifacts[fmt]):
+            continue
+        try:
+            report = json.loads(store.artifact_path(record.model, record.version, fmt, "export-report.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for name, why in ((report.get("outcome") or {}).get("refused") or {}).items():
+            if name not in delivered:
+                refused[name] = why
+    kinds = {}
+    for fmt in delivered:
+        if fmt.startswith("tfjs") and any(f.name == "model.json" for f in record.artifacts[fmt]):
+            try:
+                kind = json.loads(store.artifact_path(record.model, record.version, fmt, "model.json").read_text()).get("format")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            if kind in TFJS_KINDS:
+                kinds[fmt] = TFJS_KINDS[kind]
+    return {"delivered": delivered, "refused": refused, "tfjs_kinds": kinds}
 
 
 @app.command("files")

@@ -9,6 +9,11 @@ weight shards next to ``model.json``.
 Manifests are rendered once into canonical bytes (sorted keys, no spaces) and their strong
 ETag is the sha256 of those bytes: the ETag changes exactly when what a client would
 receive changes, in every worker process, without any shared state.
+
+Every version also says what its export delivered: ``export.delivered`` (the formats attached,
+each verified against Keras before it was stored), ``export.refused`` ({format: {stage,
+reason}} from the export reports; ``null`` when the caller did not read them) and, per TF.js
+artifact, its ``kind`` (``layers`` → ``tf.loadLayersModel``, ``graph`` → ``tf.loadGraphModel``).
 """
 
 from __future__ import annotations
@@ -53,8 +58,22 @@ def file_url(model: str, version: int, fmt: str, name: str) -> str:
     return f"{version_prefix(model, version)}/files/{fmt}/{quote(name, safe='')}"
 
 
-def build_manifest(record: VersionRecord, channel: str | None = None, cohort: str | None = None) -> dict:
-    """The manifest of one version; ``channel``/``cohort`` say why a channel served it."""
+NOT_EXPORTS = ("keras", "report")
+TFJS_KIND_BY_FORMAT = {"tfjs-layers": "layers", "tfjs-graph": "graph"}
+
+
+def _is_export(fmt: str) -> bool:
+    return fmt not in NOT_EXPORTS and fmt != "export-report" and not fmt.startswith("export-report-")
+
+
+def build_manifest(record: VersionRecord, channel: str | None = None, cohort: str | None = None,
+                   *, export_outcome: dict | None = None) -> dict:
+    """The manifest of one version; ``channel``/``cohort`` say why a channel served it.
+
+    ``export_outcome`` (``registry.cli.export_outcome(store, record)``) adds the refused
+    formats with their reasons and the TF.js kinds read from each model.json; without it the
+    delivered formats come from the artifacts and a TF.js kind from the format's name."""
+    kinds = dict((export_outcome or {}).get("tfjs_kinds") or {})
     artifacts = {}
     for fmt, files in sorted(record.artifacts.items()):
         entries = [
@@ -69,6 +88,9 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
         ]
         entry = entry_file([f.name for f in files])
         artifacts[fmt] = {"url": file_url(record.model, record.version, fmt, entry), "files": entries}
+        kind = kinds.get(fmt) or TFJS_KIND_BY_FORMAT.get(fmt)
+        if fmt.startswith("tfjs") and kind:
+            artifacts[fmt]["kind"] = kind
     return {
         "name": record.model,
         "version": record.version,
@@ -81,6 +103,10 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
         "labels": record.labels,
         "metrics": record.metrics,
         "artifacts": artifacts,
+        "export": {
+            "delivered": sorted(f for f in record.artifacts if _is_export(f)),
+            "refused": None if export_outcome is None else dict(export_outcome.get("refused") or {}),
+        },
     }
 
 

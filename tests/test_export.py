@@ -109,6 +109,11 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
     with pytest.raises(ExportRejected, match="tflite-float32"):
         export_version(store, "digits", 1, options=ExportOptions(formats=("tflite-float32",)))
     assert store.get_version("digits", 1).artifacts.keys() == before.artifacts.keys()
+    # --strict: the float gate fails, so the passing int8 is not attached either
+    with pytest.raises(ExportRejected, match="strict") as rejected:
+        export_version(store, "digits", 1, options=ExportOptions(formats=("tflite-float32", "tflite-int8"), strict=True))
+    assert rejected.value.report["outcome"]["status"] == "none"
+    assert store.get_version("digits", 1).artifacts.keys() == before.artifacts.keys()
     monkeypatch.undo()
 
     options = ExportOptions(formats=("tflite-float32", "tflite-int8"), tfjs_backends=("cpu",))
@@ -116,6 +121,8 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
     assert {"tflite-float32", "tflite-int8", "export-report"} <= set(record.artifacts)
     assert [f.name for f in record.artifacts["tflite-int8"]] == ["model.tflite"]
     assert report["passed"] and report["labelled"] and report["samples"] == len(digits.x_test)
+    assert report["outcome"] == {"status": "all", "requested": ["tflite-float32", "tflite-int8"],
+                                 "delivered": ["tflite-float32", "tflite-int8"], "refused": {}, "strict": False}
     stored = json.loads(store.artifact_path("digits", 1, "export-report", "export-report.json").read_text())
     assert {row["format"] for row in stored["formats"]} == {"tflite-float32", "tflite-int8"}
     with pytest.raises(Exception, match="already has tflite-int8"):
@@ -133,7 +140,7 @@ def test_train_exports_every_format_by_default(home):
     report = json.loads(Store(home).artifact_path("digits", record.version, "export-report", "export-report.json").read_text())
     runtimes = {row["runtime"] for row in report["formats"]}
     assert {"tfjs cpu", "tfjs wasm", "LiteRT", "TFLite+Flex"} <= runtimes
-    assert report["passed"]
+    assert report["passed"] and report["outcome"]["status"] == "all"
 
 
 @pytest.mark.slow
@@ -161,7 +168,7 @@ def test_export_a_users_keras_file(tmp_path):
     assert bad.returncode == 2 and "expects (N, 6)" in bad.stderr
 
 
-def test_unsupported_layer_is_refused_before_anything_is_written(tmp_path):
+def test_unsupported_layer_refuses_tfjs_only(tmp_path):
     import keras
 
     inputs = keras.Input((4, 8))
@@ -169,7 +176,9 @@ def test_unsupported_layer_is_refused_before_anything_is_written(tmp_path):
     model = keras.Model(inputs, keras.layers.Flatten()(x))
     model.save(tmp_path / "attn.keras")
     out = tmp_path / "out"
-    result = run_cli("export", str(tmp_path / "attn.keras"), "--out", str(out))
-    assert result.returncode == 2
-    assert "attention" in result.stderr and "MultiHeadAttention" in result.stderr
-    assert not out.exists() or not any(out.iterdir())
+    result = run_cli("export", str(tmp_path / "attn.keras"), "--out", str(out), "--formats", "tfjs-layers,tflite-float32")
+    assert result.returncode == 3, result.stderr  # some formats delivered
+    report = json.loads((out / "export-report.json").read_text())
+    reason = report["outcome"]["refused"]["tfjs-layers"]["reason"]
+    assert "attention" in reason and "MultiHeadAttention" in reason
+    assert not (out / "tfjs").exists() and (out / "tflite" / "float32.tflite").is_file()

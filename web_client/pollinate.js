@@ -5,7 +5,8 @@
 //
 //   import { createClient } from './pollinate.js';
 //   const client = createClient({ serverUrl: 'http://127.0.0.1:8000', model: 'digits', channel: 'stable', clientId });
-//   await client.load();                      // manifest → files (sha256-checked, cached) → tf.LayersModel
+//   await client.load();                      // manifest → files (sha256-checked, cached) → TF.js model
+//   client.format, client.modelKind           // e.g. 'tfjs-layers', 'layers' (or 'tfjs-graph', 'graph')
 //   const result = await client.predict(pixels);   // raw 8×8 intensities 0..16 (ink high)
 //   result.label, result.top, result.labels   // best label, its probability, all labels ranked
 //   client.onUpdate(({ from, to }) => ..., { intervalMs: 30_000 });   // polls; switches without reload
@@ -24,7 +25,13 @@ export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCac
 export { inputContract, prepareInput, rankLabels } from './lib/input.js';
 export { sha256Hex } from './lib/integrity.js';
 
-const FORMAT = 'tfjs-layers';
+// TF.js formats a version may carry, and the order the client takes them in: the LayersModel
+// first (it can also train), else the graph model (what tfjs-layers cannot express: inference
+// only). Weight-quantized copies (smaller downloads, slightly different outputs) only when asked
+// for: `format: 'tfjs-uint8'` or `preferQuantized: 'float16'|'uint8'`.
+export const TFJS_FORMATS = ['tfjs-layers', 'tfjs-graph', 'tfjs-float16', 'tfjs-uint8'];
+const DEFAULT_FORMATS = ['tfjs-layers', 'tfjs-graph'];
+const KIND_BY_MODEL_FORMAT = { 'layers-model': 'layers', 'graph-model': 'graph' };
 const FETCH_LOG_LIMIT = 500;
 const now = () => globalThis.performance?.now() ?? Date.now();
 
@@ -58,6 +65,36 @@ function concatBuffers(buffers) {
   return out.buffer;
 }
 
+// (input tensor) => Promise<first output tensor>; the input is disposed. A LayersModel predicts;
+// a graph model runs execute(), or executeAsync() when its graph has control flow (a recurrent
+// layer's While loop): TF.js says so on the first call, and the client remembers.
+function modelRunner(tf, model, kind) {
+  const first = out => (Array.isArray(out) ? out[0] : out?.dataId ? out : Object.values(out)[0]);
+  const rest = (out, keep) => {
+    const all = Array.isArray(out) ? out : out?.dataId ? [out] : Object.values(out);
+    tf.dispose(all.filter(t => t !== keep));
+  };
+  let sync = true;
+  return async input => {
+    try {
+      if (kind === 'layers' || sync) {
+        try {
+          return tf.tidy(() => first(kind === 'layers' ? model.predict(input) : model.execute(input)));
+        } catch (error) {
+          if (kind === 'layers' || !/executeAsync/.test(String(error?.message))) throw error;
+          sync = false;
+        }
+      }
+      const out = await model.executeAsync(input);
+      const keep = first(out);
+      rest(out, keep);
+      return keep;
+    } finally {
+      input.dispose();
+    }
+  };
+}
+
 export class PollinateClient {
   /**
    * @param {object} options
@@ -75,12 +112,15 @@ export class PollinateClient {
    * @param {boolean} [options.checkRange] refuse inputs outside the manifest's source_range (default true)
    * @param {number} [options.minConfidence] `result.confident` is top >= this (default 0.5)
    * @param {number} [options.keepVersions] cached versions kept per model (default 2: current + previous)
+   * @param {string} [options.format]     load only this TF.js format (e.g. 'tfjs-uint8')
+   * @param {string[]} [options.formats]  TF.js formats in order of preference (default tfjs-layers, tfjs-graph)
+   * @param {string} [options.preferQuantized] 'float16' or 'uint8': take that weight-quantized format first when offered
    */
   constructor({
     serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
     backends = DEFAULT_BACKENDS, wasmPaths, loadWasm = () => import('@tensorflow/tfjs-backend-wasm'),
     cache = defaultCache(), fetch = globalThis.fetch?.bind(globalThis), timeoutMs = 30_000,
-    checkRange = true, minConfidence = 0.5, keepVersions = 2,
+    checkRange = true, minConfidence = 0.5, keepVersions = 2, format = null, formats = null, preferQuantized = null,
   } = {}) {
     if (!serverUrl) throw new PollinateError('config', 'serverUrl is required outside a browser page');
     if (typeof model !== 'string' || !/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(model)) {
@@ -88,6 +128,15 @@ export class PollinateClient {
     }
     if (!/^[a-z0-9_-]{1,32}$/.test(channel)) throw new PollinateError('config', `channel must match [a-z0-9_-]{1,32}, got ${JSON.stringify(channel)}`);
     if (typeof fetch !== 'function') throw new PollinateError('config', 'no fetch() here: pass options.fetch');
+    if (preferQuantized != null && !['float16', 'uint8'].includes(preferQuantized)) {
+      throw new PollinateError('config', `preferQuantized must be 'float16' or 'uint8', got ${JSON.stringify(preferQuantized)}`);
+    }
+    let wanted = format != null ? [format] : formats != null ? [...formats] : [...DEFAULT_FORMATS];
+    if (preferQuantized && format == null) wanted = [`tfjs-${preferQuantized}`, ...wanted.filter(f => f !== `tfjs-${preferQuantized}`)];
+    if (wanted.length === 0 || wanted.some(f => !TFJS_FORMATS.includes(f))) {
+      throw new PollinateError('config', `formats must be among ${TFJS_FORMATS.join(', ')}, got ${JSON.stringify(wanted)}`);
+    }
+    this.formats = wanted;
     this.serverUrl = String(serverUrl).replace(/\/+$/, '');
     this.modelName = model;
     this.channel = channel;
@@ -98,7 +147,9 @@ export class PollinateClient {
     this.tf = tf;
     this.backend = null;          // the TF.js backend in use, once loaded
     this.skippedBackends = [];    // backends tried first that did not work here, with the reason
-    this.model = null;            // the tf.LayersModel in use
+    this.model = null;            // the TF.js model in use: a tf.LayersModel or a tf.GraphModel
+    this.format = null;           // its format in the manifest ('tfjs-layers', 'tfjs-graph', …)
+    this.modelKind = null;        // 'layers' (tf.loadLayersModel) or 'graph' (tf.loadGraphModel: inference only)
     this.manifest = null;         // its manifest
     this.etag = null;             // the manifest's ETag, for If-None-Match
     this.offline = false;         // true when the last load/check could not reach the server
@@ -133,7 +184,7 @@ export class PollinateClient {
     return {
       name: m.name, version: m.version, channel: m.channel ?? this.channel, cohort: m.cohort ?? null,
       createdAt: m.created_at, lineage: m.lineage, input: m.input, labels: m.labels, metrics: m.metrics,
-      backend: this.backend, offline: this.offline,
+      backend: this.backend, offline: this.offline, format: this.format, modelKind: this.modelKind,
     };
   }
 
@@ -236,8 +287,8 @@ export class PollinateClient {
     return `model/${encodeURIComponent(this.serverUrl)}/${this.modelName}/`;
   }
 
-  filesKey(version) {
-    return `${this.filesPrefix()}${version}/${FORMAT}`;
+  filesKey(version, format) {
+    return `${this.filesPrefix()}${version}/${format}`;
   }
 
   async cacheGet(key) {
@@ -262,20 +313,26 @@ export class PollinateClient {
 
   // ---- files ---------------------------------------------------------------------------------
 
-  formatEntry(manifest) {
-    const entry = manifest.artifacts?.[FORMAT];
-    if (!entry || !Array.isArray(entry.files) || entry.files.length === 0) {
-      const formats = Object.keys(manifest.artifacts ?? {}).join(', ') || 'none';
-      throw new PollinateError('no-format', `${manifest.name} v${manifest.version} has no ${FORMAT} files (formats: ${formats}): export it with \`pollinate export ${manifest.name} --version ${manifest.version} --formats ${FORMAT}\``);
+  /** The TF.js format this client takes from `manifest` (the first of `formats` it offers) and its entry. */
+  chooseFormat(manifest) {
+    for (const format of this.formats) {
+      const entry = manifest.artifacts?.[format];
+      if (entry && Array.isArray(entry.files) && entry.files.length > 0) return { format, entry };
     }
-    return entry;
+    const formats = Object.keys(manifest.artifacts ?? {}).join(', ') || 'none';
+    const asked = this.formats.join(' or ');
+    throw new PollinateError('no-format', `${manifest.name} v${manifest.version} has no ${asked} files (formats: ${formats}): export it with \`pollinate export ${manifest.name} --version ${manifest.version} --formats ${this.formats[0]}\``);
+  }
+
+  formatEntry(manifest) {
+    return this.chooseFormat(manifest).entry;
   }
 
   /** Files of a version, from the cache when every one is there and still hashes right, else downloaded and verified. */
   async obtainFiles(manifest) {
-    const entry = this.formatEntry(manifest);
+    const { format, entry } = this.chooseFormat(manifest);
     const wanted = entry.files;
-    const key = this.filesKey(manifest.version);
+    const key = this.filesKey(manifest.version, format);
     const cached = await this.cacheGet(key);
     if (cached?.files) {
       const byName = new Map(cached.files.map(f => [f.name, f]));
@@ -306,7 +363,7 @@ export class PollinateClient {
     }
     const verifyMs = now() - started;
     const stored = await this.cacheSet(key, {
-      model: manifest.name, version: manifest.version, format: FORMAT, storedAt: Date.now(),
+      model: manifest.name, version: manifest.version, format, storedAt: Date.now(),
       files: results.map(({ want, data }) => ({ name: want.name, sha256: want.sha256, data })),
     });
     return {
@@ -316,12 +373,13 @@ export class PollinateClient {
     };
   }
 
+  /** {model, kind, format}: the TF.js model built from verified bytes, warmed up. */
   async buildModel(manifest, files) {
     const tf = this.tf;
-    const entry = this.formatEntry(manifest);
+    const { format, entry } = this.chooseFormat(manifest);
     const entryName = decodePath(entry.url);
     const jsonBytes = files.get(entryName);
-    if (!jsonBytes) throw new PollinateError('model-format', `${manifest.name} v${manifest.version}: ${entryName} is not among its ${FORMAT} files`);
+    if (!jsonBytes) throw new PollinateError('model-format', `${manifest.name} v${manifest.version}: ${entryName} is not among its ${format} files`);
     let modelJson;
     try {
       modelJson = JSON.parse(new TextDecoder().decode(jsonBytes));
@@ -329,7 +387,12 @@ export class PollinateClient {
       throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is not JSON: ${error.message}`);
     }
     if (!modelJson?.modelTopology || !Array.isArray(modelJson.weightsManifest)) {
-      throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is not a TF.js layers model (no modelTopology/weightsManifest)`);
+      throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is not a TF.js model (no modelTopology/weightsManifest)`);
+    }
+    // model.json says which kind it is; the manifest's `kind` (when the server gives one) must agree
+    const kind = KIND_BY_MODEL_FORMAT[modelJson.format] ?? (modelJson.modelTopology.node ? 'graph' : 'layers');
+    if (entry.kind && entry.kind !== kind) {
+      throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is a ${kind} model; the manifest says ${entry.kind}`);
     }
     const weightSpecs = [];
     const buffers = [];
@@ -341,20 +404,25 @@ export class PollinateClient {
         buffers.push(data);
       }
     }
-    const model = await tf.loadLayersModel(tf.io.fromMemory({
+    const handler = tf.io.fromMemory({
       modelTopology: modelJson.modelTopology, weightSpecs, weightData: concatBuffers(buffers),
       format: modelJson.format, generatedBy: modelJson.generatedBy, convertedBy: modelJson.convertedBy,
       trainingConfig: modelJson.trainingConfig, userDefinedMetadata: modelJson.userDefinedMetadata,
-    }));
+      signature: modelJson.signature, modelInitializer: modelJson.modelInitializer,
+    });
+    const model = kind === 'graph' ? await tf.loadGraphModel(handler) : await tf.loadLayersModel(handler);
+    const loaded = { model, kind, format, run: modelRunner(tf, model, kind) };
     // one untimed predict compiles kernels (shaders on WebGL) so the first real one is honest
     const contract = inputContract(manifest);
-    const warm = tf.tidy(() => {
-      const out = model.predict(tf.zeros([1, ...contract.shape]));
-      return Array.isArray(out) ? out[0] : out;
-    });
-    await warm.data();
-    warm.dispose();
-    return model;
+    try {
+      const warm = await loaded.run(tf.zeros([1, ...contract.shape]));
+      await warm.data();
+      warm.dispose();
+    } catch (error) {
+      model.dispose();
+      throw new PollinateError('model-run', `${manifest.name} v${manifest.version} (${format}) does not run on the ${this.backend} backend: ${error?.message ?? error}`, { cause: error });
+    }
+    return loaded;
   }
 
   // ---- load, update --------------------------------------------------------------------------
@@ -414,21 +482,25 @@ export class PollinateClient {
       return { version: manifest.version, source: 'memory', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
     }
     const obtained = await this.obtainFiles(manifest);
-    const model = await this.buildModel(manifest, obtained.files);
+    const loaded = await this.buildModel(manifest, obtained.files);
+    const model = loaded.model;
     const previous = { model: this.model, version: this.version };
     this.model = model;
+    this.runModel = loaded.run;
+    this.format = loaded.format;
+    this.modelKind = loaded.kind;
     this.manifest = manifest;
     this.contract = inputContract(manifest);
     this.etag = etag;
     if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
     if (previous.model && previous.model !== model) {
       await Promise.allSettled([...this.inflight]);
-      const freed = previous.model.dispose();
-      this.lastDispose = { version: previous.version, ...freed };
+      const freed = previous.model.dispose();  // a GraphModel's dispose() returns nothing
+      this.lastDispose = { version: previous.version, ...(freed ?? {}) };
     }
     await this.evict(previous.version);
     return {
-      version: manifest.version, source: obtained.source, downloads: obtained.downloads,
+      version: manifest.version, format: loaded.format, kind: loaded.kind, source: obtained.source, downloads: obtained.downloads,
       bytesDownloaded: obtained.downloads.reduce((n, d) => n + d.bytes, 0), verifyMs: obtained.verifyMs,
     };
   }
@@ -439,12 +511,10 @@ export class PollinateClient {
     if (!(keep > 0)) return;
     try {
       const prefix = this.filesPrefix();
-      const versions = (await this.cache.keys(prefix))
-        .map(k => Number(k.slice(prefix.length).split('/')[0]))
-        .filter(Number.isInteger);
       const protect = [this.version, previousVersion].filter(v => v != null).slice(0, keep);
-      for (const v of new Set(versions)) {
-        if (!protect.includes(v)) await this.cache.delete(this.filesKey(v));
+      for (const key of await this.cache.keys(prefix)) {
+        const v = Number(key.slice(prefix.length).split('/')[0]);
+        if (Number.isInteger(v) && !protect.includes(v)) await this.cache.delete(key);
       }
     } catch (error) {
       this.cacheError = error;
@@ -521,14 +591,11 @@ export class PollinateClient {
   async predict(input, { checkRange = this.options.checkRange } = {}) {
     if (this.closed) throw new PollinateError('closed', 'this client was closed');
     if (!this.model) throw new PollinateError('not-loaded', 'call load() before predict()');
-    const { model, manifest, contract, tf } = this;
+    const { manifest, contract, tf, runModel } = this;
     const values = prepareInput(input, contract, { checkRange });
     const job = (async () => {
       const started = now();
-      const output = tf.tidy(() => {
-        const out = model.predict(tf.tensor(values, [1, ...contract.shape], 'float32'));
-        return Array.isArray(out) ? out[0] : out;
-      });
+      const output = await runModel(tf.tensor(values, [1, ...contract.shape], 'float32'));
       try {
         const raw = await output.data();
         return { raw, inferenceMs: now() - started };
@@ -544,7 +611,7 @@ export class PollinateClient {
     } finally {
       this.inflight.delete(job);
     }
-    const base = { inferenceMs, version: manifest.version, backend: this.backend, modelInput: values };
+    const base = { inferenceMs, version: manifest.version, backend: this.backend, format: this.format, modelKind: this.modelKind, modelInput: values };
     if (!Array.isArray(manifest.labels)) return { ...base, values: Array.from(raw) };
     const probabilities = toProbabilities(raw);
     const labels = rankLabels(probabilities, manifest.labels);

@@ -169,6 +169,7 @@ def export_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     folders: dict[str, Path] = {}
     refused: dict[str, dict] = {}
+    make_seconds: dict[str, float] = {}  # per format: the time to write it (verification is per row)
 
     def refuse(fmt: str, stage: str, error) -> None:
         from .tflite import first_line
@@ -186,12 +187,15 @@ def export_model(
         except Exception as exc:  # UnsupportedLayer names the layer; anything else is a refusal too
             shutil.rmtree(folder, ignore_errors=True)
             refuse(fmt, "convert", exc)
+        make_seconds[fmt] = time.perf_counter() - clock
         lap(fmt)
     variants = [TFLITE_FORMATS[f] for f in requested if f in TFLITE_FORMATS]
     if variants:
         say("converting TFLite " + ", ".join(variants))
+        variant_seconds: dict[str, float] = {}
         written, failed = tflite.write_tflite_each(model, out_dir / "tflite", variants, calibration=calibration,
-                                                   int8_io=options.int8_io)
+                                                   int8_io=options.int8_io, seconds=variant_seconds)
+        make_seconds.update({fmt: variant_seconds[v] for fmt, v in TFLITE_FORMATS.items() if v in variant_seconds})
         for fmt, variant in TFLITE_FORMATS.items():
             if variant in written:
                 folders[fmt] = written[variant]
@@ -206,6 +210,7 @@ def export_model(
             )
         except Exception as exc:
             refuse("tflite-train", "convert", exc)
+        make_seconds["tflite-train"] = time.perf_counter() - clock
         lap("tflite-train")
     say("verifying")
     quantized = tuple(f for f in TFJS_QUANTIZED if f in folders)
@@ -238,6 +243,7 @@ def export_model(
     report["passed"] = not refused
     report["title"] = title
     report["seconds"] = seconds
+    report["make_seconds"] = make_seconds
     report["options"] = {"formats": requested, "tfjs_quantize": options.tfjs_quantize, "int8_io": options.int8_io,
                          "strict": options.strict}
     if options.strict and refused:

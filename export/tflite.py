@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +155,21 @@ def write_tflite(model, out_dir: Path, variants=VARIANTS, *, calibration=None, i
     return written
 
 
-def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=None,
-                      int8_io=False) -> tuple[dict[str, Path], dict[str, ConversionFailed]]:
+def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=None, int8_io=False,
+                      seconds: dict | None = None) -> tuple[dict[str, Path], dict[str, ConversionFailed]]:
     """Write every variant it can; returns ({variant: path}, {variant: the error}).
 
-    One variant failing (int8 on an op without an integer kernel, say) leaves the others."""
+    One variant failing (int8 on an op without an integer kernel, say) leaves the others.
+    `seconds`, when given, receives each variant's conversion time (the shared trace or
+    SavedModel export is counted in the first variant's)."""
+    seconds = {} if seconds is None else seconds
+    clock = [time.perf_counter()]
+
+    def lap(variant: str) -> None:
+        now = time.perf_counter()
+        seconds[variant] = seconds.get(variant, 0.0) + now - clock[0]
+        clock[0] = now
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = input_dtype(model)
@@ -178,6 +189,7 @@ def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=No
                     pending.remove(variant)
                 except ConversionFailed:
                     pass  # retried from a SavedModel below
+                lap(variant)
     if pending:
         with tempfile.TemporaryDirectory(prefix="pollinate-savedmodel-") as scratch:
             try:
@@ -195,6 +207,7 @@ def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=No
                     written[variant] = _write(out_dir / f"{variant}.tflite", content)
                 except ConversionFailed as exc:
                     refused[variant] = exc
+                lap(variant)
     return {v: written[v] for v in variants if v in written}, refused
 
 

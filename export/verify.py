@@ -47,6 +47,7 @@ class Check:
     metric: dict = field(default_factory=dict)
     agreement: float | None = None
     confident_agreement: float | None = None  # on the rows where Keras is confident (classifiers)
+    seconds: float = 0.0  # wall time of this check (load, predict every row, time latency)
     gate: str = ""  # why this row passed or failed
     passed: bool = True
 
@@ -179,6 +180,7 @@ def verify_export(
     def attempt(fmt: str, runtime: str, path: Path, run) -> None:
         """One format on one runtime; an error in the runtime refuses this format only."""
         check = Check(fmt, runtime, folder_bytes(path), None, {})
+        started = time.perf_counter()
         try:
             outputs, latency = run()
             check.latency_ms = latency
@@ -188,6 +190,7 @@ def verify_export(
 
             check.passed = False
             check.gate = f"could not run in {runtime}: {first_line(exc)}"
+        check.seconds = time.perf_counter() - started
         checks.append(check)
         if not check.passed:
             reason = f"[{runtime}] {check.gate}"

@@ -80,6 +80,7 @@ def test_near_uniform_classifier_gets_every_format_int8_gated_on_confident_rows(
     assert outcome["delivered"] == ["tfjs-layers", *TFLITE, "tflite-train"]
     int8 = next(r for r in result.report["formats"] if r["format"] == "tflite-int8")
     assert int8["passed"] and int8["max_abs_diff"] < 0.1 and "max |Δp|" in int8["gate"]
+    assert int8["agreement"] < 0.98  # what the old gate (≤ 2 points of agreement lost) refused
     # the gate still bites: a runner that moves probabilities or flips confident rows fails it
     confident = np.tile(np.eye(3)[None, 0] * 0.9 + 0.05, (50, 1)).astype(np.float32)
     flipped = confident[:, [1, 0, 2]]
@@ -184,32 +185,46 @@ def test_stored_version_carries_only_verified_formats_and_says_what_was_refused(
 
 def mobilenet(arch: str, size: int):
     """keras.applications' MobileNetV2 (alpha 0.35) or MobileNetV3Small, weights=None, with
-    batch-norm statistics randomized so the outputs depend on the input (a fresh one's are
-    constant: every format would match it trivially)."""
+    batch-norm statistics taken from a batch and scales randomized, so the outputs depend on
+    the input (a fresh one's saturate to a constant: every format would match it trivially)."""
     keras = _keras()
     keras.utils.set_random_seed(0)
     kwargs = {"alpha": 0.35} if arch == "MobileNetV2" else {}
     model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None, classes=10, **kwargs)
     rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
     x = rng.random((32, size, size, 3), dtype=np.float32) * (255 if arch == "MobileNetV3Small" else 1)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        gamma, beta, _, _ = layer.get_weights()
+        layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                           *layer.get_weights()[2:]])
+        layer.momentum = 0.0  # the next training-mode call sets the moving statistics to the batch's
+    model(x, training=True)
+    for layer in norms:
+        layer.momentum = 0.99
     return model, x  # V3 rescales [0, 255] itself; V2 takes [-1, 1]-ish inputs
 
 
 @pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
-def test_mobilenets_every_tflite_variant_matches_litert(tmp_path, arch):
+def test_mobilenets_every_tflite_variant_converts_and_is_judged_in_litert(tmp_path, arch):
+    """Every variant converts and runs in LiteRT; float32 matches Keras. The quantized ones
+    are delivered or withheld by their gate alone: with random weights (no pretrained ones
+    offline) these deep nets amplify rounding (measured max |Δp| 0.05-0.3 for dynamic/int8 at
+    32×32), so they may well be refused, with the numbers, while float32 is delivered."""
     model, x = mobilenet(arch, 32)
     reference = model.predict(x, verbose=0)
-    assert np.ptp(reference, axis=0).max() > 1e-3  # outputs depend on the input
+    assert np.ptp(reference, axis=0).max() > 0.1  # outputs depend on the input
     result = export(model, x, tmp_path, formats=TFLITE)
-    assert result.outcome["status"] == "all", result.outcome["refused"]
+    outcome = result.outcome
     rows = {r["format"]: r for r in result.report["formats"]}
-    assert rows["tflite-float32"]["max_abs_diff"] <= 1e-4
-    assert all(rows[f]["passed"] and rows[f]["runtime"] == "LiteRT" for f in TFLITE)
+    assert set(rows) == set(TFLITE) and all(r["runtime"] == "LiteRT" for r in rows.values())  # all made, all ran
+    assert rows["tflite-float32"]["max_abs_diff"] <= 1e-4 and "tflite-float32" in outcome["delivered"]
+    for fmt in TFLITE:
+        if fmt in outcome["refused"]:
+            why = outcome["refused"][fmt]
+            assert why["stage"] == "verify" and "max |Δp|" in why["reason"] and not rows[fmt]["passed"]
+        else:
+            assert rows[fmt]["passed"] and result.folders[fmt].is_file()
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise PollinateError(f"the TF.js graph converter failed: {type(err).__name__}: {first[:300]}") from None
         document = json.loads((staging / MODEL_JSON).read_text())
+        _expand_scalar_biases(document, staging)
         document["convertedBy"] = f"{document.get('convertedBy') or 'TensorFlow.js Converter'} via Pollinate (export.tfjs_graph)"
         (staging / MODEL_JSON).write_text(json.dumps(document))
         for stale in out_dir.iterdir():
@@ -139,6 +140,71 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
             written.append(out_dir / name)
         shutil.move(staging / MODEL_JSON, out_dir / MODEL_JSON)
     return [out_dir / MODEL_JSON, *written]
+
+
+_FUSED = {"FusedConv2D": 3, "FusedDepthwiseConv2dNative": 3, "_FusedMatMul": 1}  # op -> filter axis giving channels
+_ELEMENT_BYTES = {"float32": 4, "int32": 4, "float16": 2, "uint8": 1, "bool": 1}
+
+
+def _spec_bytes(spec: dict) -> int:
+    dtype = (spec.get("quantization") or {}).get("dtype") or spec["dtype"]
+    count = 1
+    for d in spec["shape"]:
+        count *= int(d)
+    return count * _ELEMENT_BYTES[dtype]
+
+
+def _expand_scalar_biases(document: dict, folder: Path) -> None:
+    """Give fused ops a per-channel bias where the converter folded a scalar into one.
+
+    Grappler fuses `Conv2D + BiasAdd + Add(scalar)` (MobileNetV3's hard-sigmoid `x + 3`) into
+    a FusedConv2D whose bias is a scalar constant; TF.js' cpu backend broadcasts it, but the wasm
+    backend refuses ("FusedConv2D only supports rank-1 bias but got rank 0"). The scalar is
+    repeated once per output channel (the same bytes, so quantized weights stay exact)."""
+    topology = document.get("modelTopology") or {}
+    nodes = list(topology.get("node", []))
+    for function in (topology.get("library") or {}).get("function", []):
+        nodes.extend(function.get("nodeDef", []))
+    specs = {}
+    for group_index, group in enumerate(document.get("weightsManifest", [])):
+        for spec in group["weights"]:
+            specs[spec["name"]] = (group_index, spec)
+    expand: dict[str, int] = {}
+    for node in nodes:
+        axis = _FUSED.get(node.get("op"))
+        inputs = [i.split(":")[0].lstrip("^") for i in node.get("input", [])]
+        if axis is None or len(inputs) < 3 or inputs[2] not in specs or inputs[1] not in specs:
+            continue
+        bias, kernel = specs[inputs[2]][1], specs[inputs[1]][1]
+        if bias["shape"] == [] and len(kernel["shape"]) > axis:
+            channels = int(kernel["shape"][axis])
+            if node.get("op") == "FusedDepthwiseConv2dNative":
+                channels *= int(kernel["shape"][2])
+            expand[inputs[2]] = channels
+    if not expand:
+        return
+    for group_index, group in enumerate(document["weightsManifest"]):
+        if not any(specs.get(name, (None,))[0] == group_index for name in expand):
+            continue
+        data = b"".join((folder / path).read_bytes() for path in group["paths"])
+        out, at = [], 0
+        for spec in group["weights"]:
+            size = _spec_bytes(spec)
+            chunk = data[at:at + size]
+            at += size
+            if spec["name"] in expand:
+                spec["shape"] = [expand[spec["name"]]]
+                chunk = chunk * expand[spec["name"]]
+            out.append(chunk)
+        payload = b"".join(out)
+        for path in group["paths"]:
+            (folder / path).unlink()
+        shard = 4 * 1024 * 1024
+        count = max(1, -(-len(payload) // shard))
+        prefix = group["paths"][0].split("-shard")[0] if group["paths"] else f"group{group_index + 1}"
+        group["paths"] = [f"{prefix}-shard{i + 1}of{count}.bin" for i in range(count)]
+        for i, path in enumerate(group["paths"]):
+            (folder / path).write_bytes(payload[i * shard:(i + 1) * shard])
 
 
 def write_tfjs_graph(model, out_dir, *, quantize: str | None = None) -> list[Path]:

@@ -127,7 +127,7 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise PollinateError(f"the TF.js graph converter failed: {type(err).__name__}: {first[:300]}") from None
         document = json.loads((staging / MODEL_JSON).read_text())
-        _expand_scalar_biases(document, staging)
+        _fix_fused_ops(document, staging)
         document["convertedBy"] = f"{document.get('convertedBy') or 'TensorFlow.js Converter'} via Pollinate (export.tfjs_graph)"
         (staging / MODEL_JSON).write_text(json.dumps(document))
         for stale in out_dir.iterdir():
@@ -142,8 +142,9 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
     return [out_dir / MODEL_JSON, *written]
 
 
-_FUSED = {"FusedConv2D": 3, "FusedDepthwiseConv2dNative": 3, "_FusedMatMul": 1}  # op -> filter axis giving channels
 _ELEMENT_BYTES = {"float32": 4, "int32": 4, "float16": 2, "uint8": 1, "bool": 1}
+_CONV_OPS = {"_FusedConv2D", "FusedConv2D", "FusedDepthwiseConv2dNative", "_FusedMatMul"}
+_HARD_SWISH = "_FusedHardSwish"
 
 
 def _spec_bytes(spec: dict) -> int:
@@ -154,57 +155,149 @@ def _spec_bytes(spec: dict) -> int:
     return count * _ELEMENT_BYTES[dtype]
 
 
-def _expand_scalar_biases(document: dict, folder: Path) -> None:
-    """Give fused ops a per-channel bias where the converter folded a scalar into one.
+class _Weights:
+    """A graph model's weights as (spec, bytes) per group, edited and written back as shards."""
 
-    Grappler fuses `Conv2D + BiasAdd + Add(scalar)` (MobileNetV3's hard-sigmoid `x + 3`) into
-    a FusedConv2D whose bias is a scalar constant; TF.js' cpu backend broadcasts it, but the wasm
-    backend refuses ("FusedConv2D only supports rank-1 bias but got rank 0"). The scalar is
-    repeated once per output channel (the same bytes, so quantized weights stay exact)."""
+    def __init__(self, document: dict, folder: Path):
+        self.document, self.folder = document, folder
+        self.groups: list[list[list]] = []
+        self.where: dict[str, tuple[int, int]] = {}
+        for g, group in enumerate(document.get("weightsManifest", [])):
+            data = b"".join((folder / path).read_bytes() for path in group["paths"])
+            entries, at = [], 0
+            for spec in group["weights"]:
+                size = _spec_bytes(spec)
+                self.where[spec["name"]] = (g, len(entries))
+                entries.append([spec, data[at:at + size]])
+                at += size
+            self.groups.append(entries)
+        self.changed = False
+
+    def spec(self, name: str) -> dict | None:
+        at = self.where.get(name)
+        return None if at is None else self.groups[at[0]][at[1]][0]
+
+    def data(self, name: str) -> bytes:
+        g, i = self.where[name]
+        return self.groups[g][i][1]
+
+    def add(self, spec: dict, data: bytes) -> None:
+        if spec["name"] in self.where:
+            return
+        if not self.groups:
+            self.groups.append([])
+            self.document.setdefault("weightsManifest", []).append({"paths": [], "weights": []})
+        self.where[spec["name"]] = (0, len(self.groups[0]))
+        self.groups[0].append([spec, data])
+        self.changed = True
+
+    def write(self, shard_bytes: int = 4 * 1024 * 1024) -> None:
+        if not self.changed:
+            return
+        for g, (group, entries) in enumerate(zip(self.document["weightsManifest"], self.groups)):
+            for path in group["paths"]:
+                (self.folder / path).unlink(missing_ok=True)
+            payload = b"".join(data for _, data in entries)
+            count = -(-len(payload) // shard_bytes)
+            group["weights"] = [spec for spec, _ in entries]
+            group["paths"] = [f"group{g + 1}-shard{i + 1}of{count}.bin" for i in range(count)]
+            for i, path in enumerate(group["paths"]):
+                (self.folder / path).write_bytes(payload[i * shard_bytes:(i + 1) * shard_bytes])
+
+
+def _nodes(document: dict) -> list[list[dict]]:
     topology = document.get("modelTopology") or {}
-    nodes = list(topology.get("node", []))
-    for function in (topology.get("library") or {}).get("function", []):
-        nodes.extend(function.get("nodeDef", []))
-    specs = {}
-    for group_index, group in enumerate(document.get("weightsManifest", [])):
-        for spec in group["weights"]:
-            specs[spec["name"]] = (group_index, spec)
-    expand: dict[str, int] = {}
-    for node in nodes:
-        axis = _FUSED.get(node.get("op"))
-        inputs = [i.split(":")[0].lstrip("^") for i in node.get("input", [])]
-        if axis is None or len(inputs) < 3 or inputs[2] not in specs or inputs[1] not in specs:
-            continue
-        bias, kernel = specs[inputs[2]][1], specs[inputs[1]][1]
-        if bias["shape"] == [] and len(kernel["shape"]) > axis:
-            channels = int(kernel["shape"][axis])
-            if node.get("op") == "FusedDepthwiseConv2dNative":
-                channels *= int(kernel["shape"][2])
-            expand[inputs[2]] = channels
-    if not expand:
+    lists = [topology.setdefault("node", [])]
+    lists.extend(function.setdefault("nodeDef", []) for function in (topology.get("library") or {}).get("function", []))
+    return lists
+
+
+def _fused_ops(node: dict) -> list[str]:
+    import base64
+
+    return [base64.b64decode(v).decode() for v in ((node.get("attr") or {}).get("fused_ops") or {}).get("list", {}).get("s", [])]
+
+
+def _set_fused_ops(node: dict, ops: list[str]) -> None:
+    import base64
+
+    node["attr"]["fused_ops"] = {"list": {"s": [base64.b64encode(op.encode()).decode() for op in ops]}}
+
+
+def _scalar_const(weights: _Weights, nodes: list[dict], name: str, value: float) -> str:
+    import numpy as np
+
+    if weights.spec(name) is None:
+        weights.add({"name": name, "shape": [], "dtype": "float32"}, np.float32(value).tobytes())
+    if not any(n.get("name") == name for n in nodes):
+        nodes.append({"name": name, "op": "Const", "attr": {
+            "value": {"tensor": {"dtype": "DT_FLOAT", "tensorShape": {}}}, "dtype": {"type": "DT_FLOAT"}}})
+    return name
+
+
+def _output_channels(node: dict, weights: _Weights) -> int | None:
+    inputs = [i.split(":")[0] for i in node.get("input", [])]
+    kernel = weights.spec(inputs[1]) if len(inputs) > 1 else None
+    if kernel is None:
+        return None
+    shape = kernel["shape"]
+    if node["op"] == "_FusedMatMul":
+        return int(shape[0 if (node.get("attr", {}).get("transpose_b") or {}).get("b") else 1]) if len(shape) == 2 else None
+    if len(shape) != 4:
+        return None
+    return int(shape[2]) * int(shape[3]) if node["op"] == "FusedDepthwiseConv2dNative" else int(shape[3])
+
+
+def _fix_fused_ops(document: dict, folder: Path) -> None:
+    """Make the converter's fused convolutions runnable on every TF.js backend.
+
+    - TF 2.19's grappler fuses MobileNetV3's hard-swish into the convolution
+      (`fused_ops: [BiasAdd, _FusedHardSwish]`), an activation TF.js has no kernel for: the
+      activation is split off again as `x * relu6(x + 3) * (1/6)` (the ops Keras computes).
+    - It also folds a scalar addition into a fused op's bias (hard-sigmoid's `+ 3`): TF.js' cpu
+      backend broadcasts it, wasm refuses ("FusedConv2D only supports rank-1 bias but got rank
+      0"): such a bias becomes a per-channel copy (the same bytes, so quantized weights stay exact).
+    """
+    weights = _Weights(document, folder)
+    for nodes in _nodes(document):
+        for node in list(nodes):
+            if node.get("op") not in _CONV_OPS:
+                continue
+            ops = _fused_ops(node)
+            inputs = node.get("input", [])
+            if ops[:1] == ["BiasAdd"] and len(inputs) > 2:
+                bias = weights.spec(inputs[2].split(":")[0])
+                channels = _output_channels(node, weights)
+                if bias is not None and bias["shape"] == [] and channels:
+                    name = f"{bias['name']}/per_channel_{channels}"
+                    weights.add({**bias, "name": name, "shape": [channels]}, weights.data(bias["name"]) * channels)
+                    _scalar_const_node(nodes, name, [channels], bias["dtype"])
+                    inputs[2] = name
+                    weights.changed = True
+            if ops and ops[-1] == _HARD_SWISH:
+                _set_fused_ops(node, ops[:-1])
+                name = node["name"]
+                inner = node["name"] = f"{name}/pollinate_conv"
+                three = _scalar_const(weights, nodes, "pollinate/hard_swish/three", 3.0)
+                sixth = _scalar_const(weights, nodes, "pollinate/hard_swish/one_sixth", 1.0 / 6.0)
+                t = {"T": {"type": "DT_FLOAT"}}
+                nodes.extend([
+                    {"name": f"{name}/pollinate_add", "op": "AddV2", "input": [inner, three], "attr": dict(t)},
+                    {"name": f"{name}/pollinate_relu6", "op": "Relu6", "input": [f"{name}/pollinate_add"], "attr": dict(t)},
+                    {"name": f"{name}/pollinate_mul", "op": "Mul", "input": [inner, f"{name}/pollinate_relu6"], "attr": dict(t)},
+                    {"name": name, "op": "Mul", "input": [f"{name}/pollinate_mul", sixth], "attr": dict(t)},
+                ])
+                weights.changed = True
+    weights.write()
+
+
+def _scalar_const_node(nodes: list[dict], name: str, shape: list[int], dtype: str) -> None:
+    if any(n.get("name") == name for n in nodes):
         return
-    for group_index, group in enumerate(document["weightsManifest"]):
-        if not any(specs.get(name, (None,))[0] == group_index for name in expand):
-            continue
-        data = b"".join((folder / path).read_bytes() for path in group["paths"])
-        out, at = [], 0
-        for spec in group["weights"]:
-            size = _spec_bytes(spec)
-            chunk = data[at:at + size]
-            at += size
-            if spec["name"] in expand:
-                spec["shape"] = [expand[spec["name"]]]
-                chunk = chunk * expand[spec["name"]]
-            out.append(chunk)
-        payload = b"".join(out)
-        for path in group["paths"]:
-            (folder / path).unlink()
-        shard = 4 * 1024 * 1024
-        count = max(1, -(-len(payload) // shard))
-        prefix = group["paths"][0].split("-shard")[0] if group["paths"] else f"group{group_index + 1}"
-        group["paths"] = [f"{prefix}-shard{i + 1}of{count}.bin" for i in range(count)]
-        for i, path in enumerate(group["paths"]):
-            (folder / path).write_bytes(payload[i * shard:(i + 1) * shard])
+    tf_dtype = {"float32": "DT_FLOAT", "int32": "DT_INT32"}.get(dtype, "DT_FLOAT")
+    nodes.append({"name": name, "op": "Const", "attr": {
+        "value": {"tensor": {"dtype": tf_dtype, "tensorShape": {"dim": [{"size": str(d)} for d in shape]}}},
+        "dtype": {"type": tf_dtype}}})
 
 
 def write_tfjs_graph(model, out_dir, *, quantize: str | None = None) -> list[Path]:

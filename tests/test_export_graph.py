@@ -191,13 +191,8 @@ MOBILE_CASES = {
 }
 
 
-V3_GAP = ("TF 2.19's grappler fuses MobileNetV3's hard-swish into the convolution (fused_ops _FusedHardSwish), "
-          "an activation TF.js 4.22 has no fused kernel for: the graph needs un-fusing before TF.js runs it")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n if "v2" in n else pytest.param(n, marks=pytest.mark.xfail(reason=V3_GAP, strict=False))
-                                  for n in MOBILE_CASES])
+@pytest.mark.parametrize("name", list(MOBILE_CASES))
 def test_mobile_architectures_match_keras_in_tfjs(keras, tmp_path, name):
     from export.node_runner import run_tfjs
     from export.tfjs import write_tfjs_any

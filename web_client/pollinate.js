@@ -19,6 +19,7 @@ import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
 import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
 import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
 import { sha256Hex } from './lib/integrity.js';
+import { registerMissingKernels } from './lib/kernels.js';
 import { Poller } from './lib/poller.js';
 
 export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCache, PollinateError, Poller };
@@ -440,6 +441,7 @@ export class PollinateClient {
       const chosen = await chooseBackend(this.tf, this.options);
       this.backend = chosen.name;
       this.skippedBackends = chosen.skipped;
+      registerMissingKernels(this.tf, this.backend);  // e.g. Einsum on wasm, for graph models
     }
   }
 

@@ -68,6 +68,7 @@ import readline from 'node:readline';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
+import { registerMissingKernels } from '../../web_client/lib/kernels.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 
@@ -203,6 +204,7 @@ async function loadTf(backend) {
   if (backend === 'wasm' && !wasmReady) {
     const wasm = await import('@tensorflow/tfjs-backend-wasm');
     wasm.setWasmPaths(wasmFolder());
+    registerMissingKernels(tf, 'wasm');  // Einsum (MultiHeadAttention graph models), shared with the web client
     wasmReady = true;
   }
   if (!(await tf.setBackend(backend))) throw new Error(`the ${backend} backend failed to initialise`);

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,9 @@ class ExportOptions:
     latency_repeats: int = 50
     learning_rate: float = 1e-3  # the on-device optimizer's step (tflite-train)
     strict: bool = False  # all or nothing: one refused format refuses the export
+    # a model tfjs-layers cannot express (a GRU with reset_after=True, attention) gets a TF.js
+    # graph model instead, when the TF.js exporter can make one and tfjs-graph was not asked for
+    tfjs_graph_fallback: bool = True
 
     def check(self) -> None:
         unknown = [f for f in self.formats if f not in KNOWN_FORMATS]
@@ -99,6 +102,12 @@ class ExportResult:
         return out
 
 
+def _graph_models_available() -> bool:
+    from . import tfjs
+
+    return hasattr(tfjs, "write_tfjs_any")
+
+
 def outcome_status(delivered, requested) -> str:
     return "all" if len(delivered) == len(requested) else "some" if delivered else "none"
 
@@ -111,24 +120,20 @@ def exit_code(outcome: dict) -> int:
 def _tfjs_writer(fmt: str, options: ExportOptions):
     """The function writing one TF.js format into a folder (raises naming the layer/op).
 
-    `tfjs-layers` is the LayersModel writer here; the graph model and the weight-quantized
-    formats come from `export.tfjs.write_tfjs_any` when the TF.js exporter provides it."""
+    `tfjs-layers` is always a LayersModel and `tfjs-graph` a graph model; the weight-quantized
+    `tfjs-float16` / `tfjs-uint8` are whichever kind `write_tfjs_any` can make (layers first)."""
     from . import tfjs
 
-    if fmt == "tfjs-layers":
-        return lambda model, folder: tfjs.write_tfjs(model, folder, quantize=options.tfjs_quantize)
     write_any = getattr(tfjs, "write_tfjs_any", None)
+    if fmt == "tfjs-layers":
+        if write_any is None:
+            return lambda model, folder: tfjs.write_tfjs(model, folder, quantize=options.tfjs_quantize)
+        return lambda model, folder: write_any(model, folder, quantize=options.tfjs_quantize, kind="layers")
     if write_any is None:
         raise InvalidInput(f"{fmt} is not available in this version of the TF.js exporter")
-
-    def write(model, folder):
-        written = write_any(model, folder, quantize=TFJS_QUANTIZED.get(fmt))
-        kind = getattr(written, "kind", None)
-        if fmt == "tfjs-graph" and kind != "graph":
-            raise InvalidInput(f"the TF.js exporter wrote a {kind} model, not a graph model")
-        return written
-
-    return write
+    if fmt == "tfjs-graph":
+        return lambda model, folder: write_any(model, folder, quantize=options.tfjs_quantize, kind="graph")
+    return lambda model, folder: write_any(model, folder, quantize=TFJS_QUANTIZED[fmt])
 
 
 def export_model(
@@ -178,7 +183,7 @@ def export_model(
         refused[fmt] = {"stage": stage, "reason": reason}
         say(f"{fmt} refused: {reason}")
 
-    for fmt in (f for f in requested if f.startswith("tfjs")):
+    def write_tfjs_format(fmt: str) -> None:
         folder = out_dir / TFJS_FOLDERS[fmt]
         say(f"writing {fmt}")
         try:
@@ -189,6 +194,13 @@ def export_model(
             refuse(fmt, "convert", exc)
         make_seconds[fmt] = time.perf_counter() - clock
         lap(fmt)
+
+    for fmt in [f for f in requested if f.startswith("tfjs")]:
+        write_tfjs_format(fmt)
+        if (fmt == "tfjs-layers" and fmt in refused and options.tfjs_graph_fallback and "tfjs-graph" not in requested
+                and _graph_models_available()):
+            requested.insert(requested.index(fmt) + 1, "tfjs-graph")  # reported like any requested format
+            write_tfjs_format("tfjs-graph")
     variants = [TFLITE_FORMATS[f] for f in requested if f in TFLITE_FORMATS]
     if variants:
         say("converting TFLite " + ", ".join(variants))
@@ -310,6 +322,8 @@ def export_version(
             f"{name} v{record.version} already has {', '.join(present)}; versions are immutable "
             f"(choose other --formats, or export a new version)"
         )
+    if "tfjs-graph" in record.artifacts:  # a fallback would collide with the attached one
+        options = replace(options, tfjs_graph_fallback=False)
     model = load_keras_model(store, name, record.version)
     dataset = reload_dataset(record.lineage.extra.get("data", {}), record.lineage.dataset_fingerprint)
     task = "classification" if record.labels else "regression"

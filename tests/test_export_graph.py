@@ -52,7 +52,7 @@ BUILDERS = {"gru": _gru, "mha": _mha, "causal": _causal}
 # What TF.js 4.22 cannot do on its wasm backend (the cpu backend runs all three; browsers take
 # WebGL first): a GRU's While/TensorList loop fails in tfjs-backend-wasm's reshape ("Cannot read
 # properties of undefined (reading 'backend')"). (MultiHeadAttention's Einsum, which wasm lacks
-# too, runs through web_client/lib/kernels.js.)
+# too, runs through web_client/lib/backend.js' registerMissingKernels.)
 WASM_GAPS = {"gru": "reading 'backend'"}
 
 
@@ -255,7 +255,7 @@ def test_graph_model_loads_and_predicts_in_chromium_through_pollinate_js(graph_m
     if missing_requirements():
         pytest.skip("; ".join(missing_requirements()))
     store = Store(tmp_path / "store")
-    cases = {"causal": None, "gru": ["cpu"]}  # the GRU's While loop: cpu (wasm cannot run it, see WASM_GAPS)
+    cases = {"causal": None, "mha": None, "gru": ["cpu"]}  # MHA: Einsum on wasm; GRU: cpu (see WASM_GAPS)
     samples = {}
     for name in cases:
         model, written = graph_models[name]["model"], graph_models[name]["written"]

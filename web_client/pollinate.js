@@ -14,12 +14,11 @@
 // TF.js: pass `tf` (the module) or let the client `import('@tensorflow/tfjs')` (Node resolves
 // it from node_modules; a page maps the bare name with an import map, see index.html).
 
-import { chooseBackend, DEFAULT_BACKENDS } from './lib/backend.js';
+import { chooseBackend, DEFAULT_BACKENDS, registerMissingKernels } from './lib/backend.js';
 import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
 import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
 import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
 import { sha256Hex } from './lib/integrity.js';
-import { registerMissingKernels } from './lib/kernels.js';
 import { Poller } from './lib/poller.js';
 
 export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCache, PollinateError, Poller };

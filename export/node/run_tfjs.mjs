@@ -68,7 +68,7 @@ import readline from 'node:readline';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { registerMissingKernels } from '../../web_client/lib/kernels.js';
+import { registerMissingKernels } from '../../web_client/lib/backend.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 
@@ -204,7 +204,7 @@ async function loadTf(backend) {
   if (backend === 'wasm' && !wasmReady) {
     const wasm = await import('@tensorflow/tfjs-backend-wasm');
     wasm.setWasmPaths(wasmFolder());
-    registerMissingKernels(tf, 'wasm');  // Einsum (MultiHeadAttention graph models), shared with the web client
+    registerMissingKernels(tf, 'wasm');  // Einsum (MultiHeadAttention graph models): web_client/lib/backend.js
     wasmReady = true;
   }
   if (!(await tf.setBackend(backend))) throw new Error(`the ${backend} backend failed to initialise`);

@@ -43,8 +43,10 @@ def export(
     from export.pipeline import ExportOptions, ExportRejected, exit_code, export_file, export_version
 
     console = human_console(as_json)
-    options = ExportOptions(int8_io=int8_io, tfjs_quantize=tfjs_quantize, strict=strict)
     chosen = parse_formats(formats)
+    # the default formats mean "every format its runtimes can run": tfjs-graph stands in for a
+    # refused tfjs-layers; formats chosen with --formats are made exactly as asked
+    options = ExportOptions(int8_io=int8_io, tfjs_quantize=tfjs_quantize, strict=strict, tfjs_graph_fallback=not chosen)
     if chosen:
         options.formats = chosen
     options.check()

@@ -62,8 +62,9 @@ class ExportOptions:
     learning_rate: float = 1e-3  # the on-device optimizer's step (tflite-train)
     strict: bool = False  # all or nothing: one refused format refuses the export
     # a model tfjs-layers cannot express (a GRU with reset_after=True, attention) gets a TF.js
-    # graph model instead, when the TF.js exporter can make one and tfjs-graph was not asked for
-    tfjs_graph_fallback: bool = True
+    # graph model instead, when tfjs-graph was not asked for. On for the default formats
+    # (`pollinate export` without --formats, `pollinate train`); explicit formats are exact.
+    tfjs_graph_fallback: bool = False
 
     def check(self) -> None:
         unknown = [f for f in self.formats if f not in KNOWN_FORMATS]
@@ -151,9 +152,9 @@ def export_model(
     """Write the chosen formats into out_dir, each made and verified on its own, and the report.
 
     A format that cannot be made or fails its gate is refused (its files removed, the reason
-    in `report["outcome"]["refused"]`); the others are delivered. Never raises for a refused
-    format unless `options.strict` (then ExportRejected, after writing the report); callers
-    decide what "none delivered" means for them."""
+    in `report["outcome"]["refused"]`); the others are delivered. Raises ExportRejected (after
+    writing the report, which the exception carries) only when nothing was delivered, or when
+    `options.strict` and anything was refused."""
     from . import tflite
     from .ondevice import write_training_tflite
 
@@ -266,6 +267,8 @@ def export_model(
     report_files["export-report.md"].write_text(markdown)
     if options.strict and refused:
         raise ExportRejected("--strict: export refused, nothing published: " + "; ".join(report["failures"]), report)
+    if not delivered:
+        raise ExportRejected("no format passed, nothing published: " + "; ".join(report["failures"]), report)
     return ExportResult(folders, report, markdown, report_files)
 
 
@@ -285,7 +288,7 @@ def check_runtimes(formats) -> None:
 def export_for_publish(options: ExportOptions | None = None, progress: Progress | None = None):
     """The `extra_artifacts` hook for training: export + verify before the version exists.
     Made before training starts, so a missing runtime is reported before minutes of work."""
-    options = options or ExportOptions()
+    options = options or ExportOptions(tfjs_graph_fallback=True)
     check_runtimes(options.formats)
 
     def hook(model, dataset, scratch: Path) -> dict[str, dict[str, Path]]:
@@ -337,9 +340,6 @@ def export_version(
     with tempfile.TemporaryDirectory(prefix="pollinate-export-") as scratch:
         result = export_model(model, Path(scratch), task=task, x_eval=x, y_eval=y, calibration=calibration,
                               options=options, title=f"{name} v{record.version}", progress=progress)
-        if not result.outcome["delivered"]:
-            raise ExportRejected(f"no format passed, nothing attached to {name} v{record.version}: "
-                                 + "; ".join(result.report["failures"]), result.report)
         artifacts = result.artifacts()
         artifacts[report_format(record.artifacts)] = artifacts.pop("export-report")
         updated = store.add_artifacts(name, record.version, artifacts)
@@ -442,7 +442,7 @@ def export_file(
             result = export_model(model, Path(scratch), task=task, x_eval=x[:EVAL_LIMIT],
                                   y_eval=None if y is None else y[:EVAL_LIMIT], calibration=x,
                                   options=options, title=keras_path.name, progress=progress)
-        except ExportRejected:  # --strict and a format was refused: DIR gets just the report
+        except ExportRejected:  # none delivered (or --strict and one refused): DIR gets just the report
             _copy_reports(Path(scratch), out_dir)
             raise
         for sub in ("tflite", *TFJS_FOLDERS.values()):
@@ -451,8 +451,6 @@ def export_file(
             if (Path(scratch) / sub).exists() and any((Path(scratch) / sub).iterdir()):
                 shutil.move(str(Path(scratch) / sub), out_dir / sub)
         _copy_reports(Path(scratch), out_dir)
-    if not result.outcome["delivered"]:
-        raise ExportRejected("no format passed: " + "; ".join(result.report["failures"]), result.report)
     return result.report
 
 

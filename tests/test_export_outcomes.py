@@ -136,23 +136,20 @@ def test_gru_refused_by_tfjs_layers_leaves_the_rest_delivered_and_strict_refuses
     report = json.loads((out / "export-report.json").read_text())
     outcome = report["outcome"]
     assert outcome["status"] == "some"
-    # tfjs-layers cannot express the GRU: a TF.js graph model is made instead, verified in Node
-    assert outcome["requested"] == ["tfjs-layers", "tfjs-graph", "tflite-float32", "tflite-int8"]
-    graph_rows = {r["runtime"]: r for r in report["formats"] if r["format"] == "tfjs-graph"}
-    assert set(graph_rows) == {"tfjs cpu", "tfjs wasm"} and graph_rows["tfjs cpu"]["passed"]
-    # the graph model is delivered only when every backend ran it (measured: wasm fails on this
-    # GRU graph in Node today, so it is refused with the runner's message; the TF.js room's bug)
-    graph_ok = all(r["passed"] for r in graph_rows.values())
-    assert outcome["delivered"] == (["tfjs-graph"] if graph_ok else []) + ["tflite-float32"]
-    if not graph_ok:
-        assert outcome["refused"]["tfjs-graph"]["stage"] == "verify" and "tfjs wasm" in outcome["refused"]["tfjs-graph"]["reason"]
+    assert outcome["requested"] == formats.split(",") and outcome["delivered"] == ["tflite-float32"]
     refused = outcome["refused"]["tfjs-layers"]
     assert refused["stage"] == "convert" and "gru_reset_after" in refused["reason"] and "GRU" in refused["reason"]
     # TF 2.19's converter segfaults calibrating Keras 3 GRUs: in a child process, that refuses int8 only
     assert "crashed" in outcome["refused"]["tflite-int8"]["reason"]
     assert sorted(p.name for p in (out / "tflite").iterdir()) == ["float32.tflite"]
-    assert not (out / "tfjs").exists() and (out / "tfjs-graph").exists() == graph_ok
+    assert not (out / "tfjs").exists()
     assert np.abs(LiteRTRunner(out / "tflite" / "float32.tflite").predict(x) - model.predict(x, verbose=0)).max() < 1e-4
+
+    # with the default formats (train, export without --formats) a TF.js graph model stands in
+    result = export(model, x, tmp_path / "fallback", formats=("tfjs-layers",), tfjs_graph_fallback=True)
+    assert result.outcome["requested"] == ["tfjs-layers", "tfjs-graph"]
+    assert result.outcome["delivered"] == ["tfjs-graph"] and "tfjs-layers" in result.outcome["refused"]
+    assert json.loads((result.folders["tfjs-graph"] / "model.json").read_text())["format"] == "graph-model"
 
     strict = tmp_path / "strict"
     result = run_cli("export", str(tmp_path / "gru.keras"), "--out", str(strict), "--samples", str(tmp_path / "x.npy"),
@@ -166,7 +163,7 @@ def test_gru_refused_by_tfjs_layers_leaves_the_rest_delivered_and_strict_refuses
 def test_no_format_delivered_exits_4_with_the_reasons(tmp_path):
     attention_gelu_model().save(tmp_path / "attn.keras")
     out = tmp_path / "out"
-    result = run_cli("export", str(tmp_path / "attn.keras"), "--out", str(out), "--formats", "tfjs-layers")
+    result = run_cli("export", str(tmp_path / "attn.keras"), "--out", str(out), "--formats", "tfjs-layers,tfjs-graph")
     assert result.returncode == 4, result.stderr
     outcome = json.loads((out / "export-report.json").read_text())["outcome"]
     assert outcome["delivered"] == [] and set(outcome["refused"]) == {"tfjs-layers", "tfjs-graph"}
@@ -188,8 +185,7 @@ def test_stored_version_carries_only_verified_formats_and_says_what_was_refused(
     result = run_cli("export", "gru", "--formats", "tfjs-layers,tflite-float32", home=home)
     assert result.returncode == 3, result.stderr
     record = store.get_version("gru", 1)
-    graph = "tfjs-graph" in record.artifacts  # the fallback, when Node ran it on every backend
-    assert {"keras", "tflite-float32", "export-report"} | ({"tfjs-graph"} if graph else set()) == set(record.artifacts)
+    assert {"keras", "tflite-float32", "export-report"} == set(record.artifacts)
     # a later export of the refused format delivers nothing: nothing attached, exit 4
     result = run_cli("export", "gru", "--formats", "tfjs-layers", home=home)
     assert result.returncode == 4 and set(store.get_version("gru", 1).artifacts) == set(record.artifacts)
@@ -199,19 +195,14 @@ def test_stored_version_carries_only_verified_formats_and_says_what_was_refused(
     assert {"tflite-dynamic", "export-report-2"} <= set(record.artifacts)
 
     outcome = version_outcome(store, record)
-    assert outcome["delivered"] == (["tfjs-graph"] if graph else []) + ["tflite-dynamic", "tflite-float32"]
-    assert outcome["tfjs_kinds"] == ({"tfjs-graph": "graph"} if graph else {})
+    assert outcome["delivered"] == ["tflite-dynamic", "tflite-float32"]
     assert "gru_reset_after" in outcome["refused"]["tfjs-layers"]["reason"]
-    assert graph or outcome["refused"]["tfjs-graph"]["stage"] == "verify"
     manifest = build_manifest(record, export_outcome=outcome)
     assert manifest["export"]["refused"]["tfjs-layers"]["stage"] == "convert"
-    assert not graph or manifest["artifacts"]["tfjs-graph"]["kind"] == "graph"
-    plain = build_manifest(record)
-    assert plain["export"] == {"delivered": outcome["delivered"], "refused": None}
+    assert build_manifest(record)["export"] == {"delivered": outcome["delivered"], "refused": None}
 
     shown = run_cli("models", "show", "gru", home=home)
     assert shown.returncode == 0 and "refused   tfjs-layers (convert)" in shown.stdout
-    assert not graph or "tfjs-graph (graph)" in shown.stdout
     shown = json.loads(run_cli("models", "show", "gru", "--json", home=home).stdout)
     assert shown["export"]["refused"]["tfjs-layers"]["stage"] == "convert"
 

@@ -117,7 +117,9 @@ def markdown(payload: dict) -> str:
              f"warm-up, {payload['machine']['cpus']} CPUs. Ratios are against Keras in the same run: size against the "
              "`.keras` file, latency against `model(x)`. *make s* is the time to write the format (the TFLite "
              "variants share one trace, counted in the first), *verify s* the time to load it, predict every sample "
-             "and time the latency. MobileNets: random weights with batch statistics from a batch, random images.", ""]
+             "and time the latency. MobileNets: random weights with batch statistics from a batch, random images "
+             "(no pretrained weights offline): how far quantized variants drift on them says little about a trained "
+             "model, and the gates withhold any that drift too far (rows marked refused are not delivered).", ""]
     for result in payload["models"]:
         keras = result["keras"]
         outcome = result["outcome"]

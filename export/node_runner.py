@@ -201,6 +201,8 @@ class NodeVerifier:
             self.close()
             raise PollinateError(f"TF.js {mode} in Node failed: answer {answer.get('id')} to request {request_id}")
         if not answer.get("ok"):
+            if answer.get("recycle"):  # the failed request left tensors behind: the next one gets a fresh Node
+                self.close()
             raise PollinateError(f"TF.js {mode} in Node failed: {answer.get('error') or 'no message'}")
         return answer["report"]
 

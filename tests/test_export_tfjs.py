@@ -100,7 +100,7 @@ def test_dense_activations_and_merges(tmp_path):
                               L.Maximum()([a, b]), L.Minimum()([a, b])])
     y = L.Activation("tanh")(merged)
     y = L.ReLU(max_value=0.5)(L.Dense(12)(y))
-    y = L.ReLU(negative_slope=0.1)(L.Dense(12)(y))  # rewritten as LeakyReLU
+    y = L.ReLU(negative_slope=0.1, name="re_lu_1")(L.Dense(12)(y))  # rewritten as LeakyReLU
     y = L.LeakyReLU(negative_slope=0.2)(y)
     y = L.ELU()(y)
     y = L.PReLU(name="prelu")(y)

@@ -210,6 +210,7 @@ async function loadTf(backend) {
   if (!(await tf.setBackend(backend))) throw new Error(`the ${backend} backend failed to initialise`);
   await tf.ready();
   tf.enableProdMode();
+  loadedTf = tf;
   return tf;
 }
 
@@ -486,6 +487,12 @@ async function hello() {
   };
 }
 
+let loadedTf = null;  // the TF.js module, once a request has loaded it
+
+function liveTensors() {
+  return loadedTf ? loadedTf.memory().numTensors : 0;
+}
+
 async function serve() {
   // stdout carries the answers and nothing else: TF.js' own messages go to stderr
   for (const name of ['log', 'info', 'warn', 'debug']) console[name] = (...a) => console.error(...a);
@@ -494,13 +501,18 @@ async function serve() {
   for await (const line of lines) {
     if (!line.trim()) continue;
     let id = null;
+    const before = liveTensors();
     try {
       const request = JSON.parse(line);
       id = request.id ?? null;
       const report = request.mode === 'hello' ? await hello() : await runRequest(checkArgs({ ...request.args, mode: request.mode }));
       await reply({ id, ok: true, report });
     } catch (err) {
-      await reply({ id, ok: false, error: errorMessage(err), usage: err instanceof UsageError || err instanceof SyntaxError });
+      // A kernel that fails half-way can keep tensors beyond the request's scope (TF.js 4.22's
+      // wasm TensorList does): then ask the caller to recycle this process, so no check ever
+      // runs beside another's leftovers.
+      const recycle = liveTensors() > before;
+      await reply({ id, ok: false, error: errorMessage(err), usage: err instanceof UsageError || err instanceof SyntaxError, recycle });
     }
   }
 }

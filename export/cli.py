@@ -105,6 +105,8 @@ def print_report(console, report: dict, title: str) -> None:
         verdict = "ok" if row["passed"] else f"refused: {row['gate']}"
         if row["passed"] and row["format"] in outcome["refused"]:
             verdict = "refused (another runtime failed)"
+        elif not row["passed"] and row["format"] in (outcome.get("backend_gaps") or {}):
+            verdict = f"not on this backend (clients use another): {row['gate']}"
         latency = (row["latency_ms"] or {}).get("median")
         table.add_row(row["format"], row["runtime"], f"{row['bytes']:,}",
                       "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",

@@ -238,6 +238,7 @@ def export_model(
     lap("verify")
     for fmt, why in report.pop("refused").items():
         refuse(fmt, "verify", why)
+    backend_gaps = report.pop("backend_gaps", {})
     for fmt in refused:  # only verified files are handed on
         path = folders.pop(fmt, None)
         if path is not None and path.is_dir():
@@ -250,6 +251,7 @@ def export_model(
         "requested": requested,
         "delivered": delivered,
         "refused": {f: refused[f] for f in requested if f in refused},
+        "backend_gaps": {f: backend_gaps[f] for f in delivered if f in backend_gaps},
         "strict": options.strict,
     }
     report["failures"] = [f"{f}: {why['reason']}" for f, why in report["outcome"]["refused"].items()]

@@ -62,8 +62,14 @@ def _converter():
     # TF Decision Forests prints a banner on import (and, with stdout redirected, would think it
     # runs in a notebook and import IPython): its own switch turns it off.
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
-    with contextlib.redirect_stdout(io.StringIO()):
-        from tensorflowjs.converters import tf_saved_model_conversion_v2
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from tensorflowjs.converters import tf_saved_model_conversion_v2
+    except ImportError as exc:  # a plain `pip install pollinate`: tfjs-graph is refused, the rest goes on
+        raise PollinateError(
+            f"TF.js graph models need the tensorflowjs converter ({exc}): pip install \"pollinate[converter]\" "
+            "and then pip install --no-deps tensorflowjs==4.22.0"
+        ) from exc
     return tf_saved_model_conversion_v2
 
 

@@ -136,6 +136,9 @@ def show(
               + "  (verified against Keras)")
     for fmt, why in sorted(outcome["refused"].items()):
         out.print(f"refused   {fmt} ({why.get('stage', '?')}): {why.get('reason', '')}")
+    for fmt, gaps in sorted(outcome["backend_gaps"].items()):
+        for backend, why in sorted(gaps.items()):
+            out.print(f"gap       {fmt} not on TF.js {backend} (clients use another backend): {why}")
 
 
 def is_report(fmt: str) -> bool:
@@ -146,9 +149,12 @@ def export_outcome(store: Store, record: VersionRecord) -> dict:
     """What a stored version has, from its artifacts and its export reports (stdlib only):
     `delivered` (the exported formats attached, all verified), `refused` ({format: {stage,
     reason}} from the reports, for formats no later export delivered) and `tfjs_kinds`
-    ({format: "layers" | "graph"} from each TF.js model.json's `format` field)."""
+    ({format: "layers" | "graph"} from each TF.js model.json's `format` field) and
+    `backend_gaps` ({format: {backend: why}}: TF.js backends a delivered format failed on
+    while another passed)."""
     delivered = sorted(f for f in record.artifacts if f not in NOT_EXPORTS and not is_report(f))
     refused: dict[str, dict] = {}
+    gaps: dict[str, dict] = {}
     reports = sorted((f for f in record.artifacts if is_report(f)),
                      key=lambda f: 1 if f == "export-report" else int(f.rsplit("-", 1)[1]))
     for fmt in reports:
@@ -161,6 +167,9 @@ def export_outcome(store: Store, record: VersionRecord) -> dict:
         for name, why in ((report.get("outcome") or {}).get("refused") or {}).items():
             if name not in delivered:
                 refused[name] = why
+        for name, backends in ((report.get("outcome") or {}).get("backend_gaps") or {}).items():
+            if name in delivered:
+                gaps[name] = backends
     kinds = {}
     for fmt in delivered:
         if fmt.startswith("tfjs") and any(f.name == "model.json" for f in record.artifacts[fmt]):
@@ -170,7 +179,7 @@ def export_outcome(store: Store, record: VersionRecord) -> dict:
                 kind = None
             if kind in TFJS_KINDS:
                 kinds[fmt] = TFJS_KINDS[kind]
-    return {"delivered": delivered, "refused": refused, "tfjs_kinds": kinds}
+    return {"delivered": delivered, "refused": refused, "tfjs_kinds": kinds, "backend_gaps": gaps}
 
 
 @app.command("files")

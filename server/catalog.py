@@ -29,6 +29,7 @@ import anyio.to_thread
 
 from registry import ArtifactFile, ChannelState, NotFound, Store, VersionRecord
 from registry.channels import choose
+from registry.cli import export_outcome
 from server.blobs import Blob
 from server.manifest import RenderedManifest, build_manifest
 
@@ -76,6 +77,7 @@ class Catalog:
         self._marker_db: sqlite3.Connection | None = None
         self._snapshot: Snapshot | None = None
         self._files: dict[tuple[str, int, str, str], ArtifactFile] = {}
+        self._outcomes: dict[tuple, dict] = {}
 
     # ------------------------------------------------------------------ freshness
 
@@ -171,11 +173,23 @@ class Catalog:
         key = (record.model, record.version, channel, cohort)
         rendered = snap.rendered.get(key)
         if rendered is None:
-            rendered = RenderedManifest.of(build_manifest(record, channel, cohort))
+            rendered = RenderedManifest.of(build_manifest(record, channel, cohort, export_outcome=self._outcome(record)))
             # Unset channels are named by the client, so the cache must not grow with them.
             if len(snap.rendered) < MAX_RENDERED:
                 snap.rendered[key] = rendered
         return rendered
+
+    def _outcome(self, record: VersionRecord) -> dict:
+        """What a version delivered and refused (from its export reports) and each TF.js
+        model's kind. Attached files never change, so the answer is cached for good per set
+        of formats (a later `pollinate export` attaching more makes a new key)."""
+        key = (record.model, record.version, tuple(sorted(record.artifacts)))
+        outcome = self._outcomes.get(key)
+        if outcome is None:
+            outcome = export_outcome(self.store, record)
+            if len(self._outcomes) < MAX_CACHED_FILES:
+                self._outcomes[key] = outcome
+        return outcome
 
     async def version_manifest(self, model: str, version: int) -> RenderedManifest:
         snap = self.snapshot()

@@ -71,9 +71,11 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
     """The manifest of one version; ``channel``/``cohort`` say why a channel served it.
 
     ``export_outcome`` (``registry.cli.export_outcome(store, record)``) adds the refused
-    formats with their reasons and the TF.js kinds read from each model.json; without it the
+    formats with their reasons, the TF.js kinds read from each model.json and the TF.js
+    backends a format failed verification on (``unsupported_backends``); without it the
     delivered formats come from the artifacts and a TF.js kind from the format's name."""
     kinds = dict((export_outcome or {}).get("tfjs_kinds") or {})
+    gaps = dict((export_outcome or {}).get("backend_gaps") or {})
     artifacts = {}
     for fmt, files in sorted(record.artifacts.items()):
         entries = [
@@ -91,6 +93,8 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
         kind = kinds.get(fmt) or TFJS_KIND_BY_FORMAT.get(fmt)
         if fmt.startswith("tfjs") and kind:
             artifacts[fmt]["kind"] = kind
+        if fmt.startswith("tfjs") and gaps.get(fmt):
+            artifacts[fmt]["unsupported_backends"] = dict(gaps[fmt])
     return {
         "name": record.model,
         "version": record.version,

@@ -112,6 +112,23 @@ class ManifestFileOut(BaseModel):
 class ManifestFormatOut(BaseModel):
     url: str = Field(description="The entry file: model.json for TF.js, the .tflite or .keras file, the report.")
     files: list[ManifestFileOut]
+    kind: Literal["layers", "graph"] | None = Field(
+        None, description="TF.js formats only: a LayersModel (loads with tf.loadLayersModel, trains) or a"
+        " graph model (tf.loadGraphModel, inference only).")
+    unsupported_backends: dict[str, str] | None = Field(
+        None, description="TF.js formats only: backends this model failed verification on (another passed),"
+        " with the reason; a client picks a backend not named here.")
+
+
+class RefusalOut(BaseModel):
+    stage: str = Field(description="Where the format failed: convert, verify, calibrate, ...")
+    reason: str = Field(description="Why, naming the layer or op or the measured difference.")
+
+
+class ExportOut(BaseModel):
+    delivered: list[str] = Field(description="The formats this version has, each verified.")
+    refused: dict[str, RefusalOut] | None = Field(
+        description="Formats an export tried and refused, with the reason (null when unknown).")
 
 
 class ManifestOut(BaseModel):
@@ -131,3 +148,4 @@ class ManifestOut(BaseModel):
     labels: list[Any] | None
     metrics: dict[str, Any]
     artifacts: dict[str, ManifestFormatOut] = Field(description="Keyed by format, e.g. tfjs-layers, tflite-int8.")
+    export: ExportOut

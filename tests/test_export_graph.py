@@ -242,7 +242,7 @@ CHROMIUM_PREDICT = """async ({model, backends, samples}) => {
   const load = await client.load();
   const outputs = [];
   for (const sample of samples) outputs.push((await client.predict(sample)).values);
-  return { kind: client.modelKind, format: client.format, backend: client.backend, load, outputs };
+  return { kind: client.modelKind, format: client.format, backend: client.backend, skipped: client.skippedBackends, load, outputs };
 }"""
 
 
@@ -254,15 +254,25 @@ def test_graph_model_loads_and_predicts_in_chromium_through_pollinate_js(graph_m
 
     if missing_requirements():
         pytest.skip("; ".join(missing_requirements()))
+    from export.pipeline import ExportOptions, export_version
+
     store = Store(tmp_path / "store")
-    cases = {"causal": None, "mha": None, "gru": ["cpu"]}  # MHA: Einsum on wasm; GRU: cpu (see WASM_GAPS)
+    cases = ("causal", "mha", "gru")  # MHA: Einsum on wasm (our kernel); GRU: not on wasm (WASM_GAPS)
     samples = {}
     for name in cases:
         model, written = graph_models[name]["model"], graph_models[name]["written"]
         shape = [int(d) for d in model.inputs[0].shape[1:]]
-        store.publish(name, lineage=Lineage("central"),
-                      artifacts={"tfjs-graph": {p.name: p for p in written.files}},
-                      metrics={}, input_spec={"shape": shape, "dtype": "float32", "preprocessing": {}}, labels=None)
+        spec = {"shape": shape, "dtype": "float32", "preprocessing": {}}
+        if name == "gru":  # through the exporter: verification finds the wasm gap, the manifest names it
+            model.save(tmp_path / "gru.keras")
+            store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": tmp_path / "gru.keras"}},
+                          metrics={}, input_spec=spec, labels=None)
+            record, report = export_version(store, name, 1, options=ExportOptions(formats=("tfjs-graph",), latency_repeats=1))
+            assert report["outcome"]["delivered"] == ["tfjs-graph"], report["outcome"]
+            assert WASM_GAPS["gru"] in report["outcome"]["backend_gaps"]["tfjs-graph"]["wasm"]
+        else:
+            store.publish(name, lineage=Lineage("central"), artifacts={"tfjs-graph": {p.name: p for p in written.files}},
+                          metrics={}, input_spec=spec, labels=None)
         store.set_channel(name, "stable", 1)
         samples[name] = _inputs(model, rows=3, seed=5)
     with LiveServer(store.home, log=tmp_path / "serve.log") as server, \
@@ -272,13 +282,15 @@ def test_graph_model_loads_and_predicts_in_chromium_through_pollinate_js(graph_m
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
         page.goto(f"{server.url}/healthz")
         page.set_content(PAGE)
-        for name, backends in cases.items():
+        for name in cases:
             model = graph_models[name]["model"]
-            args = {"model": name, "samples": [s.reshape(-1).tolist() for s in samples[name]]}
-            if backends:
-                args["backends"] = backends
+            args = {"model": name, "samples": [s.reshape(-1).tolist() for s in samples[name]], "backends": ["wasm", "cpu"]}
             got = page.evaluate(CHROMIUM_PREDICT, args)
             assert got["kind"] == "graph" and got["format"] == "tfjs-graph", got
+            # the manifest's unsupported_backends moves the GRU off wasm; the others stay on it
+            assert got["backend"] == ("cpu" if name == "gru" else "wasm"), got["skipped"]
+            if name == "gru":
+                assert [s["name"] for s in got["skipped"]] == ["wasm"] and WASM_GAPS["gru"] in got["skipped"][0]["reason"]
             diff = float(np.abs(np.asarray(got["outputs"]) - model.predict(samples[name], verbose=0)).max())
             print(f"chromium {name} on {got['backend']}: max|diff| {diff:.2e}, load {got['load']['ms']:.0f} ms")
             assert diff <= TOLERANCE

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 from conftest import run_cli
+from server_helpers.live import LiveServer
 
 from registry import Lineage, Store
+from server.schemas import ManifestOut
 
 TFLITE = ("tflite-float32", "tflite-dynamic", "tflite-float16", "tflite-int8")
 
@@ -205,6 +208,13 @@ def test_stored_version_carries_only_verified_formats_and_says_what_was_refused(
     assert shown.returncode == 0 and "refused   tfjs-layers (convert)" in shown.stdout
     shown = json.loads(run_cli("models", "show", "gru", "--json", home=home).stdout)
     assert shown["export"]["refused"]["tfjs-layers"]["stage"] == "convert"
+
+    # the live server's manifest says the same (the catalog reads the export reports)
+    with LiveServer(home, log=tmp_path / "server.log") as server:
+        served = httpx.get(f"{server.url}/v1/models/gru/versions/1/manifest", timeout=10).json()
+    assert served["export"]["delivered"] == outcome["delivered"]
+    assert "gru_reset_after" in served["export"]["refused"]["tfjs-layers"]["reason"]
+    ManifestOut.model_validate(served)
 
 
 def mobilenet(arch: str, size: int):

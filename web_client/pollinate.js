@@ -394,6 +394,7 @@ export class PollinateClient {
     if (entry.kind && entry.kind !== kind) {
       throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is a ${kind} model; the manifest says ${entry.kind}`);
     }
+    await this.avoidUnsupportedBackend(manifest, format, entry);
     const weightSpecs = [];
     const buffers = [];
     for (const group of modelJson.weightsManifest) {
@@ -423,6 +424,27 @@ export class PollinateClient {
       throw new PollinateError('model-run', `${manifest.name} v${manifest.version} (${format}) does not run on the ${this.backend} backend: ${error?.message ?? error}`, { cause: error });
     }
     return loaded;
+  }
+
+  /**
+   * The manifest names the TF.js backends a format failed verification on (another passed),
+   * e.g. TF.js 4.22's wasm cannot run a GRU graph model's loop: moves to the next of
+   * `backends` that the format is not refused on, noting why in `skippedBackends`.
+   */
+  async avoidUnsupportedBackend(manifest, format, entry) {
+    const gaps = entry.unsupported_backends;
+    if (!gaps || typeof gaps !== 'object' || !Object.hasOwn(gaps, this.backend)) return;
+    const why = `${manifest.name} v${manifest.version} (${format}) does not run on ${this.backend}: ${gaps[this.backend]}`;
+    const remaining = this.options.backends.filter(b => !Object.hasOwn(gaps, b));
+    let chosen;
+    try {
+      chosen = await chooseBackend(this.tf, { ...this.options, backends: remaining });
+    } catch (error) {
+      throw new PollinateError('model-run', `${why}; no other backend of ${this.options.backends.join(', ')} works here (${error.message})`, { cause: error });
+    }
+    this.skippedBackends = [...this.skippedBackends, { name: this.backend, reason: why }, ...chosen.skipped];
+    this.backend = chosen.name;
+    registerMissingKernels(this.tf, this.backend);
   }
 
   // ---- load, update --------------------------------------------------------------------------

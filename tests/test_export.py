@@ -122,7 +122,7 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
     assert [f.name for f in record.artifacts["tflite-int8"]] == ["model.tflite"]
     assert report["passed"] and report["labelled"] and report["samples"] == len(digits.x_test)
     assert report["outcome"] == {"status": "all", "requested": ["tflite-float32", "tflite-int8"],
-                                 "delivered": ["tflite-float32", "tflite-int8"], "refused": {}, "strict": False}
+                                 "delivered": ["tflite-float32", "tflite-int8"], "refused": {}, "backend_gaps": {}, "strict": False}
     stored = json.loads(store.artifact_path("digits", 1, "export-report", "export-report.json").read_text())
     assert {row["format"] for row in stored["formats"]} == {"tflite-float32", "tflite-int8"}
     with pytest.raises(Exception, match="already has tflite-int8"):

@@ -362,7 +362,7 @@ def report_format(attached) -> str:
 def version_outcome(store: Store, record: VersionRecord) -> dict:
     """What a stored version has: delivered formats, refused ones with the reason, TF.js kinds
     (see `registry.cli.export_outcome`, which `pollinate models show` prints)."""
-    from registry.cli import export_outcome
+    from registry.outcome import export_outcome
 
     return export_outcome(store, record)
 

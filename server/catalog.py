@@ -29,7 +29,7 @@ import anyio.to_thread
 
 from registry import ArtifactFile, ChannelState, NotFound, Store, VersionRecord
 from registry.channels import choose
-from registry.cli import export_outcome
+from registry.outcome import export_outcome
 from server.blobs import Blob
 from server.manifest import RenderedManifest, build_manifest
 

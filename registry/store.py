@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Union
 
 from core.errors import InvalidInput, NotFound, PollinateError
-from registry import channels
+from registry import channels, edge
 from registry.channels import ChannelState
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -49,7 +49,7 @@ STALE_TMP_S = 24 * 3600
 # the migrations from its version up to this one, in one transaction (an older store is
 # upgraded in place, or left exactly as it was if anything fails); a store written by a
 # newer Pollinate is refused with a clear error, never read with the wrong schema.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS schema_history (
     applied_at  TEXT NOT NULL
 );
 """,
+    # 2 → 3: edge federation (devices, tasks, accepted updates, refusal counts): registry/edge.py
+    2: edge.SCHEMA,
 }
 
 

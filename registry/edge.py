@@ -37,13 +37,13 @@ import shutil
 import sqlite3
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import NotFound, PollinateError
+from core.errors import InvalidInput, NotFound, PollinateError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edge_devices (
@@ -97,6 +97,7 @@ DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 # Refusal reasons: the HTTP status each gets, and the word /metrics and /status count it under.
 REFUSALS = {
     "unauthorized": 401,
+    "unknown_model": 404,
     "unknown_task": 404,
     "stale": 409,
     "duplicate": 409,
@@ -106,6 +107,7 @@ REFUSALS = {
     "norm": 422,
     "bad_examples": 422,
     "bad_dtype": 422,
+    "bad_enrolment": 422,
 }
 MAX_EXAMPLES = 10_000_000
 
@@ -148,7 +150,7 @@ class EdgeTask:
         """The task as the protocol's GET .../task answers it."""
         return {
             "task_id": self.task_id, "round": self.round, "base_version": self.base_version,
-            "deadline": datetime.fromtimestamp(self.deadline, UTC).isoformat().replace("+00:00", "Z"),
+            "deadline": iso_utc(self.deadline),
             "config": dict(self.config), "weights": [dict(w) for w in self.weights],
             "size": self.size, "norm_bound": self.norm_bound or None,
         }
@@ -177,17 +179,26 @@ def flat_size(spec: list[dict]) -> int:
     return int(sum(math.prod(w["shape"]) for w in spec))
 
 
-def parse_update(task: EdgeTask, body: bytes, *, dtype: str = "float32", examples: object = None) -> tuple[np.ndarray, float, bool]:
-    """Check one device update against its task; returns (delta as float32, its L2 norm before
-    clipping, clipped?) or raises EdgeRefusal. The same rules run in the server and the gateway."""
+def check_update_params(dtype: object, examples: object) -> int:
+    """The query of an update POST (`dtype`, `examples`): the example count, or EdgeRefusal.
+    Cheap, so the server runs it before it reads a body that would be refused anyway."""
     if dtype not in DTYPES:
         raise EdgeRefusal("bad_dtype", f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if examples is None:
+        raise EdgeRefusal("bad_examples", "examples is missing: ?examples=N, the number of examples trained on")
     try:
         count = int(str(examples))
     except (TypeError, ValueError):
         raise EdgeRefusal("bad_examples", f"examples must be a whole number of training examples, got {examples!r}") from None
     if not 1 <= count <= MAX_EXAMPLES:
         raise EdgeRefusal("bad_examples", f"examples must be between 1 and {MAX_EXAMPLES}, got {count}")
+    return count
+
+
+def parse_update(task: EdgeTask, body: bytes, *, dtype: str = "float32", examples: object = None) -> tuple[np.ndarray, float, bool]:
+    """Check one device update against its task; returns (delta as float32, its L2 norm before
+    clipping, clipped?) or raises EdgeRefusal. The same rules run in the server and the gateway."""
+    check_update_params(dtype, examples)
     width = DTYPES[dtype].itemsize
     expected = task.size * width
     if len(body) != expected:
@@ -227,6 +238,19 @@ class EdgeStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ devices
+
+    def require_model(self, model: str) -> str:
+        """`model` if the store has a version of it, else EdgeRefusal('unknown_model') (404).
+        The server checks this first, so that counters only ever name models that exist."""
+        from registry.store import check_model_name  # registry.store imports this module
+
+        try:
+            check_model_name(model)
+            with self.store._read() as db:
+                self.store._require_model(db, model)
+        except (InvalidInput, NotFound):
+            raise EdgeRefusal("unknown_model", f"no model named {model!r}") from None
+        return model
 
     def enrol(self, model: str, kind: str = "device") -> tuple[str, str]:
         """A new device for `model`: (device_id, token). The token is shown once, stored hashed."""
@@ -340,13 +364,15 @@ class EdgeStore:
         except NotFound:
             raise EdgeRefusal("unknown_task", f"no task {task_id!r}: fetch the current one with GET .../task") from None
         try:
-            return task, self._accept(task, device_id, body, dtype, examples, now)
+            update, accepted = self._accept(task, device_id, body, dtype, examples, now)
         except EdgeRefusal as refusal:
             self.count_refusal(task.model, refusal.reason, task.round)
             raise
+        # `accepted` was counted inside the transaction that recorded this update
+        return replace(task, accepted=accepted), update
 
     def _accept(self, task: EdgeTask, device_id: str, body: bytes, dtype: str, examples: object,
-                now: float | None) -> Update:
+                now: float | None) -> tuple[Update, int]:
         now = time.time() if now is None else now
         self._check_open(task, now)
         delta, norm, clipped = parse_update(task, body, dtype=dtype, examples=examples)
@@ -366,10 +392,27 @@ class EdgeStore:
                 os.replace(scratch, folder / f"{device_id}.f32")
                 db.execute("INSERT INTO edge_updates VALUES (?, ?, ?, ?, ?, ?)",
                            (task.task_id, device_id, int(examples), norm, int(clipped), now))
+                accepted, = db.execute("SELECT COUNT(*) FROM edge_updates WHERE task_id = ?",
+                                       (task.task_id,)).fetchone()
         finally:
             with contextlib.suppress(FileNotFoundError):
                 scratch.unlink()
-        return Update(device_id, int(examples), norm, clipped, delta)
+        return Update(device_id, int(examples), norm, clipped, delta), int(accepted)
+
+    def device_task(self, model: str, task_id: str) -> EdgeTask:
+        """The task a device names in a URL, or EdgeRefusal('unknown_task') when there is none
+        of that id for this model."""
+        try:
+            task = self.get_task(task_id)
+        except NotFound:
+            task = None
+        if task is None or task.model != model:
+            raise EdgeRefusal("unknown_task", f"no task {task_id!r} for {model!r}: fetch the current one with GET .../task")
+        return task
+
+    def check_open(self, task: EdgeTask, now: float | None = None) -> None:
+        """EdgeRefusal('stale') unless the task is open and before its deadline."""
+        self._check_open(task, time.time() if now is None else now)
 
     def _check_open(self, task: EdgeTask, now: float) -> None:
         if not task.open:
@@ -412,25 +455,38 @@ class EdgeStore:
                        " DO UPDATE SET count = count + 1", (model, int(round), reason))
 
     def status(self, model: str) -> dict:
-        """{round, open, accepted, refused{reason: count}} for the model's newest round."""
+        """The model's current round (that of the task opened last): {round, open, accepted,
+        refused{reason: count}, refused_total{reason: count}, tasks[...]}.
+
+        `refused` counts this round's refusals plus those that could name no round (401, 404:
+        counted under round 0), so a client that was refused always sees itself counted;
+        `refused_total` is every refusal the model ever had."""
         with self.store._read() as db:
-            row = db.execute("SELECT MAX(round) FROM edge_tasks WHERE model = ?", (model,)).fetchone()
-            current = row[0]
-            if current is None:
-                return {"round": None, "open": False, "accepted": 0, "refused": {}, "tasks": []}
-            tasks = [_task(r) for r in db.execute(
-                f"SELECT {_TASK_COLUMNS} FROM edge_tasks t WHERE model = ? AND round = ? ORDER BY gateway",
-                (model, current))]
-            refused = dict(db.execute("SELECT reason, count FROM edge_refusals WHERE model = ? AND round = ?"
-                                      " ORDER BY reason", (model, current)))
+            row = db.execute("SELECT federation, round FROM edge_tasks WHERE model = ?"
+                             " ORDER BY opened_at DESC, round DESC LIMIT 1", (model,)).fetchone()
+            counts = db.execute("SELECT round, reason, count FROM edge_refusals WHERE model = ?", (model,)).fetchall()
+            federation, current = row if row is not None else (None, None)
+            tasks = [] if row is None else [_task(r) for r in db.execute(
+                f"SELECT {_TASK_COLUMNS} FROM edge_tasks t WHERE model = ? AND federation = ? AND round = ?"
+                " ORDER BY gateway", (model, federation, current))]
+        refused: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for rnd, reason, count in counts:
+            total[reason] = total.get(reason, 0) + int(count)
+            if rnd == 0 or rnd == current:
+                refused[reason] = refused.get(reason, 0) + int(count)
         now = time.time()
         return {
-            "round": int(current),
+            "round": None if current is None else int(current),
+            "federation": federation,
             "open": any(t.open and t.deadline > now for t in tasks),
             "accepted": sum(t.accepted for t in tasks),
-            "refused": {k: int(v) for k, v in refused.items()},
+            "refused": dict(sorted(refused.items())),
+            "refused_total": dict(sorted(total.items())),
             "tasks": [{"task_id": t.task_id, "gateway": t.gateway, "open": t.open, "accepted": t.accepted,
-                       "min_updates": t.min_updates} for t in tasks],
+                       "min_updates": t.min_updates,
+                       "deadline": iso_utc(t.deadline)}
+                      for t in tasks],
         }
 
 
@@ -445,6 +501,11 @@ def _task(row) -> EdgeTask:
     return EdgeTask(task_id, model, federation, int(rnd), gateway, base_version, json.loads(config),
                     json.loads(weights), int(size), float(deadline), int(min_updates), float(norm_bound),
                     bool(clip), state, float(opened_at), int(accepted), json.loads(outcome) if outcome else None)
+
+
+def iso_utc(seconds: float) -> str:
+    """Unix seconds as ISO 8601 UTC with a Z (what the protocol's `deadline` holds)."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _iso_now() -> str:

@@ -6,7 +6,8 @@ the same config from environment variables that ``pollinate serve`` sets.
 
 Middleware, outermost first, all pure ASGI (no per-request task, no body copies):
 metrics (time and count everything, refusals included) → CORS (so browsers can read
-refusals too) → body size limit → the shortcut for cached manifests and known files
+refusals too) → body size limit (device updates excepted: their route streams them against
+its own limit) → the shortcut for cached manifests and known files
 (``server/fastpath.py``) → the routers.
 """
 
@@ -22,7 +23,7 @@ from server.config import ServerConfig
 from server.fastpath import FastPath
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
-from server.routers import channels, files, health, metrics, models, web
+from server.routers import channels, federations, files, health, metrics, models, web
 from server.state import Services
 
 EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges"]
@@ -38,11 +39,13 @@ def create_app(config: ServerConfig) -> FastAPI:
             {"name": "models", "description": "Models, versions and manifests."},
             {"name": "files", "description": "Immutable, content-addressed files."},
             {"name": "channels", "description": "Channel pointers, staged rollout, rollback (admin)."},
+            {"name": "federations", "description": "The device protocol: browsers and phones enrol, fetch a"
+             " task and its base weights, and send their update (docs/device-protocol.md)."},
         ],
     )
     app.state.services = Services.build(config)
     errors.install(app)
-    for module in (health, models, files, channels, metrics, web):
+    for module in (health, models, files, channels, federations, metrics, web):
         app.include_router(module.router)
     app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
               name="web_client")
@@ -55,7 +58,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         manifest_route=_route(models.router, models.CHANNEL_MANIFEST_PATH, "GET"),
         file_route=_route(files.router, files.router.prefix + files.FILE_PATH, "GET"),
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    # device updates stream past the cap, against their own limit (max_update_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt=federations.UPDATES_PATH)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(config.cors_origins),

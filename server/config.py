@@ -5,6 +5,10 @@ so everything a worker needs travels in environment variables; ``pollinate serve
 them from its flags before it starts uvicorn. Secrets (the admin token) only ever come
 from the environment.
 
+The device protocol (``server/routers/federations.py``) adds two: ``POLLINATE_ENROL_TOKEN``
+(when set, enrolling a device needs it as a bearer token) and ``POLLINATE_MAX_UPDATE_BYTES``
+(the largest update body a device may post; the only route allowed past the 64 KiB cap).
+
 The web client defaults to the one that ships with Pollinate (``server/web_assets.py`` finds
 it, installed or in a checkout); ``POLLINATE_WEB_CLIENT=DIR`` serves another folder and
 ``POLLINATE_WEB_CLIENT=off`` none (``web_client`` is then None).
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import InvalidInput
 from server.web_assets import OFF as WEB_CLIENT_OFF
 from server.web_assets import default_web_client
 
@@ -27,10 +32,15 @@ ENV_ADMIN_TOKEN = "POLLINATE_ADMIN_TOKEN"
 ENV_CORS_ORIGINS = "POLLINATE_CORS_ORIGINS"
 ENV_OFFLOAD = "POLLINATE_OFFLOAD"
 ENV_WEB_CLIENT = "POLLINATE_WEB_CLIENT"
+ENV_ENROL_TOKEN = "POLLINATE_ENROL_TOKEN"
+ENV_MAX_UPDATE_BYTES = "POLLINATE_MAX_UPDATE_BYTES"
 
 OFFLOAD_MODES = ("nginx",)
 # Admin bodies are a version number and a percent: anything near this size is an attack.
 MAX_BODY_BYTES = 64 * 1024
+# A device update is the model's weights as float32: 32 MiB takes 8M parameters (the digits
+# CNN is ~0.1 MB, MobileNetV2 ~14 MB) and bounds what one request can make a worker buffer.
+MAX_UPDATE_BYTES = 32 * 1024 * 1024
 # nginx serves the store's objects/ folder under this internal prefix (server/nginx/).
 OFFLOAD_PREFIX = "/_pollinate_blobs/"
 
@@ -45,10 +55,14 @@ class ServerConfig:
     offload: str | None = None
     web_client: Path | None = field(default_factory=default_web_client)  # None: no demo page
     max_body_bytes: int = MAX_BODY_BYTES
+    enrol_token: str | None = None  # None: anyone may enrol a device
+    max_update_bytes: int = MAX_UPDATE_BYTES
 
     def __post_init__(self) -> None:
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode {self.offload!r}: use one of {', '.join(OFFLOAD_MODES)}")
+        if self.max_update_bytes < 1:
+            raise InvalidInput(f"{ENV_MAX_UPDATE_BYTES} must be at least 1 byte, got {self.max_update_bytes}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -61,6 +75,8 @@ class ServerConfig:
             cors_origins=origins or ("*",),
             offload=env.get(ENV_OFFLOAD) or None,
             web_client=None if web_client.lower() == WEB_CLIENT_OFF else Path(web_client) if web_client else default_web_client(),
+            enrol_token=env.get(ENV_ENROL_TOKEN) or None,
+            max_update_bytes=_byte_count(env.get(ENV_MAX_UPDATE_BYTES), MAX_UPDATE_BYTES),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -70,5 +86,16 @@ class ServerConfig:
             ENV_CORS_ORIGINS: ",".join(self.cors_origins),
             ENV_OFFLOAD: self.offload or "",
             ENV_WEB_CLIENT: str(self.web_client) if self.web_client is not None else WEB_CLIENT_OFF,
+            ENV_MAX_UPDATE_BYTES: str(self.max_update_bytes),
         }
         return env
+
+
+def _byte_count(value: str | None, default: int) -> int:
+    """A size from the environment: a whole number of bytes (one clear error otherwise)."""
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise InvalidInput(f"{ENV_MAX_UPDATE_BYTES} must be a whole number of bytes, got {value!r}") from None

@@ -1,12 +1,18 @@
 """Refuse request bodies bigger than the admin routes could ever need (413).
 
-The only bodies this service accepts are channel moves (a version and a percent), so a
+Most bodies this service accepts are small JSON (a channel move, a device enrolment), so a
 small cap costs nothing and keeps a client from making a worker buffer megabytes. The
 declared ``Content-Length`` is checked first; a chunked body is counted as it arrives,
 buffered up to the cap and replayed to the app, so the app never sees a partial body.
+
+Routes that take big bodies (a device's model update) are ``exempt``: they stream the body
+themselves against their own limit (``server/routers/federations.py``), so that a refusal
+can name the task it was for and be counted.
 """
 
 from __future__ import annotations
+
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,12 +34,14 @@ async def _too_large(send: Send, limit: int) -> None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: re.Pattern[str] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+        if (scope["type"] != "http" or scope["method"] not in BODY_METHODS
+                or (self.exempt is not None and self.exempt.match(scope["path"]))):
             await self.app(scope, receive, send)
             return
         for key, value in scope["headers"]:

@@ -5,6 +5,10 @@ never raw paths or anything a client chooses, so the number of series stays boun
 however the server is probed. Manifests are also counted per model, version and channel
 (an unset channel counts as ``(latest)``, a fixed-version manifest as ``(fixed)``): that is how an operator watches a staged rollout.
 
+The device protocol counts accepted updates (and their bytes) per model, and refusals per
+model and reason (``registry/edge.py`` REFUSALS). A model label only ever names a model the
+store has: a request for one it does not know is counted under ``(unknown)``.
+
 With several uvicorn workers each process counts on its own; ``pollinate serve`` then
 sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports ``prometheus_client``, every
 worker writes its counters to files there, and ``/metrics`` adds them up, so whichever
@@ -52,6 +56,20 @@ MANIFESTS = Counter(
     ["model", "version", "channel", "status"],
 )
 
+EDGE_UPDATES = Counter(
+    "pollinate_edge_updates", "Device updates accepted (202), by model.", ["model"]
+)
+EDGE_UPDATE_BYTES = Counter(
+    "pollinate_edge_update_bytes", "Body bytes of accepted device updates, by model.", ["model"]
+)
+EDGE_REFUSALS = Counter(
+    "pollinate_edge_refusals", "Device protocol requests refused, by model and reason.", ["model", "reason"]
+)
+EDGE_ENROLMENTS = Counter(
+    "pollinate_edge_enrolments", "Devices enrolled, by model and kind.", ["model", "kind"]
+)
+UNKNOWN_MODEL = "(unknown)"
+
 UNMATCHED = "unmatched"
 # `*_created` timestamps double the exposition and nobody graphs them.
 disable_created_metrics()
@@ -68,6 +86,20 @@ def exposition() -> tuple[bytes, str]:
 
 def count_manifest(model: str, version: int, channel: str, status: int) -> None:
     MANIFESTS.labels(model, str(version), channel, str(status)).inc()
+
+
+def count_edge_update(model: str, body_bytes: int) -> None:
+    EDGE_UPDATES.labels(model).inc()
+    EDGE_UPDATE_BYTES.labels(model).inc(body_bytes)
+
+
+def count_edge_refusal(model: str | None, reason: str) -> None:
+    """`model` None: the request named a model the store does not have."""
+    EDGE_REFUSALS.labels(model or UNKNOWN_MODEL, reason).inc()
+
+
+def count_edge_enrolment(model: str, kind: str) -> None:
+    EDGE_ENROLMENTS.labels(model, kind).inc()
 
 
 class MetricsMiddleware:

@@ -149,3 +149,84 @@ class ManifestOut(BaseModel):
     metrics: dict[str, Any]
     artifacts: dict[str, ManifestFormatOut] = Field(description="Keyed by format, e.g. tfjs-layers, tflite-int8.")
     export: ExportOut
+
+
+# --------------------------------------------------------------------------- device protocol
+# /v1/federations/{model}/...: how browsers and phones join a federation (docs/device-protocol.md).
+
+class EnrolIn(BaseModel):
+    """Optional body of an enrolment. An unknown ``kind`` is recorded as ``device``."""
+
+    kind: str | None = Field(None, description="browser, phone, device or simulated (default device).",
+                             examples=["phone"])
+
+
+class EnrolOut(BaseModel):
+    """A new device. Keep the token: it is shown once and stored only as its sha256."""
+
+    device_id: str
+    token: str = Field(description="Send as Authorization: Bearer <token> on every other device call.")
+
+
+class TaskConfigOut(BaseModel):
+    """How to train locally (the gateway may add keys; ignore the ones you do not know)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+
+class WeightSpecOut(BaseModel):
+    """One tensor of the base, in Keras ``model.get_weights()`` order."""
+
+    name: str
+    shape: list[int]
+    dtype: str = Field(description="The tensor's dtype in the model; on the wire it is always float32 (or float16).")
+
+
+class TaskOut(BaseModel):
+    """The round a device should work on."""
+
+    task_id: str
+    round: int
+    base_version: int | None = Field(description="The model version whose files to load (then set the task's weights).")
+    deadline: str = Field(description="ISO 8601 UTC; an update arriving later is refused (409 stale).")
+    config: TaskConfigOut
+    weights: list[WeightSpecOut] = Field(description="Tensors in the order the weights and the update concatenate them.")
+    size: int = Field(description="Values in the flat vector: the sum of the products of the shapes.")
+    norm_bound: float | None = Field(description="Largest L2 norm of an update (null: none). Over it: 422, or"
+                                     " clipped when the task clips.")
+
+
+class UpdateAcceptedOut(BaseModel):
+    """An update recorded durably: it is counted exactly once, whatever happens to the server next."""
+
+    task_id: str
+    round: int
+    accepted: int = Field(description="Updates this task holds so far, this one included.")
+    norm: float = Field(description="L2 norm of the update as sent (before any clipping).")
+    clipped: bool = Field(description="True when the task clips and the update was scaled down to norm_bound.")
+
+
+class FederationTaskStatusOut(BaseModel):
+    task_id: str
+    gateway: str
+    open: bool
+    accepted: int
+    min_updates: int
+    deadline: str
+
+
+class FederationStatusOut(BaseModel):
+    """Where the model's edge federation stands (no token needed: nothing here is secret)."""
+
+    round: int | None = Field(description="The round of the task opened last (null: none yet).")
+    federation: str | None = None
+    open: bool = Field(description="A task of this round is open and before its deadline.")
+    accepted: int = Field(description="Updates accepted in this round, over all gateways.")
+    refused: dict[str, int] = Field(description="Refusals of this round by reason, plus those that named no round"
+                                    " (401 and 404).")
+    refused_total: dict[str, int] = Field(default_factory=dict, description="Every refusal of the model, by reason.")
+    tasks: list[FederationTaskStatusOut] = []

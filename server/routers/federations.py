@@ -1,0 +1,329 @@
+"""The device protocol: browsers and phones enrol, fetch a task and its base weights, train,
+and post their update (``docs/device-protocol.md`` is the page a client is written from).
+
+The rules live in the store (``registry/edge.py``): an edge gateway opens a task there, this
+router hands it to devices and records their updates, and the gateway reads them back. So
+the same validation runs here and in the gateway, and an update that got its 202 is on disk
+and in SQLite before the answer leaves: a server killed with -9 loses none and counts none
+twice.
+
+Every refusal is a JSON ``detail`` with the protocol's status, counted in ``/metrics`` per
+model and reason and, once the model is known, in the store (``/status``): under the task's
+round when the request named a live task, else under round 0. Store calls block (SQLite,
+fsync), so each route runs them in the thread pool, as the other routers do.
+
+An update body is the one big body this service takes: the app's 64 KiB cap skips the
+updates route (``UPDATES_PATH``), which streams the body against
+``POLLINATE_MAX_UPDATE_BYTES`` and stops reading as soon as it is over.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from registry.edge import DEVICE_KINDS, DTYPES, EdgeRefusal, EdgeStore, EdgeTask, check_update_params
+from server.config import ENV_ENROL_TOKEN, ENV_MAX_UPDATE_BYTES
+from server.metrics import count_edge_enrolment, count_edge_refusal, count_edge_update
+from server.schemas import EnrolIn, EnrolOut, ErrorOut, FederationStatusOut, TaskOut, UpdateAcceptedOut
+from server.state import ServicesDep
+
+router = APIRouter(prefix="/v1/federations", tags=["federations"])
+
+# The route whose body the app-wide size cap leaves to this router (server/limits.py).
+UPDATES_PATH = re.compile(r"^/v1/federations/[^/]+/tasks/[^/]+/updates$")
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pollinate-devices"'}
+NO_STORE = {"Cache-Control": "no-store"}
+
+device_bearer = HTTPBearer(auto_error=False, scheme_name="DeviceToken",
+                           description="The token POST /v1/federations/{model}/devices returned.")
+enrol_bearer = HTTPBearer(auto_error=False, scheme_name="EnrolToken",
+                          description=f"The server's {ENV_ENROL_TOKEN}, when it sets one (else none is needed).")
+
+ModelName = Annotated[str, Path(description="Model name, e.g. digits.")]
+TaskId = Annotated[str, Path(description="task_id from GET .../task.")]
+DeviceCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(device_bearer)]
+EnrolCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(enrol_bearer)]
+
+
+def _refusals(*statuses: int) -> dict:
+    described = {
+        401: "No token, a wrong one, or one enrolled for another model: enrol (again) and keep the token.",
+        404: "No such model, or no such task for it: fetch the current task.",
+        409: "Stale (the task's round closed or passed its deadline: fetch the task again) or duplicate"
+             " (this device already sent its update for this task: wait for the next round).",
+        413: f"The body is over the server's limit ({ENV_MAX_UPDATE_BYTES}).",
+        422: "Wrong length, NaN or infinite values, L2 norm over the bound, bad example count or dtype"
+             " (or, on enrolment, a body that is not a JSON object).",
+    }
+    return {s: {"model": ErrorOut, "description": described[s]} for s in statuses}
+
+
+UPDATE_REQUEST = {
+    "parameters": [
+        {"name": "examples", "in": "query", "required": True,
+         "description": "How many examples the device trained on (weights the update in the aggregate).",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 10_000_000}},
+        {"name": "dtype", "in": "query", "required": False,
+         "description": "The body's value type (float16 halves the upload).",
+         "schema": {"type": "string", "enum": list(DTYPES), "default": "float32"}},
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "local − base: the task's tensors, in `weights` order, concatenated as little-endian"
+                       " float32 (or float16) values; `size` values in all.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+ENROL_REQUEST = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": EnrolIn.model_json_schema()}},
+    },
+}
+WEIGHTS_RESPONSE = {
+    200: {"description": "The task's base weights: its tensors in `weights` order, little-endian float32,"
+                         " concatenated (4 × size bytes).",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+}
+
+
+async def edge_store(request: Request) -> EdgeStore:
+    """One EdgeStore per app (it only holds the store and its edge/ folder)."""
+    edge = getattr(request.app.state, "edge", None)
+    if edge is None:
+        edge = await run_in_threadpool(EdgeStore, request.app.state.services.store)
+        request.app.state.edge = edge
+    return edge
+
+
+EdgeDep = Annotated[EdgeStore, Depends(edge_store)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+def _counted(edge: EdgeStore, model: str, action, *args):
+    """Run `action` (blocking); a refusal it raises is counted in the store under round 0,
+    the model being known by then unless the refusal says it is not."""
+    try:
+        return action(*args)
+    except EdgeRefusal as refusal:
+        if refusal.reason != "unknown_model":
+            edge.count_refusal(model, refusal.reason, 0)
+        raise
+
+
+def _refused(refusal: EdgeRefusal, model: str) -> JSONResponse:
+    """The JSON answer to a refusal, counted in /metrics (the store counted it already)."""
+    count_edge_refusal(None if refusal.reason == "unknown_model" else model, refusal.reason)
+    headers = dict(CHALLENGE) if refusal.status == 401 else {}
+    if refusal.status == 413:
+        headers["Connection"] = "close"  # the rest of the body is never read
+    return JSONResponse({"detail": refusal.detail}, status_code=refusal.status, headers=headers)
+
+
+def _enrol_kind(body: bytes) -> str:
+    """The device kind from an optional JSON body; an unknown kind is recorded as 'device'."""
+    if not body.strip():
+        return "device"
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise EdgeRefusal("bad_enrolment", 'the enrolment body must be JSON, e.g. {"kind": "phone"}, or empty') from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("kind", "device"), str | None):
+        raise EdgeRefusal("bad_enrolment", 'the enrolment body must be a JSON object like {"kind": "phone"}')
+    kind = payload.get("kind") or "device"
+    return kind if kind in DEVICE_KINDS else "device"
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@router.post(
+    "/{model}/devices",
+    status_code=201,
+    response_model=EnrolOut,
+    responses=_refusals(401, 404, 422),
+    openapi_extra=ENROL_REQUEST,
+    summary="Enrol a device: its id and the token for every other call",
+)
+async def enrol(request: Request, svc: ServicesDep, edge: EdgeDep, model: ModelName,
+                credentials: EnrolCredentials) -> EnrolOut | Response:
+    """Enrol once and keep the token (it is stored hashed and never shown again). When the
+    server sets ``POLLINATE_ENROL_TOKEN``, send it as ``Authorization: Bearer``."""
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=400)
+
+    def enrol_device() -> tuple[str, str, str]:
+        edge.require_model(model)
+        expected = svc.config.enrol_token
+        given = _token(credentials)
+        if expected and not (given and hmac.compare_digest(given.encode(), expected.encode())):
+            raise EdgeRefusal("unauthorized", "enrolling a device on this server needs its enrol token:"
+                                              f" Authorization: Bearer <{ENV_ENROL_TOKEN}>")
+        kind = _enrol_kind(body)
+        return (kind, *edge.enrol(model, kind))
+
+    try:
+        kind, device_id, token = await run_in_threadpool(_counted, edge, model, enrol_device)
+    except EdgeRefusal as refusal:
+        return _refused(refusal, model)
+    count_edge_enrolment(model, kind)
+    return EnrolOut(device_id=device_id, token=token)
+
+
+@router.get(
+    "/{model}/task",
+    response_model=TaskOut,
+    responses={204: {"description": "No round is open for this device: poll again later."},
+               **_refusals(401, 404)},
+    summary="The task this device should train for now (204: none)",
+)
+async def current_task(edge: EdgeDep, model: ModelName, credentials: DeviceCredentials) -> Response:
+    """The newest open round this device has not contributed to yet (several gateways share
+    the devices: it gets the least served one)."""
+
+    def find() -> EdgeTask | None:
+        edge.require_model(model)
+        return edge.task_for(model, edge.authenticate(model, _token(credentials)))
+
+    try:
+        task = await run_in_threadpool(_counted, edge, model, find)
+    except EdgeRefusal as refusal:
+        return _refused(refusal, model)
+    if task is None:
+        return Response(status_code=204, headers=NO_STORE)
+    return JSONResponse(task.to_device(), headers=NO_STORE)
+
+
+def _live_task(edge: EdgeStore, model: str, task_id: str, token: str | None) -> tuple[str, EdgeTask]:
+    """(device id, task) for a device naming a task in the URL: 404 model, 401 token, 404 task
+    (all counted under round 0 by the caller)."""
+    edge.require_model(model)
+    device_id = edge.authenticate(model, token)
+    return device_id, edge.device_task(model, task_id)
+
+
+def _refuse_in_round(edge: EdgeStore, task: EdgeTask, refusal: EdgeRefusal) -> EdgeRefusal:
+    edge.count_refusal(task.model, refusal.reason, task.round)
+    return refusal
+
+
+@router.get(
+    "/{model}/tasks/{task_id}/weights",
+    response_class=FileResponse,
+    responses={**WEIGHTS_RESPONSE, **_refusals(401, 404, 409)},
+    summary="The task's base weights (flat little-endian float32)",
+)
+async def task_weights(edge: EdgeDep, model: ModelName, task_id: TaskId, credentials: DeviceCredentials) -> Response:
+    """Load the model files of ``base_version``, set these weights, train, and send
+    local − base. They are the aggregate of the last round, which may be newer than any
+    published version."""
+
+    def locate():
+        _, task = _counted(edge, model, _live_task, edge, model, task_id, _token(credentials))
+        path = edge.base_path(task.task_id)
+        try:
+            edge.check_open(task)
+            if not path.is_file():  # the gateway freed the files of a finished round
+                raise EdgeRefusal("stale", f"task {task.task_id} is over: fetch the current task")
+        except EdgeRefusal as refusal:
+            raise _refuse_in_round(edge, task, refusal) from None
+        return path
+
+    try:
+        path = await run_in_threadpool(locate)
+    except EdgeRefusal as refusal:
+        return _refused(refusal, model)
+    return FileResponse(path, media_type="application/octet-stream",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.post(
+    "/{model}/tasks/{task_id}/updates",
+    status_code=202,
+    response_model=UpdateAcceptedOut,
+    responses=_refusals(401, 404, 409, 413, 422),
+    openapi_extra=UPDATE_REQUEST,
+    summary="Send this device's update for a task (local − base)",
+)
+async def post_update(request: Request, svc: ServicesDep, edge: EdgeDep, model: ModelName, task_id: TaskId,
+                      credentials: DeviceCredentials) -> UpdateAcceptedOut | Response:
+    """202 means recorded durably and counted once. Every check that needs no body (token,
+    task, round still open, ``dtype``, ``examples``, declared length) runs before the body
+    is read, so a doomed upload is refused early."""
+    dtype = request.query_params.get("dtype", "float32")
+    examples = request.query_params.get("examples")
+    limit = svc.config.max_update_bytes
+
+    def admit() -> tuple[str, EdgeTask]:
+        device_id, task = _counted(edge, model, _live_task, edge, model, task_id, _token(credentials))
+        try:
+            edge.check_open(task)
+            check_update_params(dtype, examples)
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise EdgeRefusal("too_large", _too_large(limit))
+        except EdgeRefusal as refusal:
+            raise _refuse_in_round(edge, task, refusal) from None
+        return device_id, task
+
+    try:
+        device_id, task = await run_in_threadpool(admit)
+    except EdgeRefusal as refusal:
+        return _refused(refusal, model)
+
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                refusal = EdgeRefusal("too_large", _too_large(limit))
+                await run_in_threadpool(_refuse_in_round, edge, task, refusal)
+                return _refused(refusal, model)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is listening; nothing was recorded
+
+    try:
+        task, update = await run_in_threadpool(edge.accept, task.task_id, device_id, bytes(body),
+                                               dtype=dtype, examples=examples)
+    except EdgeRefusal as refusal:  # accept() counted it under the task's round
+        return _refused(refusal, model)
+    count_edge_update(model, len(body))
+    return UpdateAcceptedOut(task_id=task.task_id, round=task.round, accepted=task.accepted,
+                             norm=update.norm, clipped=update.clipped)
+
+
+def _too_large(limit: int) -> str:
+    return f"the update is over this server's limit of {limit} bytes ({ENV_MAX_UPDATE_BYTES})"
+
+
+@router.get(
+    "/{model}/status",
+    response_model=FederationStatusOut,
+    responses=_refusals(404),
+    summary="The model's current edge round: open?, updates accepted, refusals by reason",
+)
+async def federation_status(edge: EdgeDep, model: ModelName) -> FederationStatusOut | Response:
+    def read() -> dict:
+        edge.require_model(model)
+        return edge.status(model)
+
+    try:
+        status = await run_in_threadpool(read)
+    except EdgeRefusal as refusal:
+        return _refused(refusal, model)
+    return JSONResponse(FederationStatusOut(**status).model_dump(), headers=NO_STORE)

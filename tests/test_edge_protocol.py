@@ -1,0 +1,405 @@
+"""The device protocol over HTTP, against a real `pollinate serve` over a real store.
+
+The test plays the gateway directly in the store (``EdgeStore.open_task``) and the devices
+over HTTP, exactly as docs/device-protocol.md describes them: enrol, poll the task, fetch the
+base weights, post local − base. Every refusal the protocol names is produced and then found
+counted in /metrics and /status; a kill -9 between updates loses none and counts none twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_helpers import stores
+from server_helpers.live import LiveServer
+
+from registry import Store
+from registry.edge import EdgeStore, weights_spec
+from server.schemas import EnrolOut, FederationStatusOut, TaskOut, UpdateAcceptedOut
+
+ENROL_TOKEN = "enrol-secret-0123456789"
+LIMIT = 1024  # POLLINATE_MAX_UPDATE_BYTES for these servers: a 15-value update is 60 bytes
+CONFIG = {"epochs": 1, "batch_size": 8, "learning_rate": 0.01}
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def base_arrays(seed: int = 0) -> list[np.ndarray]:
+    """A tiny Dense layer's get_weights(): kernel (4, 3) and bias (3,), 15 values."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)]
+
+
+def flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32)
+
+
+def new_model(home: Path, model: str) -> None:
+    stores.publish(Store(home), model, 7, files={"keras": {"model.keras": b"tiny model " + model.encode()}})
+
+
+def open_round(home: Path, model: str, *, round: int = 1, gateway: str = "gw-1", clip: bool = False,
+               deadline_s: float = 3600, norm_bound: float | None = None):
+    """What a gateway does at the start of a Flower round; the bound defaults to the base's norm."""
+    arrays = base_arrays(round)
+    base = flat(arrays)
+    bound = float(np.linalg.norm(base)) if norm_bound is None else norm_bound
+    task = EdgeStore(Store(home)).open_task(
+        model, federation=f"fed-{model}", round=round, gateway=gateway, base_version=1, config=CONFIG,
+        weights=weights_spec(arrays, ["dense/kernel", "dense/bias"]), base=base,
+        deadline=time.time() + deadline_s, min_updates=2, norm_bound=bound, clip=clip)
+    return task, base
+
+
+def delta(seed: int, size: int = 15, scale: float = 0.01) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=size) * scale).astype(np.float32)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def enrol(c: httpx.Client, model: str, kind: str = "simulated", headers: dict | None = None) -> dict:
+    response = c.post(f"/v1/federations/{model}/devices", json={"kind": kind}, headers=headers or {})
+    assert response.status_code == 201, response.text
+    return EnrolOut(**response.json()).model_dump()
+
+
+def post_update(c: httpx.Client, model: str, task_id: str, token: str | None, body: bytes, **params) -> httpx.Response:
+    params.setdefault("examples", 10)
+    headers = {**OCTETS, **(bearer(token) if token else {})}
+    return c.post(f"/v1/federations/{model}/tasks/{task_id}/updates", params=params, content=body, headers=headers)
+
+
+def refusal_counts(c: httpx.Client, model: str) -> dict[str, float]:
+    """pollinate_edge_refusals_total of one model, by reason, from the real /metrics text."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "pollinate_edge_refusals_total" and sample.labels["model"] == model:
+                out[sample.labels["reason"]] = out.get(sample.labels["reason"], 0) + sample.value
+    return out
+
+
+def metric(c: httpx.Client, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def status(c: httpx.Client, model: str) -> dict:
+    response = c.get(f"/v1/federations/{model}/status")
+    assert response.status_code == 200, response.text
+    return FederationStatusOut(**response.json()).model_dump()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("edge") / "store"
+
+
+@pytest.fixture(scope="module")
+def server(home) -> LiveServer:
+    """Open enrolment, a small update limit."""
+    new_model(home, "warmup")
+    with LiveServer(home, log=home.parent / "open.log", env={"POLLINATE_MAX_UPDATE_BYTES": str(LIMIT),
+                                                             "POLLINATE_ENROL_TOKEN": None}) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def gated(home, server) -> LiveServer:
+    """The same store behind a server that wants POLLINATE_ENROL_TOKEN to enrol."""
+    with LiveServer(home, log=home.parent / "gated.log", env={"POLLINATE_ENROL_TOKEN": ENROL_TOKEN}) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_enrol_with_and_without_an_enrol_token(home, client, gated):
+    new_model(home, "enrolling")
+    url = "/v1/federations/enrolling/devices"
+    first = client.post(url, json={"kind": "phone"})
+    assert first.status_code == 201
+    device = EnrolOut(**first.json())
+    assert len(device.token) >= 32 and device.device_id
+    no_body = client.post(url)  # the body is optional
+    assert no_body.status_code == 201 and no_body.json()["token"] != device.token
+    assert client.post(url, json={"kind": "toaster"}).status_code == 201  # recorded as a plain device
+    edge = EdgeStore(Store(home))
+    assert edge.device_kinds([device.device_id, no_body.json()["device_id"]]) == {
+        device.device_id: "phone", no_body.json()["device_id"]: "device"}
+    assert edge.authenticate("enrolling", device.token) == device.device_id
+
+    with httpx.Client(base_url=gated.url, timeout=30) as g:
+        assert g.post(url, json={"kind": "browser"}).status_code == 401
+        assert g.post(url, headers=bearer("not-the-enrol-token")).status_code == 401
+        assert g.post(url, headers=bearer(device.token)).status_code == 401  # a device token is no enrol token
+        ok = g.post(url, json={"kind": "browser"}, headers=bearer(ENROL_TOKEN))
+        assert ok.status_code == 201 and set(ok.json()) == {"device_id", "token"}
+        refused = g.post(url)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert "POLLINATE_ENROL_TOKEN" in refused.json()["detail"]
+        assert refusal_counts(g, "enrolling") == {"unauthorized": 4}
+    assert status(client, "enrolling")["refused"] == {"unauthorized": 4}  # round 0: no round yet
+
+
+def test_task_weights_and_updates_in_float32_and_float16(home, client):
+    new_model(home, "tiny")
+    a, b = enrol(client, "tiny", "phone"), enrol(client, "tiny", "browser")
+    assert client.get("/v1/federations/tiny/task", headers=bearer(a["token"])).status_code == 204
+    assert status(client, "tiny")["round"] is None
+
+    task, base = open_round(home, "tiny")
+    answer = client.get("/v1/federations/tiny/task", headers=bearer(a["token"]))
+    assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+    spec = TaskOut(**answer.json()).model_dump()
+    assert spec["task_id"] == task.task_id and spec["round"] == 1 and spec["base_version"] == 1
+    assert spec["deadline"].endswith("Z") and spec["config"] == CONFIG and spec["size"] == 15
+    assert spec["weights"] == [{"name": "dense/kernel", "shape": [4, 3], "dtype": "float32"},
+                               {"name": "dense/bias", "shape": [3], "dtype": "float32"}]
+    assert spec["norm_bound"] == pytest.approx(float(np.linalg.norm(base)))
+
+    weights = client.get(f"/v1/federations/tiny/tasks/{task.task_id}/weights", headers=bearer(a["token"]))
+    assert weights.status_code == 200 and weights.headers["content-type"] == "application/octet-stream"
+    assert weights.content == base.astype("<f4").tobytes()
+
+    d32, d16 = delta(1), delta(2)
+    first = post_update(client, "tiny", task.task_id, a["token"], d32.astype("<f4").tobytes(), examples=12)
+    assert first.status_code == 202, first.text
+    accepted = UpdateAcceptedOut(**first.json())
+    assert (accepted.task_id, accepted.round, accepted.accepted, accepted.clipped) == (task.task_id, 1, 1, False)
+    assert accepted.norm == pytest.approx(float(np.linalg.norm(d32)), rel=1e-5)
+    second = post_update(client, "tiny", task.task_id, b["token"], d16.astype("<f2").tobytes(),
+                         examples=5, dtype="float16")
+    assert second.status_code == 202 and second.json()["accepted"] == 2
+
+    stored = {u.device_id: u for u in EdgeStore(Store(home)).updates(task.task_id)}
+    assert set(stored) == {a["device_id"], b["device_id"]}
+    np.testing.assert_array_equal(stored[a["device_id"]].delta, d32)
+    np.testing.assert_allclose(stored[b["device_id"]].delta, d16, rtol=1e-3, atol=1e-6)
+    assert (stored[a["device_id"]].examples, stored[b["device_id"]].examples) == (12, 5)
+
+    # both devices contributed: nothing left for them this round
+    assert client.get("/v1/federations/tiny/task", headers=bearer(a["token"])).status_code == 204
+    now = status(client, "tiny")
+    assert (now["round"], now["open"], now["accepted"], now["refused"]) == (1, True, 2, {})
+    assert [t["accepted"] for t in now["tasks"]] == [2]
+    assert metric(client, "pollinate_edge_updates_total", model="tiny") == 2
+    assert metric(client, "pollinate_edge_update_bytes_total", model="tiny") == 60 + 30
+
+
+def test_clip_mode_accepts_and_stores_the_clipped_update(home, client):
+    new_model(home, "clippy")
+    task, base = open_round(home, "clippy", clip=True)
+    device = enrol(client, "clippy")
+    big = delta(3, scale=10.0)
+    assert np.linalg.norm(big) > task.norm_bound
+    response = post_update(client, "clippy", task.task_id, device["token"], big.tobytes())
+    assert response.status_code == 202, response.text
+    assert response.json()["clipped"] is True
+    assert response.json()["norm"] == pytest.approx(float(np.linalg.norm(big)), rel=1e-5)
+    stored, = EdgeStore(Store(home)).updates(task.task_id)
+    assert stored.clipped
+    assert float(np.linalg.norm(stored.delta)) == pytest.approx(task.norm_bound, rel=1e-5)
+    np.testing.assert_allclose(stored.delta, big * (task.norm_bound / np.linalg.norm(big)), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_every_refusal_is_refused_and_counted(home, client):
+    new_model(home, "strict")
+    new_model(home, "elsewhere")
+    task, base = open_round(home, "strict")
+    devices = [enrol(client, "strict") for _ in range(3)]
+    stranger = enrol(client, "elsewhere")
+    token = devices[0]["token"]
+    good = delta(4).tobytes()
+    url = f"/v1/federations/strict/tasks/{task.task_id}"
+    produced: list[tuple[int, str, httpx.Response]] = []
+
+    def expect(status_code: int, reason: str, response: httpx.Response) -> None:
+        assert response.status_code == status_code, (reason, response.status_code, response.text)
+        assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+        produced.append((status_code, reason, response))
+
+    # 401: no token, a bad one, one of another model's device (task, weights and update routes)
+    expect(401, "unauthorized", client.get("/v1/federations/strict/task"))
+    expect(401, "unauthorized", client.get("/v1/federations/strict/task", headers=bearer("garbage")))
+    expect(401, "unauthorized", client.get("/v1/federations/strict/task", headers=bearer(stranger["token"])))
+    expect(401, "unauthorized", client.get(f"{url}/weights"))
+    expect(401, "unauthorized", post_update(client, "strict", task.task_id, None, good))
+    expect(401, "unauthorized", post_update(client, "strict", task.task_id, "garbage", good))
+    expect(401, "unauthorized", post_update(client, "strict", task.task_id, stranger["token"], good))
+    # 404: a task that does not exist, or that belongs to another model
+    expect(404, "unknown_task", post_update(client, "strict", "f" * 32, token, good))
+    expect(404, "unknown_task", client.get("/v1/federations/strict/tasks/nope/weights", headers=bearer(token)))
+    # 413: declared over the limit, and streamed (chunked: no Content-Length) over it
+    expect(413, "too_large", post_update(client, "strict", task.task_id, token, b"\0" * (LIMIT + 4)))
+
+    def chunks():
+        for _ in range(8):
+            yield b"\0" * 256
+
+    expect(413, "too_large", post_update(client, "strict", task.task_id, token, chunks()))
+    # 422: wrong length, NaN, infinite, norm over the bound, bad examples, bad dtype
+    expect(422, "wrong_length", post_update(client, "strict", task.task_id, token, delta(5, size=14).tobytes()))
+    expect(422, "wrong_length", post_update(client, "strict", task.task_id, token, good, dtype="float16"))
+    nan = delta(6)
+    nan[3] = np.nan
+    expect(422, "non_finite", post_update(client, "strict", task.task_id, token, nan.tobytes()))
+    inf = delta(6)
+    inf[0] = np.inf
+    expect(422, "non_finite", post_update(client, "strict", task.task_id, token, inf.tobytes()))
+    over = delta(7, scale=10.0)
+    assert np.linalg.norm(over) > task.norm_bound
+    expect(422, "norm", post_update(client, "strict", task.task_id, token, over.tobytes()))
+    for examples in (0, -1, "x", "1.5"):
+        expect(422, "bad_examples", post_update(client, "strict", task.task_id, token, good, examples=examples))
+    missing = client.post(f"{url}/updates", content=good, headers={**OCTETS, **bearer(token)})
+    expect(422, "bad_examples", missing)
+    expect(422, "bad_dtype", post_update(client, "strict", task.task_id, token, good, dtype="float64"))
+    # none of that was recorded; a good update still is, once: the second is a duplicate
+    assert EdgeStore(Store(home)).accepted(task.task_id) == 0
+    assert post_update(client, "strict", task.task_id, token, good).status_code == 202
+    expect(409, "duplicate", post_update(client, "strict", task.task_id, token, good))
+    # 409 stale: the gateway closed the round (a device that fetched it earlier still posts)
+    EdgeStore(Store(home)).close_task(task.task_id, {"updates": 1})
+    expect(409, "stale", post_update(client, "strict", task.task_id, devices[1]["token"], good))
+    expect(409, "stale", client.get(f"{url}/weights", headers=bearer(devices[1]["token"])))
+    assert client.get("/v1/federations/strict/task", headers=bearer(devices[1]["token"])).status_code == 204
+    # 409 stale: past the deadline of the next round's task
+    late, _ = open_round(home, "strict", round=2, deadline_s=-1)
+    late_refusal = post_update(client, "strict", late.task_id, devices[2]["token"], delta(8).tobytes())
+    expect(409, "stale", late_refusal)
+    assert "deadline" in late_refusal.json()["detail"]
+    # an unknown model: 404, counted under (unknown) so that labels only name real models
+    expect(404, "unknown_model", client.get("/v1/federations/no-such-model/task", headers=bearer(token)))
+    expect(404, "unknown_model", client.post("/v1/federations/no-such-model/devices"))
+    expect(404, "unknown_model", client.get("/v1/federations/Not A Model!/status"))
+    assert client.post("/v1/federations/strict/devices", content=b"{not json").status_code == 422
+
+    wanted: dict[str, int] = {}
+    for _, reason, _ in produced:
+        if reason != "unknown_model":
+            wanted[reason] = wanted.get(reason, 0) + 1
+    wanted["bad_enrolment"] = 1
+    assert refusal_counts(client, "strict") == wanted
+    assert refusal_counts(client, "(unknown)").get("unknown_model", 0) >= 3
+    assert all(r.status_code in (401, 404, 409, 413, 422) for _, _, r in produced)
+    # /status: the total over the model's life, and the current round's (round 2: its stale
+    # refusal, plus those no round could be named for: 401 and 404)
+    now = status(client, "strict")
+    assert now["refused_total"] == wanted
+    assert now["round"] == 2 and now["open"] is False and now["accepted"] == 0
+    assert now["refused"] == {"unauthorized": 7, "unknown_task": 2, "stale": 1, "bad_enrolment": 1}
+    # the first round kept exactly the one good update
+    assert [u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)] == [devices[0]["device_id"]]
+
+
+def test_openapi_documents_the_protocol(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert set(paths["/v1/federations/{model}/devices"]) == {"post"}
+    assert set(paths["/v1/federations/{model}/task"]) == {"get"}
+    assert set(paths["/v1/federations/{model}/tasks/{task_id}/weights"]) == {"get"}
+    assert set(paths["/v1/federations/{model}/status"]) == {"get"}
+    update = paths["/v1/federations/{model}/tasks/{task_id}/updates"]["post"]
+    assert {"202", "401", "404", "409", "413", "422"} <= set(update["responses"])
+    assert {p["name"] for p in update["parameters"]} >= {"model", "task_id", "examples", "dtype"}
+    assert "application/octet-stream" in update["requestBody"]["content"]
+    assert {"DeviceToken", "EnrolToken"} <= set(spec["components"]["securitySchemes"])
+    for name in ("EnrolOut", "TaskOut", "UpdateAcceptedOut", "FederationStatusOut", "ErrorOut"):
+        assert name in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+# --------------------------------------------------------------------------- durability and concurrency
+
+
+def test_kill_9_between_updates_loses_none_and_counts_none_twice(tmp_path):
+    home = tmp_path / "store"
+    new_model(home, "sturdy")
+    task, _ = open_round(home, "sturdy")
+    sent = {i: delta(100 + i) for i in range(8)}
+    first = LiveServer(home, log=tmp_path / "first.log").start()
+    try:
+        with httpx.Client(base_url=first.url, timeout=30) as c:
+            devices = [enrol(c, "sturdy", "phone") for _ in range(8)]
+            for i in range(4):
+                response = post_update(c, "sturdy", task.task_id, devices[i]["token"], sent[i].tobytes(), examples=i + 1)
+                assert response.status_code == 202, response.text
+    finally:
+        first.kill9()  # no shutdown: whatever got a 202 must already be on disk
+    with LiveServer(home, log=tmp_path / "second.log") as second, httpx.Client(base_url=second.url, timeout=30) as c:
+        for i in range(4):  # same tokens still work; a device already counted is a duplicate
+            again = post_update(c, "sturdy", task.task_id, devices[i]["token"], sent[i].tobytes(), examples=i + 1)
+            assert again.status_code == 409 and "already" in again.json()["detail"]
+        for i in range(4, 8):
+            response = post_update(c, "sturdy", task.task_id, devices[i]["token"], sent[i].tobytes(), examples=i + 1)
+            assert response.status_code == 202 and response.json()["accepted"] == i + 1
+        assert status(c, "sturdy")["accepted"] == 8
+        assert status(c, "sturdy")["refused"] == {"duplicate": 4}
+    updates = EdgeStore(Store(home)).updates(task.task_id)
+    by_device = {u.device_id: u for u in updates}
+    assert len(updates) == len(by_device) == 8
+    for i, device in enumerate(devices):
+        np.testing.assert_array_equal(by_device[device["device_id"]].delta, sent[i])
+        assert by_device[device["device_id"]].examples == i + 1
+    assert not list((home / "edge" / task.task_id).glob("*.tmp"))
+
+
+def test_many_devices_posting_at_once_are_each_counted_once(home, client):
+    new_model(home, "crowd")
+    task, _ = open_round(home, "crowd")
+    devices = [enrol(client, "crowd", "browser") for _ in range(24)]
+    start = threading.Barrier(48)
+    answers: list[tuple[str, int, dict]] = []
+    lock = threading.Lock()
+
+    def send(device: dict, seed: int) -> None:
+        body = delta(seed).tobytes()  # each device posts twice at the same moment
+        with httpx.Client(base_url=client.base_url, timeout=60) as c:
+            start.wait(timeout=30)
+            response = post_update(c, "crowd", task.task_id, device["token"], body)
+        with lock:
+            answers.append((device["device_id"], response.status_code, response.json()))
+
+    threads = [threading.Thread(target=send, args=(d, i)) for i, d in enumerate(devices) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert len(answers) == 48
+    for device in devices:
+        codes = sorted(code for who, code, _ in answers if who == device["device_id"])
+        assert codes == [202, 409], (device["device_id"], codes)
+    counts = sorted(body["accepted"] for _, code, body in answers if code == 202)
+    assert counts == list(range(1, 25))  # each 202 saw its own update counted, once
+    updates = EdgeStore(Store(home)).updates(task.task_id)
+    assert sorted(u.device_id for u in updates) == sorted(d["device_id"] for d in devices)
+    assert status(client, "crowd")["accepted"] == 24
+    assert refusal_counts(client, "crowd") == {"duplicate": 24}
+    assert metric(client, "pollinate_edge_updates_total", model="crowd") == 24

@@ -11,19 +11,33 @@
 //   result.label, result.top, result.labels   // best label, its probability, all labels ranked
 //   client.onUpdate(({ from, to }) => ..., { intervalMs: 30_000 });   // polls; switches without reload
 //
+// Learning on the device (LayersModels only; the examples never leave it):
+//   await client.addExample(result.modelInput, '7');   // a correction: kept in IndexedDB
+//   await client.train();                     // fine-tunes the loaded model: {backend, lossBefore, lossAfter, examples, seconds}
+//   await client.optIn();                     // the user's consent, kept in storage
+//   await client.contribute({ signal, onProgress });   // task → train → POST local − base: {status: 'accepted', round, accepted, …}
+//
 // TF.js: pass `tf` (the module) or let the client `import('@tensorflow/tfjs')` (Node resolves
 // it from node_modules; a page maps the bare name with an import map, see index.html).
 
 import { chooseBackend, DEFAULT_BACKENDS, registerMissingKernels } from './lib/backend.js';
 import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
+import { contribute as contributeOnce } from './lib/contribute.js';
 import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
+import { ExampleStore } from './lib/examples.js';
 import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
 import { sha256Hex } from './lib/integrity.js';
 import { Poller } from './lib/poller.js';
+import { DeviceProtocol } from './lib/protocol.js';
+import { classCount, fitOnExamples, trainingBackendFor, withBackend } from './lib/training.js';
 
 export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCache, PollinateError, Poller };
 export { inputContract, prepareInput, rankLabels } from './lib/input.js';
 export { sha256Hex } from './lib/integrity.js';
+export { ExampleStore } from './lib/examples.js';
+export { DeviceProtocol, refusalOf } from './lib/protocol.js';
+export { trainingBackendFor } from './lib/training.js';
+export { float32LE, fromFloat32LE, l2Norm, weightDelta, weightsInSpecOrder } from './lib/weights.js';
 
 // TF.js formats a version may carry, and the order the client takes them in: the LayersModel
 // first (it can also train), else the graph model (what tfjs-layers cannot express: inference
@@ -115,12 +129,14 @@ export class PollinateClient {
    * @param {string} [options.format]     load only this TF.js format (e.g. 'tfjs-uint8')
    * @param {string[]} [options.formats]  TF.js formats in order of preference (default tfjs-layers, tfjs-graph)
    * @param {string} [options.preferQuantized] 'float16' or 'uint8': take that weight-quantized format first when offered
+   * @param {string} [options.enrolToken] bearer token the server asks for on device enrolment (POLLINATE_ENROL_TOKEN), if any
    */
   constructor({
     serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
     backends = DEFAULT_BACKENDS, wasmPaths, loadWasm = () => import('@tensorflow/tfjs-backend-wasm'),
     cache = defaultCache(), fetch = globalThis.fetch?.bind(globalThis), timeoutMs = 30_000,
     checkRange = true, minConfidence = 0.5, keepVersions = 2, format = null, formats = null, preferQuantized = null,
+    enrolToken = null,
   } = {}) {
     if (!serverUrl) throw new PollinateError('config', 'serverUrl is required outside a browser page');
     if (typeof model !== 'string' || !/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(model)) {
@@ -156,6 +172,9 @@ export class PollinateClient {
     this.lastLoad = null;         // what the last load() or update did: see load()
     this.lastDispose = null;      // the last model freed by an update: {version, numDisposedVariables}
     this.fetchLog = [];           // every request: {kind, url, status, bytes, ms}
+    this.bytesReceived = 0;       // response bytes over all requests (fetchLog keeps only the newest)
+    this.examples = new ExampleStore(cache, `examples/${encodeURIComponent(this.serverUrl)}/${model}/`);
+    this.protocol = new DeviceProtocol({ request: (...args) => this.request(...args), serverUrl: this.serverUrl, model, enrolToken });
     this.listeners = new Map();
     this.inflight = new Set();
     this.queue = Promise.resolve();
@@ -222,13 +241,15 @@ export class PollinateClient {
     const entry = { kind, url, status: null, bytes: 0, ms: 0 };
     this.fetchLog.push(entry);
     if (this.fetchLog.length > FETCH_LOG_LIMIT) this.fetchLog.splice(0, this.fetchLog.length - FETCH_LOG_LIMIT);
-    const signal = globalThis.AbortSignal?.timeout ? AbortSignal.timeout(this.options.timeoutMs) : undefined;
+    const timeout = globalThis.AbortSignal?.timeout ? AbortSignal.timeout(this.options.timeoutMs) : undefined;
+    const signal = init.signal && timeout && AbortSignal.any ? AbortSignal.any([init.signal, timeout]) : init.signal ?? timeout;
     let response;
     try {
       response = await this.fetchImpl(url, { ...init, signal });
     } catch (error) {
       entry.status = 'failed';
       entry.ms = now() - started;
+      if (init.signal?.aborted) throw new PollinateError('aborted', `cancelled: ${url}`, { url, cause: init.signal.reason });
       throw new PollinateError('network', `cannot reach ${url}: ${error?.message ?? error}`, { url, cause: error });
     }
     entry.status = response.status;
@@ -254,6 +275,7 @@ export class PollinateClient {
     }
     entry.bytes = body.byteLength;
     entry.ms = now() - started;
+    this.bytesReceived += body.byteLength;
     return { response, body };
   }
 
@@ -314,14 +336,13 @@ export class PollinateClient {
   // ---- files ---------------------------------------------------------------------------------
 
   /** The TF.js format this client takes from `manifest` (the first of `formats` it offers) and its entry. */
-  chooseFormat(manifest) {
-    for (const format of this.formats) {
+  chooseFormat(manifest, formats = this.formats) {
+    for (const format of formats) {
       const entry = manifest.artifacts?.[format];
       if (entry && Array.isArray(entry.files) && entry.files.length > 0) return { format, entry };
     }
-    const formats = Object.keys(manifest.artifacts ?? {}).join(', ') || 'none';
-    const asked = this.formats.join(' or ');
-    throw new PollinateError('no-format', `${manifest.name} v${manifest.version} has no ${asked} files (formats: ${formats}): export it with \`pollinate export ${manifest.name} --version ${manifest.version} --formats ${this.formats[0]}\``);
+    const offered = Object.keys(manifest.artifacts ?? {}).join(', ') || 'none';
+    throw new PollinateError('no-format', `${manifest.name} v${manifest.version} has no ${formats.join(' or ')} files (formats: ${offered}): export it with \`pollinate export ${manifest.name} --version ${manifest.version} --formats ${formats[0]}\``);
   }
 
   formatEntry(manifest) {
@@ -329,8 +350,8 @@ export class PollinateClient {
   }
 
   /** Files of a version, from the cache when every one is there and still hashes right, else downloaded and verified. */
-  async obtainFiles(manifest) {
-    const { format, entry } = this.chooseFormat(manifest);
+  async obtainFiles(manifest, formats = this.formats) {
+    const { format, entry } = this.chooseFormat(manifest, formats);
     const wanted = entry.files;
     const key = this.filesKey(manifest.version, format);
     const cached = await this.cacheGet(key);
@@ -377,6 +398,25 @@ export class PollinateClient {
   async buildModel(manifest, files) {
     const tf = this.tf;
     const { format, entry } = this.chooseFormat(manifest);
+    const { handler, kind } = await this.modelHandler(manifest, files, format, entry, { pickBackend: true });
+    const model = kind === 'graph' ? await tf.loadGraphModel(handler) : await tf.loadLayersModel(handler);
+    const loaded = { model, kind, format, run: modelRunner(tf, model, kind) };
+    // one untimed predict compiles kernels (shaders on WebGL) so the first real one is honest
+    const contract = inputContract(manifest);
+    try {
+      const warm = await loaded.run(tf.zeros([1, ...contract.shape]));
+      await warm.data();
+      warm.dispose();
+    } catch (error) {
+      model.dispose();
+      throw new PollinateError('model-run', `${manifest.name} v${manifest.version} (${format}) does not run on the ${this.backend} backend: ${error?.message ?? error}`, { cause: error });
+    }
+    return loaded;
+  }
+
+  /** {handler, kind}: a tf.io handler over a version's verified files (model.json + shards). */
+  async modelHandler(manifest, files, format, entry, { pickBackend = false } = {}) {
+    const tf = this.tf;
     const entryName = decodePath(entry.url);
     const jsonBytes = files.get(entryName);
     if (!jsonBytes) throw new PollinateError('model-format', `${manifest.name} v${manifest.version}: ${entryName} is not among its ${format} files`);
@@ -394,7 +434,7 @@ export class PollinateClient {
     if (entry.kind && entry.kind !== kind) {
       throw new PollinateError('model-format', `${entryName} of ${manifest.name} v${manifest.version} is a ${kind} model; the manifest says ${entry.kind}`);
     }
-    await this.avoidUnsupportedBackend(manifest, format, entry);
+    if (pickBackend) await this.avoidUnsupportedBackend(manifest, format, entry);
     const weightSpecs = [];
     const buffers = [];
     for (const group of modelJson.weightsManifest) {
@@ -411,19 +451,7 @@ export class PollinateClient {
       trainingConfig: modelJson.trainingConfig, userDefinedMetadata: modelJson.userDefinedMetadata,
       signature: modelJson.signature, modelInitializer: modelJson.modelInitializer,
     });
-    const model = kind === 'graph' ? await tf.loadGraphModel(handler) : await tf.loadLayersModel(handler);
-    const loaded = { model, kind, format, run: modelRunner(tf, model, kind) };
-    // one untimed predict compiles kernels (shaders on WebGL) so the first real one is honest
-    const contract = inputContract(manifest);
-    try {
-      const warm = await loaded.run(tf.zeros([1, ...contract.shape]));
-      await warm.data();
-      warm.dispose();
-    } catch (error) {
-      model.dispose();
-      throw new PollinateError('model-run', `${manifest.name} v${manifest.version} (${format}) does not run on the ${this.backend} backend: ${error?.message ?? error}`, { cause: error });
-    }
-    return loaded;
+    return { handler, kind };
   }
 
   /**
@@ -640,6 +668,154 @@ export class PollinateClient {
     const labels = rankLabels(probabilities, manifest.labels);
     const top = labels[0].probability;
     return { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
+  }
+
+  // ---- learning on the device ----------------------------------------------------------------
+
+  /** The class index of `label`: a label of the loaded model ('7') or an index (7). */
+  labelIndex(label) {
+    const labels = this.labels;
+    if (!Array.isArray(labels)) throw new PollinateError('not-trainable', `${this.modelName} has no labels: only classifiers learn from labelled examples`);
+    const index = Number.isInteger(label) ? label : labels.indexOf(String(label));
+    if (!(index >= 0 && index < labels.length)) {
+      throw new PollinateError('label', `${JSON.stringify(label)} is not a label of ${this.modelName} (${labels.join(', ')})`);
+    }
+    return index;
+  }
+
+  /**
+   * Keeps a labelled example in this browser (IndexedDB), e.g. a digit the user corrected.
+   * `input`: the model's input (result.modelInput), or raw values with {raw: true} (then
+   * checked and scaled like predict()'s input); `label`: a label ('7') or a class index.
+   * Resolves to the number of examples kept.
+   */
+  async addExample(input, label, { raw = false } = {}) {
+    if (!this.manifest) throw new PollinateError('not-loaded', 'call load() before addExample(): the manifest gives the input spec and the labels');
+    const values = raw ? prepareInput(input, this.contract) : Float32Array.from(input ?? [], Number);
+    return this.examples.add(values, this.labelIndex(label), { size: this.contract.size, classes: this.labels.length, version: this.version });
+  }
+
+  preferenceKey(name) {
+    return `federation/${encodeURIComponent(this.serverUrl)}/${this.modelName}/${name}`;
+  }
+
+  /** Records the user's consent to contribute (kept in storage, so it survives reloads). */
+  async optIn() {
+    await this.cache.set(this.preferenceKey('consent'), { optedIn: true, at: Date.now() });
+    return true;
+  }
+
+  /** Withdraws consent: contribute() refuses until optIn() again. */
+  async optOut() {
+    await this.cache.set(this.preferenceKey('consent'), { optedIn: false, at: Date.now() });
+    return false;
+  }
+
+  /** Whether the user opted in (false when nothing was ever recorded). */
+  async optedIn() {
+    return (await this.cacheGet(this.preferenceKey('consent')))?.optedIn === true;
+  }
+
+  /** {device_id, token}: this browser's enrolment for the model, enrolling once (kept in storage). */
+  async deviceIdentity({ signal = null, kind = 'browser', onEnrol = null } = {}) {
+    const kept = await this.cacheGet(this.preferenceKey('device'));
+    if (kept?.token && kept?.device_id) return kept;
+    onEnrol?.();
+    const device = await this.protocol.enrol(kind, { signal });
+    if (!device?.token || !device?.device_id) throw new PollinateError('http', 'enrolment answered without a device_id and token');
+    const identity = { device_id: device.device_id, token: device.token, enrolledAt: Date.now() };
+    await this.cacheSet(this.preferenceKey('device'), identity);
+    return identity;
+  }
+
+  /** Forgets the device token (the next contribution enrols again). */
+  async forgetDevice() {
+    try {
+      await this.cache.delete(this.preferenceKey('device'));
+    } catch (error) {
+      this.cacheError = error;
+    }
+  }
+
+  /** Response bytes received so far (every request). */
+  bytesDownloaded() {
+    return this.bytesReceived;
+  }
+
+  /**
+   * A fresh LayersModel of `version` (its tfjs-layers files from the cache or downloaded and
+   * sha256-checked), built on the current backend: a model to train that the page does not
+   * predict with. {model, manifest, source}. A version without tfjs-layers cannot train.
+   */
+  async loadTrainableModel(version, { signal = null } = {}) {
+    await this.ensureTf();
+    if (!Number.isInteger(version)) throw new PollinateError('config', `a version number is needed to train, got ${JSON.stringify(version)}`);
+    const url = new URL(`/v1/models/${encodeURIComponent(this.modelName)}/versions/${version}/manifest`, this.serverUrl + '/').href;
+    const { body } = await this.request('version-manifest', url, { headers: { Accept: 'application/json' }, signal });
+    let manifest;
+    try {
+      manifest = JSON.parse(new TextDecoder().decode(body));
+    } catch (error) {
+      throw new PollinateError('model-format', `the manifest at ${url} is not JSON: ${error.message}`);
+    }
+    if (manifest?.name !== this.modelName || manifest?.version !== version) {
+      throw new PollinateError('model-format', `the manifest at ${url} does not describe ${this.modelName} v${version}`);
+    }
+    const entry = manifest.artifacts?.['tfjs-layers'];
+    if (!entry?.files?.length) {
+      const offered = TFJS_FORMATS.filter(f => manifest.artifacts?.[f]).join(', ') || 'no TF.js format';
+      throw new PollinateError('not-trainable', `${this.modelName} v${version} has no tfjs-layers files (${offered}): only a LayersModel trains in TF.js, a graph model is inference only`);
+    }
+    const obtained = await this.obtainFiles(manifest, ['tfjs-layers']);
+    const { handler, kind } = await this.modelHandler(manifest, obtained.files, 'tfjs-layers', entry);
+    if (kind !== 'layers') throw new PollinateError('not-trainable', `${this.modelName} v${version}'s tfjs-layers files hold a ${kind} model: only a LayersModel trains`);
+    return { model: await this.tf.loadLayersModel(handler), manifest, source: obtained.source };
+  }
+
+  /**
+   * Fine-tunes the loaded model (a LayersModel) on labelled examples: `examples` as
+   * [{input (model input, flat), label (class index or label)}], or null for the ones kept by
+   * addExample(). Trains on a backend that can (wasm cannot: cpu then, and back to wasm to
+   * predict). Resolves to {backend, inferenceBackend, backendReason, examples, epochs,
+   * lossBefore, lossAfter, losses, seconds}.
+   */
+  train(examples = null, { epochs = 1, batchSize = 32, learningRate = 1e-3, signal = null, onProgress = null, backend = null } = {}) {
+    return this.serialize(async () => {
+      if (this.closed) throw new PollinateError('closed', 'this client was closed');
+      if (!this.model) throw new PollinateError('not-loaded', 'call load() before train()');
+      if (this.modelKind !== 'layers') {
+        throw new PollinateError('not-trainable', `${this.modelName} v${this.version} is loaded as a graph model (${this.format}), which TF.js cannot train: only a LayersModel (tfjs-layers) trains`);
+      }
+      classCount(this.model);
+      const list = (examples ?? await this.examples.list()).map(e => ({ ...e, label: Number.isInteger(e?.label) ? e.label : this.labelIndex(e?.label) }));
+      const inference = this.backend;
+      const training = trainingBackendFor(inference, backend);
+      const fit = await withBackend(this.tf, training.name, () => fitOnExamples(this.tf, this.model, list, {
+        inputShape: this.contract.shape, epochs, batchSize, learningRate, signal,
+        onEpoch: e => onProgress?.({ phase: 'train', ...e, backend: training.name }),
+      }));
+      return { backend: training.name, inferenceBackend: inference, backendReason: training.reason, examples: list.length, ...fit };
+    });
+  }
+
+  /**
+   * Contributes to the open federated round, only when the user opted in (optIn()): enrols
+   * once, fetches the task (none open: {status: 'no-task'}), trains the task's base weights
+   * on the kept examples and sends local − base. Cancellable with `signal`; `onProgress`
+   * gets {phase: 'enrol'|'task'|'download'|'train'|'upload'|'done', round, epoch, epochs, loss, …}.
+   * Resolves to {status: 'accepted'|'no-task'|'no-examples'|'duplicate', round, accepted,
+   * examples, backend, lossBefore, lossAfter, seconds, bytesUp, bytesDown, …}. See lib/contribute.js.
+   */
+  contribute(options = {}) {
+    return this.serialize(() => {
+      if (this.closed) throw new PollinateError('closed', 'this client was closed');
+      return contributeOnce(this, options);
+    });
+  }
+
+  /** The federation's round as the server reports it: {round, open, accepted, refused}. */
+  federationStatus({ signal = null } = {}) {
+    return this.protocol.status({ signal });
   }
 
   // ---- housekeeping --------------------------------------------------------------------------

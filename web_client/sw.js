@@ -10,7 +10,7 @@
 // precache requests do not, so an exact match would miss every cached script.
 
 const TFJS_VERSION = '4.22.0';
-const CACHE = `pollinate-web-${TFJS_VERSION}-v2`;  // v2: TF.js moved from node_modules/ to vendor/
+const CACHE = `pollinate-web-${TFJS_VERSION}-v3`;  // v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
 
 // Relative to this file (the folder the server mounts at /web_client/).
 const SHELL = [
@@ -19,10 +19,15 @@ const SHELL = [
   './pollinate.js',
   './lib/backend.js',
   './lib/cache.js',
+  './lib/contribute.js',
   './lib/errors.js',
+  './lib/examples.js',
   './lib/input.js',
   './lib/integrity.js',
   './lib/poller.js',
+  './lib/protocol.js',
+  './lib/training.js',
+  './lib/weights.js',
   './app/app.js',
   './app/drawing.js',
   './app/style.css',

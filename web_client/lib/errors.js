@@ -6,7 +6,8 @@ export class PollinateError extends Error {
   /**
    * @param {string} code   stable, machine-readable: input-shape, input-type, input-nonfinite,
    *                        input-range, integrity, http, network, no-format, model-format,
-   *                        not-loaded, no-backend, closed
+   *                        not-loaded, no-backend, closed; learning: not-trainable, not-opted-in,
+   *                        no-examples, label, weights-mismatch, non-finite, aborted, config
    * @param {string} message one sentence a developer can act on
    * @param {object} [details] extra fields copied onto the error (status, url, file, ...)
    */

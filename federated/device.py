@@ -1,0 +1,914 @@
+"""The reference device client: what a phone app does to contribute to a federation, in Python.
+
+It uses nothing but the device protocol (HTTP, see ``server/routers/federations.py``) and the
+version's ``tflite-train`` file run by a TFLite interpreter (``export/ondevice.py`` documents its
+signatures). No Keras model is loaded and no Keras code is called, so every step here maps to a
+call a Kotlin or Swift app makes with LiteRT's ``Interpreter.runSignature``:
+
+1. enrol once (``POST /v1/federations/{model}/devices``) and keep ``device_id``/``token`` on disk;
+2. poll ``GET .../task`` (204: nothing open for this device; wait and poll again);
+3. fetch the manifest of the task's ``base_version``, download its ``tflite-train`` file once
+   (cached under its sha256, checked against the manifest) and check the local data against the
+   manifest's input spec;
+4. ``restore`` the file's fresh state (a fresh optimizer per task), ``set_weights`` with the
+   task's base weights (``GET .../tasks/{id}/weights``), run ``train`` for ``config.epochs``
+   over the local data in ``config.batch_size`` batches, ``save`` a checkpoint (an app killed
+   before the upload resumes from it without training again), ``get_weights``;
+5. ``POST .../tasks/{id}/updates?examples=N`` with local − base as little-endian float32.
+
+The task's ``learning_rate`` reaches the optimizer only when the file's train signature takes
+a ``learning_rate`` input; the files `export/ondevice.py` writes carry the rate they were
+exported with (their Adam step), so for them it is informational.
+
+Refusals are handled as the protocol says: 409 (stale round or duplicate) → fetch the task
+again (a duplicate means an earlier post of ours already counts); 404 unknown task → fetch the
+task again; 401 → enrol again, once; 413 → resend as float16 (half the bytes); 422 → this
+update cannot be accepted (e.g. its norm is over the bound): skip the task; 5xx and
+connection errors → retry with exponential backoff.
+
+`DeviceClient` is the library entry point (a simulator runs many in one process, each with its
+own state folder and interpreter); `pollinate federate device` (``federated/device_cli.py``) is
+its command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from http.client import HTTPException
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from core.errors import InvalidInput, PollinateError
+
+TRAIN_FORMAT = "tflite-train"
+SIGNATURES = ("infer", "train", "get_weights", "set_weights", "save", "restore")
+USER_AGENT = "pollinate-device/1"
+
+
+class DeviceError(PollinateError):
+    """The device cannot go on: a refused enrolment, a model without a training file, a task
+    that does not fit the file."""
+
+
+class ServerUnavailable(DeviceError):
+    """The server did not answer (connection refused, timeouts, 5xx) after every retry."""
+
+
+class Refused(PollinateError):
+    """A 4xx answer of the protocol: `status`, the server's JSON `detail`, and its refusal reason."""
+
+    def __init__(self, status: int, detail: str, reason: str | None = None):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.reason = reason or _reason_for(status, detail)
+
+
+def _reason_for(status: int, detail: str) -> str:
+    """The protocol's refusal word for a status (409 is stale or duplicate: both mean "fetch the
+    task again"; the word only tells the report which)."""
+    if status == 409:
+        return "duplicate" if "already" in detail.lower() else "stale"
+    return {401: "unauthorized", 404: "unknown_task", 413: "too_large", 422: "rejected"}.get(status, f"http_{status}")
+
+
+# =============================================================================== local data
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The device's labelled examples, ready for the train signature: x in the model's input
+    shape and dtype, y as class ids (int32) or targets (float32)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    source: str = "memory"
+
+    def __len__(self) -> int:
+        return int(len(self.x))
+
+
+@dataclass(frozen=True)
+class RawData:
+    """What a data file holds before the model's input spec is known: arrays (.npz) or
+    columns of strings (CSV)."""
+
+    path: Path
+    arrays: dict[str, np.ndarray] | None = None
+    columns: dict[str, list[str]] | None = None
+
+
+def read_data_file(path: Path) -> RawData:
+    """Read `--data FILE` (.npz with `x` and `y`, or a CSV with the model's columns) without
+    interpreting it yet; a file that cannot be read is an InvalidInput."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInput(f"data file not found: {path}")
+    if path.is_dir():
+        raise InvalidInput(f"expected a data file (.npz or .csv), got a directory: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as bundle:
+                arrays = {name: bundle[name] for name in bundle.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise InvalidInput(f"{path} is not a readable .npz file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        missing = [k for k in ("x", "y") if k not in arrays]
+        if missing:
+            have = ", ".join(sorted(arrays)) or "nothing"
+            raise InvalidInput(f"{path} needs arrays `x` and `y`; it has {have}")
+        return RawData(path, arrays=arrays)
+    if suffix == ".csv":
+        from training.datasets.tabular import read_csv_columns
+
+        return RawData(path, columns=read_csv_columns(path))
+    raise InvalidInput(f"{path}: the data file must be .npz (arrays x, y) or .csv (the model's columns)")
+
+
+def check_data(raw: RawData, manifest: dict) -> LocalData:
+    """Turn a data file into LocalData checked against the manifest's input spec (shape,
+    dtype, preprocessing columns) and labels; every mismatch is one InvalidInput line."""
+    spec = manifest.get("input") or {}
+    shape = [int(d) for d in spec.get("shape") or []]
+    dtype = np.dtype(spec.get("dtype") or "float32")
+    labels = list(manifest.get("labels") or [])
+    where = f"{raw.path}"
+    if raw.arrays is not None:
+        x, y = raw.arrays["x"], raw.arrays["y"]
+    else:
+        x, y = _from_columns(raw.columns, spec, manifest, where)
+    x = _checked_x(np.asarray(x), shape, dtype, where)
+    y = _checked_y(np.asarray(y), len(x), labels, where)
+    return LocalData(x, y, source=str(raw.path))
+
+
+def _checked_x(x: np.ndarray, shape: list[int], dtype: np.dtype, where: str) -> np.ndarray:
+    if x.ndim == 0 or len(x) == 0:
+        raise InvalidInput(f"{where}: `x` holds no examples")
+    if shape and list(x.shape[1:]) != shape:
+        raise InvalidInput(f"{where}: `x` has shape {list(x.shape)}, the model takes [N, {', '.join(map(str, shape))}]")
+    if x.dtype.kind not in "biuf":
+        raise InvalidInput(f"{where}: `x` has dtype {x.dtype}; the model takes {dtype} numbers")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise InvalidInput(f"{where}: `x` holds {int((~np.isfinite(x)).sum())} NaN or infinite value(s)")
+    if dtype.kind in "iu":
+        if x.dtype.kind == "f" and not np.equal(np.mod(x, 1), 0).all():
+            raise InvalidInput(f"{where}: `x` must hold whole numbers (the model takes {dtype} ids), it has fractions")
+        return x.astype(dtype)
+    return x.astype(np.float32)
+
+
+def _checked_y(y: np.ndarray, n: int, labels: list, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise InvalidInput(f"{where}: `y` has shape {list(y.shape)}; it needs one value per example ([{n}])")
+    if labels:  # classification: class ids 0..K-1, or the label names themselves
+        if y.dtype.kind in "US":
+            index = {str(label): i for i, label in enumerate(labels)}
+            unknown = sorted({str(v) for v in y.astype(str) if str(v) not in index})
+            if unknown:
+                raise InvalidInput(f"{where}: unknown label(s) {', '.join(unknown[:5])}; the model's labels are "
+                                   f"{', '.join(map(str, labels[:20]))}")
+            return np.asarray([index[str(v)] for v in y.astype(str)], dtype=np.int32)
+        if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not (np.isfinite(y).all() and np.equal(np.mod(y, 1), 0).all())):
+            raise InvalidInput(f"{where}: `y` must hold class ids (whole numbers 0..{len(labels) - 1})")
+        if y.min() < 0 or y.max() >= len(labels):
+            raise InvalidInput(f"{where}: `y` holds class ids from {int(y.min())} to {int(y.max())}; "
+                               f"the model has {len(labels)} classes (0..{len(labels) - 1})")
+        return y.astype(np.int32)
+    if y.dtype.kind not in "biuf":
+        raise InvalidInput(f"{where}: `y` must hold numeric targets, it has dtype {y.dtype}")
+    y = y.astype(np.float32)
+    if not np.isfinite(y).all():
+        raise InvalidInput(f"{where}: `y` holds NaN or infinite targets")
+    return y
+
+
+def _from_columns(columns: dict[str, list[str]], spec: dict, manifest: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV's columns → (x, y) the way the model's input spec says: tabular models list their
+    columns (numeric first, then one-hot blocks with their vocabularies, as `training` encoded
+    them); other models take one numeric column per input value (e.g. 64 pixels), row-major."""
+    prep = spec.get("preprocessing") or {}
+    spec_columns = prep.get("columns") if prep.get("kind") == "tabular" else None
+    feature_names = [c["name"] for c in spec_columns] if spec_columns else None
+    target = _target_column(columns, manifest, feature_names, where)
+    n = len(columns[target])
+    if spec_columns:
+        missing = [name for name in feature_names if name not in columns]
+        if missing:
+            raise InvalidInput(f"{where}: missing column(s) {', '.join(missing)}; the model takes "
+                               f"{', '.join(feature_names)} and the target {target!r}")
+        blocks = []
+        for column in spec_columns:
+            values = columns[column["name"]]
+            if column.get("type") == "categorical":
+                index = {v: i for i, v in enumerate(column.get("vocabulary") or [])}
+                block = np.zeros((n, len(index)), np.float32)
+                for row, value in enumerate(values):
+                    if value in index:  # an unknown category is an all-zero block, as in training
+                        block[row, index[value]] = 1.0
+                blocks.append(block)
+            else:
+                blocks.append(_numbers(values, column["name"], where)[:, None])
+        x = np.concatenate(blocks, axis=1)
+    else:
+        features = [c for c in columns if c != target]
+        size = math.prod(int(d) for d in spec.get("shape") or [0])
+        if len(features) != size:
+            raise InvalidInput(f"{where}: {len(features)} feature column(s) besides the target {target!r}; the model "
+                               f"takes {size} values per example (shape {spec.get('shape')}), one column each")
+        x = np.stack([_numbers(columns[c], c, where) for c in features], axis=1).reshape(n, *spec["shape"])
+    y_raw = np.asarray(columns[target])
+    y = y_raw if manifest.get("labels") else _numbers(columns[target], target, where)
+    return x, y
+
+
+def _target_column(columns: dict[str, list[str]], manifest: dict, features: list[str] | None, where: str) -> str:
+    """The column to learn: the one the version was trained to predict (its lineage names it),
+    else the one column that is not a model input (tabular), else the last column."""
+    data = ((manifest.get("lineage") or {}).get("extra") or {}).get("data") or {}
+    named = data.get("target")
+    if named and named in columns:
+        return named
+    if named:
+        raise InvalidInput(f"{where}: no column {named!r} (the target this model learns); the columns are "
+                           f"{', '.join(columns)}")
+    if features is not None:
+        rest = [c for c in columns if c not in features]
+        if len(rest) != 1:
+            raise InvalidInput(f"{where}: expected the model's columns ({', '.join(features)}) plus one target column, "
+                               f"found {len(rest)} other column(s): {', '.join(rest) or 'none'}")
+        return rest[0]
+    return list(columns)[-1]
+
+
+def _numbers(values: list[str], column: str, where: str) -> np.ndarray:
+    out = np.empty(len(values), np.float32)
+    for row, text in enumerate(values):
+        try:
+            out[row] = float(text)
+        except ValueError:
+            raise InvalidInput(f"{where}: column {column!r}, data row {row + 1}: {text!r} is not a number") from None
+    if not np.isfinite(out).all():
+        row = int(np.flatnonzero(~np.isfinite(out))[0])
+        raise InvalidInput(f"{where}: column {column!r}, data row {row + 1}: NaN or infinite value")
+    return out
+
+
+# =============================================================================== HTTP
+
+
+@dataclass
+class Traffic:
+    """Body bytes this device moved (what a metered phone pays for; headers not counted)."""
+
+    down: int = 0
+    up: int = 0
+    requests: int = 0
+    retries: int = 0
+
+
+class ProtocolClient:
+    """The protocol's HTTP calls over the standard library (a phone uses its own HTTP stack):
+    4xx → Refused (with the JSON `detail`), 5xx and connection errors → retried with exponential
+    backoff and jitter, then ServerUnavailable."""
+
+    def __init__(self, server: str, model: str, *, timeout: float = 30.0, retries: int = 6,
+                 backoff: float = 0.5, max_backoff: float = 10.0, sleep: Callable[[float], None] = time.sleep):
+        if not server.startswith(("http://", "https://")):
+            raise InvalidInput(f"--server must be an http:// or https:// URL, got {server!r}")
+        self.server = server.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep = sleep
+        self.traffic = Traffic()
+        self._federation = f"/v1/federations/{quote(model, safe='')}"
+
+    # ------------------------------------------------------------------ protocol calls
+
+    def manifest(self, version: int | None = None) -> dict:
+        """A version's manifest (`None`: the version the model's default channel serves)."""
+        base = f"/v1/models/{quote(self.model, safe='')}"
+        path = f"{base}/versions/{int(version)}/manifest" if version is not None else f"{base}/manifest"
+        return self._json("GET", path)
+
+    def enrol(self, kind: str, enrol_token: str | None) -> tuple[str, str]:
+        body = self._json("POST", f"{self._federation}/devices", token=enrol_token, payload={"kind": kind})
+        return str(body["device_id"]), str(body["token"])
+
+    def task(self, token: str) -> dict | None:
+        """The open task for this device, or None (204)."""
+        status, _, body = self.request("GET", f"{self._federation}/task", token=token)
+        return None if status == 204 or not body else json.loads(body)
+
+    def base_weights(self, token: str, task_id: str) -> bytes:
+        _, _, body = self.request("GET", f"{self._federation}/tasks/{quote(task_id, safe='')}/weights", token=token)
+        return body
+
+    def post_update(self, token: str, task_id: str, body: bytes, *, examples: int, dtype: str = "float32") -> dict:
+        query = f"examples={int(examples)}" + ("" if dtype == "float32" else f"&dtype={dtype}")
+        _, _, answer = self.request("POST", f"{self._federation}/tasks/{quote(task_id, safe='')}/updates?{query}",
+                                    token=token, body=body, content_type="application/octet-stream")
+        return json.loads(answer)
+
+    def download(self, path: str) -> bytes:
+        _, _, body = self.request("GET", path)
+        return body
+
+    # ------------------------------------------------------------------ transport
+
+    def _json(self, method: str, path: str, *, token: str | None = None, payload: dict | None = None) -> dict:
+        body = json.dumps(payload).encode() if payload is not None else None
+        _, _, answer = self.request(method, path, token=token, body=body,
+                                    content_type="application/json" if body is not None else None)
+        try:
+            return json.loads(answer)
+        except ValueError:
+            raise DeviceError(f"{method} {path}: the server's answer is not JSON") from None
+
+    def request(self, method: str, path: str, *, token: str | None = None, body: bytes | None = None,
+                content_type: str | None = None) -> tuple[int, dict, bytes]:
+        url = self.server + path
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json, application/octet-stream"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.traffic.retries += 1
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                self.sleep(delay * (0.5 + random.random() / 2))
+            self.traffic.requests += 1
+            if body:
+                self.traffic.up += len(body)
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method=method),
+                                            timeout=self.timeout) as response:
+                    data = response.read()
+                    self.traffic.down += len(data)
+                    return response.status, dict(response.headers), data
+            except urllib.error.HTTPError as error:
+                data = _read_quietly(error)
+                self.traffic.down += len(data)
+                if error.code >= 500 or error.code == 429:
+                    last = f"HTTP {error.code} {_detail(data) or error.reason}"
+                    continue
+                raise Refused(error.code, _detail(data) or str(error.reason)) from None
+            except (TimeoutError, urllib.error.URLError, HTTPException, OSError) as error:
+                reason = getattr(error, "reason", error)
+                last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+                continue
+        raise ServerUnavailable(f"{method} {url} failed after {self.retries + 1} attempt(s): {last}")
+
+
+def _read_quietly(error: urllib.error.HTTPError) -> bytes:
+    try:
+        return error.read() or b""
+    except (OSError, HTTPException):
+        return b""
+
+
+def _detail(data: bytes) -> str:
+    try:
+        detail = json.loads(data).get("detail")
+    except (ValueError, AttributeError):
+        return data[:200].decode("utf-8", "replace").strip()
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+# =============================================================================== state on disk
+
+
+class DeviceState:
+    """The device's folder: its identity per (server, model), the training files it downloaded
+    (by sha256) and a checkpoint of a trained but not yet accepted update.
+
+    state/identity-<model>.json   {"server", "model", "device_id", "token", "kind", "enrolled_at"} (0600)
+    state/models/<sha256>.tflite  downloaded tflite-train files (or a shared `cache` folder)
+    state/pending-<model>.json    {"task_id", "examples", "sha256", "checkpoint"} while an upload is owed
+    """
+
+    def __init__(self, folder: Path, cache: Path | None = None):
+        self.folder = Path(folder)
+        self.cache = Path(cache) if cache else self.folder / "models"
+        for path in (self.folder, self.cache):
+            if path.exists() and not path.is_dir():
+                raise InvalidInput(f"--state must be a folder, {path} is a file")
+            path.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, stem: str, model: str) -> Path:
+        return self.folder / f"{stem}-{model}.json"
+
+    def identity(self, server: str, model: str) -> dict | None:
+        data = _read_json(self._file("identity", model))
+        if not data or data.get("server") != server or not data.get("token"):
+            return None  # a token from another server means nothing here
+        return data
+
+    def save_identity(self, identity: dict) -> None:
+        _write_json(self._file("identity", identity["model"]), identity, private=True)
+
+    def pending(self, model: str) -> dict | None:
+        return _read_json(self._file("pending", model))
+
+    def save_pending(self, model: str, pending: dict) -> None:
+        _write_json(self._file("pending", model), pending)
+
+    def clear_pending(self, model: str) -> None:
+        pending = self.pending(model)
+        for path in (self._file("pending", model), Path(pending["checkpoint"]) if pending else None):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def checkpoint_path(self, model: str, task_id: str) -> Path:
+        return self.folder / f"checkpoint-{model}-{task_id}.ckpt"
+
+    def cached_model(self, sha256: str) -> Path | None:
+        path = self.cache / f"{sha256}.tflite"
+        return path if path.is_file() else None
+
+    def store_model(self, sha256: str, content: bytes) -> Path:
+        path = self.cache / f"{sha256}.tflite"
+        scratch = self.cache / f".{sha256}.{uuid.uuid4().hex}.tmp"
+        scratch.write_bytes(content)
+        os.replace(scratch, path)
+        return path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return None  # a torn or foreign file: start over rather than stop the device
+
+
+def _write_json(path: Path, data: dict, *, private: bool = False) -> None:
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)
+
+
+# =============================================================================== the tflite-train file
+
+
+class TrainingFile:
+    """One `tflite-train` file in TensorFlow's TFLite interpreter (it needs the Flex ops the plain
+    LiteRT wheel lacks): the six signatures, exactly as a phone calls them."""
+
+    def __init__(self, path: Path):
+        from core.tensorflow import import_tensorflow, quiet_stderr
+
+        tf = import_tensorflow()
+        with quiet_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            self.interpreter = tf.lite.Interpreter(model_path=str(path))
+            self.interpreter.allocate_tensors()
+        available = self.interpreter.get_signature_list()
+        missing = [s for s in SIGNATURES if s not in available]
+        if missing:
+            raise DeviceError(f"{Path(path).name} is not a tflite-train file: no signature(s) {', '.join(missing)}")
+        self.runners = {name: self.interpreter.get_signature_runner(name) for name in SIGNATURES}
+        train = self.runners["train"].get_input_details()
+        self.train_inputs = set(train)
+        self.x_dtype = np.dtype(train["x"]["dtype"])
+        self.y_dtype = np.dtype(train["y"]["dtype"])
+        batch = int(train["x"]["shape_signature"][0])
+        self.fixed_batch = batch if batch > 0 else None  # None: the batch axis is dynamic
+        self.size = int(self.runners["set_weights"].get_input_details()["weights"]["shape"][0])
+
+    def train(self, x: np.ndarray, y: np.ndarray, learning_rate: float | None = None) -> float:
+        inputs = {"x": np.ascontiguousarray(x, self.x_dtype), "y": np.ascontiguousarray(y, self.y_dtype)}
+        if learning_rate is not None and "learning_rate" in self.train_inputs:
+            inputs["learning_rate"] = np.float32(learning_rate)
+        return float(self.runners["train"](**inputs)["loss"])
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.runners["infer"](x=np.ascontiguousarray(x, self.x_dtype))["output"]
+
+    def get_weights(self) -> np.ndarray:
+        return np.asarray(self.runners["get_weights"]()["weights"], np.float32)
+
+    def set_weights(self, flat: np.ndarray) -> None:
+        self.runners["set_weights"](weights=np.ascontiguousarray(flat, np.float32))
+
+    def save(self, path: Path) -> None:
+        self.runners["save"](checkpoint_path=np.array(str(path).encode()))
+
+    def restore(self, path: Path) -> None:
+        self.runners["restore"](checkpoint_path=np.array(str(path).encode()))
+
+
+def batches(n: int, batch_size: int, *, fixed: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's index batches over a fresh shuffle. The last batch is partial when the train
+    signature's batch axis is dynamic; a fixed-batch file gets it filled up with examples from
+    the start of the same shuffle (each example still counts once per epoch or, when n is
+    smaller than the batch, as evenly as the batch allows)."""
+    order = rng.permutation(n)
+    out = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    if fixed and len(out[-1]) < batch_size:
+        out[-1] = np.resize(np.concatenate([out[-1], order]), batch_size)
+    return out
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# =============================================================================== the client
+
+
+@dataclass
+class TaskReport:
+    """What one task cost and how it ended (one row of `--json`'s `tasks`)."""
+
+    task_id: str
+    round: int
+    base_version: int | None
+    status: str = "started"  # accepted | duplicate | stale | unknown_task | refused | skipped
+    examples: int = 0
+    epochs: int = 0
+    batch_size: int = 0
+    steps: int = 0
+    loss_first: float | None = None  # mean train loss of the first epoch
+    loss_last: float | None = None   # ... and of the last
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    model_bytes: int = 0       # the tflite-train file's share of bytes_down (0 when cached)
+    model_cached: bool = False
+    resumed: bool = False      # trained before a restart: the checkpoint was sent, no training again
+    dtype: str = "float32"
+    accepted: int | None = None  # updates the task holds after ours (the 202's count)
+    norm: float | None = None
+    clipped: bool | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunSummary:
+    server: str
+    model: str
+    device_id: str = ""
+    kind: str = "device"
+    reused_enrolment: bool = False
+    enrolments: int = 0
+    examples: int = 0
+    polls: int = 0
+    idle_polls: int = 0
+    stopped: str = ""
+    tasks: list[TaskReport] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    retries: int = 0
+
+    @property
+    def contributed(self) -> int:
+        return sum(t.status in ("accepted", "duplicate") for t in self.tasks)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["contributed"] = self.contributed
+        return out
+
+
+class DeviceClient:
+    """One device: its data, its state folder, its interpreter. `run()` contributes to up to
+    `rounds` tasks; `on_event(kind, info)` hears each step (the CLI prints them)."""
+
+    def __init__(self, server: str, model: str, data: LocalData | RawData | Path | str, state: Path | str, *,
+                 enrol_token: str | None = None, kind: str = "device", poll: float = 1.0, seed: int | None = None,
+                 cache: Path | None = None, http: ProtocolClient | None = None,
+                 on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.http = http or ProtocolClient(server, model, sleep=sleep)
+        self.server = self.http.server
+        self.model = model
+        self.state = DeviceState(Path(state), cache)
+        self.enrol_token = enrol_token
+        self.kind = kind
+        self.poll = poll
+        self.sleep = sleep
+        self.rng = np.random.default_rng(seed)
+        self.on_event = on_event or (lambda kind, info: None)
+        self._raw = read_data_file(Path(data)) if isinstance(data, (str, Path)) else data
+        self.data: LocalData | None = self._raw if isinstance(self._raw, LocalData) else None
+        self._checked_for: set[int | None] = set()
+        self._manifests: dict[int | None, dict] = {}
+        self._files: dict[str, TrainingFile] = {}
+        self._fresh: dict[str, Path] = {}
+        self._skip: set[str] = set()
+        self._reenrolled = False
+        self.identity: dict | None = None
+        self.summary = RunSummary(self.server, model, kind=kind)
+
+    # ------------------------------------------------------------------ steps
+
+    def check_data(self, version: int | None = None) -> LocalData:
+        """The local data checked against the input spec of `version` (None: the version the
+        model's channel serves): done before enrolling, and again for each task's base version."""
+        if version in self._checked_for and self.data is not None:
+            return self.data
+        manifest = self._manifest(version)
+        if isinstance(self._raw, LocalData):
+            self.data = check_data(RawData(Path(self._raw.source), arrays={"x": self._raw.x, "y": self._raw.y}), manifest)
+        else:
+            self.data = check_data(self._raw, manifest)
+        self._checked_for.add(version)
+        return self.data
+
+    def enrol(self, *, force: bool = False) -> dict:
+        """This device's identity for (server, model): the stored one, else a new enrolment."""
+        if not force:
+            stored = self.state.identity(self.server, self.model)
+            if stored:
+                self.identity = stored
+                self.summary.device_id = stored["device_id"]
+                self.summary.reused_enrolment = True
+                self.on_event("enrolled", {"device_id": stored["device_id"], "reused": True})
+                return stored
+        try:
+            device_id, token = self.http.enrol(self.kind, self.enrol_token)
+        except Refused as refusal:
+            if refusal.status == 401:
+                raise DeviceError(f"the server refused to enrol this device ({refusal.detail}); it needs the enrolment "
+                                  "token: --enrol-token or $POLLINATE_ENROL_TOKEN") from None
+            if refusal.status == 404:
+                raise DeviceError(f"{self.server} has no federation for model {self.model!r}: {refusal.detail}") from None
+            raise DeviceError(f"enrolment refused: {refusal}") from None
+        self.identity = {"server": self.server, "model": self.model, "device_id": device_id, "token": token,
+                         "kind": self.kind, "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.state.save_identity(self.identity)
+        self.summary.device_id = device_id
+        self.summary.enrolments += 1
+        self.summary.reused_enrolment = False
+        self.on_event("enrolled", {"device_id": device_id, "reused": False})
+        return self.identity
+
+    def _authed(self, call: Callable[[str], object]):
+        """A device-token call; a 401 means the server forgot us (a new store): enrol again, once."""
+        try:
+            return call(self.identity["token"])
+        except Refused as refusal:
+            if refusal.status != 401 or self._reenrolled:
+                if refusal.status == 401:
+                    raise DeviceError(f"the server refused this device's token again after a new enrolment: "
+                                      f"{refusal.detail}") from None
+                raise
+            self._count("unauthorized")
+            self._reenrolled = True
+            self.on_event("reenrol", {"detail": refusal.detail})
+            self.enrol(force=True)
+            return call(self.identity["token"])
+
+    def fetch_task(self) -> dict | None:
+        self.summary.polls += 1
+        return self._authed(self.http.task)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, rounds: int = 1, wait: float = 60.0) -> RunSummary:
+        """Contribute to `rounds` tasks (0: as many as come), waiting up to `wait` seconds for
+        each; stops early when no task comes within `wait`."""
+        started_traffic = asdict(self.http.traffic)
+        try:
+            self.check_data(None)
+            if self.identity is None:
+                self.enrol()
+            idle_since = time.monotonic()
+            while rounds <= 0 or self.summary.contributed < rounds:
+                task = self.fetch_task()
+                if task is not None and task["task_id"] in self._skip:
+                    task = None
+                if task is None:
+                    self.summary.idle_polls += 1
+                    waited = time.monotonic() - idle_since
+                    if waited >= wait:
+                        self.summary.stopped = f"no task within {wait:g} s"
+                        break
+                    self.on_event("waiting", {"waited": waited, "wait": wait})
+                    self.sleep(min(self.poll, max(0.0, wait - waited)))
+                    continue
+                self.run_task(task)
+                idle_since = time.monotonic()
+            else:
+                self.summary.stopped = f"{self.summary.contributed} task(s) done"
+        finally:
+            traffic = asdict(self.http.traffic)
+            self.summary.bytes_down += traffic["down"] - started_traffic["down"]
+            self.summary.bytes_up += traffic["up"] - started_traffic["up"]
+            self.summary.retries += traffic["retries"] - started_traffic["retries"]
+        return self.summary
+
+    def run_task(self, task: dict) -> TaskReport:
+        """Train on one task and send the update; the report says how it ended."""
+        report = TaskReport(task["task_id"], int(task["round"]), task.get("base_version"))
+        self.summary.tasks.append(report)
+        clock = time.perf_counter()
+        down, up = self.http.traffic.down, self.http.traffic.up
+        self.on_event("task", {"task": task})
+        try:
+            self._run_task(task, report)
+        except Refused as refusal:
+            self._count(refusal.reason)
+            report.detail = refusal.detail
+            if refusal.status in (404, 409):
+                # stale: the round closed; duplicate: ours already counts; unknown: gone. Either
+                # way this task is over for us: fetch the current one (never this one again).
+                report.status = "unknown_task" if refusal.status == 404 else refusal.reason
+                self._skip.add(report.task_id)
+                self.state.clear_pending(self.model)
+            else:  # 413 even as float16, 422: this update cannot be accepted; do not train for it again
+                report.status = "refused"
+                self._skip.add(report.task_id)
+                self.state.clear_pending(self.model)
+        finally:
+            report.seconds = time.perf_counter() - clock
+            report.bytes_down = self.http.traffic.down - down
+            report.bytes_up = self.http.traffic.up - up
+            self.on_event("done", {"report": report})
+        return report
+
+    def _run_task(self, task: dict, report: TaskReport) -> None:
+        base_version = task.get("base_version")
+        data = self.check_data(base_version)
+        trainer, sha = self._training_file(base_version, report)
+        size = int(task["size"]) if task.get("size") is not None else sum(math.prod(w["shape"]) for w in task["weights"])
+        if trainer.size != size:
+            raise DeviceError(f"task {task['task_id']} has {size} weight values; the tflite-train file of "
+                              f"v{base_version} takes {trainer.size}: they are not the same model")
+        classification = bool(self._manifest(base_version).get("labels"))
+        if classification != (trainer.y_dtype.kind in "iu"):
+            raise DeviceError(f"the tflite-train file's train signature takes y as {trainer.y_dtype}, which does not fit "
+                              f"a {'classification' if classification else 'regression'} manifest")
+        body = self._authed(lambda token: self.http.base_weights(token, task["task_id"]))
+        if len(body) != size * 4:
+            raise DeviceError(f"the task's base weights are {len(body)} bytes, expected {size * 4} (float32 × {size})")
+        base = np.frombuffer(body, "<f4")
+        config = task.get("config") or {}
+        report.examples = len(data)
+        pending = self.state.pending(self.model)
+        if pending and pending.get("task_id") == task["task_id"] and pending.get("sha256") == sha \
+                and Path(pending["checkpoint"]).exists():
+            trainer.restore(Path(pending["checkpoint"]))  # trained before a restart: send that
+            report.resumed = True
+            report.examples = int(pending["examples"])
+        else:
+            if pending:
+                self.state.clear_pending(self.model)  # owed to a task that is gone
+            self._train(trainer, sha, base, data, config, report)
+        local = trainer.get_weights()
+        delta = (local.astype(np.float64) - base.astype(np.float64)).astype("<f4")
+        if not np.isfinite(delta).all():
+            report.status = "skipped"
+            report.detail = "training diverged (NaN or infinite weights): nothing sent"
+            self._skip.add(task["task_id"])
+            self.state.clear_pending(self.model)
+            return
+        self._send(task, delta, report)
+        self.state.clear_pending(self.model)
+
+    def _train(self, trainer: TrainingFile, sha: str, base: np.ndarray, data: LocalData, config: dict,
+               report: TaskReport) -> None:
+        epochs = max(1, int(config.get("epochs") or 1))
+        batch_size = trainer.fixed_batch or max(1, int(config.get("batch_size") or 32))
+        learning_rate = config.get("learning_rate")
+        report.epochs, report.batch_size = epochs, batch_size
+        clock = time.perf_counter()
+        trainer.restore(self._fresh[sha])  # a fresh optimizer for every task
+        trainer.set_weights(base)
+        for epoch in range(epochs):
+            losses = [trainer.train(data.x[idx], data.y[idx], learning_rate)
+                      for idx in batches(len(data), batch_size, fixed=trainer.fixed_batch is not None, rng=self.rng)]
+            report.steps += len(losses)
+            mean = float(np.mean(losses))
+            if epoch == 0:
+                report.loss_first = mean
+            report.loss_last = mean
+        report.train_seconds = time.perf_counter() - clock
+        checkpoint = self.state.checkpoint_path(self.model, report.task_id)
+        trainer.save(checkpoint)
+        self.state.save_pending(self.model, {"task_id": report.task_id, "examples": len(data), "sha256": sha,
+                                             "checkpoint": str(checkpoint)})
+
+    def _send(self, task: dict, delta: np.ndarray, report: TaskReport) -> None:
+        def post(token: str, dtype: str) -> dict:
+            payload = delta.tobytes() if dtype == "float32" else delta.astype("<f2").tobytes()
+            return self.http.post_update(token, task["task_id"], payload, examples=report.examples, dtype=dtype)
+
+        try:
+            answer = self._authed(lambda token: post(token, "float32"))
+        except Refused as refusal:
+            if refusal.status != 413:
+                raise
+            self._count("too_large")
+            report.dtype = "float16"  # half the bytes; the server widens it back
+            answer = self._authed(lambda token: post(token, "float16"))
+        report.status = "accepted"
+        report.accepted = answer.get("accepted")
+        report.norm = answer.get("norm")
+        report.clipped = answer.get("clipped")
+
+    # ------------------------------------------------------------------ files
+
+    def _manifest(self, version: int | None) -> dict:
+        if version not in self._manifests:
+            try:
+                self._manifests[version] = self.http.manifest(version)
+            except Refused as refusal:
+                which = f"v{version}" if version is not None else "any version"
+                raise DeviceError(f"{self.server} has no {which} of model {self.model!r}: {refusal.detail}") from None
+        return self._manifests[version]
+
+    def _training_file(self, version: int | None, report: TaskReport) -> tuple[TrainingFile, str]:
+        """The base version's tflite-train file: from the cache when its sha256 is there,
+        else downloaded and checked against the manifest's sha256."""
+        manifest = self._manifest(version)
+        artifact = (manifest.get("artifacts") or {}).get(TRAIN_FORMAT)
+        if not artifact:
+            raise DeviceError(f"v{manifest.get('version')} of {self.model!r} has no {TRAIN_FORMAT} file; export it "
+                              f"(pollinate export --formats {TRAIN_FORMAT}) so devices can train")
+        entry = next((f for f in artifact["files"] if artifact["url"].endswith("/" + quote(f["name"], safe=""))),
+                     artifact["files"][0])
+        sha = entry["sha256"]
+        if sha not in self._files:
+            path = self.state.cached_model(sha)
+            if path is not None and file_sha256(path) != sha:
+                path = None  # a damaged cache entry: download again
+            report.model_cached = path is not None
+            if path is None:
+                try:
+                    content = self.http.download(artifact["url"])
+                except Refused as refusal:
+                    raise DeviceError(f"cannot download {artifact['url']}: {refusal}") from None
+                report.model_bytes = len(content)
+                if sha256_hex(content) != sha:
+                    raise DeviceError(f"the downloaded {TRAIN_FORMAT} file's sha256 {sha256_hex(content)[:12]}… does not "
+                                      f"match the manifest's {sha[:12]}…: refusing to run it")
+                path = self.state.store_model(sha, content)
+            trainer = TrainingFile(path)
+            fresh = self.state.folder / f"fresh-{sha[:16]}.{os.getpid()}.{id(self)}.ckpt"
+            trainer.save(fresh)  # the file's own optimizer state, restored before each task
+            self._files[sha], self._fresh[sha] = trainer, fresh
+        else:
+            report.model_cached = True
+        return self._files[sha], sha
+
+    def close(self) -> None:
+        """Drop the interpreters and their fresh-state checkpoints."""
+        for path in self._fresh.values():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._files.clear()
+        self._fresh.clear()
+
+    def _count(self, reason: str) -> None:
+        self.summary.refusals[reason] = self.summary.refusals.get(reason, 0) + 1
+
+
+def run_device(server: str, model: str, data: LocalData | Path | str, state: Path | str, *, rounds: int = 1,
+               wait: float = 60.0, **options) -> RunSummary:
+    """One device from enrolment to its last task: what `pollinate federate device` runs."""
+    client = DeviceClient(server, model, data, state, **options)
+    try:
+        return client.run(rounds=rounds, wait=wait)
+    finally:
+        client.close()

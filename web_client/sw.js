@@ -30,6 +30,7 @@ const SHELL = [
   './lib/weights.js',
   './app/app.js',
   './app/drawing.js',
+  './app/learn.js',
   './app/style.css',
   './app/icon.svg',
   './app/samples.json',

@@ -1,19 +1,25 @@
 // The demo page: draw a digit, see the 8×8 input, the prediction, the model's version and
-// lineage, and a notice when the server publishes a new version.
+// lineage, and a notice when the server publishes a new version. "Teach it" (app/learn.js):
+// correct a prediction (kept in this browser) and, when the user turns it on, help improve
+// the model by contributing to the federation's open round.
 //
 // Query parameters (all optional):
 //   model=digits  channel=stable  poll=30000 (ms between update checks; 0 = off)
 //   backend=wasm  (force one backend; default: webgl, then wasm, then cpu)
 //   threshold=0.5 (below this top probability the page shows "?")   sw=0 (no service worker)
+//   contribute=30000 (ms between contribution attempts while "help improve" is on; 0 = only
+//   when switched on or after a correction)
 //
 // Test hook: window.pollinate = {client, ready, offlineReady, drawPixels(values64), clear(),
 // predict(), input(), lastResult, timings}. drawPixels paints an 8×8 image (intensities 0..16,
 // ink high, row-major) so that reading the canvas back gives those intensities (within 1/255
 // of the range); predict() runs what the Predict button runs and resolves to the result;
 // timings.readyMs is when the model was ready, in ms since navigation start.
+// learning: {start, saveCorrection(), contributeNow(), setOn(bool), state: {count, on, running, last, status}}.
 
 import { createClient } from '../pollinate.js';
 import { createPad, renderPreview } from './drawing.js';
+import { createLearning } from './learn.js';
 
 const params = new URLSearchParams(location.search);
 const settings = {
@@ -23,6 +29,7 @@ const settings = {
   backends: params.get('backend') ? [params.get('backend')] : undefined,
   threshold: params.has('threshold') ? Number(params.get('threshold')) : 0.5,
   serviceWorker: params.get('sw') !== '0',
+  contributeMs: params.has('contribute') ? Number(params.get('contribute')) : 30_000,
 };
 
 const $ = id => document.getElementById(id);
@@ -60,6 +67,12 @@ const client = createClient({
 });
 
 const state = { lastResult: null, lastInput: null, samples: null, sampleIndex: 0, predicting: null };
+
+const learning = createLearning(client, {
+  correction: $('correction'), save: $('correction-save'), count: $('corrections-count'),
+  countLabel: $('corrections-label'), clear: $('corrections-clear'), help: $('help-improve'),
+  status: $('contribute-status'),
+}, { contributeMs: settings.contributeMs });
 
 // ---- rendering ----------------------------------------------------------------------------------
 
@@ -148,6 +161,7 @@ function renderResult(result) {
   }));
   els.inference.textContent = `${result.inferenceMs.toFixed(2)} ms`;
   els.backend.textContent = result.backend;
+  learning.onResult(result);
 }
 
 function clearResult() {
@@ -157,6 +171,7 @@ function clearResult() {
   els.confidence.textContent = 'Draw a digit to see what the model thinks.';
   els.probabilities.replaceChildren();
   els.inference.textContent = '–';
+  learning.onClear();
 }
 
 // ---- drawing and predicting -------------------------------------------------------------------
@@ -285,6 +300,7 @@ async function start() {
   }
   renderModel();
   els.predict.disabled = !state.lastInput;
+  learning.start().catch(error => showError(`Learning is unavailable here: ${error.message}`));
   if (settings.pollMs > 0) {
     client.onUpdate(() => {}, { intervalMs: settings.pollMs, maxIntervalMs: Math.max(settings.pollMs * 16, 60_000) });
   }
@@ -307,4 +323,5 @@ window.pollinate = {
     return state.lastResult;
   },
   paintSample,
+  learning,
 };

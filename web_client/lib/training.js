@@ -27,22 +27,32 @@ export function trainingBackendFor(current, requested = null) {
   return { name: current ?? 'cpu', reason: 'trains where it predicts' };
 }
 
-/** Runs `work()` with `name` as TF.js' backend, then puts the previous backend back (also on failure). */
-export async function withBackend(tf, name, work) {
-  const previous = tf.getBackend();
-  if (previous !== name) {
-    const ok = await tf.setBackend(name);
-    if (!ok) throw new PollinateError('no-backend', `the ${name} backend does not initialise here: cannot train`);
-    await tf.ready();
-  }
-  try {
-    return await work();
-  } finally {
-    if (previous && tf.getBackend() !== previous) {
-      await tf.setBackend(previous);
+// The backend is global to a TF.js instance: two trainings at once (two clients in one page or
+// process) would each switch it under the other, so they take turns per TF.js instance.
+const turns = new WeakMap();
+
+/** Runs `work()` with `name` as TF.js' backend, then puts the previous backend back (also on
+ * failure). Calls on the same TF.js instance run one after the other. */
+export function withBackend(tf, name, work) {
+  const run = async () => {
+    const previous = tf.getBackend();
+    if (previous !== name) {
+      const ok = await tf.setBackend(name);
+      if (!ok) throw new PollinateError('no-backend', `the ${name} backend does not initialise here: cannot train`);
       await tf.ready();
     }
-  }
+    try {
+      return await work();
+    } finally {
+      if (previous && tf.getBackend() !== previous) {
+        await tf.setBackend(previous);
+        await tf.ready();
+      }
+    }
+  };
+  const result = (turns.get(tf) ?? Promise.resolve()).then(run, run);
+  turns.set(tf, result.catch(() => {}));
+  return result;
 }
 
 /** A cancellation error with a stable code (the signal's reason when it gave one). */

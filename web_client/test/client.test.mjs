@@ -1,11 +1,14 @@
 // The library against a real `pollinate serve` on 127.0.0.1 and real exported models:
-// load + predict, sha256 refusal, cache + 304 revalidation, updates, offline, input checks.
+// load + predict, sha256 refusal, cache + 304 revalidation, updates, offline, input checks,
+// and contributing to a federated round (tasks opened in the real store, as a gateway does).
 
 import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
+import { promisify } from 'node:util';
 
 import { createClient, InputError, IntegrityError, MemoryCache, PollinateError } from '../pollinate.js';
-import { pollinate, prepareStore, sampleDigits, startServer } from '../test-support/server.mjs';
+import { pollinate, prepareStore, PYTHON, REPO, sampleDigits, startServer } from '../test-support/server.mjs';
 
 const tfModule = await import('@tensorflow/tfjs');
 const tf = tfModule.default?.loadLayersModel ? tfModule.default : tfModule;
@@ -336,5 +339,153 @@ describe('input checks', () => {
   test('checkRange: false lets out-of-range values through (they are still finite)', async () => {
     const result = await c.predict(new Array(64).fill(20), { checkRange: false });
     assert.equal(result.labels.length, 10);
+  });
+});
+
+// ---- contributing to a federated round ------------------------------------------------------
+//
+// The gateway's side, played in Python on the same store: `open` a task for round R whose base
+// is v1's Keras weights (names and order from model.get_weights()), or another task's base;
+// `updates` reads back what the server recorded.
+const EDGE = `
+import json, sys, time
+import numpy as np
+from registry import Store
+from registry.edge import EdgeStore, weights_spec
+op, home, *args = sys.argv[1:]
+edge = EdgeStore(Store(home))
+if op == "open":
+    rnd, source = int(args[0]), args[1]
+    if source == "keras":
+        import shutil, tempfile
+        from pathlib import Path
+        import keras
+        folder = Path(tempfile.mkdtemp())
+        shutil.copy(Store(home).artifact_path("digits", 1, "keras", "model.keras"), folder / "model.keras")
+        model = keras.saving.load_model(folder / "model.keras")
+        arrays = model.get_weights()
+        spec = weights_spec(arrays, [v.path for v in model.weights])
+        base = np.concatenate([a.ravel() for a in arrays])
+    else:
+        spec, base = edge.get_task(source).weights, edge.base_weights(source)
+    task = edge.open_task("digits", federation="node-test", round=rnd, gateway="gw", base_version=1,
+        config={"epochs": 1, "batch_size": 8, "learning_rate": 0.001}, weights=spec, base=base,
+        deadline=time.time() + 600, min_updates=1, norm_bound=float(np.linalg.norm(base)))
+    print(json.dumps({"task_id": task.task_id, "size": task.size}))
+elif op == "updates":
+    print(json.dumps([{"device_id": u.device_id, "examples": u.examples, "size": int(u.delta.size),
+        "finite": bool(np.isfinite(u.delta).all()), "norm": float(np.linalg.norm(u.delta.astype(np.float64)))}
+        for u in edge.updates(args[0])]))
+`;
+const edgeEnv = () => ({ ...process.env, TF_CPP_MIN_LOG_LEVEL: '3', PYTHONPATH: REPO });
+const edge = async (...args) => JSON.parse((await promisify(execFile)(PYTHON, ['-c', EDGE, ...args], { cwd: REPO, env: edgeEnv() })).stdout);
+const edgeSync = (...args) => JSON.parse(execFileSync(PYTHON, ['-c', EDGE, ...args], { cwd: REPO, env: edgeEnv() }).toString());
+
+describe('contribute to a federated round', () => {
+  let first;
+  const cache = new MemoryCache();
+  const device = (options = {}) => client({ backends: ['wasm', 'cpu'], cache, ...options });
+
+  before(async () => {
+    first = await edge('open', home, '1', 'keras');
+  });
+
+  test('corrections train on cpu (wasm cannot), local − base is accepted once, inference stays on wasm', async () => {
+    const c = device();
+    await c.load();
+    assert.equal(c.backend, 'wasm');
+    for (const sample of samples.slice(0, 4)) {
+      const result = await c.predict(sample.pixels);
+      await c.addExample(result.modelInput, sample.label);
+    }
+    assert.equal(await c.examples.count(), 4);
+    await assert.rejects(c.contribute(), e => e.code === 'not-opted-in');
+    await c.optIn();
+    const phases = [];
+    const outcome = await c.contribute({ onProgress: p => phases.push(p.phase) });
+    assert.equal(outcome.status, 'accepted', JSON.stringify(outcome));
+    assert.equal(outcome.taskId, first.task_id);
+    assert.equal(outcome.round, 1);
+    assert.equal(outcome.accepted, 1);
+    assert.equal(outcome.examples, 4);
+    assert.equal(outcome.backend, 'cpu');
+    assert.equal(outcome.inferenceBackend, 'wasm');
+    assert.match(outcome.backendReason, /Conv2DBackpropFilter/);
+    assert.equal(outcome.bytesUp, first.size * 4);
+    assert.ok(outcome.lossAfter < outcome.lossBefore, `${outcome.lossBefore} → ${outcome.lossAfter}`);
+    assert.ok(Math.abs(outcome.serverNorm - outcome.norm) < 1e-6 * Math.max(1, outcome.norm), 'the server read the bytes the client sent');
+    assert.deepEqual([...new Set(phases)], ['enrol', 'task', 'download', 'train', 'upload', 'done']);
+    assert.equal(c.tf.getBackend(), 'wasm', 'back on the inference backend');
+    assert.equal((await c.predict(samples[0].pixels)).backend, 'wasm');
+
+    const [update] = await edge('updates', home, first.task_id);
+    assert.equal(update.examples, 4);
+    assert.equal(update.size, first.size);
+    assert.ok(update.finite && update.norm > 0);
+    const status = await c.federationStatus();
+    assert.equal(status.round, 1);
+    assert.equal(status.accepted, 1);
+    // the device enrolled once; its update is in, so the round has nothing more for it
+    assert.equal((await c.contribute()).status, 'no-task');
+    assert.equal(c.fetchLog.filter(e => e.kind === 'enrol').length, 1);
+    assert.equal(c.fetchLog.filter(e => e.kind === 'update').length, 1);
+  });
+
+  test('a token the server does not know (401) enrols again, once, and the update goes in', async () => {
+    const round = await edge('open', home, '2', first.task_id);
+    const c = device();
+    await c.load();
+    const kept = await cache.get(c.preferenceKey('device'));
+    await cache.set(c.preferenceKey('device'), { ...kept, token: 'not-a-token-the-server-issued' });
+    const outcome = await c.contribute();
+    assert.equal(outcome.status, 'accepted');
+    assert.equal(outcome.taskId, round.task_id);
+    assert.notEqual(outcome.deviceId, kept.device_id, 'a new enrolment');
+    assert.deepEqual(c.fetchLog.filter(e => ['task', 'enrol'].includes(e.kind)).map(e => [e.kind, e.status]),
+      [['task', 401], ['enrol', 201], ['task', 200]]);
+  });
+
+  test('a round that closes while the device trains (409 stale) → the current task, trained again', async () => {
+    const stale = await edge('open', home, '3', first.task_id);
+    let current = null;
+    const c = device();
+    await c.load();
+    const outcome = await c.contribute({
+      onProgress: p => {
+        // the gateway moves on to round 4 while this device trains round 3
+        if (p.phase === 'train' && p.round === 3 && !current) current = edgeSync('open', home, '4', first.task_id);
+      },
+    });
+    assert.equal(outcome.status, 'accepted', JSON.stringify(outcome));
+    assert.equal(outcome.round, 4);
+    assert.equal(outcome.taskId, current.task_id);
+    assert.deepEqual(c.fetchLog.filter(e => e.kind === 'update').map(e => e.status), [409, 202]);
+    assert.deepEqual(await edge('updates', home, stale.task_id), [], 'nothing counted for the closed round');
+  });
+
+  test('two tabs of one browser race for one round: one update is accepted, the other is a duplicate', async () => {
+    const round = await edge('open', home, '5', first.task_id);
+    const [a, b] = [device(), device()];
+    await Promise.all([a.load(), b.load()]);
+    const outcomes = await Promise.all([a.contribute(), b.contribute()]);
+    assert.deepEqual(outcomes.map(o => o.status).sort(), ['accepted', 'duplicate'], JSON.stringify(outcomes));
+    assert.match(outcomes.find(o => o.status === 'duplicate').detail, /already/);
+    assert.equal((await edge('updates', home, round.task_id)).length, 1);
+  });
+
+  test('cancelled while training: nothing is sent, the backend is restored', async () => {
+    const round = await edge('open', home, '6', first.task_id);
+    const c = device();
+    await c.load();
+    const controller = new AbortController();
+    await assert.rejects(
+      c.contribute({ signal: controller.signal, onProgress: p => { if (p.phase === 'train') controller.abort(new Error('user switched it off')); } }),
+      e => e.code === 'aborted' && /user switched it off/.test(e.message),
+    );
+    assert.equal(c.tf.getBackend(), 'wasm');
+    assert.equal(c.fetchLog.filter(e => e.kind === 'update').length, 0);
+    assert.deepEqual(await edge('updates', home, round.task_id), []);
+    // and the round is still there for the next try
+    assert.equal((await c.contribute()).status, 'accepted');
   });
 });

@@ -405,7 +405,9 @@ class DeviceState:
 
     state/identity-<model>.json   {"server", "model", "device_id", "token", "kind", "enrolled_at"} (0600)
     state/models/<sha256>.tflite  downloaded tflite-train files (or a shared `cache` folder)
+    state/fresh-<sha256>.ckpt     that file's state as loaded (restored before each task: a fresh optimizer)
     state/pending-<model>.json    {"task_id", "examples", "sha256", "checkpoint"} while an upload is owed
+    state/checkpoint-<model>-<task_id>.ckpt   the trained state that upload is made from
     """
 
     def __init__(self, folder: Path, cache: Path | None = None):
@@ -803,6 +805,7 @@ class DeviceClient:
             self._skip.add(task["task_id"])
             self.state.clear_pending(self.model)
             return
+        self.on_event("trained", {"report": report, "task": task})  # a simulator may sleep (late) or raise (drop)
         self._send(task, delta, report)
         self.state.clear_pending(self.model)
 
@@ -885,18 +888,20 @@ class DeviceClient:
                                       f"match the manifest's {sha[:12]}…: refusing to run it")
                 path = self.state.store_model(sha, content)
             trainer = TrainingFile(path)
-            fresh = self.state.folder / f"fresh-{sha[:16]}.{os.getpid()}.{id(self)}.ckpt"
-            trainer.save(fresh)  # the file's own optimizer state, restored before each task
+            # the file's own state as loaded (exported weights, a zeroed optimizer), restored
+            # before each task; the same for every load of this file, so written once
+            fresh = self.state.folder / f"fresh-{sha}.ckpt"
+            if not fresh.is_file():
+                scratch = self.state.folder / f".fresh-{sha}.{uuid.uuid4().hex}.tmp"
+                trainer.save(scratch)
+                os.replace(scratch, fresh)
             self._files[sha], self._fresh[sha] = trainer, fresh
         else:
             report.model_cached = True
         return self._files[sha], sha
 
     def close(self) -> None:
-        """Drop the interpreters and their fresh-state checkpoints."""
-        for path in self._fresh.values():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        """Drop the interpreters (a simulator closes each device it is done with)."""
         self._files.clear()
         self._fresh.clear()
 

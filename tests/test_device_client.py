@@ -237,7 +237,7 @@ def client(world, state: Path, **options):
 
 def test_device_reenrols_on_401_and_refetches_a_task_that_went_stale(world, tmp_path):
     """A token the server does not know → enrol again, once; a round that closes while the device
-    trains → 409 stale → the device fetches the new round's task and contributes to that."""
+    trains → its upload gets 409 stale → it fetches the new round's task and contributes to that."""
     open_round(world, 4)
     device = client(world, tmp_path / "d")
     device.enrol()
@@ -246,8 +246,8 @@ def test_device_reenrols_on_401_and_refetches_a_task_that_went_stale(world, tmp_
     edge = EdgeStore(Store(world["home"]))
     closed = []
 
-    def close_round_4(kind, info):
-        if kind == "task" and info["task"]["round"] == 4 and not closed:
+    def close_round_4(kind, info):  # after training, before the upload: a late device
+        if kind == "trained" and info["task"]["round"] == 4 and not closed:
             closed.append(open_round(world, 5))  # the gateway moves on: round 4's task closes
 
     device.on_event = close_round_4
@@ -259,6 +259,9 @@ def test_device_reenrols_on_401_and_refetches_a_task_that_went_stale(world, tmp_
     assert summary.device_id != first_id
     assert [(t.round, t.status) for t in summary.tasks] == [(4, "stale"), (5, "accepted")]
     assert edge.accepted(closed[0]) == 1 and summary.refusals.get("stale") == 1
+    late = summary.tasks[0]
+    assert late.train_seconds > 0 and late.bytes_up == 4 * world["base"].size  # refused on the upload itself
+    assert not list((tmp_path / "d").glob("pending-*")) and not list((tmp_path / "d").glob("checkpoint-*"))
 
 
 def test_device_duplicate_is_done_with_the_task(world, tmp_path):
@@ -397,3 +400,63 @@ def test_batches_cover_every_example_once_and_fill_a_fixed_batch():
     assert [len(b) for b in fixed] == [32] * 5 and set(np.concatenate(fixed)) == set(range(150))
     tiny = batches(5, 8, fixed=True, rng=rng)
     assert [len(b) for b in tiny] == [8] and set(tiny[0]) == set(range(5))
+
+
+# ----------------------------------------------------------------------------- data files against the input spec
+
+
+def test_csv_of_pixels_reads_like_the_npz(world, tmp_path):
+    """A CSV with one column per input value (64 pixels) and the label last gives the same arrays."""
+    from federated.device import check_data, read_data_file
+
+    manifest = {"input": SPEC, "labels": [str(d) for d in range(10)], "lineage": {"source": "central"}}
+    x, y = world["x"][:30], world["y"][:30]
+    rows = [",".join([*(f"p{i}" for i in range(64)), "digit"])]
+    rows += [",".join([*(repr(float(v)) for v in image.reshape(-1)), str(label)]) for image, label in zip(x, y)]
+    path = tmp_path / "pixels.csv"
+    path.write_text("\n".join(rows) + "\n")
+    from_csv = check_data(read_data_file(path), manifest)
+    from_npz = check_data(read_data_file(world["data"]), manifest)
+    assert from_csv.x.shape == (30, 8, 8, 1) and from_csv.x.dtype == np.float32
+    np.testing.assert_array_equal(from_csv.x, from_npz.x[:30])
+    np.testing.assert_array_equal(from_csv.y, from_npz.y[:30])
+    assert from_csv.y.dtype == np.int32
+
+
+def test_tabular_csv_is_encoded_with_the_specs_columns_and_vocabularies(tmp_path):
+    """Numeric columns pass through, categorical ones become the spec's one-hot blocks (an unknown
+    category is all zeros), the target is the column the lineage names, whatever the order."""
+    from core.errors import InvalidInput
+    from federated.device import check_data, read_data_file
+
+    manifest = {
+        "input": {"shape": [4], "dtype": "float32", "preprocessing": {
+            "kind": "tabular", "columns": [{"name": "km", "type": "numeric"},
+                                           {"name": "zone", "type": "categorical", "vocabulary": ["a", "b", "c"]}]}},
+        "labels": None, "lineage": {"source": "central", "extra": {"data": {"target": "minutes"}}},
+    }
+    path = tmp_path / "orders.csv"
+    path.write_text("zone,minutes,km\nb,12.5,3\nz,30,7.5\na,8,1\n")
+    data = check_data(read_data_file(path), manifest)
+    np.testing.assert_array_equal(data.x, [[3, 0, 1, 0], [7.5, 0, 0, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(data.y, np.float32([12.5, 30, 8]))
+    path.write_text("zone,minutes\nb,12.5\n")
+    with pytest.raises(InvalidInput, match="missing column"):
+        check_data(read_data_file(path), manifest)
+    path.write_text("zone,minutes,km\nb,soon,3\n")
+    with pytest.raises(InvalidInput, match="'soon' is not a number"):
+        check_data(read_data_file(path), manifest)
+
+
+def test_token_ids_stay_integers_and_fractions_are_refused(tmp_path):
+    from core.errors import InvalidInput
+    from federated.device import check_data, read_data_file
+
+    manifest = {"input": {"shape": [5], "dtype": "int32"}, "labels": ["neg", "pos"]}
+    path = tmp_path / "ids.npz"
+    np.savez(path, x=np.arange(10).reshape(2, 5).astype(np.float64), y=np.array(["pos", "neg"]))
+    data = check_data(read_data_file(path), manifest)
+    assert data.x.dtype == np.int32 and list(data.y) == [1, 0]
+    np.savez(path, x=np.full((2, 5), 0.5), y=np.array([0, 1]))
+    with pytest.raises(InvalidInput, match="whole numbers"):
+        check_data(read_data_file(path), manifest)

@@ -154,6 +154,14 @@ class ManifestOut(BaseModel):
 # --------------------------------------------------------------------------- device protocol
 # /v1/federations/{model}/...: how browsers and phones join a federation (docs/device-protocol.md).
 
+class EdgeErrorOut(BaseModel):
+    """A device protocol refusal: the sentence, and the reason it is counted under in /metrics."""
+
+    detail: str
+    reason: str = Field(description="unauthorized, unknown_model, unknown_task, stale, duplicate, too_large,"
+                        " wrong_length, non_finite, norm, bad_examples, bad_dtype or bad_enrolment.")
+
+
 class EnrolIn(BaseModel):
     """Optional body of an enrolment. An unknown ``kind`` is recorded as ``device``."""
 

@@ -8,6 +8,9 @@ counted in /metrics and /status; a kill -9 between updates loses none and counts
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import stores
 from server_helpers.live import LiveServer
@@ -243,6 +247,7 @@ def test_every_refusal_is_refused_and_counted(home, client):
     def expect(status_code: int, reason: str, response: httpx.Response) -> None:
         assert response.status_code == status_code, (reason, response.status_code, response.text)
         assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+        assert response.json()["reason"] == reason
         produced.append((status_code, reason, response))
 
     # 401: no token, a bad one, one of another model's device (task, weights and update routes)
@@ -258,6 +263,7 @@ def test_every_refusal_is_refused_and_counted(home, client):
     expect(404, "unknown_task", client.get("/v1/federations/strict/tasks/nope/weights", headers=bearer(token)))
     # 413: declared over the limit, and streamed (chunked: no Content-Length) over it
     expect(413, "too_large", post_update(client, "strict", task.task_id, token, b"\0" * (LIMIT + 4)))
+    expect(413, "too_large", post_update(client, "strict", task.task_id, token, b"\0" * (4 << 20)))
 
     def chunks():
         for _ in range(8):
@@ -299,13 +305,13 @@ def test_every_refusal_is_refused_and_counted(home, client):
     expect(404, "unknown_model", client.get("/v1/federations/no-such-model/task", headers=bearer(token)))
     expect(404, "unknown_model", client.post("/v1/federations/no-such-model/devices"))
     expect(404, "unknown_model", client.get("/v1/federations/Not A Model!/status"))
-    assert client.post("/v1/federations/strict/devices", content=b"{not json").status_code == 422
+    expect(422, "bad_enrolment", client.post("/v1/federations/strict/devices", content=b"{not json"))
+    expect(422, "bad_enrolment", client.post("/v1/federations/strict/devices", json=[1, 2]))
 
     wanted: dict[str, int] = {}
     for _, reason, _ in produced:
         if reason != "unknown_model":
             wanted[reason] = wanted.get(reason, 0) + 1
-    wanted["bad_enrolment"] = 1
     assert refusal_counts(client, "strict") == wanted
     assert refusal_counts(client, "(unknown)").get("unknown_model", 0) >= 3
     assert all(r.status_code in (401, 404, 409, 413, 422) for _, _, r in produced)
@@ -314,7 +320,7 @@ def test_every_refusal_is_refused_and_counted(home, client):
     now = status(client, "strict")
     assert now["refused_total"] == wanted
     assert now["round"] == 2 and now["open"] is False and now["accepted"] == 0
-    assert now["refused"] == {"unauthorized": 7, "unknown_task": 2, "stale": 1, "bad_enrolment": 1}
+    assert now["refused"] == {"unauthorized": 7, "unknown_task": 2, "stale": 1, "bad_enrolment": 2}
     # the first round kept exactly the one good update
     assert [u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)] == [devices[0]["device_id"]]
 
@@ -331,7 +337,7 @@ def test_openapi_documents_the_protocol(client):
     assert {p["name"] for p in update["parameters"]} >= {"model", "task_id", "examples", "dtype"}
     assert "application/octet-stream" in update["requestBody"]["content"]
     assert {"DeviceToken", "EnrolToken"} <= set(spec["components"]["securitySchemes"])
-    for name in ("EnrolOut", "TaskOut", "UpdateAcceptedOut", "FederationStatusOut", "ErrorOut"):
+    for name in ("EnrolOut", "TaskOut", "UpdateAcceptedOut", "FederationStatusOut", "EdgeErrorOut"):
         assert name in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
 
@@ -356,7 +362,7 @@ def test_kill_9_between_updates_loses_none_and_counts_none_twice(tmp_path):
     with LiveServer(home, log=tmp_path / "second.log") as second, httpx.Client(base_url=second.url, timeout=30) as c:
         for i in range(4):  # same tokens still work; a device already counted is a duplicate
             again = post_update(c, "sturdy", task.task_id, devices[i]["token"], sent[i].tobytes(), examples=i + 1)
-            assert again.status_code == 409 and "already" in again.json()["detail"]
+            assert again.status_code == 409 and again.json()["reason"] == "duplicate"
         for i in range(4, 8):
             response = post_update(c, "sturdy", task.task_id, devices[i]["token"], sent[i].tobytes(), examples=i + 1)
             assert response.status_code == 202 and response.json()["accepted"] == i + 1
@@ -369,6 +375,58 @@ def test_kill_9_between_updates_loses_none_and_counts_none_twice(tmp_path):
         np.testing.assert_array_equal(by_device[device["device_id"]].delta, sent[i])
         assert by_device[device["device_id"]].examples == i + 1
     assert not list((home / "edge" / task.task_id).glob("*.tmp"))
+
+
+def test_kill_9_while_updates_are_in_flight_counts_each_once(tmp_path):
+    """Devices keep posting while the server dies: an update that got its 202 survives; one
+    whose answer was lost is simply posted again (202 if it was not recorded, 409 duplicate
+    if it was); in the end every device is counted exactly once."""
+    home = tmp_path / "store"
+    new_model(home, "busy")
+    task, _ = open_round(home, "busy")
+    first = LiveServer(home, log=tmp_path / "first.log").start()
+    with httpx.Client(base_url=first.url, timeout=30) as c:
+        devices = [enrol(c, "busy", "phone") for _ in range(16)]
+    sent = {d["device_id"]: delta(200 + i) for i, d in enumerate(devices)}
+    got_202: set[str] = set()
+    some_accepted = threading.Event()
+    lock = threading.Lock()
+
+    def post(device: dict) -> None:
+        try:
+            with httpx.Client(base_url=first.url, timeout=30) as c:
+                response = post_update(c, "busy", task.task_id, device["token"], sent[device["device_id"]].tobytes())
+        except httpx.HTTPError:
+            return  # the server died under this request: no answer
+        if response.status_code == 202:
+            with lock:
+                got_202.add(device["device_id"])
+                if len(got_202) >= 4:
+                    some_accepted.set()
+
+    threads = [threading.Thread(target=post, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    try:
+        assert some_accepted.wait(timeout=30)
+    finally:
+        first.kill9()
+    for t in threads:
+        t.join(timeout=60)
+    survived = {u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)}
+    assert got_202 <= survived  # a 202 is a promise
+    with LiveServer(home, log=tmp_path / "second.log") as second, httpx.Client(base_url=second.url, timeout=30) as c:
+        for device in devices:  # every device retries, as a client without an answer would
+            again = post_update(c, "busy", task.task_id, device["token"], sent[device["device_id"]].tobytes())
+            if device["device_id"] in survived:
+                assert again.status_code == 409 and again.json()["reason"] == "duplicate", again.text
+            else:
+                assert again.status_code == 202, again.text
+        assert status(c, "busy")["accepted"] == 16
+    updates = EdgeStore(Store(home)).updates(task.task_id)
+    assert sorted(u.device_id for u in updates) == sorted(sent)
+    for update in updates:
+        np.testing.assert_array_equal(update.delta, sent[update.device_id])
 
 
 def test_many_devices_posting_at_once_are_each_counted_once(home, client):
@@ -403,3 +461,58 @@ def test_many_devices_posting_at_once_are_each_counted_once(home, client):
     assert status(client, "crowd")["accepted"] == 24
     assert refusal_counts(client, "crowd") == {"duplicate": 24}
     assert metric(client, "pollinate_edge_updates_total", model="crowd") == 24
+
+
+def test_a_bad_update_limit_is_one_error_line(tmp_path):
+    env = {**os.environ, "POLLINATE_MAX_UPDATE_BYTES": "lots", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-m", "pollinate", "serve", "--home", str(tmp_path / "store"), "--port", "0"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: POLLINATE_MAX_UPDATE_BYTES must be a whole number of bytes, got 'lots'"]
+
+
+def test_fuzzed_protocol_requests_get_no_server_error(home, client):
+    """Requests generated from the OpenAPI schema of the five routes, aimed at a real model,
+    a real open task and a real device token (and without it): never a 5xx, and every
+    refusal is the protocol's JSON with a reason."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    new_model(home, "fuzzed")
+    task, _ = open_round(home, "fuzzed", deadline_s=600)
+    device = enrol(client, "fuzzed")
+    schema = schemathesis.openapi.from_url(f"{client.base_url}/openapi.json")
+    operations = [op.ok() for op in schema.get_all_operations() if op.ok().path.startswith("/v1/federations/")]
+    assert len(operations) == 5
+    failures: list[str] = []
+    statuses: dict[int, int] = {}
+    pinned = {"model": "fuzzed", "task_id": task.task_id}
+    for operation in operations:
+        params = {k: v for k, v in pinned.items() if "{" + k + "}" in operation.path}
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(mode, path_parameters=params))
+            @settings(max_examples=15, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def run(case):
+                for headers in (bearer(device["token"]), {}):
+                    try:
+                        response = case.call_and_validate(headers=headers, checks=[not_a_server_error], timeout=10)
+                    except Exception as exc:  # noqa: BLE001 - collect every failure
+                        failures.append(f"{case.operation.label}: {str(exc)[:400]}")
+                        return
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    if response.status_code >= 400 and response.status_code != 413:
+                        body = response.json()
+                        if "reason" not in body:
+                            failures.append(f"{case.operation.label}: {response.status_code} without a reason")
+
+            try:
+                run()
+            except Unsatisfiable:
+                pass
+    assert not failures, "\n".join(failures[:5])
+    assert {201, 401, 422} <= set(statuses), statuses

@@ -7,7 +7,8 @@ the same validation runs here and in the gateway, and an update that got its 202
 and in SQLite before the answer leaves: a server killed with -9 loses none and counts none
 twice.
 
-Every refusal is a JSON ``detail`` with the protocol's status, counted in ``/metrics`` per
+Every refusal is a JSON ``detail`` with the protocol's status (and its ``reason``, so that a
+client tells a stale round from a duplicate without reading the sentence), counted in ``/metrics`` per
 model and reason and, once the model is known, in the store (``/status``): under the task's
 round when the request named a live task, else under round 0. Store calls block (SQLite,
 fsync), so each route runs them in the thread pool, as the other routers do.
@@ -33,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from registry.edge import DEVICE_KINDS, DTYPES, EdgeRefusal, EdgeStore, EdgeTask, check_update_params
 from server.config import ENV_ENROL_TOKEN, ENV_MAX_UPDATE_BYTES
 from server.metrics import count_edge_enrolment, count_edge_refusal, count_edge_update
-from server.schemas import EnrolIn, EnrolOut, ErrorOut, FederationStatusOut, TaskOut, UpdateAcceptedOut
+from server.schemas import EdgeErrorOut, EnrolIn, EnrolOut, FederationStatusOut, TaskOut, UpdateAcceptedOut
 from server.state import ServicesDep
 
 router = APIRouter(prefix="/v1/federations", tags=["federations"])
@@ -65,7 +66,7 @@ def _refusals(*statuses: int) -> dict:
         422: "Wrong length, NaN or infinite values, L2 norm over the bound, bad example count or dtype"
              " (or, on enrolment, a body that is not a JSON object).",
     }
-    return {s: {"model": ErrorOut, "description": described[s]} for s in statuses}
+    return {s: {"model": EdgeErrorOut, "description": described[s]} for s in statuses}
 
 
 UPDATE_REQUEST = {
@@ -130,7 +131,8 @@ def _refused(refusal: EdgeRefusal, model: str) -> JSONResponse:
     headers = dict(CHALLENGE) if refusal.status == 401 else {}
     if refusal.status == 413:
         headers["Connection"] = "close"  # the rest of the body is never read
-    return JSONResponse({"detail": refusal.detail}, status_code=refusal.status, headers=headers)
+    return JSONResponse({"detail": refusal.detail, "reason": refusal.reason}, status_code=refusal.status,
+                        headers=headers)
 
 
 def _enrol_kind(body: bytes) -> str:

@@ -216,25 +216,63 @@ def superlink(
 
 @app.command("supernode")
 def supernode(
-    partition_id: Annotated[int, typer.Option("--partition-id", help="This node's share of the dataset.")],
-    num_partitions: Annotated[int, typer.Option("--num-partitions", help="How many nodes share it.")],
+    partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="This node's share of the built-in dataset.")] = None,
+    num_partitions: Annotated[Optional[int], typer.Option("--num-partitions", help="How many nodes share it.")] = None,
+    gateway: Annotated[Optional[str], typer.Option("--gateway", help="Run as the edge gateway NAME: devices train through `pollinate serve` on the same --home.")] = None,
+    min_updates: Annotated[int, typer.Option("--min-updates", help="Gateway: answer the round once this many device updates are in...")] = 1,
+    round_deadline: Annotated[float, typer.Option("--round-deadline", help="Gateway: ...or this many seconds after the round opened.")] = 120.0,
+    norm_bound: Annotated[float, typer.Option("--norm-bound", help="Gateway: L2 bound on a device update (0: the norm of the base weights).")] = 0.0,
+    clip: Annotated[bool, typer.Option("--clip", help="Gateway: scale updates over the bound down to it instead of refusing them.")] = False,
+    aggregate: Annotated[str, typer.Option("--aggregate", help="Gateway: mean (example-weighted) | median | trimmed-mean.")] = "mean",
+    trim: Annotated[float, typer.Option("--trim", help="Gateway, trimmed-mean: share cut at each end.")] = 0.2,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Train on this file (.csv with the model's columns, or .npz with x, y) instead of a partition.")] = None,
+    model: Annotated[str, typer.Option("--model", help="With --data: the model (NAME or NAME@VERSION) whose input the file must match.")] = "digits",
+    server_url: Annotated[Optional[str], typer.Option("--server", help="With --data: read the model's manifest from this pollinate serve (else the store, else the built-in dataset).")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="With a .csv: the label column.")] = None,
+    check_only: Annotated[bool, typer.Option("--check", help="With --data: check the file against the model and exit (no connection).")] = False,
     superlink_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")] = SUPERLINK,
     host: Annotated[str, typer.Option("--host", help="This node's runtime API (for its ClientApp processes).")] = "127.0.0.1",
-    port: Annotated[Optional[int], typer.Option("--port", help="Default: 9100 + partition id.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Default: 9100 + partition id; a free port for gateways and own-data nodes.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates", help="CA certificate (with --tls).")] = None,
     auth_key: Annotated[Optional[Path], typer.Option("--auth-supernode-private-key", help="This node's private key (SuperLink with --enable-supernode-auth).")] = None,
     home: HomeOption = Path(".pollinate"),
 ) -> None:
-    """Start a Flower SuperNode that trains on one partition."""
+    """Start a Flower SuperNode: on a partition of the built-in dataset, on its own data (--data), or as an edge gateway (--gateway)."""
     from core.errors import InvalidInput
-    from federated.runtime import flower_bin
+    from federated.runtime import flower_bin, free_port, write_run_config
 
-    if not 0 <= partition_id < num_partitions:
-        raise InvalidInput(f"--partition-id must be in 0..{num_partitions - 1}")
+    partitioned = partition_id is not None or num_partitions is not None
+    if sum((partitioned, gateway is not None, data is not None)) != 1:
+        raise InvalidInput("give one of --partition-id/--num-partitions (built-in data), --data FILE (own data) "
+                           "or --gateway NAME (edge devices)")
+    nodes = _flower_home(home) / "nodes"
+    if partitioned:
+        if partition_id is None or num_partitions is None:
+            raise InvalidInput("--partition-id and --num-partitions go together")
+        if not 0 <= partition_id < num_partitions:
+            raise InvalidInput(f"--partition-id must be in 0..{num_partitions - 1}")
+        node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+        port = port if port is not None else 9100 + partition_id
+    elif gateway is not None:
+        from federated.gateway import GatewayOptions
+
+        options = GatewayOptions(name=gateway, home=str(Path(home).resolve()), min_updates=min_updates,
+                                 round_deadline=round_deadline, norm_bound=norm_bound, clip=clip,
+                                 aggregate=aggregate, trim=trim).check()
+        open_store(home)  # the store devices reach through `pollinate serve --home` (created if new)
+        nodes.mkdir(parents=True, exist_ok=True)
+        node_config = str(write_run_config(nodes / f"gateway-{gateway}.toml", options.to_node_config()))
+    else:
+        node_config = _own_data_node_config(data, model, server_url, target, home)
+        if check_only:
+            return
+    if check_only:
+        raise InvalidInput("--check goes with --data")
+    if port is None:
+        port = free_port()
     command = [flower_bin("flower-supernode"), "--superlink", superlink_address, "--host", host,
-               "--port", str(port if port is not None else 9100 + partition_id),
-               "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+               "--port", str(port), "--node-config", node_config]
     if insecure:
         command.append("--insecure")
     elif root_certificates:
@@ -244,6 +282,32 @@ def supernode(
     if auth_key:
         command += ["--auth-supernode-private-key", str(auth_key)]
     _exec(command, home)
+
+
+def _own_data_node_config(data: Path, model: str, server_url: str | None, target: str | None, home: Path) -> str:
+    """Check the file against the model's input (before connecting: bad data never reaches a
+    round), prepare it, and write the node config that points the ClientApp at it."""
+    from federated.own_data import prepare, resolve_contract
+    from federated.runtime import write_run_config
+
+    name, version = parse_model_ref(model)
+    contract = resolve_contract(name, home=Path(home), version=version, server=server_url)
+    nodes = _flower_home(home) / "nodes"
+    prepared, examples = prepare(Path(data), contract, _flower_home(home) / "own-data", target)
+    nodes.mkdir(parents=True, exist_ok=True)
+    print(f"own data: {examples} examples from {data}, checked against {contract.source}", flush=True)
+    return str(write_run_config(nodes / f"own-data-{prepared.stem}.toml",
+                                {"data": str(prepared.resolve()), "data-source": str(Path(data).resolve())}))
+
+
+def parse_model_ref(value: str) -> tuple[str, int | None]:
+    """NAME or NAME@VERSION."""
+    from core.errors import InvalidInput
+
+    name, _, version = value.partition("@")
+    if not name or (version and not version.isdigit()):
+        raise InvalidInput(f"expected NAME or NAME@VERSION (e.g. digits@3), got {value!r}")
+    return name, int(version) if version else None
 
 
 @app.command("run")
@@ -259,6 +323,7 @@ def run(
     formats: Annotated[str, typer.Option("--formats")] = "tfjs-layers,tflite-int8",
     channel: Annotated[str, typer.Option("--channel")] = "canary",
     publish_every: Annotated[int, typer.Option("--publish-every")] = 1,
+    edge: Annotated[bool, typer.Option("--edge", help="Edge gateways take part: publish every round before the next (devices train on it), give a restarted gateway its round again.")] = False,
     superlink_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")] = SUPERLINK,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates")] = None,
@@ -283,7 +348,7 @@ def run(
                                   start_from="scratch" if from_scratch else start_from, rounds=rounds,
                                   strategy=strategy, min_clients=min_clients, num_partitions=num_partitions,
                                   partition=partition, formats=formats, channel=channel,
-                                  publish_every=publish_every, progress_file=str(progress)).check()
+                                  publish_every=publish_every, edge=edge, progress_file=str(progress)).check()
     env = flower_env(_flower_home(home))
     connection = {"address": superlink_address, "insecure": insecure}
     if not insecure:
@@ -342,3 +407,146 @@ def _exec(command: list[str], home: Path) -> None:
     env = flower_env(_flower_home(home))
     sys.stdout.flush()
     os.execvpe(command[0], command, env)
+
+
+# ---------------------------------------------------------------- one command on loopback
+
+
+@app.command("up")
+def up(
+    model: Annotated[str, typer.Option("--model", "-m", help="The store's model to federate (its latest version unless --from).")] = "digits",
+    rounds: Annotated[int, typer.Option("--rounds", "-r")] = 3,
+    gateways: Annotated[int, typer.Option("--gateways", help="Edge gateway SuperNodes (gw-0, gw-1, ...).")] = 1,
+    min_updates: Annotated[int, typer.Option("--min-updates", help="A gateway answers once this many device updates are in...")] = 1,
+    round_deadline: Annotated[float, typer.Option("--round-deadline", help="...or this many seconds after its round opened.")] = 120.0,
+    norm_bound: Annotated[float, typer.Option("--norm-bound", help="L2 bound on a device update (0: the norm of the base weights).")] = 0.0,
+    clip: Annotated[bool, typer.Option("--clip", help="Clip updates over the bound instead of refusing them.")] = False,
+    aggregate: Annotated[str, typer.Option("--aggregate", help="mean | median | trimmed-mean")] = "mean",
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Also an own-data SuperNode on this file (repeat for more).")] = None,
+    from_version: Annotated[Optional[str], typer.Option("--from", help="Start from NAME@VERSION.")] = None,
+    port: Annotated[int, typer.Option("--port", help="The device endpoint's port (pollinate serve; 0: any free port).")] = 8000,
+    local_epochs: Annotated[int, typer.Option("--local-epochs")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
+    strategy: Annotated[str, typer.Option("--strategy", "-s")] = "fedavg",
+    formats: Annotated[str, typer.Option("--formats", help="Export formats per round (browsers: tfjs-layers, phones: tflite-train).")] = "tfjs-layers,tflite-int8,tflite-train",
+    channel: Annotated[str, typer.Option("--channel")] = "canary",
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Start an edge federation on loopback: pollinate serve (the device endpoint), a SuperLink, the gateway
+    SuperNodes (and own-data ones), then the rounds; stops everything at the end or on Ctrl-C."""
+    import time
+    import uuid
+    from contextlib import ExitStack
+
+    from core.errors import InvalidInput, NotFound, PollinateError
+    from federated.gateway import GatewayOptions
+    from federated.runtime import (
+        APP_DIR,
+        LocalSuperLink,
+        ServeProcess,
+        flower_bin,
+        follow_progress,
+        start_pollinate,
+        stop_process_tree,
+        write_run_config,
+    )
+    from federated.server_app import describe_edge
+    from federated.settings import FederationSettings
+
+    if gateways < 0 or gateways + len(data or []) < 1:
+        raise InvalidInput("--gateways must be ≥ 0, and the federation needs a gateway or a --data node")
+    if from_version:
+        name, version = parse_model_ref(from_version)
+        if model != "digits" and name != model:
+            raise InvalidInput(f"--model {model} and --from {from_version} name different models")
+        model = name
+    else:
+        version = None
+    GatewayOptions(name="gw-0", home=".", min_updates=min_updates, round_deadline=round_deadline,
+                   norm_bound=norm_bound, clip=clip, aggregate=aggregate).check()
+    for path in data or []:
+        if not Path(path).is_file():
+            raise InvalidInput(f"data file not found: {path}")
+    home = Path(home).resolve()
+    store = open_store(home)
+    try:
+        record = store.get_version(model, version)
+    except NotFound as exc:
+        raise NotFound(f"{exc}; train one first (pollinate train --dataset digits) or give --from NAME@VERSION") from None
+    recipe = record.lineage.extra.get("data")
+    if not recipe:
+        raise InvalidInput(f"{model} v{record.version} does not record its dataset: the server cannot evaluate rounds")
+    from export.pipeline import check_runtimes
+
+    check_runtimes(tuple(f.strip() for f in formats.split(",") if f.strip()))
+    folder = _flower_home(home) / "up" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    progress = folder / "progress.jsonl"
+    settings = FederationSettings(
+        home=str(home), model_name=model, dataset=json.dumps(recipe, sort_keys=True), start_from=str(record.version),
+        rounds=rounds, min_clients=gateways + len(data or []), local_epochs=local_epochs, batch_size=batch_size,
+        learning_rate=learning_rate, strategy=strategy, formats=formats, channel=channel, edge=True,
+        progress_file=str(progress)).check()
+    console = human_console(as_json)
+    rows: list[dict] = []
+    with ExitStack() as stack:
+        server = stack.enter_context(ServeProcess(home, port=port, log_path=folder / "serve.log"))
+        link = stack.enter_context(LocalSuperLink(folder, simulation=False))
+        nodes = []
+        stack.callback(lambda: [stop_process_tree(p, timeout=10) for p in nodes])
+        for i in range(gateways):  # after the SuperLink answers (Flower's SuperLink state race)
+            nodes.append(start_pollinate(
+                ["federate", "supernode", "--gateway", f"gw-{i}", "--superlink", link.address, "--home", str(home),
+                 "--min-updates", str(min_updates), "--round-deadline", str(round_deadline),
+                 "--norm-bound", str(norm_bound), "--aggregate", aggregate, *(["--clip"] if clip else [])],
+                folder / f"gateway-{i}.log"))
+        for i, path in enumerate(data or []):
+            nodes.append(start_pollinate(
+                ["federate", "supernode", "--data", str(Path(path).resolve()), "--model", f"{model}@{record.version}",
+                 "--superlink", link.address, "--home", str(home)], folder / f"own-data-{i}.log"))
+        base = f"{server.url}/v1/federations/{model}"
+        console.print(f"[bold]Device endpoint[/] {server.url}  (model {model}, from v{record.version})", soft_wrap=True)
+        for method, route, what in (("POST", "/devices", "enrol: {device_id, token}"),
+                                    ("GET ", "/task", "the open round's task (Authorization: Bearer TOKEN; 204: none)"),
+                                    ("GET ", "/tasks/{task_id}/weights", "the task's base weights (float32)"),
+                                    ("POST", "/tasks/{task_id}/updates?examples=N", "local − base (float32)"),
+                                    ("GET ", "/status", "the round's progress")):
+            console.print(f"  {method} {base}{route}  {what}", soft_wrap=True, markup=False)
+        console.print(f"SuperLink {link.address}; {gateways} gateway(s) (min {min_updates} update(s), deadline "
+                      f"{round_deadline:g} s), {len(data or [])} own-data node(s); logs in {folder}", soft_wrap=True)
+        overrides = write_run_config(folder / "run-config.toml", settings.to_config())
+        command = [flower_bin("flwr"), "run", str(APP_DIR), "local", "--run-config", str(overrides), "--stream"]
+        with open(folder / "run.log", "wb") as run_log:
+            runner = subprocess.Popen(command, env=link.env, cwd=folder, stdout=run_log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        stack.callback(lambda: stop_process_tree(runner, timeout=5))
+
+        def on_round(row: dict) -> None:
+            rows.append(row)
+            metric = f"acc {row['accuracy']:.3f}" if "accuracy" in row else f"mae {row['mae']:.3f}"
+            version_text = f"v{row['version']}" if row["version"] else f"not published ({row['publish_error']})"
+            console.print(f"round {row['round']}/{rounds}: {metric} → {version_text}{describe_edge(row)}",
+                          soft_wrap=True, markup=False)
+
+        def pieces_alive() -> None:
+            if server.process is None or server.process.poll() is not None:
+                raise PollinateError(f"pollinate serve stopped; see {folder / 'serve.log'}")
+            if link.process is None or link.process.poll() is not None:
+                raise PollinateError(f"the SuperLink stopped; see {link.log_path}")
+
+        final = follow_progress(progress, runner, on_round, on_tick=pieces_alive)
+    if final is None:
+        raise PollinateError(f"the federation ended without a result; see {folder / 'run.log'}")
+    if final["event"] == "error":
+        raise PollinateError(f"the federation failed: {final['message']}")
+    outcome = final["outcome"]
+    if as_json:
+        print_json({"model": model, "from_version": record.version, "device_endpoint": server.url,
+                    "outcome": outcome, "logs": str(folder)})
+        return
+    pub = outcome.get("publishing", {})
+    console.print(f"Federation {outcome['federation_id']}: versions {outcome['versions']} on channel {channel}; "
+                  f"{pub.get('published', 0)} round(s) published, {pub.get('failed', 0)} failed; "
+                  f"{sum(r.get('edge_updates', 0) for r in rows)} device update(s) in all.", soft_wrap=True)

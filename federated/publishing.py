@@ -7,7 +7,8 @@ published one at a time, in round order, so versions appear in round order and e
 version's parent is the version published before it (the federation's start version for
 the first). A round whose publish fails (an export gate, a converter error, a full disk) is
 recorded with its error and the next round's parent is the last version that did publish;
-the federation goes on. `close()` waits for the queue to drain.
+the federation goes on. `close()` waits for the queue to drain; `wait_idle()` waits for the
+rounds handed over so far (edge rounds do, so that devices train on a published version).
 
 Keeping the publish off the critical path is worth most where clients train on other
 machines (SuperNodes) or in other processes (the simulation's Ray actors): the server's
@@ -102,6 +103,12 @@ class RoundPublisher:
             raise PollinateError("the round publisher is closed")
         self._queue.put((job, time.perf_counter()))
 
+    def wait_idle(self) -> int | None:
+        """Wait until every round submitted so far is published (or failed); returns the newest
+        version published (the federation's start version before any), `parent` of the next."""
+        self._queue.join()
+        return self.parent
+
     def close(self) -> PublishingSummary:
         """Wait for every submitted round to be published (or to fail); idempotent."""
         if not self._closed:
@@ -121,32 +128,39 @@ class RoundPublisher:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
-            job, queued_at = item
-            result = PublishResult(round=job.round, parent=self.parent)
-            started = time.perf_counter()
-            result.waited_seconds = started - queued_at
             try:
-                set_model_weights(self.model, job.weights)
-                record = publish_round(self.store, self.settings, self.model, self.dataset, job, self.parent,
-                                       breakdown=result.breakdown)
-                result.version = record.version
-                self.parent = record.version
-                self.summary.published += 1
-            except Exception as exc:  # one failed publish never stops the federation
-                result.error = _describe(exc)
-                self.summary.failed += 1
-                self.summary.errors.append({"round": job.round, "error": result.error})
-                if isinstance(exc, PollinateError):
-                    log.warning("round %s: not published: %s", job.round, result.error)
-                else:
-                    log.exception("round %s: not published", job.round)
-            result.seconds = time.perf_counter() - started
-            if self.on_result:
-                try:
-                    self.on_result(result)
-                except Exception:
-                    log.exception("round %s: the publish callback failed", job.round)
+                self._publish(*item)
+            finally:
+                self._queue.task_done()
+
+    def _publish(self, job: RoundJob, queued_at: float) -> None:
+        """One round: register, export, report the result (never raises)."""
+        result = PublishResult(round=job.round, parent=self.parent)
+        started = time.perf_counter()
+        result.waited_seconds = started - queued_at
+        try:
+            set_model_weights(self.model, job.weights)
+            record = publish_round(self.store, self.settings, self.model, self.dataset, job, self.parent,
+                                   breakdown=result.breakdown)
+            result.version = record.version
+            self.parent = record.version
+            self.summary.published += 1
+        except Exception as exc:  # one failed publish never stops the federation
+            result.error = _describe(exc)
+            self.summary.failed += 1
+            self.summary.errors.append({"round": job.round, "error": result.error})
+            if isinstance(exc, PollinateError):
+                log.warning("round %s: not published: %s", job.round, result.error)
+            else:
+                log.exception("round %s: not published", job.round)
+        result.seconds = time.perf_counter() - started
+        if self.on_result:
+            try:
+                self.on_result(result)
+            except Exception:
+                log.exception("round %s: the publish callback failed", job.round)
 
 
 def _describe(exc: BaseException) -> str:
@@ -223,6 +237,9 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
                     "rejected": stats.rejected,
                     "failed": stats.failed,
                     "clipped": stats.clipped,
+                    **({"edge": stats.edge_summary()} if stats.gateways or settings.edge else {}),
+                    **({"own_data": {"nodes": len(stats.own_data), "examples": stats.own_data_examples}}
+                       if stats.own_data else {}),
                     "data": settings.recipe(),
                     "federation": {k: v for k, v in asdict(settings).items() if k != "progress_file"},
                 },

@@ -10,6 +10,11 @@ SuperLink must not try to install the app's dependencies
 
 Everything Flower keeps (its config.toml, installed FABs, the SuperLink's database) lives
 under FLWR_HOME, which we put inside the store.
+
+`pollinate federate up` starts a whole edge federation on loopback from these pieces: a
+`pollinate serve` on the store (the device endpoint, ServeProcess), a SuperLink, gateway and
+own-data SuperNodes (`pollinate federate supernode` processes, start_pollinate), then the run;
+every process it started is stopped on exit, on errors and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -143,6 +148,97 @@ class LocalSuperLink:
             return
         stop_process_tree(self.process, timeout)
         self.process = None
+
+
+class ServeProcess:
+    """`pollinate serve --json` on a store, in a process of its own; `url` once it answers."""
+
+    def __init__(self, home: Path, *, host: str = "127.0.0.1", port: int = 0, log_path: Path):
+        self.home = Path(home).resolve()
+        self.host = host
+        self.port = port
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> ServeProcess:
+        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(self.home), "--host", self.host,
+                   "--port", str(self.port), "--json"]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log,
+                                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        line = self.process.stdout.readline()
+        try:
+            self.url = json.loads(line)["url"] if line else ""
+        except (ValueError, KeyError):
+            self.url = ""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while self.url and self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        self.stop()
+        raise PollinateError(f"pollinate serve did not start on {self.host}:{self.port}"
+                             f"{_tail(self.log_path)}")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_tree(self.process, timeout=10)
+            self.process = None
+
+
+def start_pollinate(args: list[str], log_path: Path) -> subprocess.Popen:
+    """`pollinate ARGS` in a process (and session) of its own, its output into `log_path`."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "pollinate", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def follow_progress(progress: Path, runner: subprocess.Popen, on_round=None, on_tick=None) -> dict | None:
+    """Tail a ServerApp progress file (JSON lines, see server_app.py) until `runner` ends or the
+    outcome (or the error) is written; returns that final record. `on_tick()`, called about
+    every second, may raise to stop following (e.g. a piece of the federation died)."""
+    offset, buffer, final, ticked = 0, "", None, time.monotonic()
+    while True:
+        finished = runner.poll() is not None  # read once more after the run ended
+        if progress.exists():
+            with open(progress) as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            buffer += chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if record["event"] == "round":
+                    if on_round:
+                        on_round(record["row"])
+                else:
+                    final = record
+        if final is not None or finished:
+            return final
+        if on_tick and time.monotonic() - ticked > 1:
+            ticked = time.monotonic()
+            on_tick()
+        time.sleep(0.2)
+
+
+def _tail(path: Path, count: int = 5) -> str:
+    try:
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return (":\n" + "\n".join(lines[-count:])) if lines else f"; see {path}"
 
 
 def stop_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:

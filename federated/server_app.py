@@ -16,6 +16,14 @@ or the error: `{"event": "round", "row": {...}}`, `{"event": "done", "outcome": 
 
 Flower leaves checkpointing and resuming to the user; here every published round *is* the
 checkpoint: `resume` continues from the newest version of the federation and its round.
+
+Edge rounds (`edge` in the settings: gateways take part, see gateway.py): before each train
+message goes out the publisher has published the round before, and the message names that
+version (`base-version`, with `global-round` and the Keras `weight-names`), so devices load a
+real version's model files and train on the weights the gateway hands them. Rounds go
+through a RedeliveringGrid (redelivery.py) so that a gateway restarted mid-round gets its
+round again. Each round's row and version lineage count what devices contributed
+(`edge`: updates, devices, examples, per gateway).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from core.tensorflow import import_tensorflow, quiet_keras_warnings
 from registry import Store, VersionRecord
 
 from .publishing import PublishResult, RoundJob, RoundPublisher
+from .redelivery import RedeliveringGrid
 from .settings import FederationSettings
 from .strategies import make_strategy
 from .task import set_model_weights, to_arrays
@@ -195,6 +204,18 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
     ledger = RoundLedger(outcome, on_round)
     publisher = RoundPublisher(store, settings, dataset, model, start.parent_version, on_result=ledger.published)
     clock = {"round_started": time.perf_counter()}
+    if settings.edge:
+        grid = RedeliveringGrid(grid)
+        config["weight-names"] = json.dumps([w.path for w in model.weights])
+
+        def edge_round(server_round: int) -> dict:
+            """Wait for the round before to be published: devices train on that version."""
+            waited = time.perf_counter()
+            base_version = publisher.wait_idle()
+            clock["publish_wait"] = time.perf_counter() - waited
+            return {"global-round": start.first_round + server_round, "base-version": int(base_version or 0)}
+
+        strategy.train_config_hook = edge_round
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's server-side evaluation: evaluate, record the round, hand it to the publisher."""
@@ -226,7 +247,13 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             "round_seconds": now - clock["round_started"],
             "published": due, "version": None, "parent_version": None, "publish_error": None,
             "publish_seconds": 0.0, "publish_wait_seconds": 0.0, "publish_breakdown": {},
+            "edge_updates": stats.edge_updates, "edge_devices": stats.edge_devices,
+            "edge_examples": stats.edge_examples, "gateways": stats.edge_summary()["gateways"],
+            "own_data_nodes": len(stats.own_data), "own_data_examples": stats.own_data_examples,
         }
+        if settings.edge:
+            row["redelivered"] = getattr(grid, "redelivered", 0)
+            row["base_publish_wait_seconds"] = clock.pop("publish_wait", 0.0)
         clock["round_started"] = now
         ledger.add(row, awaits_publish=due)
         if due:
@@ -245,6 +272,21 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
     outcome.publishing = {**summary.to_dict(), "rounds_seconds": rounds_done - started,
                           "total_seconds": time.perf_counter() - started}
     return outcome
+
+
+def describe_edge(row: dict) -> str:
+    """', edge: 5 updates from 5 devices (240 examples) via gw-0 (3), gw-1 (2)' or ''."""
+    gateways = row.get("gateways") or {}
+    text = ""
+    if gateways:
+        via = ", ".join(f"{name} ({g['updates']})" for name, g in sorted(gateways.items()))
+        text += (f", edge: {row['edge_updates']} updates from {row['edge_devices']} devices "
+                 f"({row['edge_examples']} examples) via {via}")
+    if row.get("own_data_nodes"):
+        text += f", own data: {row['own_data_nodes']} node(s) ({row['own_data_examples']} examples)"
+    if row.get("failed"):
+        text += f", {row['failed']} failed"
+    return text
 
 
 def _headline(test: dict) -> dict:
@@ -304,7 +346,7 @@ def main(grid: Grid, context: Context) -> None:
         headline = {k: round(row[k], 4) for k in ("accuracy", "mae", "loss") if k in row}
         published = f"version {row['version']}" if row["version"] else (
             f"NOT published: {row['publish_error']}" if row["publish_error"] else "not due for publishing")
-        log.warning("round %s: %s, %s", row["round"], headline, published)
+        log.warning("round %s: %s, %s%s", row["round"], headline, published, describe_edge(row))
 
     try:
         outcome = run_federation(grid, settings, on_round=on_round)

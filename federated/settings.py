@@ -50,6 +50,10 @@ class FederationSettings:
     seed: int = 0
     round_timeout: float = 600.0
     resume: bool = False
+    # edge gateways take part: each train message names the version its weights are (the
+    # previous round is published before the next is sent), and a gateway that restarts
+    # mid-round gets the round again (federated/redelivery.py)
+    edge: bool = False
     federation_id: str = ""  # set by the server: ties the versions of one federation together
     progress_file: str = ""  # where the ServerApp appends each finished round (JSON lines); "" = nowhere
 
@@ -76,6 +80,12 @@ class FederationSettings:
             raise InvalidInput("--publish-every must be at least 1")
         if self.clip_norm < 0:
             raise InvalidInput("--clip-norm must be ≥ 0")
+        if self.edge and self.publish_every != 1:
+            raise InvalidInput("edge rounds publish every round (devices train on the version of the round "
+                               "before): --publish-every must be 1")
+        if self.edge and self.start_from == "scratch":
+            raise InvalidInput("edge rounds start from a published version (devices load its model files): "
+                               "give --from NAME@VERSION, not --from-scratch")
         return self
 
     def to_config(self) -> dict:

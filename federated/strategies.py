@@ -5,16 +5,26 @@ global model's count, shapes and dtypes and hold only finite numbers; with `clip
 update whose L2 norm ‖w − w_global‖ exceeds it is scaled down to it. A rejected update is
 logged and counted, never aggregated. Failed replies (a client that crashed or timed out)
 arrive as error messages, which the strategy drops; the guard counts them too.
+
+Three kinds of client answer a round: a SuperNode on a partition of a built-in dataset
+(`partition-id` in its metrics), one on its own data (`own-data`), and an edge gateway
+(`edge-updates`, with its name in an `edge` ConfigRecord: federated/gateway.py) that answers
+for the devices behind it. The guard counts each kind (RoundStats), keeps one answer per
+gateway name a round (a gateway restarted mid-round may answer twice: the second would count
+its devices again), and hands the strategy metrics with one set of keys, as Flower's
+strategies require.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from .settings import FederationSettings
@@ -48,6 +58,50 @@ class RoundStats:
     client_train_seconds: list[float] = field(default_factory=list)
     train_loss: float | None = None
     aggregation_seconds: float = 0.0
+    # own-data SuperNodes (their node ids) and their examples
+    own_data: list[int] = field(default_factory=list)
+    own_data_examples: int = 0
+    # edge gateways: {name: {"updates", "devices", "examples", "rejected", "kinds": {kind: n}}}
+    gateways: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def edge_updates(self) -> int:
+        return sum(g["updates"] for g in self.gateways.values())
+
+    @property
+    def edge_devices(self) -> int:
+        return sum(g["devices"] for g in self.gateways.values())
+
+    @property
+    def edge_examples(self) -> int:
+        return sum(g["examples"] for g in self.gateways.values())
+
+    def edge_summary(self) -> dict:
+        """What the devices behind the gateways contributed (devices: distinct per gateway, summed)."""
+        return {"updates": self.edge_updates, "devices": self.edge_devices, "examples": self.edge_examples,
+                "gateways": {name: dict(g) for name, g in sorted(self.gateways.items())}}
+
+
+EDGE_RECORD = "edge"  # the ConfigRecord in a gateway's reply: {"gateway": name, "kinds": JSON}
+COMMON_METRICS = ("num-examples", "train-loss", "train-seconds")
+
+
+def gateway_answer(msg: Message) -> tuple[str, dict] | None:
+    """(gateway name, its counts) for a gateway's reply, None for any other client's."""
+    metrics = msg.content["metrics"]
+    if "edge-updates" not in metrics:
+        return None
+    record = msg.content.get(EDGE_RECORD) if hasattr(msg.content, "get") else None
+    name = str(record.get("gateway", "")) if record is not None else ""
+    name = name or f"node-{msg.metadata.src_node_id}"
+    try:
+        kinds = json.loads(str(record.get("kinds", "{}"))) if record is not None else {}
+    except ValueError:
+        kinds = {}
+    counts = {"updates": int(metrics.get("edge-updates", 0)), "devices": int(metrics.get("edge-devices", 0)),
+              "examples": int(metrics.get("edge-examples", 0)), "rejected": int(metrics.get("edge-rejected", 0)),
+              "kinds": {str(k): int(v) for k, v in dict(kinds).items()}}
+    return name, counts
 
 
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
@@ -96,7 +150,9 @@ def strategy_kwargs(settings: FederationSettings, sampled: int) -> dict:
 
 
 def make_strategy(settings: FederationSettings, num_nodes: int):
-    """The named Flower strategy, guarded. `stats` on the result holds the last round's RoundStats."""
+    """The named Flower strategy, guarded. `stats` on the result holds the last round's RoundStats.
+    `train_config_hook(server_round) -> dict`, when set, adds keys to each round's train config
+    (the ServerApp's edge rounds name their base version that way)."""
     base = BASES[settings.strategy]
     sampled = max(1, int(num_nodes * settings.fraction))
 
@@ -106,9 +162,12 @@ def make_strategy(settings: FederationSettings, num_nodes: int):
             self.reference: list[np.ndarray] = []
             self.stats = RoundStats()
             self.history: list[RoundStats] = []
+            self.train_config_hook: Callable[[int], dict] | None = None
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
             self.reference = arrays.to_numpy_ndarrays()
+            if self.train_config_hook is not None:
+                config = ConfigRecord({**config, **self.train_config_hook(server_round)})
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round: int, replies):
@@ -123,8 +182,13 @@ def make_strategy(settings: FederationSettings, num_nodes: int):
                     continue
                 metrics = msg.content["metrics"]
                 client = int(metrics.get("partition-id", msg.metadata.src_node_id))
+                gateway = gateway_answer(msg)
+                if gateway is not None:
+                    client = gateway[0]
                 arrays = msg.content["arrays"].to_numpy_ndarrays()
                 problem = check_update(arrays, self.reference)
+                if gateway is not None and gateway[0] in stats.gateways:
+                    problem = "this gateway already answered this round (restarted mid-round?): its devices count once"
                 if problem:
                     stats.rejected += 1
                     stats.reasons.append(f"client {client}: {problem}")
@@ -136,15 +200,28 @@ def make_strategy(settings: FederationSettings, num_nodes: int):
                         stats.clipped += 1
                         msg.content["arrays"] = ArrayRecord(arrays)
                 stats.accepted += 1
-                stats.clients.append(client)
-                stats.examples += int(metrics.get("num-examples", 0))
+                examples = int(metrics.get("num-examples", 0))
+                stats.examples += examples
+                if gateway is not None:
+                    stats.gateways[gateway[0]] = gateway[1]
+                elif int(metrics.get("own-data", 0)):
+                    stats.own_data.append(msg.metadata.src_node_id)
+                    stats.own_data_examples += examples
+                else:
+                    stats.clients.append(client)
                 stats.client_train_seconds.append(float(metrics.get("train-seconds", 0.0)))
                 kept.append(msg)
             ok = [m for m in kept if not m.has_error()]
             if ok:
-                weights = [float(m.content["metrics"].get("num-examples", 1)) for m in ok]
-                losses = [float(m.content["metrics"].get("train-loss", 0.0)) for m in ok]
-                stats.train_loss = float(np.average(losses, weights=weights))
+                # devices report no loss: the round's loss is over the clients that trained here
+                trained = [m for m in ok if "train-loss" in m.content["metrics"]]
+                if trained:
+                    weights = [float(m.content["metrics"].get("num-examples", 1)) for m in trained]
+                    losses = [float(m.content["metrics"]["train-loss"]) for m in trained]
+                    stats.train_loss = float(np.average(losses, weights=weights)) if sum(weights) > 0 else None
+                for m in ok:  # Flower aggregates only replies whose metrics have the same keys
+                    original = m.content["metrics"]
+                    m.content["metrics"] = MetricRecord({k: original.get(k, 0.0) for k in COMMON_METRICS})
                 arrays, metrics = super().aggregate_train(server_round, kept)
                 result = (self._keep_dtypes(arrays), metrics)
             else:

@@ -619,9 +619,9 @@ class DeviceClient:
 
     def __init__(self, server: str, model: str, data: LocalData | RawData | Path | str, state: Path | str, *,
                  enrol_token: str | None = None, kind: str = "device", poll: float = 1.0, seed: int | None = None,
-                 cache: Path | None = None, http: ProtocolClient | None = None,
+                 cache: Path | None = None, retries: int = 6, http: ProtocolClient | None = None,
                  on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep):
-        self.http = http or ProtocolClient(server, model, sleep=sleep)
+        self.http = http or ProtocolClient(server, model, retries=retries, sleep=sleep)
         self.server = self.http.server
         self.model = model
         self.state = DeviceState(Path(state), cache)
@@ -716,7 +716,8 @@ class DeviceClient:
             if self.identity is None:
                 self.enrol()
             idle_since = time.monotonic()
-            while rounds <= 0 or self.summary.contributed < rounds:
+            before = self.summary.contributed  # a simulator may call run() once per round
+            while rounds <= 0 or self.summary.contributed - before < rounds:
                 task = self.fetch_task()
                 if task is not None and task["task_id"] in self._skip:
                     task = None
@@ -732,7 +733,7 @@ class DeviceClient:
                 self.run_task(task)
                 idle_since = time.monotonic()
             else:
-                self.summary.stopped = f"{self.summary.contributed} task(s) done"
+                self.summary.stopped = f"{self.summary.contributed - before} task(s) done"
         finally:
             traffic = asdict(self.http.traffic)
             self.summary.bytes_down += traffic["down"] - started_traffic["down"]
@@ -752,16 +753,12 @@ class DeviceClient:
         except Refused as refusal:
             self._count(refusal.reason)
             report.detail = refusal.detail
-            if refusal.status in (404, 409):
-                # stale: the round closed; duplicate: ours already counts; unknown: gone. Either
-                # way this task is over for us: fetch the current one (never this one again).
-                report.status = "unknown_task" if refusal.status == 404 else refusal.reason
-                self._skip.add(report.task_id)
-                self.state.clear_pending(self.model)
-            else:  # 413 even as float16, 422: this update cannot be accepted; do not train for it again
-                report.status = "refused"
-                self._skip.add(report.task_id)
-                self.state.clear_pending(self.model)
+            # 409 stale: the round closed; 409 duplicate: ours already counts; 404: the task is
+            # gone; 413 (even as float16) or 422: this update cannot be accepted. Either way this
+            # task is over for this device: the loop fetches the current one, never this one again.
+            report.status = {404: "unknown_task", 409: refusal.reason}.get(refusal.status, "refused")
+            self._skip.add(report.task_id)
+            self.state.clear_pending(self.model)
         finally:
             report.seconds = time.perf_counter() - clock
             report.bytes_down = self.http.traffic.down - down

@@ -223,6 +223,20 @@ def test_device_cli_without_the_enrol_token_is_refused(world, tmp_path):
     assert result.stderr.strip().startswith("error: ") and "enrol" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_device_cli_server_that_does_not_answer_is_one_error_line_exit_3(world, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [*device_command(), "--server", f"http://127.0.0.1:{port}", "--model", MODEL, "--data", str(world["data"]),
+               "--state", str(tmp_path / "s"), "--retries", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "after 2 attempt(s)" in lines[0]
+
+
 # ----------------------------------------------------------------------------- the library, in-process
 
 

@@ -101,7 +101,7 @@ def device_command() -> list[str]:
     point (the same command function) until then."""
     from federated.cli import app
 
-    names = {c.name for c in app.registered_commands}
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
     if "device" in names:
         return [sys.executable, "-m", "pollinate", "federate", "device"]
     return [sys.executable, "-m", "federated.device_cli"]

@@ -646,10 +646,12 @@ export class PollinateClient {
     const values = prepareInput(input, contract, { checkRange });
     const job = (async () => {
       const started = now();
+      // the backend this ran on: the client's, or the training backend while train()/contribute() run
+      const ranOn = tf.getBackend?.() ?? this.backend;
       const output = await runModel(tf.tensor(values, [1, ...contract.shape], 'float32'));
       try {
         const raw = await output.data();
-        return { raw, inferenceMs: now() - started };
+        return { raw, inferenceMs: now() - started, ranOn };
       } finally {
         output.dispose();
       }
@@ -657,12 +659,13 @@ export class PollinateClient {
     this.inflight.add(job);
     let raw;
     let inferenceMs;
+    let ranOn;
     try {
-      ({ raw, inferenceMs } = await job);
+      ({ raw, inferenceMs, ranOn } = await job);
     } finally {
       this.inflight.delete(job);
     }
-    const base = { inferenceMs, version: manifest.version, backend: this.backend, format: this.format, modelKind: this.modelKind, modelInput: values };
+    const base = { inferenceMs, version: manifest.version, backend: ranOn, format: this.format, modelKind: this.modelKind, modelInput: values };
     if (!Array.isArray(manifest.labels)) return { ...base, values: Array.from(raw) };
     const probabilities = toProbabilities(raw);
     const labels = rankLabels(probabilities, manifest.labels);

@@ -92,7 +92,7 @@ def _reason_for(status: int, detail: str) -> str:
 @dataclass(frozen=True)
 class LocalData:
     """The device's labelled examples, ready for the train signature: x in the model's input
-    shape and dtype, y as class ids (int32) or targets (float32)."""
+    shape, y as class ids or targets (cast to the signature's dtypes when training)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -102,172 +102,40 @@ class LocalData:
         return int(len(self.x))
 
 
-@dataclass(frozen=True)
-class RawData:
-    """What a data file holds before the model's input spec is known: arrays (.npz) or
-    columns of strings (CSV)."""
+def check_data(data: LocalData | Path, manifest: dict, *, target: str | None = None) -> LocalData:
+    """The device's data file (or arrays) checked against a version's manifest by the same rules
+    as an own-data SuperNode's (``federated/own_data.py``): `.npz` with `x`, `y`, or a CSV with
+    the model's columns and a label column; shape, finite values, input range, labels. An input
+    the model takes as integers (token ids) must hold whole numbers. InvalidInput otherwise."""
+    from federated import own_data
 
-    path: Path
-    arrays: dict[str, np.ndarray] | None = None
-    columns: dict[str, list[str]] | None = None
+    recipe = ((manifest.get("lineage") or {}).get("extra") or {}).get("data") or {}
+    name = data.source if isinstance(data, LocalData) else Path(data).name
+    is_csv = not isinstance(data, LocalData) and Path(data).suffix.lower() == ".csv"
+    # the label column's usual name matters only to a CSV (finding it may load a built-in dataset)
+    usual = own_data._target_of(recipe) if is_csv and not target else recipe.get("target")
+    contract = own_data.contract_from_spec(manifest.get("name") or "model", manifest.get("input"),
+                                           manifest.get("labels"), usual, f"v{manifest.get('version')}")
+    if isinstance(data, LocalData):
+        x, y = own_data.check_arrays(data.x, data.y, contract, name)
+    else:
+        x, y = own_data.load_own_data(Path(data), contract, target)
+    dtype = np.dtype((manifest.get("input") or {}).get("dtype") or "float32")
+    if dtype.kind in "iu":
+        if not np.equal(np.mod(x, 1), 0).all():
+            raise InvalidInput(f"{name}: x must hold whole numbers (the model takes {dtype} ids), it has fractions")
+        x = x.astype(dtype)
+    return LocalData(x, y, source=str(data.source if isinstance(data, LocalData) else data))
 
 
-def read_data_file(path: Path) -> RawData:
-    """Read `--data FILE` (.npz with `x` and `y`, or a CSV with the model's columns) without
-    interpreting it yet; a file that cannot be read is an InvalidInput."""
+def read_data_file(path: Path) -> Path:
+    """What can be said of `--data FILE` before any manifest is known: it exists and is a .npz or .csv."""
     path = Path(path)
     if not path.exists():
         raise InvalidInput(f"data file not found: {path}")
-    if path.is_dir():
-        raise InvalidInput(f"expected a data file (.npz or .csv), got a directory: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as bundle:
-                arrays = {name: bundle[name] for name in bundle.files}
-        except (OSError, ValueError, EOFError) as exc:
-            raise InvalidInput(f"{path} is not a readable .npz file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-        missing = [k for k in ("x", "y") if k not in arrays]
-        if missing:
-            have = ", ".join(sorted(arrays)) or "nothing"
-            raise InvalidInput(f"{path} needs arrays `x` and `y`; it has {have}")
-        return RawData(path, arrays=arrays)
-    if suffix == ".csv":
-        from training.datasets.tabular import read_csv_columns
-
-        return RawData(path, columns=read_csv_columns(path))
-    raise InvalidInput(f"{path}: the data file must be .npz (arrays x, y) or .csv (the model's columns)")
-
-
-def check_data(raw: RawData, manifest: dict) -> LocalData:
-    """Turn a data file into LocalData checked against the manifest's input spec (shape,
-    dtype, preprocessing columns) and labels; every mismatch is one InvalidInput line."""
-    spec = manifest.get("input") or {}
-    shape = [int(d) for d in spec.get("shape") or []]
-    dtype = np.dtype(spec.get("dtype") or "float32")
-    labels = list(manifest.get("labels") or [])
-    where = f"{raw.path}"
-    if raw.arrays is not None:
-        x, y = raw.arrays["x"], raw.arrays["y"]
-    else:
-        x, y = _from_columns(raw.columns, spec, manifest, where)
-    x = _checked_x(np.asarray(x), shape, dtype, where)
-    y = _checked_y(np.asarray(y), len(x), labels, where)
-    return LocalData(x, y, source=str(raw.path))
-
-
-def _checked_x(x: np.ndarray, shape: list[int], dtype: np.dtype, where: str) -> np.ndarray:
-    if x.ndim == 0 or len(x) == 0:
-        raise InvalidInput(f"{where}: `x` holds no examples")
-    if shape and list(x.shape[1:]) != shape:
-        raise InvalidInput(f"{where}: `x` has shape {list(x.shape)}, the model takes [N, {', '.join(map(str, shape))}]")
-    if x.dtype.kind not in "biuf":
-        raise InvalidInput(f"{where}: `x` has dtype {x.dtype}; the model takes {dtype} numbers")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise InvalidInput(f"{where}: `x` holds {int((~np.isfinite(x)).sum())} NaN or infinite value(s)")
-    if dtype.kind in "iu":
-        if x.dtype.kind == "f" and not np.equal(np.mod(x, 1), 0).all():
-            raise InvalidInput(f"{where}: `x` must hold whole numbers (the model takes {dtype} ids), it has fractions")
-        return x.astype(dtype)
-    return x.astype(np.float32)
-
-
-def _checked_y(y: np.ndarray, n: int, labels: list, where: str) -> np.ndarray:
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or len(y) != n:
-        raise InvalidInput(f"{where}: `y` has shape {list(y.shape)}; it needs one value per example ([{n}])")
-    if labels:  # classification: class ids 0..K-1, or the label names themselves
-        if y.dtype.kind in "US":
-            index = {str(label): i for i, label in enumerate(labels)}
-            unknown = sorted({str(v) for v in y.astype(str) if str(v) not in index})
-            if unknown:
-                raise InvalidInput(f"{where}: unknown label(s) {', '.join(unknown[:5])}; the model's labels are "
-                                   f"{', '.join(map(str, labels[:20]))}")
-            return np.asarray([index[str(v)] for v in y.astype(str)], dtype=np.int32)
-        if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not (np.isfinite(y).all() and np.equal(np.mod(y, 1), 0).all())):
-            raise InvalidInput(f"{where}: `y` must hold class ids (whole numbers 0..{len(labels) - 1})")
-        if y.min() < 0 or y.max() >= len(labels):
-            raise InvalidInput(f"{where}: `y` holds class ids from {int(y.min())} to {int(y.max())}; "
-                               f"the model has {len(labels)} classes (0..{len(labels) - 1})")
-        return y.astype(np.int32)
-    if y.dtype.kind not in "biuf":
-        raise InvalidInput(f"{where}: `y` must hold numeric targets, it has dtype {y.dtype}")
-    y = y.astype(np.float32)
-    if not np.isfinite(y).all():
-        raise InvalidInput(f"{where}: `y` holds NaN or infinite targets")
-    return y
-
-
-def _from_columns(columns: dict[str, list[str]], spec: dict, manifest: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """A CSV's columns → (x, y) the way the model's input spec says: tabular models list their
-    columns (numeric first, then one-hot blocks with their vocabularies, as `training` encoded
-    them); other models take one numeric column per input value (e.g. 64 pixels), row-major."""
-    prep = spec.get("preprocessing") or {}
-    spec_columns = prep.get("columns") if prep.get("kind") == "tabular" else None
-    feature_names = [c["name"] for c in spec_columns] if spec_columns else None
-    target = _target_column(columns, manifest, feature_names, where)
-    n = len(columns[target])
-    if spec_columns:
-        missing = [name for name in feature_names if name not in columns]
-        if missing:
-            raise InvalidInput(f"{where}: missing column(s) {', '.join(missing)}; the model takes "
-                               f"{', '.join(feature_names)} and the target {target!r}")
-        blocks = []
-        for column in spec_columns:
-            values = columns[column["name"]]
-            if column.get("type") == "categorical":
-                index = {v: i for i, v in enumerate(column.get("vocabulary") or [])}
-                block = np.zeros((n, len(index)), np.float32)
-                for row, value in enumerate(values):
-                    if value in index:  # an unknown category is an all-zero block, as in training
-                        block[row, index[value]] = 1.0
-                blocks.append(block)
-            else:
-                blocks.append(_numbers(values, column["name"], where)[:, None])
-        x = np.concatenate(blocks, axis=1)
-    else:
-        features = [c for c in columns if c != target]
-        size = math.prod(int(d) for d in spec.get("shape") or [0])
-        if len(features) != size:
-            raise InvalidInput(f"{where}: {len(features)} feature column(s) besides the target {target!r}; the model "
-                               f"takes {size} values per example (shape {spec.get('shape')}), one column each")
-        x = np.stack([_numbers(columns[c], c, where) for c in features], axis=1).reshape(n, *spec["shape"])
-    y_raw = np.asarray(columns[target])
-    y = y_raw if manifest.get("labels") else _numbers(columns[target], target, where)
-    return x, y
-
-
-def _target_column(columns: dict[str, list[str]], manifest: dict, features: list[str] | None, where: str) -> str:
-    """The column to learn: the one the version was trained to predict (its lineage names it),
-    else the one column that is not a model input (tabular), else the last column."""
-    data = ((manifest.get("lineage") or {}).get("extra") or {}).get("data") or {}
-    named = data.get("target")
-    if named and named in columns:
-        return named
-    if named:
-        raise InvalidInput(f"{where}: no column {named!r} (the target this model learns); the columns are "
-                           f"{', '.join(columns)}")
-    if features is not None:
-        rest = [c for c in columns if c not in features]
-        if len(rest) != 1:
-            raise InvalidInput(f"{where}: expected the model's columns ({', '.join(features)}) plus one target column, "
-                               f"found {len(rest)} other column(s): {', '.join(rest) or 'none'}")
-        return rest[0]
-    return list(columns)[-1]
-
-
-def _numbers(values: list[str], column: str, where: str) -> np.ndarray:
-    out = np.empty(len(values), np.float32)
-    for row, text in enumerate(values):
-        try:
-            out[row] = float(text)
-        except ValueError:
-            raise InvalidInput(f"{where}: column {column!r}, data row {row + 1}: {text!r} is not a number") from None
-    if not np.isfinite(out).all():
-        row = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise InvalidInput(f"{where}: column {column!r}, data row {row + 1}: NaN or infinite value")
-    return out
+    if path.is_dir() or path.suffix.lower() not in (".npz", ".csv"):
+        raise InvalidInput(f"{path}: the data file must be .npz (arrays x, y) or .csv (the model's columns and a label)")
+    return path
 
 
 # =============================================================================== HTTP
@@ -617,8 +485,8 @@ class DeviceClient:
     """One device: its data, its state folder, its interpreter. `run()` contributes to up to
     `rounds` tasks; `on_event(kind, info)` hears each step (the CLI prints them)."""
 
-    def __init__(self, server: str, model: str, data: LocalData | RawData | Path | str, state: Path | str, *,
-                 enrol_token: str | None = None, kind: str = "device", poll: float = 1.0, seed: int | None = None,
+    def __init__(self, server: str, model: str, data: LocalData | Path | str, state: Path | str, *,
+                 target: str | None = None, enrol_token: str | None = None, kind: str = "device", poll: float = 1.0, seed: int | None = None,
                  cache: Path | None = None, retries: int = 6, http: ProtocolClient | None = None,
                  on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep):
         self.http = http or ProtocolClient(server, model, retries=retries, sleep=sleep)
@@ -631,8 +499,9 @@ class DeviceClient:
         self.sleep = sleep
         self.rng = np.random.default_rng(seed)
         self.on_event = on_event or (lambda kind, info: None)
-        self._raw = read_data_file(Path(data)) if isinstance(data, (str, Path)) else data
-        self.data: LocalData | None = self._raw if isinstance(self._raw, LocalData) else None
+        self._raw = data if isinstance(data, LocalData) else read_data_file(Path(data))
+        self.target = target
+        self.data: LocalData | None = None
         self._checked_for: set[int | None] = set()
         self._manifests: dict[int | None, dict] = {}
         self._files: dict[str, TrainingFile] = {}
@@ -649,11 +518,7 @@ class DeviceClient:
         model's channel serves): done before enrolling, and again for each task's base version."""
         if version in self._checked_for and self.data is not None:
             return self.data
-        manifest = self._manifest(version)
-        if isinstance(self._raw, LocalData):
-            self.data = check_data(RawData(Path(self._raw.source), arrays={"x": self._raw.x, "y": self._raw.y}), manifest)
-        else:
-            self.data = check_data(self._raw, manifest)
+        self.data = check_data(self._raw, self._manifest(version), target=self.target)
         self._checked_for.add(version)
         return self.data
 

@@ -27,7 +27,8 @@ EXIT_UNAVAILABLE = 3
 def device(
     server: Annotated[str, typer.Option("--server", help="The `pollinate serve` URL, e.g. http://127.0.0.1:8000.")],
     model: Annotated[str, typer.Option("--model", "-m", help="The federated model's name.")],
-    data: Annotated[Path, typer.Option("--data", help="Local labelled data: .npz with x and y, or a CSV with the model's columns and its target.")],
+    data: Annotated[Path, typer.Option("--data", help="Local labelled data: .npz with x and y, or a CSV with the model's columns and a label column (the rules of `federate supernode --data`).")],
+    target: Annotated[Optional[str], typer.Option("--target", help="The CSV's label column (default: the column the model was trained to predict, else label, target or y).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", "-r", help="Tasks to contribute to before exiting (0: keep going until --wait passes with no task).")] = 1,
     state: Annotated[Path, typer.Option("--state", help="This device's folder: its enrolment, cached model files, an unsent update.")] = Path(".pollinate-device"),
     enrol_token: Annotated[Optional[str], typer.Option("--enrol-token", envvar=ENV_ENROL_TOKEN, help="Token the server wants for enrolment (when it sets POLLINATE_ENROL_TOKEN).", show_default=False)] = None,
@@ -48,7 +49,7 @@ def device(
     if wait < 0:
         raise InvalidInput("--wait must be 0 seconds or more")
     console = human_console(as_json)
-    client = DeviceClient(server, model, data, state, enrol_token=enrol_token, kind=kind, seed=seed, retries=retries,
+    client = DeviceClient(server, model, data, state, target=target, enrol_token=enrol_token, kind=kind, seed=seed, retries=retries,
                           on_event=_printer(console))
     try:
         summary = client.run(rounds=rounds, wait=wait)

@@ -79,8 +79,8 @@ class Refused(PollinateError):
 
 
 def _reason_for(status: int, detail: str) -> str:
-    """The protocol's refusal word for a status (409 is stale or duplicate: both mean "fetch the
-    task again"; the word only tells the report which)."""
+    """The refusal word when the server's answer gives none (409 is stale or duplicate: both mean
+    "fetch the task again"; the word only tells the report which)."""
     if status == 409:
         return "duplicate" if "already" in detail.lower() else "stale"
     return {401: "unauthorized", 404: "unknown_task", 413: "too_large", 422: "rejected"}.get(status, f"http_{status}")
@@ -239,9 +239,10 @@ class ProtocolClient:
                 data = _read_quietly(error)
                 self.traffic.down += len(data)
                 if error.code >= 500 or error.code == 429:
-                    last = f"HTTP {error.code} {_detail(data) or error.reason}"
+                    last = f"HTTP {error.code} {_refusal(data)[0] or error.reason}"
                     continue
-                raise Refused(error.code, _detail(data) or str(error.reason)) from None
+                detail, reason = _refusal(data)
+                raise Refused(error.code, detail or str(error.reason), reason) from None
             except (TimeoutError, urllib.error.URLError, HTTPException, OSError) as error:
                 reason = getattr(error, "reason", error)
                 last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
@@ -256,12 +257,15 @@ def _read_quietly(error: urllib.error.HTTPError) -> bytes:
         return b""
 
 
-def _detail(data: bytes) -> str:
+def _refusal(data: bytes) -> tuple[str, str | None]:
+    """(detail, reason) of a refusal's JSON body; the reason is absent from older servers."""
     try:
-        detail = json.loads(data).get("detail")
+        body = json.loads(data)
+        detail, reason = body.get("detail"), body.get("reason")
     except (ValueError, AttributeError):
-        return data[:200].decode("utf-8", "replace").strip()
-    return detail if isinstance(detail, str) else json.dumps(detail)
+        return data[:200].decode("utf-8", "replace").strip(), None
+    detail = detail if isinstance(detail, str) else json.dumps(detail)
+    return detail, reason if isinstance(reason, str) else None
 
 
 # =============================================================================== state on disk

@@ -299,6 +299,21 @@ def test_device_duplicate_is_done_with_the_task(world, tmp_path):
     assert EdgeStore(Store(world["home"])).accepted(task_id) == 1
 
 
+def test_device_update_over_the_norm_bound_is_refused_and_not_trained_again(world, tmp_path):
+    """422 (norm over the task's bound, clipping off): the task is over for this device; the
+    server keeps offering it, the device does not train for it again and stops after --wait."""
+    task_id = open_round(world, 9, norm_bound=1e-6)
+    device = client(world, tmp_path / "d")
+    try:
+        summary = device.run(rounds=1, wait=0.5)
+    finally:
+        device.close()
+    [task] = summary.tasks
+    assert task.status == "refused" and "norm" in task.detail and summary.refusals == {"norm": 1}
+    assert summary.contributed == 0 and "no task within" in summary.stopped and summary.idle_polls >= 2
+    assert EdgeStore(Store(world["home"])).accepted(task_id) == 0
+
+
 def test_device_resends_as_float16_after_413(world, tmp_path):
     """A body over the server's limit → 413 → the same update again as float16 (half the bytes)."""
     size = int(world["base"].size)

@@ -220,12 +220,13 @@ class ProtocolClient:
             headers["Authorization"] = f"Bearer {token}"
         if content_type:
             headers["Content-Type"] = content_type
-        last = ""
+        last, asked = "", 0.0
         for attempt in range(self.retries + 1):
             if attempt:
                 self.traffic.retries += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                self.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                self.sleep(max(delay, asked))  # never sooner than the server's Retry-After
+                asked = 0.0
             self.traffic.requests += 1
             if body:
                 self.traffic.up += len(body)
@@ -240,6 +241,7 @@ class ProtocolClient:
                 self.traffic.down += len(data)
                 if error.code >= 500 or error.code == 429:
                     last = f"HTTP {error.code} {_refusal(data)[0] or error.reason}"
+                    asked = _retry_after(error.headers.get("Retry-After"), self.max_backoff)
                     continue
                 detail, reason = _refusal(data)
                 raise Refused(error.code, detail or str(error.reason), reason) from None
@@ -248,6 +250,14 @@ class ProtocolClient:
                 last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
                 continue
         raise ServerUnavailable(f"{method} {url} failed after {self.retries + 1} attempt(s): {last}")
+
+
+def _retry_after(value: str | None, cap: float) -> float:
+    """Seconds a 503/429 asks to wait (the delta-seconds form), at most `cap`."""
+    try:
+        return min(cap, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0  # an HTTP date: the backoff decides
 
 
 def _read_quietly(error: urllib.error.HTTPError) -> bytes:
@@ -490,7 +500,8 @@ class DeviceClient:
     `rounds` tasks; `on_event(kind, info)` hears each step (the CLI prints them)."""
 
     def __init__(self, server: str, model: str, data: LocalData | Path | str, state: Path | str, *,
-                 target: str | None = None, enrol_token: str | None = None, kind: str = "device", poll: float = 1.0, seed: int | None = None,
+                 target: str | None = None, enrol_token: str | None = None, kind: str = "device",
+                 poll: float = 10.0, seed: int | None = None,
                  cache: Path | None = None, retries: int = 6, http: ProtocolClient | None = None,
                  on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep):
         self.http = http or ProtocolClient(server, model, retries=retries, sleep=sleep)

@@ -33,6 +33,7 @@ def device(
     state: Annotated[Path, typer.Option("--state", help="This device's folder: its enrolment, cached model files, an unsent update.")] = Path(".pollinate-device"),
     enrol_token: Annotated[Optional[str], typer.Option("--enrol-token", envvar=ENV_ENROL_TOKEN, help="Token the server wants for enrolment (when it sets POLLINATE_ENROL_TOKEN).", show_default=False)] = None,
     wait: Annotated[float, typer.Option("--wait", help="Seconds to keep polling for a task before giving up.")] = 60.0,
+    poll: Annotated[float, typer.Option("--poll", help="Seconds between task polls while none is open (the protocol asks real devices for 10 or more).")] = 10.0,
     kind: Annotated[str, typer.Option("--kind", help="What this device says it is: phone | device | browser | simulated.")] = "device",
     retries: Annotated[int, typer.Option("--retries", help="Retries (exponential backoff from 0.5 s) when the server does not answer or answers 5xx.")] = 6,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for the local shuffles (default: random).")] = None,
@@ -46,10 +47,12 @@ def device(
         raise InvalidInput("--rounds must be 0 (no limit) or more")
     if retries < 0:
         raise InvalidInput("--retries must be 0 or more")
+    if poll <= 0:
+        raise InvalidInput("--poll must be more than 0 seconds")
     if wait < 0:
         raise InvalidInput("--wait must be 0 seconds or more")
     console = human_console(as_json)
-    client = DeviceClient(server, model, data, state, target=target, enrol_token=enrol_token, kind=kind, seed=seed, retries=retries,
+    client = DeviceClient(server, model, data, state, target=target, enrol_token=enrol_token, kind=kind, poll=poll, seed=seed, retries=retries,
                           on_event=_printer(console))
     try:
         summary = client.run(rounds=rounds, wait=wait)

@@ -162,7 +162,8 @@ def test_device_cli_trains_and_its_update_is_accepted_then_a_restart_reuses_its_
 
     # restart: same state, no enrol token needed; this device already contributed → 204 until --wait
     clock = time.monotonic()
-    again = run_device(world, "--data", str(world["data"]), "--wait", "1.5", "--json", state=state, enrol=False)
+    again = run_device(world, "--data", str(world["data"]), "--wait", "1.5", "--poll", "0.5", "--json", state=state,
+                       enrol=False)
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout)
     assert second["reused_enrolment"] and second["enrolments"] == 0 and second["device_id"] == summary["device_id"]

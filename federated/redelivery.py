@@ -180,8 +180,9 @@ class RedeliveringGrid(Grid):
         again = Message(content=original.content, dst_node_id=node, message_type=original.metadata.message_type,
                         group_id=original.metadata.group_id or None)
         gateway = self.roles.get(delivery.node) or self.roles.get(node) or "?"
+        config = original.content.get("config") if original.has_content() else None
         log.warning("round %s: gave gateway %s's train message again, to node %s (%s)",
-                    original.metadata.group_id or "?", gateway, node, why)
+                    config.get("server-round", "?") if config is not None else "?", gateway, node, why)
         self.redelivered += 1
         self._push(pending, [Delivery(again, node, delivery.attempts + 1)])
 

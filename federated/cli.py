@@ -119,6 +119,7 @@ def simulate_command(
             if row.get("publish_error"):
                 progress.console.print(f"[yellow]round {row['round']} not published:[/] {row['publish_error']}")
             extra = (f" rejected {row['rejected']}" if row["rejected"] else "") + (f" failed {row['failed']}" if row["failed"] else "")
+            extra += f" edge {row['edge_updates']}" if row.get("edge_updates") else ""
             progress.update(task, completed=row["round"], info=f"{metric} → {version}{extra}")
 
         outcome = simulate(settings, on_round=on_round)
@@ -375,8 +376,10 @@ def run(
                     "versions": [v.to_dict() for v in store.list_versions(model_name) if v.lineage.source == "federated"]})
     elif outcome:
         pub = outcome.get("publishing", {})
+        edge_updates = sum(r.get("edge_updates", 0) for r in outcome.get("history", []))
         console.print(f"Federation {outcome['federation_id']}: versions {outcome['versions']}; "
                       f"{pub.get('published', 0)} round(s) published, {pub.get('failed', 0)} failed"
+                      + (f"; {edge_updates} device update(s) through gateways" if edge_updates else "")
                       + "".join(f"; round {e['round']}: {e['error']}" for e in pub.get("errors", [])))
 
 

@@ -202,6 +202,9 @@ def serve_round(msg: Message, options: GatewayOptions, *, clock=time.time, sleep
     config = msg.content["config"]
     settings = FederationSettings.from_config(config)
     global_round = int(config.get("global-round", config.get("server-round", 0)))
+    if not settings.edge:
+        log.warning("gateway %s: the federation was not started for edge rounds (federate run --edge): its "
+                    "tasks name no base version and a restarted gateway does not get its round again", options.name)
     base_version = int(config.get("base-version", 0)) or None
     base = [np.asarray(a) for a in msg.content["arrays"].to_numpy_ndarrays()]
     names = weight_names(config)

@@ -275,18 +275,23 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
 
 
 def describe_edge(row: dict) -> str:
-    """', edge: 5 updates from 5 devices (240 examples) via gw-0 (3), gw-1 (2)' or ''."""
+    """', edge: 5 updates from 5 devices (240 examples) via gw-0 (3), gw-1 (2), own data: ...' or ''."""
     gateways = row.get("gateways") or {}
     text = ""
     if gateways:
         via = ", ".join(f"{name} ({g['updates']})" for name, g in sorted(gateways.items()))
-        text += (f", edge: {row['edge_updates']} updates from {row['edge_devices']} devices "
-                 f"({row['edge_examples']} examples) via {via}")
+        text += (f", edge: {_count(row['edge_updates'], 'update')} from {_count(row['edge_devices'], 'device')} "
+                 f"({_count(row['edge_examples'], 'example')}) via {via}")
     if row.get("own_data_nodes"):
-        text += f", own data: {row['own_data_nodes']} node(s) ({row['own_data_examples']} examples)"
+        text += (f", own data: {_count(row['own_data_nodes'], 'node')} "
+                 f"({_count(row['own_data_examples'], 'example')})")
     if row.get("failed"):
         text += f", {row['failed']} failed"
     return text
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _headline(test: dict) -> dict:

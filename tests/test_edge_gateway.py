@@ -499,7 +499,7 @@ def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tm
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 0, err[-3000:]
-    assert "round 1/1" in err and "edge: 1 updates from 1 devices (25 examples) via gw-0" in err
+    assert "round 1/1" in err and "edge: 1 update from 1 device (25 examples) via gw-0" in err
     summary = json.loads(out)
     assert summary["device_endpoint"] == url and summary["outcome"]["versions"] == [2]
     version, = _federated(home)

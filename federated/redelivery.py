@@ -1,16 +1,19 @@
 """Giving a round again to an edge gateway that restarted in the middle of it.
 
 What Flower 1.42 does when a SuperNode's work is killed mid-round (read from its source and
-seen in tests/test_edge_gateway.py):
+measured on loopback):
 
 - The ClientApp runs in its own process (`flwr-clientapp`, started by the node's
   `flower-superexec`). Killed with -9, it stops renewing its task token; once the token
-  expires (heartbeat 30 s, patience 2: up to about a minute) the SuperNode answers the
-  message with an error, `CLIENT_APP_CRASHED`. The message is not given to a new ClientApp.
-- The SuperNode itself, killed with -9, stops its heartbeats; the SuperLink answers its
-  messages with `NODE_UNAVAILABLE` once its `online_until` passes (again up to about a
-  minute). Restarted, a SuperNode without node authentication registers a fresh key pair and
-  gets a *new node id*; nothing addressed to the old id reaches it.
+  expires (heartbeat 30 s, patience 2) the SuperNode answers the message with an error,
+  `CLIENT_APP_CRASHED` (61 s after the kill, measured). The message is not given to a new
+  ClientApp.
+- The SuperNode itself (with its SuperExec and ClientApp), killed with -9, stops its
+  heartbeats; the SuperLink answers its messages with `NODE_UNAVAILABLE` once its
+  `online_until` passes (again up to about a minute). Restarted, a SuperNode without node
+  authentication registers a fresh key pair and gets a *new node id* (seen in
+  tests/test_edge_gateway.py); nothing addressed to the old id reaches it. (A node started with
+  `--auth-supernode-private-key` activates under its registered key instead; not tried here.)
 
 So Flower never gives a round to a restarted node: the round would lose the gateway and every
 device update it had accepted. The ServerApp's edge rounds therefore go through this Grid:
@@ -21,8 +24,10 @@ device update it had accepted. The ServerApp's edge rounds therefore go through 
   unanswered train message: the same message goes to the new node at once, and the old
   node's delivery is abandoned (no waiting a minute for Flower to give up on it);
 - a train message answered with `CLIENT_APP_CRASHED` goes to the same node again (the
-  SuperNode starts a new ClientApp), one answered `NODE_UNAVAILABLE` to a newer node of the
-  same gateway if there is one; at most `max_redeliveries` times per message.
+  SuperNode starts a new ClientApp, which resumes the task: measured, the round then
+  completed with each update once, about 70 s after the kill), one answered
+  `NODE_UNAVAILABLE` to a newer node of the same gateway if there is one; at most
+  `max_redeliveries` times per message.
 
 The gateway resumes its task by (federation, round, name), so the devices' updates count once
 (gateway.py), and the strategy keeps one answer per gateway a round (strategies.py).

@@ -104,6 +104,29 @@ def unflatten(flat: np.ndarray, spec: list[dict]) -> list[np.ndarray]:
     return out
 
 
+def publish_round(home: Path, task, weights: np.ndarray) -> int:
+    """What the gateway and the ServerApp do when the round ends, reduced to its result: the
+    aggregate (here base + the one update) published as a federated version, v1's TF.js
+    topology with a weight shard of the new values (in model.json's order, by name)."""
+    import json
+
+    from registry import Lineage, Store
+
+    registry = Store(home)
+    v1 = registry.get_version("digits", 1)
+    model_json = json.loads(registry.artifact_path("digits", 1, "tfjs-layers", "model.json").read_bytes())
+    by_name = dict(zip((w["name"] for w in task.weights), unflatten(weights, task.weights)))
+    listed = [w for group in model_json["weightsManifest"] for w in group["weights"]]
+    shard = b"".join(by_name[w["name"]].astype("<f4").tobytes() for w in listed)
+    model_json["weightsManifest"] = [{"paths": ["group1-shard1of1.bin"], "weights": listed}]
+    record = registry.publish(
+        "digits", lineage=Lineage("federated", parent_version=1, round=task.round, extra={"edge_updates": 1}),
+        artifacts={"tfjs-layers": {"model.json": json.dumps(model_json).encode(), "group1-shard1of1.bin": shard}},
+        metrics={}, input_spec=v1.input_spec, labels=v1.labels,
+    )
+    return record.version
+
+
 def draw_and_correct(page, digit: dict) -> dict:
     """Paint the digit, predict, pick its true label in the correction control and save it."""
     page.evaluate("window.pollinate.clear()")
@@ -193,7 +216,23 @@ def test_corrected_digits_train_in_the_browser_and_the_update_is_accepted(store,
         assert loss_before == pytest.approx(outcome["lossBefore"], rel=1e-3, abs=1e-5)
         assert loss_after == pytest.approx(outcome["lossAfter"], rel=1e-3, abs=1e-5)
         assert loss_after < loss_before
+
+        # the round ends (the test plays the gateway and the ServerApp: base + the update becomes
+        # v2); the page's ordinary update check brings it in and re-reads the last drawing with it
+        assert publish_round(store["home"], opened, base + update.delta) == 2
+        assert page.evaluate("window.pollinate.client.checkForUpdate()")["to"] == 2
+        page.wait_for_function("document.querySelector('[data-testid=model-version]').textContent === 'v2'")
+        notice = page.get_by_test_id("update-notice").text_content()
+        assert "Updated to v2" in notice and "federated, round 1" in notice, notice
+        page.wait_for_function("window.pollinate.lastResult && window.pollinate.lastResult.version === 2")
+        result = page.evaluate("({input: Array.from(window.pollinate.lastResult.modelInput),"
+                               " probabilities: window.pollinate.lastResult.probabilities})")
+        store["model"].set_weights(unflatten(base + update.delta, opened.weights))
+        expected = store["model"].predict(np.asarray(result["input"], np.float32).reshape(1, 8, 8, 1), verbose=0)[0]
+        assert np.allclose(result["probabilities"], expected, atol=1e-4)
+        assert page.get_by_test_id("correction-save").is_disabled(), "the re-read drawing is already corrected"
         store["model"].set_weights(unflatten(base, opened.weights))
+        screenshot(page, "next-version.png")
 
         # a reload keeps the corrections and the switch; the round already has this browser's update
         page.reload()
@@ -208,6 +247,9 @@ def test_corrected_digits_train_in_the_browser_and_the_update_is_accepted(store,
         # off again: the choice is remembered, nothing more is sent
         page.get_by_test_id("help-improve").uncheck()
         assert page.locator(STATUS).get_attribute("data-phase") == "off"
-        assert page.evaluate("window.pollinate.client.optedIn()") is False
+        deadline = time.monotonic() + 10
+        while page.evaluate("window.pollinate.client.optedIn()") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert page.evaluate("window.pollinate.client.optedIn()") is False, "the choice is stored"
         screenshot(page, "switched-off.png")
         assert not [m for m in messages if m.startswith("pageerror")], messages

@@ -20,7 +20,9 @@ const WORDS = {
 export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
   const state = {
     result: null, count: 0, running: null, controller: null, timer: null, last: null, status: null, on: false,
+    savedInput: null,  // the drawing corrected last: a re-run of it (e.g. on a new version) is not saved twice
   };
+  const sameInput = (a, b) => Boolean(a && b) && a.length === b.length && a.every((v, i) => v === b[i]);
 
   function setStatus(text, { phase, status = '', round = null } = {}) {
     els.status.textContent = text;
@@ -54,7 +56,7 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
     fillLabels();
     els.correction.value = result.label;
     els.correction.disabled = false;
-    els.save.disabled = false;
+    els.save.disabled = sameInput(result.modelInput, state.savedInput);
   }
 
   function onClear() {
@@ -68,6 +70,7 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
     if (!result) return state.count;
     const label = els.correction.value;
     state.count = await client.addExample(result.modelInput, label);
+    state.savedInput = result.modelInput;
     renderCount();
     els.save.disabled = true;  // one correction per drawing
     if (!state.on) {
@@ -162,8 +165,8 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
     }
     clearTimeout(state.timer);
     state.controller?.abort(new Error('switched off'));
-    await client.optOut();
     setStatus('Off: nothing is sent.', { phase: 'off' });
+    await client.optOut();
     return null;
   }
 

@@ -516,3 +516,44 @@ def test_fuzzed_protocol_requests_get_no_server_error(home, client):
                 pass
     assert not failures, "\n".join(failures[:5])
     assert {201, 401, 422} <= set(statuses), statuses
+
+
+def test_updates_racing_the_close_are_either_counted_or_stale(tmp_path):
+    """Writers share transactions (GroupCommit): while the gateway closes the task, every
+    update is either recorded and answered with its count, or refused as stale, never both;
+    a close commits between batches, so nothing lands after it."""
+    from registry.edge import EdgeRefusal
+
+    home = tmp_path / "store"
+    new_model(home, "race")
+    task, _ = open_round(home, "race")
+    edge = EdgeStore(Store(home))
+    devices = [edge.enrol("race", "simulated")[0] for _ in range(40)]
+    answers: dict[str, object] = {}
+    start = threading.Barrier(41)
+
+    def send(device_id: str, seed: int) -> None:
+        start.wait(timeout=30)
+        try:
+            answers[device_id] = edge.accept(task.task_id, device_id, delta(seed).tobytes(), examples=1)[0].accepted
+        except EdgeRefusal as refusal:
+            answers[device_id] = refusal.reason
+
+    threads = [threading.Thread(target=send, args=(d, i)) for i, d in enumerate(devices)]
+    for t in threads:
+        t.start()
+    start.wait(timeout=30)
+    closer = EdgeStore(Store(home))  # the gateway, as another process would
+    deadline = time.monotonic() + 30
+    while closer.accepted(task.task_id) < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    closer.close_task(task.task_id)
+    for t in threads:
+        t.join(timeout=60)
+    counted = {d for d, a in answers.items() if isinstance(a, int)}
+    assert set(answers.values()) - {"stale"} <= set(range(1, 41))
+    assert sorted(a for a in answers.values() if isinstance(a, int)) == list(range(1, len(counted) + 1))
+    assert {u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)} == counted
+    refused = EdgeStore(Store(home)).status("race")["refused"]
+    assert refused.get("stale", 0) == len(devices) - len(counted)
+    assert not list((home / "edge" / task.task_id).glob(".*.tmp"))

@@ -211,14 +211,6 @@ async def current_task(edge: EdgeDep, model: ModelName, credentials: DeviceCrede
     return JSONResponse(task.to_device(), headers=NO_STORE)
 
 
-def _live_task(edge: EdgeStore, model: str, task_id: str, token: str | None) -> tuple[str, EdgeTask]:
-    """(device id, task) for a device naming a task in the URL: 404 model, 401 token, 404 task
-    (all counted under round 0 by the caller)."""
-    edge.require_model(model)
-    device_id = edge.authenticate(model, token)
-    return device_id, edge.device_task(model, task_id)
-
-
 def _refuse_in_round(edge: EdgeStore, task: EdgeTask, refusal: EdgeRefusal) -> EdgeRefusal:
     edge.count_refusal(task.model, refusal.reason, task.round)
     return refusal
@@ -236,7 +228,7 @@ async def task_weights(edge: EdgeDep, model: ModelName, task_id: TaskId, credent
     published version."""
 
     def locate():
-        _, task = _counted(edge, model, _live_task, edge, model, task_id, _token(credentials))
+        _, task = _counted(edge, model, edge.admit, model, _token(credentials), task_id)
         path = edge.base_path(task.task_id)
         try:
             edge.check_open(task)
@@ -272,7 +264,7 @@ async def post_update(request: Request, svc: ServicesDep, edge: EdgeDep, model: 
     limit = svc.config.max_update_bytes
 
     def admit() -> tuple[str, EdgeTask]:
-        device_id, task = _counted(edge, model, _live_task, edge, model, task_id, _token(credentials))
+        device_id, task = _counted(edge, model, edge.admit, model, _token(credentials), task_id)
         try:
             edge.check_open(task)
             check_update_params(dtype, examples)
@@ -301,7 +293,7 @@ async def post_update(request: Request, svc: ServicesDep, edge: EdgeDep, model: 
 
     try:
         task, update = await run_in_threadpool(edge.accept, task.task_id, device_id, bytes(body),
-                                               dtype=dtype, examples=examples)
+                                               dtype=dtype, examples=examples, task=task)
     except EdgeRefusal as refusal:  # accept() counted it under the task's round
         return _refused(refusal, model)
     count_edge_update(model, len(body))

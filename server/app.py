@@ -18,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 import server
+from registry.edge import EdgeStore
 from server import errors
 from server.config import ServerConfig
 from server.fastpath import FastPath
@@ -44,6 +45,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         ],
     )
     app.state.services = Services.build(config)
+    app.state.edge = EdgeStore(app.state.services.store)  # one per process: its writes share transactions
     errors.install(app)
     for module in (health, models, files, channels, federations, metrics, web):
         app.include_router(module.router)

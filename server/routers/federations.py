@@ -99,12 +99,8 @@ WEIGHTS_RESPONSE = {
 
 
 async def edge_store(request: Request) -> EdgeStore:
-    """One EdgeStore per app (it only holds the store and its edge/ folder)."""
-    edge = getattr(request.app.state, "edge", None)
-    if edge is None:
-        edge = await run_in_threadpool(EdgeStore, request.app.state.services.store)
-        request.app.state.edge = edge
-    return edge
+    """The app's one EdgeStore (``create_app`` builds it): its writers share transactions."""
+    return request.app.state.edge
 
 
 EdgeDep = Annotated[EdgeStore, Depends(edge_store)]
@@ -254,14 +250,14 @@ async def task_weights(edge: EdgeDep, model: ModelName, task_id: TaskId, credent
     openapi_extra=UPDATE_REQUEST,
     summary="Send this device's update for a task (local − base)",
 )
-async def post_update(request: Request, svc: ServicesDep, edge: EdgeDep, model: ModelName, task_id: TaskId,
+async def post_update(request: Request, edge: EdgeDep, model: ModelName, task_id: TaskId,
                       credentials: DeviceCredentials) -> UpdateAcceptedOut | Response:
     """202 means recorded durably and counted once. Every check that needs no body (token,
     task, round still open, ``dtype``, ``examples``, declared length) runs before the body
     is read, so a doomed upload is refused early."""
     dtype = request.query_params.get("dtype", "float32")
     examples = request.query_params.get("examples")
-    limit = svc.config.max_update_bytes
+    limit = request.app.state.services.config.max_update_bytes  # not ServicesDep: a sync dependency is a thread hop
 
     def admit() -> tuple[str, EdgeTask]:
         device_id, task = _counted(edge, model, edge.admit, model, _token(credentials), task_id)

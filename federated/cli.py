@@ -478,6 +478,12 @@ def up(
         record = store.get_version(model, version)
     except NotFound as exc:
         raise NotFound(f"{exc}; train one first (pollinate train --dataset digits) or give --from NAME@VERSION") from None
+    if data:  # the own-data nodes check their files too; a bad one stops everything before it starts
+        from federated.own_data import load_own_data, resolve_contract
+
+        contract = resolve_contract(model, home=home, version=record.version)
+        for path in data:
+            load_own_data(Path(path), contract)
     recipe = record.lineage.extra.get("data")
     if not recipe:
         raise InvalidInput(f"{model} v{record.version} does not record its dataset: the server cannot evaluate rounds")
@@ -497,16 +503,16 @@ def up(
     with ExitStack() as stack:
         server = stack.enter_context(ServeProcess(home, port=port, log_path=folder / "serve.log"))
         link = stack.enter_context(LocalSuperLink(folder, simulation=False))
-        nodes = []
-        stack.callback(lambda: [stop_process_tree(p, timeout=10) for p in nodes])
+        nodes: dict[str, subprocess.Popen] = {}
+        stack.callback(lambda: [stop_process_tree(p, timeout=10) for p in nodes.values()])
         for i in range(gateways):  # after the SuperLink answers (Flower's SuperLink state race)
-            nodes.append(start_pollinate(
+            nodes[f"gateway-{i}"] = (start_pollinate(
                 ["federate", "supernode", "--gateway", f"gw-{i}", "--superlink", link.address, "--home", str(home),
                  "--min-updates", str(min_updates), "--round-deadline", str(round_deadline),
                  "--norm-bound", str(norm_bound), "--aggregate", aggregate, *(["--clip"] if clip else [])],
                 folder / f"gateway-{i}.log"))
         for i, path in enumerate(data or []):
-            nodes.append(start_pollinate(
+            nodes[f"own-data-{i}"] = (start_pollinate(
                 ["federate", "supernode", "--data", str(Path(path).resolve()), "--model", f"{model}@{record.version}",
                  "--superlink", link.address, "--home", str(home)], folder / f"own-data-{i}.log"))
         base = f"{server.url}/v1/federations/{model}"
@@ -538,6 +544,11 @@ def up(
                 raise PollinateError(f"pollinate serve stopped; see {folder / 'serve.log'}")
             if link.process is None or link.process.poll() is not None:
                 raise PollinateError(f"the SuperLink stopped; see {link.log_path}")
+            for name, process in nodes.items():
+                if process.poll() is not None:
+                    last = [ln for ln in (folder / f"{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
+                    raise PollinateError(f"the {name} SuperNode stopped ({last[-1] if last else 'no output'}); "
+                                         f"see {folder / (name + '.log')}")
 
         final = follow_progress(progress, runner, on_round, on_tick=pieces_alive)
     if final is None:

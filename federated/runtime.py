@@ -182,8 +182,8 @@ class ServeProcess:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         self.stop()
-        raise PollinateError(f"pollinate serve did not start on {self.host}:{self.port}"
-                             f"{_tail(self.log_path)}")
+        raise PollinateError(f"pollinate serve did not start on {self.host}:{self.port}{_last_line(self.log_path)}; "
+                             f"see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -233,12 +233,13 @@ def follow_progress(progress: Path, runner: subprocess.Popen, on_round=None, on_
         time.sleep(0.2)
 
 
-def _tail(path: Path, count: int = 5) -> str:
+def _last_line(path: Path) -> str:
+    """': <the log's last line>' (an error message stays one line), or ''."""
     try:
-        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return (":\n" + "\n".join(lines[-count:])) if lines else f"; see {path}"
+    return f": {lines[-1]}" if lines else ""
 
 
 def stop_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.console import HomeOption, JsonOption, human_console, print_json
+from federated.device_cli import device as device_command
 from registry import open_store
 
 app = typer.Typer(help="Federated learning with Flower: every round becomes a published version.",
@@ -564,3 +565,8 @@ def up(
     console.print(f"Federation {outcome['federation_id']}: versions {outcome['versions']} on channel {channel}; "
                   f"{pub.get('published', 0)} round(s) published, {pub.get('failed', 0)} failed; "
                   f"{sum(r.get('edge_updates', 0) for r in rows)} device update(s) in all.", soft_wrap=True)
+
+
+# the reference device client (federated/device_cli.py): the executable spec of
+# docs/device-protocol.md that phone apps follow
+app.command("device")(device_command)

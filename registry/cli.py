@@ -112,6 +112,9 @@ def show(
     out.print(f"lineage   {origin}")
     if lineage.dataset_fingerprint:
         out.print(f"dataset   {lineage.extra.get('dataset', '')} sha256:{lineage.dataset_fingerprint[:16]}…")
+    federation = _federation_line(lineage.extra) if lineage.source == "federated" else ""
+    if federation:
+        out.print(f"clients   {federation}")
     if lineage.hyperparameters:
         out.print("hyper     " + ", ".join(f"{k}={v}" for k, v in sorted(lineage.hyperparameters.items())))
     out.print("metrics   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.metrics.items())))
@@ -237,3 +240,23 @@ def _report_channel(state, as_json: bool) -> None:
         print_json(state.to_dict())
         return
     human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}")
+
+
+def _federation_line(extra: dict) -> str:
+    """Who contributed to a federated round: Flower clients, edge devices behind gateways, own-data nodes."""
+    parts = []
+    clients = extra.get("clients")
+    if clients:
+        parts.append(f"{len(clients)} Flower client(s), {extra.get('examples', 0):,} examples")
+    edge = extra.get("edge") or {}
+    if edge.get("updates"):
+        gateways = edge.get("gateways") or {}
+        parts.append(f"{edge['updates']} edge update(s) from {edge.get('devices', 0)} device(s), "
+                     f"{edge.get('examples', 0):,} examples, via {len(gateways) or '?'} gateway(s)")
+    own = extra.get("own_data") or {}
+    if own.get("nodes"):
+        parts.append(f"{own['nodes']} own-data node(s), {own.get('examples', 0):,} examples")
+    for key in ("rejected", "failed"):
+        if extra.get(key):
+            parts.append(f"{extra[key]} {key}")
+    return "; ".join(parts)

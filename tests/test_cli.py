@@ -123,3 +123,20 @@ def test_demo_trains_exports_federates_and_points_channels(home):
     assert summary["federation"]["versions"] == [summary["training"]["version"] + 1]
     assert summary["channels"]["canary"]["version"] == summary["federation"]["versions"][0]
     assert "tfjs-layers" in summary["training"]["artifacts"]
+
+
+def test_models_show_says_who_contributed_to_a_federated_round(tmp_path):
+    """A federated version names its Flower clients, edge updates (devices, gateways) and own-data nodes."""
+    from registry import Lineage
+
+    home = tmp_path / "home"
+    extra = {"clients": [0, 1, "gw-a"], "examples": 420, "rejected": 1,
+             "edge": {"updates": 7, "devices": 6, "examples": 210, "gateways": {"gw-a": {"updates": 7}}},
+             "own_data": {"nodes": 2, "examples": 150}}
+    Store(home).publish("fed", lineage=Lineage("federated", round=3, extra=extra),
+                        artifacts={"keras": {"model.keras": b"k"}})
+    human = run_cli("models", "show", "fed", home=home, check=True).stdout
+    line = next(line for line in human.splitlines() if line.startswith("clients"))
+    assert "3 Flower client(s), 420 examples" in line
+    assert "7 edge update(s) from 6 device(s), 210 examples, via 1 gateway(s)" in line
+    assert "2 own-data node(s), 150 examples" in line and "1 rejected" in line

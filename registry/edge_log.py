@@ -1,0 +1,216 @@
+"""Where accepted device updates live on disk: one append-only *segment* per task and writer.
+
+An update used to be a file of its own (create, write, fsync, rename, fsync the folder):
+four metadata changes and two fsyncs per update, and its bytes copied once more through the
+page cache. Here every update a writer (one ``EdgeStore``, i.e. one server process) accepts
+for a task is appended to that writer's segment ``edge/<task_id>/<writer>.seg`` at an offset
+it reserves, so a whole group of updates costs one fdatasync of the segment (then one SQLite
+commit, ``registry/edge.py``), whatever its size.
+
+The bytes are written with ``O_DIRECT`` from page-aligned memory (:class:`UpdateBody`, which
+the server reads a request body into): the disk reads them straight from that memory, so
+the CPU never copies them into the page cache — on a busy machine that copy cost more than
+reading the request. Offsets and lengths are multiples of 4 KiB (the padding is zeros).
+Where the filesystem refuses ``O_DIRECT`` (tmpfs on older kernels, some network mounts,
+macOS has none) the same writes go through the page cache; the fdatasync makes them durable
+either way. Bytes appended for an update that is then refused (a duplicate racing its twin,
+a round closed meanwhile) stay in the segment with no row naming them, as do those of a
+writer killed before its commit; the segment goes when the gateway discards the task's files.
+
+Segments are per writer so that processes never share an offset counter; a restarted
+server starts a new one. Nothing here imports numpy: the store imports ``registry.edge``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import uuid
+from pathlib import Path
+
+BLOCK = 4096  # O_DIRECT alignment of memory, offsets and lengths (the common logical block size)
+# Idle buffers kept for the next requests (a fresh mapping costs a page fault per 4 KiB).
+POOL_BYTES = 256 << 20
+SUFFIX = ".seg"
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # the data and the size; not the access times
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+class BufferPool:
+    """Page-aligned anonymous memory, reused: a body of the same size as the last one (every
+    update of a task has the same size) gets memory that is already mapped and touched."""
+
+    def __init__(self, keep_bytes: int = POOL_BYTES):
+        self.keep_bytes = keep_bytes
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._kept = 0
+        self._lock = threading.Lock()
+
+    def take(self, capacity: int) -> mmap.mmap:
+        capacity = max(padded(capacity), BLOCK)
+        with self._lock:
+            free = self._free.get(capacity)
+            if free:
+                self._kept -= capacity
+                return free.pop()
+        return mmap.mmap(-1, capacity)
+
+    def give(self, memory: mmap.mmap) -> None:
+        with self._lock:
+            if self._kept + len(memory) <= self.keep_bytes:
+                self._free.setdefault(len(memory), []).append(memory)
+                self._kept += len(memory)
+        # else: dropped; the mapping goes with its last reference
+
+
+class UpdateBody:
+    """A request body read into page-aligned memory of the size the task expects.
+
+    ``append`` copies each chunk in as it arrives; bytes past the expected size are counted
+    but not kept (the update is refused for its length anyway). ``release`` hands the memory
+    back to the pool: nothing may use a view of it afterwards."""
+
+    __slots__ = ("memory", "length", "expected", "_pool")
+
+    def __init__(self, pool: BufferPool, expected: int, capacity: int | None = None):
+        self._pool = pool
+        self.expected = expected
+        self.memory = pool.take(max(expected, capacity or 0))
+        self.length = 0
+
+    def append(self, chunk: bytes) -> None:
+        end = self.length + len(chunk)
+        if end <= self.expected:
+            self.memory[self.length:end] = chunk
+        self.length = end
+
+    @property
+    def complete(self) -> bool:
+        return self.length == self.expected
+
+    def release(self) -> None:
+        memory, self.memory = self.memory, None
+        if memory is not None:
+            self._pool.give(memory)
+
+    @classmethod
+    def of(cls, pool: BufferPool, data, capacity: int | None = None) -> UpdateBody:
+        """A copy of `data` (bytes or any contiguous buffer) in aligned memory."""
+        view = memoryview(data).cast("B")
+        body = cls(pool, len(view), capacity)
+        body.memory[:len(view)] = view
+        body.length = len(view)
+        return body
+
+
+class Span:
+    """Where one update's bytes were appended: the segment file, offset and length."""
+
+    __slots__ = ("path", "offset", "nbytes")
+
+    def __init__(self, path: Path, offset: int, nbytes: int):
+        self.path, self.offset, self.nbytes = path, offset, nbytes
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+class SegmentLog:
+    """The segments of one writer: reserves offsets, writes, and says what to sync."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.name = uuid.uuid4().hex + SUFFIX
+        self._ends: dict[str, int] = {}  # task id -> next free offset in this writer's segment
+        self._linked: set[Path] = set()  # segments whose directory entry is known durable
+        self._lock = threading.Lock()
+        self._direct = getattr(os, "O_DIRECT", 0)
+
+    def append(self, task_id: str, body: UpdateBody, nbytes: int) -> Span:
+        """Write the first `nbytes` of `body` at a fresh offset of the task's segment (not yet
+        durable: ``sync`` makes it so). FileNotFoundError when the task's folder is gone."""
+        size = padded(nbytes)
+        if size > nbytes:
+            body.memory[nbytes:size] = bytes(size - nbytes)
+        with self._lock:
+            offset = self._ends.get(task_id, 0)
+            self._ends[task_id] = offset + size
+        path = self.root / task_id / self.name
+        view = memoryview(body.memory)[:size]
+        try:
+            self._write(path, view, offset)
+        finally:
+            view.release()
+        return Span(path, offset, nbytes)
+
+    def _write(self, path: Path, view: memoryview, offset: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        direct = self._direct
+        try:
+            fd = os.open(path, flags | direct, 0o644)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            self._direct = direct = 0  # this filesystem has no O_DIRECT
+            fd = os.open(path, flags, 0o644)
+        try:
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.pwrite(fd, view[done:], offset + done)
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    os.close(fd)  # alignment this device does not take: the page cache instead
+                    self._direct = direct = 0
+                    fd = os.open(path, flags, 0o644)
+        finally:
+            os.close(fd)
+
+    def needs_link(self, path: Path) -> bool:
+        """True until the folder holding a new segment has been fsynced once."""
+        return path not in self._linked
+
+    def linked(self, path: Path) -> None:
+        self._linked.add(path)
+
+    def forget(self, task_id: str) -> None:
+        """The task's folder was removed: drop its offset counter (only then: a fresh counter
+        for a segment that still exists would write over recorded updates)."""
+        with self._lock:
+            self._ends.pop(task_id, None)
+        self._linked = {p for p in self._linked if p.parent.name != task_id}
+
+
+def datasync(path: Path) -> None:
+    """Make a file's written bytes (and its size) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _datasync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of a folder (a file created or renamed in it) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_span(handle, offset: int, nbytes: int, out) -> None:
+    """Read `nbytes` at `offset` of an open binary file into the writable buffer `out`."""
+    handle.seek(offset)
+    view = memoryview(out).cast("B")
+    got = handle.readinto(view)
+    if got != nbytes:
+        raise OSError(f"{getattr(handle, 'name', 'segment')}: {got} of {nbytes} bytes at offset {offset}")

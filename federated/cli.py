@@ -73,13 +73,25 @@ def simulate_command(
     formats: Annotated[str, typer.Option("--formats", help="Export formats per published round.")] = "tfjs-layers,tflite-int8",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where history.json and the plots go (default: HOME/federations/ID).")] = None,
+    edge_browsers: Annotated[int, typer.Option("--edge-browsers", help="Simulated browsers (TF.js in Node) behind the gateways.")] = 0,
+    edge_devices: Annotated[int, typer.Option("--edge-devices", help="Simulated phones (the TFLite interpreter) behind the gateways.")] = 0,
+    edge_gateways: Annotated[int, typer.Option("--edge-gateways", help="Gateway nodes beside the --clients (with an edge fleet).")] = 1,
+    edge_late: Annotated[float, typer.Option("--edge-late", help="Probability an edge device posts after its round closed.")] = 0.0,
+    edge_drop: Annotated[float, typer.Option("--edge-drop", help="Probability an edge device trains and never posts.")] = 0.0,
+    edge_stale: Annotated[float, typer.Option("--edge-stale", help="Probability an edge device posts for an older round.")] = 0.0,
+    edge_behaviour: Annotated[Optional[list[str]], typer.Option("--edge-behaviour", help="DEVICE=late|drop|stale|normal every round (e.g. browser-0=late, tflite-1=drop).")] = None,
+    min_updates: Annotated[int, typer.Option("--min-updates", help="A gateway answers once this many device updates are in...")] = 1,
+    round_deadline: Annotated[float, typer.Option("--round-deadline", help="...or this many seconds after its round opened.")] = 120.0,
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
 ) -> None:
-    """Run a federation with Flower's Simulation Engine; each round is registered, exported and published."""
+    """Run a federation with Flower's Simulation Engine; each round is registered, exported and published.
+    With --edge-browsers/--edge-devices, gateway nodes take part and simulated devices train through a
+    `pollinate serve` on loopback (needs a start version: --from NAME@VERSION or the latest)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.errors import InvalidInput
+    from federated.server_app import describe_edge
     from federated.settings import FederationSettings
     from federated.simulate import simulate, write_history
 
@@ -88,13 +100,19 @@ def simulate_command(
     if from_scratch and from_version:
         raise InvalidInput("give either --from or --from-scratch, not both")
     model_name, start_from = parse_from(from_version, dataset)
+    fleet = edge_fleet_options(edge_browsers, edge_devices, edge_gateways, edge_late, edge_drop, edge_stale,
+                               edge_behaviour, seed, clients)
+    if fleet is not None:
+        formats = edge_formats(formats, fleet)
     settings = FederationSettings(
         home=str(Path(home).resolve()), model_name=model_name, dataset=dataset,
         start_from="scratch" if from_scratch else start_from, zoo_model=model, rounds=rounds,
-        partition=partition, num_partitions=clients, fraction=fraction, local_epochs=local_epochs,
-        batch_size=batch_size, learning_rate=learning_rate, strategy=strategy, proximal_mu=proximal_mu,
-        clip_norm=clip_norm, publish_every=publish_every, channel=channel, formats=formats,
+        partition=partition, num_partitions=clients + (edge_gateways if fleet else 0), fraction=fraction,
+        local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, strategy=strategy,
+        proximal_mu=proximal_mu, clip_norm=clip_norm, publish_every=publish_every, channel=channel, formats=formats,
         malicious=share, attack=attack, dropout=dropout, seed=seed, resume=resume,
+        edge=fleet is not None, edge_gateways=edge_gateways if fleet else 0, edge_partitions=fleet.total if fleet else 0,
+        edge_min_updates=min_updates, edge_round_deadline=round_deadline,
     ).check()
     store = open_store(home)
     if not from_scratch and not resume:
@@ -105,11 +123,17 @@ def simulate_command(
         except NotFound as exc:
             raise NotFound(f"{exc}; train one first (pollinate train --dataset {dataset}) or pass --from-scratch") from None
     reference = central_reference(store, model_name)
-    partition_info = describe_partition(settings)
+    from dataclasses import replace
+
+    # the partition every trainer gets: the clients', then the edge devices'
+    shown = replace(settings, num_partitions=clients + (fleet.total if fleet else 0))
+    partition_info = describe_partition(shown)
 
     console.print(f"[bold]Federating[/] {model_name}: {clients} clients ({partition}, skew {partition_info['skew']:.2f}), "
                   f"{strategy}, {rounds} rounds" + (f", {share:.0%} {attack} attackers" if share else "")
-                  + (f", {dropout:.0%} dropout" if dropout else ""))
+                  + (f", {dropout:.0%} dropout" if dropout else "")
+                  + (f"; edge: {edge_gateways} gateway(s), {edge_browsers} browser(s), {edge_devices} TFLite device(s) "
+                     f"(min {min_updates} update(s), deadline {round_deadline:g} s)" if fleet else ""))
     with Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("rounds", total=rounds, info="starting Flower…")
@@ -121,9 +145,13 @@ def simulate_command(
                 progress.console.print(f"[yellow]round {row['round']} not published:[/] {row['publish_error']}")
             extra = (f" rejected {row['rejected']}" if row["rejected"] else "") + (f" failed {row['failed']}" if row["failed"] else "")
             extra += f" edge {row['edge_updates']}" if row.get("edge_updates") else ""
+            if fleet is not None:
+                progress.console.print(f"round {row['round']}/{rounds}: {metric} → {version}{describe_edge(row)}",
+                                       soft_wrap=True, markup=False)
             progress.update(task, completed=row["round"], info=f"{metric} → {version}{extra}")
 
-        outcome = simulate(settings, on_round=on_round)
+        fleet_report: dict = {}
+        outcome = simulate(settings, on_round=on_round, fleet=fleet, fleet_report=fleet_report if fleet else None)
     folder = Path(out) if out else Path(home) / "federations" / outcome.federation_id
     files = write_history(outcome, settings, folder, reference=reference, partition=partition_info)
     from federated.partition import plot_partition
@@ -141,6 +169,12 @@ def simulate_command(
         "publish_failed": outcome.publishing.get("failed", 0),
         "files": {name: str(path) for name, path in files.items()},
     }
+    if fleet is not None:
+        summary["edge"] = {"gateways": edge_gateways, "browsers": edge_browsers, "devices": edge_devices,
+                           "updates": sum(r.get("edge_updates", 0) for r in outcome.history),
+                           "kinds": fleet_report.get("kinds", {}), "errors": fleet_report.get("errors", [])}
+        (folder / "edge-updates.json").write_text(json.dumps(fleet_report.get("events", []), indent=1) + "\n")
+        summary["files"]["edge-updates.json"] = str(folder / "edge-updates.json")
     if as_json:
         print_json(summary)
         return
@@ -153,7 +187,56 @@ def simulate_command(
     if summary["publish_failed"]:
         console.print(f"[yellow]{summary['publish_failed']} round(s) not published:[/] "
                       + "; ".join(f"round {e['round']}: {e['error']}" for e in outcome.publishing.get("errors", [])))
+    if fleet is not None:
+        for kind, row in summary["edge"]["kinds"].items():
+            statuses = ", ".join(f"{n} {status}" for status, n in sorted(row["statuses"].items()))
+            console.print(f"{kind}: {statuses}; train {_fmt(row['train_seconds_mean'], 's')} per update, "
+                          f"{_fmt(row['bytes_up_mean'], 'B')} up, {_fmt(row['bytes_down_mean'], 'B')} down")
     console.print(f"History and plots: {folder}")
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if unit == "s" else f"{value / 1024:.1f} KiB"
+
+
+def edge_fleet_options(browsers: int, devices: int, gateways: int, late: float, drop: float, stale: float,
+                       behaviour: list[str] | None, seed: int, clients: int):
+    """The simulated edge fleet of `federate simulate` (None: no --edge-browsers/--edge-devices)."""
+    from core.errors import InvalidInput
+    from federated.edge_fleet import FleetOptions
+
+    if browsers == 0 and devices == 0:
+        if behaviour or late or drop or stale:
+            raise InvalidInput("--edge-late/--edge-drop/--edge-stale/--edge-behaviour need --edge-browsers or --edge-devices")
+        return None
+    if gateways < 1:
+        raise InvalidInput("--edge-gateways must be at least 1 with an edge fleet")
+    if clients < 0:
+        raise InvalidInput("--clients must be ≥ 0")
+    forced = []
+    for item in behaviour or []:
+        device, _, what = item.partition("=")
+        if not device or not what:
+            raise InvalidInput(f"--edge-behaviour expects DEVICE=BEHAVIOUR (e.g. browser-0=late), got {item!r}")
+        forced.append((device, what))
+    options = FleetOptions(browsers=browsers, devices=devices, late=late, drop=drop, stale=stale, seed=seed,
+                           forced=tuple(forced)).check()
+    known = set(options.browser_ids()) | set(options.device_ids())
+    for device, _ in forced:
+        if device not in known:
+            raise InvalidInput(f"--edge-behaviour: no device {device!r} (browser-0.., tflite-0..)")
+    return options
+
+
+def edge_formats(formats: str, fleet) -> str:
+    """The per-round formats plus what the edge devices load: tfjs-layers (browsers), tflite-train (phones)."""
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    for fmt, needed in (("tfjs-layers", fleet.browsers), ("tflite-train", fleet.devices)):
+        if needed and fmt not in wanted:
+            wanted.append(fmt)
+    return ",".join(wanted)
 
 
 def central_reference(store, model_name: str) -> dict | None:

@@ -44,7 +44,7 @@ def partition_of(context: Context, settings: FederationSettings) -> tuple[int, i
     node = context.node_config
     partition_id = int(node.get("partition-id", 0))
     num_partitions = int(node.get("num-partitions", settings.num_partitions))
-    return partition_id, num_partitions
+    return settings.client_partition(partition_id, num_partitions)
 
 
 def is_malicious(settings: FederationSettings, partition_id: int, num_partitions: int) -> bool:
@@ -126,7 +126,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    gateway = GatewayOptions.from_node_config(context.node_config)
+    gateway = (GatewayOptions.from_node_config(context.node_config)
+               or GatewayOptions.for_simulated_node(context.node_config, msg.content["config"]))
     if gateway is not None:
         return serve_round(msg, gateway)
     started = time.perf_counter()

@@ -96,6 +96,16 @@ class GatewayOptions:
                 "clip": bool(self.clip), "aggregate": self.aggregate, "trim": float(self.trim)}
 
     @classmethod
+    def for_simulated_node(cls, node, config) -> GatewayOptions | None:
+        """A virtual node of `federate simulate --edge-...` whose partition id is below the run's
+        `edge-gateways` is gateway sim-gw-ID on the run's store; None for the others."""
+        settings = FederationSettings.from_config(config)
+        if "partition-id" not in node or int(node["partition-id"]) >= settings.edge_gateways:
+            return None
+        return cls(name=f"sim-gw-{int(node['partition-id'])}", home=settings.home,
+                   min_updates=settings.edge_min_updates, round_deadline=settings.edge_round_deadline).check()
+
+    @classmethod
     def from_node_config(cls, node) -> GatewayOptions | None:
         """The options in a node config, or None when this node is no gateway."""
         name = str(node.get("gateway", "") or "")

@@ -54,6 +54,13 @@ class FederationSettings:
     # previous round is published before the next is sent), and a gateway that restarts
     # mid-round gets the round again (federated/redelivery.py)
     edge: bool = False
+    # simulated edge fleets (`federate simulate --edge-browsers/--edge-devices`): virtual nodes
+    # 0..edge_gateways-1 are gateways; the other nodes are ordinary clients on the first
+    # partitions of num_partitions - edge_gateways + edge_partitions, the simulated devices on the rest
+    edge_gateways: int = 0
+    edge_partitions: int = 0
+    edge_min_updates: int = 1
+    edge_round_deadline: float = 120.0
     federation_id: str = ""  # set by the server: ties the versions of one federation together
     progress_file: str = ""  # where the ServerApp appends each finished round (JSON lines); "" = nowhere
 
@@ -86,7 +93,23 @@ class FederationSettings:
         if self.edge and self.start_from == "scratch":
             raise InvalidInput("edge rounds start from a published version (devices load its model files): "
                                "give --from NAME@VERSION, not --from-scratch")
+        if self.edge_gateways or self.edge_partitions:
+            if not self.edge:
+                raise InvalidInput("simulated gateways take part in edge rounds only (edge must be on)")
+            if self.edge_gateways < 1 or self.edge_partitions < 0:
+                raise InvalidInput("a simulated edge fleet needs at least one gateway")
+            if self.num_partitions <= self.edge_gateways and self.edge_partitions < 1:
+                raise InvalidInput("the simulation has nobody to train: add clients or edge devices")
+            if self.edge_min_updates < 1 or not self.edge_round_deadline > 0:
+                raise InvalidInput("--min-updates must be ≥ 1 and --round-deadline positive")
         return self
+
+    def client_partition(self, partition_id: int, num_partitions: int) -> tuple[int, int]:
+        """A simulated node's (partition id, partition count): with simulated gateways the
+        ordinary clients come after them, and the simulated devices hold partitions too."""
+        if not self.edge_gateways:
+            return partition_id, num_partitions
+        return partition_id - self.edge_gateways, num_partitions - self.edge_gateways + self.edge_partitions
 
     def to_config(self) -> dict:
         """Kebab-case keys with ConfigRecord-friendly values."""

@@ -9,10 +9,15 @@ process tails, so `on_round` still sees every round as it completes, and reads t
 store under `flower/simulations/`; it is removed after the run, unless the run crashed (then
 it keeps Flower's logs). The SuperLink and everything it started are stopped on success, on
 errors and on Ctrl-C.
+
+With a simulated edge fleet (`fleet`, settings.edge_gateways > 0) the first virtual nodes are
+edge gateways, and `pollinate serve` with simulated browsers and TFLite devices runs beside
+the simulation over the same store (edge_fleet.py); they are stopped the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,23 +40,32 @@ log = logging.getLogger("pollinate.federated")
 ERRORS = {"InvalidInput": InvalidInput, "NotFound": NotFound, "PollinateError": PollinateError}
 
 
-def federation_config(num_supernodes: int, cpus_per_client: float = 1.0) -> dict:
-    """`flwr run --federation-config`: N virtual SuperNodes, Ray with one actor per core."""
+def federation_config(num_supernodes: int, cpus_per_client: float = 1.0, waiting_actors: int = 0) -> dict:
+    """`flwr run --federation-config`: N virtual SuperNodes, Ray with one actor per core, plus
+    one per gateway (a gateway's ClientApp mostly waits for its devices, and must not keep the
+    ordinary clients from running)."""
+    per_client = max(1, int(round(cpus_per_client)))
     return {
         "num-supernodes": num_supernodes,
         "backend": "ray",
-        "client-resources-num-cpus": max(1, int(round(cpus_per_client))),
-        "init-args-num-cpus": os.cpu_count() or 1,
+        "client-resources-num-cpus": per_client,
+        "init-args-num-cpus": (os.cpu_count() or 1) + waiting_actors * per_client,
         "init-args-logging-level": "ERROR",
         "init-args-log-to-driver": False,
     }
 
 
 def simulate(settings: FederationSettings, on_round: RoundCallback | None = None,
-             cpus_per_client: float = 1.0, keep_flower_home: bool = False) -> FederationOutcome:
+             cpus_per_client: float = 1.0, keep_flower_home: bool = False, fleet=None,
+             fleet_report: dict | None = None) -> FederationOutcome:
     """Run a federation of `settings.num_partitions` virtual SuperNodes; returns once every
-    round is published. Raises the ServerApp's own error (InvalidInput, NotFound, ...)."""
+    round is published. Raises the ServerApp's own error (InvalidInput, NotFound, ...).
+
+    `fleet` (edge_fleet.FleetOptions, with settings.edge_gateways > 0): the simulated edge
+    devices; `fleet_report` (a dict) receives EdgeFleet.report() and the fleet's folder."""
     settings.check()
+    if (fleet is None) != (settings.edge_gateways == 0):
+        raise InvalidInput("simulated gateways and a simulated edge fleet go together")
     from export.pipeline import check_runtimes
 
     check_runtimes(settings.format_list())  # rounds export: fail now, not in round 1's publish
@@ -64,18 +78,29 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
     progress = flwr_home / "progress.jsonl"
     settings = replace(settings, home=str(home), progress_file=str(progress))
     overrides = write_run_config(flwr_home / "run-config.toml", settings.to_config())
-    federation = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(settings.num_partitions,
-                                                                               cpus_per_client).items())
+    federation = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(
+        settings.num_partitions, cpus_per_client, settings.edge_gateways).items())
     succeeded = False
+    edge = None
     try:
-        with LocalSuperLink(flwr_home, simulation=True) as link:
+        with contextlib.ExitStack() as stack:
+            if fleet is not None:
+                from .edge_fleet import EdgeFleet
+
+                edge = EdgeFleet(settings, fleet, flwr_home / "edge")
+                if fleet_report is not None:  # after the fleet stopped (exit callbacks run last first)
+                    stack.callback(lambda: fleet_report.update(edge.report(), folder=str(edge.folder)))
+                stack.enter_context(edge)
+                if fleet_report is not None:
+                    fleet_report["url"] = edge.url
+            link = stack.enter_context(LocalSuperLink(flwr_home, simulation=True))
             command = [flower_bin("flwr"), "run", str(APP_DIR), "local", "--run-config", str(overrides),
                        "--federation-config", federation, "--stream"]
             with open(flwr_home / "run.log", "wb") as run_log:
                 runner = subprocess.Popen(command, env=link.env, cwd=flwr_home, stdout=run_log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
-                final = _follow(progress, runner, on_round)
+                final = _follow(progress, runner, on_round, on_tick=edge.check_alive if edge else None)
             finally:
                 if runner.poll() is None:
                     stop_process_tree(runner, timeout=5)
@@ -115,10 +140,13 @@ def _already_finished(settings: FederationSettings) -> FederationOutcome | None:
     return FederationOutcome(str(saved.get("federation_id", "")), settings.model_name, done)
 
 
-def _follow(progress: Path, runner: subprocess.Popen, on_round: RoundCallback | None) -> dict | None:
-    """Tail the progress file until the run ends; returns the final record."""
+def _follow(progress: Path, runner: subprocess.Popen, on_round: RoundCallback | None, on_tick=None) -> dict | None:
+    """Tail the progress file until the run ends; returns the final record. `on_tick` raises
+    when something the run needs stopped."""
     offset, buffer, final = 0, "", None
     while True:
+        if on_tick is not None:
+            on_tick()
         finished = runner.poll() is not None  # read once more after the run ended
         if progress.exists():
             with open(progress) as handle:

@@ -34,6 +34,7 @@ the gateway apply the same ones.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -45,13 +46,14 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import InvalidInput, NotFound, PollinateError
-from registry.edge_log import BufferPool, SegmentLog, UpdateBody, datasync, fsync_dir, read_span
+from registry.edge_log import SUFFIX, BufferPool, SegmentLog, Span, UpdateBody, datasync, fsync_dir, read_span
 
 if TYPE_CHECKING:
     import numpy as np
@@ -324,9 +326,9 @@ class EdgeStore:
         self.store = store
         self.root = Path(store.home) / "edge"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._commits = GroupCommit(store)
-        self._readers = threading.local()
         self._log = SegmentLog(self.root)
+        self._commits = GroupCommit(store, self._log)
+        self._readers = threading.local()
         self._buffers = BufferPool()
         self._models: set[str] = set()
         self._devices: dict[str, tuple[str, str]] = {}  # token sha256 -> (device id, model)
@@ -423,17 +425,20 @@ class EdgeStore:
         token = secrets.token_urlsafe(32)
         with self._read() as db:
             self.store._require_model(db, model)  # models are never deleted: still there below
-        self._commits.run(lambda db, _: db.execute("INSERT INTO edge_devices VALUES (?, ?, ?, ?, ?)",
-                                                   (device_id, model, _hash_token(token), kind, _iso_now())))
+        self._commits.run(lambda db, _batch, _span: db.execute(
+            "INSERT INTO edge_devices VALUES (?, ?, ?, ?, ?)", (device_id, model, _hash_token(token), kind, _iso_now())))
+        self._remember_device(_hash_token(token), (device_id, model))
         return device_id, token
 
     def authenticate(self, model: str, token: str | None) -> str:
         """The device id a bearer token belongs to, or EdgeRefusal('unauthorized')."""
         if not token:
             raise _no_token()
+        digest = _hash_token(token)
         with self._read() as db:
-            row = db.execute("SELECT device_id, model FROM edge_devices WHERE token_sha256 = ?",
-                             (_hash_token(token),)).fetchone()
+            row = db.execute("SELECT device_id, model FROM edge_devices WHERE token_sha256 = ?", (digest,)).fetchone()
+        if row is not None:
+            self._remember_device(digest, row)  # a device asks for its task, then posts its update
         if row is None or row[1] != model:
             raise _wrong_token(model)
         return row[0]
@@ -552,10 +557,12 @@ class EdgeStore:
             body = UpdateBody.of(self._buffers, body, capacity=task.size * 4)
         try:
             try:
-                update, accepted = self._accept(task, device_id, body, dtype, examples, now)
+                update = self._check(task, device_id, body, dtype, examples)
+                accepted = self._record(task, update, body, now).result()
             except EdgeRefusal as refusal:
                 self.count_refusal(task.model, refusal.reason, task.round)
                 raise
+            self._recorded(task, device_id)
             if own:  # the caller keeps no buffer: give it values of its own
                 update = replace(update, delta=update.delta.copy())
         finally:
@@ -564,13 +571,30 @@ class EdgeStore:
         # `accepted` was counted inside the transaction that recorded this update
         return replace(task, accepted=accepted), update
 
-    def _accept(self, task: EdgeTask, device_id: str, body: UpdateBody, dtype: str, examples: object,
-                now: float | None) -> tuple[Update, int]:
+    async def accept_async(self, task: EdgeTask, device_id: str, body: UpdateBody, *, dtype: str = "float32",
+                           examples: object = None) -> tuple[EdgeTask, Update]:
+        """``accept`` for an event loop (the server's update route): the checks run here, on
+        the loop (they are CPU work: a norm); the append, fdatasync and commit on the store's
+        committer thread, together with whatever else arrived meanwhile, and the loop is
+        woken once the batch is durable. No thread of the pool is held while it waits."""
+        try:
+            update = self._check(task, device_id, body, dtype, examples)
+            accepted = await asyncio.wrap_future(self._record(task, update, body, None))
+        except EdgeRefusal as refusal:
+            with contextlib.suppress(PollinateError):
+                await asyncio.wrap_future(self._commits.submit(_refusal_count(task.model, refusal.reason, task.round)))
+            raise
+        self._recorded(task, device_id)
+        return replace(task, accepted=accepted), update
+
+    def _check(self, task: EdgeTask, device_id: str, body: UpdateBody, dtype: str, examples: object,
+               now: float | None = None) -> Update:
+        """Every check of an update that needs no store (CPU only); its values, widened to
+        float32 and clipped in place in the body's memory."""
         import numpy as np
 
-        now = time.time() if now is None else now
-        self._check_open(task, now)
-        check_update_params(dtype, examples)
+        self._check_open(task, time.time() if now is None else now)
+        count = check_update_params(dtype, examples)
         check_length(task, body.length, dtype)
         delta = np.frombuffer(body.memory, "<f4", count=task.size)  # writable: the body's own memory
         if dtype != "float32":  # widen in place, from a copy of the narrow values
@@ -580,13 +604,15 @@ class EdgeStore:
             delta *= np.float32(task.norm_bound / norm)
         if device_id in self._contributed.get(task.task_id, ()):
             raise _duplicate(task)
-        try:
-            span = self._log.append(task.task_id, body, task.size * 4)  # in the caller's thread: writes overlap
-        except FileNotFoundError:  # the gateway discarded the files of this (closed) round
-            self._forget_task(task.task_id)
-            raise EdgeRefusal("stale", f"task {task.task_id} is over: fetch the current task") from None
+        return Update(device_id, count, norm, clipped, delta)
 
-        def record(db: sqlite3.Connection, batch: dict) -> int:
+    def _record(self, task: EdgeTask, update: Update, body: UpdateBody, now: float | None) -> Future:
+        """Queue the checked update for the committer: appended, made durable and counted in
+        one transaction with the others of its batch. The future's result: the task's count."""
+        now = time.time() if now is None else now
+        device_id = update.device_id
+
+        def record(db: sqlite3.Connection, batch: dict, span: Span) -> int:
             state = batch.get(("state", task.task_id))
             if state is None:
                 state = batch[("state", task.task_id)] = db.execute(
@@ -599,7 +625,7 @@ class EdgeStore:
                           (task.task_id, device_id)).fetchone():
                 raise _duplicate(task)
             db.execute("INSERT INTO edge_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (task.task_id, device_id, int(examples), norm, int(clipped), now,
+                       (task.task_id, device_id, update.examples, update.norm, int(update.clipped), now,
                         span.name, span.offset, span.nbytes))
             count = batch.get(("count", task.task_id))  # the task's rows so far, this one included
             if count is None:
@@ -610,14 +636,13 @@ class EdgeStore:
             batch[("count", task.task_id)] = count
             return count
 
-        accepted = self._commits.run(record, span.path,
-                                     span.path.parent if self._log.needs_link(span.path) else None)
-        self._log.linked(span.path)
+        return self._commits.submit(record, append=(task.task_id, body, task.size * 4))
+
+    def _recorded(self, task: EdgeTask, device_id: str) -> None:
         with self._remembering:
             self._contributed.setdefault(task.task_id, set()).add(device_id)
             while len(self._contributed) > RECENT_TASKS:  # the oldest task first (insertion order)
                 del self._contributed[next(iter(self._contributed))]
-        return Update(device_id, int(examples), norm, clipped, delta), accepted
 
     def _forget_task(self, task_id: str) -> None:
         """This task is closed for good: remember that, and forget which devices it had. (Its
@@ -755,12 +780,8 @@ class EdgeStore:
     # ------------------------------------------------------------------ status and counters
 
     def count_refusal(self, model: str, reason: str, round: int = 0) -> None:
-        def count(db: sqlite3.Connection, _: dict) -> None:
-            db.execute("INSERT INTO edge_refusals VALUES (?, ?, ?, 1) ON CONFLICT (model, round, reason)"
-                       " DO UPDATE SET count = count + 1", (model, int(round), reason))
-
         with contextlib.suppress(PollinateError):
-            self._commits.run(count)
+            self._commits.run(_refusal_count(model, reason, round))
 
     def status(self, model: str) -> dict:
         """The model's current round (that of the task opened last): {round, open, accepted,
@@ -798,42 +819,57 @@ class EdgeStore:
         }
 
 
-class _Pending:
-    __slots__ = ("work", "file", "folder", "wake", "leads", "result", "error")
+def _refusal_count(model: str, reason: str, round: int):
+    def count(db: sqlite3.Connection, _batch: dict, _span: None) -> None:
+        db.execute("INSERT INTO edge_refusals VALUES (?, ?, ?, 1) ON CONFLICT (model, round, reason)"
+                   " DO UPDATE SET count = count + 1", (model, int(round), reason))
 
-    def __init__(self, work, file, folder):
-        self.work, self.file, self.folder = work, file, folder
-        self.wake = threading.Event()
-        self.leads = False
-        self.result = None
-        self.error: BaseException | None = None
+    return count
+
+
+class _Pending:
+    __slots__ = ("work", "append", "span", "future")
+
+    def __init__(self, work, append):
+        self.work, self.append = work, append
+        self.span: Span | None = None
+        self.future: Future = Future()
+        self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
+        if append is not None:
+            append[1].busy = self.future  # its memory is not reused before the committer is done
 
 
 class GroupCommit:
-    """Writes that arrive together share one fdatasync per segment and one SQLite
-    transaction (so one fsync of its log).
+    """Writes that arrive together share one pwritev and one fdatasync per segment and one
+    SQLite transaction (so one fsync of its log), on one committer thread.
 
     Without it, concurrent device updates each take the write lock in turn and SQLite's busy
     handler makes the waiting ones sleep (1, 2, 5 … 100 ms): a few dozen updates per second
-    on a machine that fsyncs in 2 ms. Here the first writer to find nobody committing
-    *leads*: it takes every queued piece of work, makes the segment bytes they name durable
-    (fdatasync; the folder too when a segment is new) *before* taking the write lock, runs
-    each piece in one ``BEGIN IMMEDIATE`` transaction, commits, wakes every writer with its
-    own result and hands the lead to the next one queued. Nobody returns before its own
-    commit, so a 202 still means durable, and no row can name bytes that are not on disk.
-    One per EdgeStore (per process); across processes SQLite's lock still serialises.
+    on a machine that fsyncs in 2 ms. Here writers queue their work and the committer takes
+    everything queued: appends the updates' bytes to their segments (one system call per
+    segment), makes them durable (fdatasync; the folder too when a segment is new) *before*
+    taking the write lock, runs each piece of work in one ``BEGIN IMMEDIATE`` transaction,
+    commits, and only then resolves each writer's future with its own result. So a 202 still
+    means durable, no row can name bytes that are not on disk, and a busy server wakes one
+    thread per batch, not one per update (on a loaded machine each wake-up waits for a core).
+    One per EdgeStore (per process); across processes SQLite's lock still serialises. The
+    thread stops when idle and starts again with the next write.
 
-    A piece of work is `work(db, batch)`: `batch` is a dict the pieces of one transaction
-    share (what one of them read that the others need not read again). It must check before
-    it writes: one that raises EdgeRefusal or OSError is refused alone and the others
-    commit, so it must not have written anything by then."""
+    A piece of work is `work(db, batch, span)`: `batch` is a dict the pieces of one
+    transaction share (what one read that the others need not read again), `span` where its
+    bytes were appended (None without). It must check before it writes: one that raises
+    EdgeRefusal or OSError is refused alone and the others commit, so it must not have
+    written anything by then."""
 
-    def __init__(self, store):
+    IDLE_S = 10.0
+
+    def __init__(self, store, log: SegmentLog | None = None):
         self.store = store
-        self._lock = threading.Lock()
+        self.log = log
+        self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
-        self._leading = False
-        self._db: sqlite3.Connection | None = None  # only the leader uses it, one at a time
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None  # only the committer uses it
 
     def _connection(self) -> sqlite3.Connection:
         """One connection kept open for this process's edge writes. The store opens one per
@@ -861,65 +897,104 @@ class GroupCommit:
                 db.close()
             raise PollinateError(f"the store at {self.store.home} is unavailable: {exc}") from None
 
-    def run(self, work, file: Path | None = None, folder: Path | None = None):
-        """`work(db, batch)` inside a shared write transaction, once `file`'s written bytes
-        and `folder`'s entries are durable; its result once committed (or its error)."""
-        me = _Pending(work, file, folder)
-        with self._lock:
-            self._queue.append(me)
-            if not self._leading:
-                self._leading = me.leads = True
-        if not me.leads:
-            me.wake.wait()  # woken with a result, or to lead the next batch
-        if me.leads:
-            with self._lock:
+    def submit(self, work, append: tuple[str, UpdateBody, int] | None = None) -> Future:
+        """Queue `work` (after appending `append` = (task id, body, bytes) to the task's
+        segment); a future of its result once committed, or of its error."""
+        pending = _Pending(work, append)
+        with self._cond:
+            self._queue.append(pending)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="pollinate-edge-commit", daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return pending.future
+
+    def run(self, work):
+        """`work(db, batch, None)` inside a shared write transaction; its result once committed."""
+        return self.submit(work).result()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(self.IDLE_S)
+                    if not self._queue:
+                        self._thread = None
+                        return
                 batch, self._queue = self._queue, []
             try:
                 self._commit(batch)
-            finally:
-                with self._lock:
-                    if self._queue:
-                        follower = self._queue[0]
-                        follower.leads = True
-                        follower.wake.set()
-                    else:
-                        self._leading = False
+            except BaseException as exc:  # noqa: BLE001 - whatever happens, every writer hears of it
                 for pending in batch:
-                    if pending is not me:
-                        pending.wake.set()
-        if me.error is not None:
-            raise me.error
-        return me.result
+                    if not pending.future.done():
+                        pending.future.set_exception(PollinateError(f"the edge commit failed: {exc}"))
 
     def _commit(self, batch: list[_Pending]) -> None:
+        failed: dict[_Pending, BaseException] = {}
+        self._append(batch, failed)
         synced: dict[Path, OSError | None] = {}
-        for pending in batch:  # each file and folder once, before the lock: others may read meanwhile
-            for path, sync in ((pending.file, datasync), (pending.folder, fsync_dir)):
-                if path is not None and path not in synced:
+        for pending in batch:  # each segment and new folder once, before the lock: others read meanwhile
+            if pending.span is None or pending in failed:
+                continue
+            paths = [(pending.span.path, datasync)]
+            if self.log.needs_link(pending.span.path):
+                paths.append((pending.span.path.parent, fsync_dir))
+            for path, sync in paths:
+                if path not in synced:
                     try:
                         sync(path)
                         synced[path] = None
                     except OSError as exc:
                         synced[path] = exc
-                if path is not None and synced[path] is not None:
-                    pending.error = synced[path]
+                if synced[path] is not None:
+                    failed[pending] = synced[path]
+        for path, error in synced.items():
+            if error is None and path.suffix == SUFFIX:
+                self.log.linked(path)  # its folder was synced in this batch or an earlier one
+        results: dict[_Pending, object] = {}
         try:
             with self._transaction() as db:
                 shared: dict = {}
                 for pending in batch:
-                    if pending.error is not None:
+                    if pending in failed:
                         continue
                     try:
-                        pending.result = pending.work(db, shared)
+                        results[pending] = pending.work(db, shared, pending.span)
                     except (EdgeRefusal, OSError) as exc:
-                        pending.error = exc
+                        failed[pending] = exc
         except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
             for pending in batch:
-                if not isinstance(pending.error, EdgeRefusal):  # each thread raises its own copy
-                    copy = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
-                    pending.result, pending.error = None, copy
+                if not isinstance(failed.get(pending), EdgeRefusal):  # each writer raises its own copy
+                    failed[pending] = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
+            results.clear()
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            for pending in batch:
+                if pending in failed:
+                    pending.future.set_exception(failed[pending])
+                elif pending in results:
+                    pending.future.set_result(results[pending])
+
+    def _append(self, batch: list[_Pending], failed: dict) -> None:
+        """Each task's bytes of the batch in one pwritev to this writer's segment."""
+        by_task: dict[str, list[_Pending]] = {}
+        for pending in batch:
+            if pending.append is not None:
+                by_task.setdefault(pending.append[0], []).append(pending)
+        for task_id, pendings in by_task.items():
+            try:
+                spans = self.log.append(task_id, [(p.append[1], p.append[2]) for p in pendings])
+            except FileNotFoundError:  # the gateway discarded the files of this (closed) round
+                for pending in pendings:
+                    failed[pending] = EdgeRefusal("stale", f"task {task_id} is over: fetch the current task")
+            except OSError as exc:
+                for pending in pendings:
+                    failed[pending] = exc
+            else:
+                for pending, span in zip(pendings, spans):
+                    pending.span = span
 
 
 def _connect(store, check_same_thread: bool = True) -> sqlite3.Connection:

@@ -34,6 +34,7 @@ BLOCK = 4096  # O_DIRECT alignment of memory, offsets and lengths (the common lo
 # Idle buffers kept for the next requests (a fresh mapping costs a page fault per 4 KiB).
 POOL_BYTES = 256 << 20
 SUFFIX = ".seg"
+IOV_MAX = 512  # buffers per pwritev (Linux takes 1024)
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # the data and the size; not the access times
 
@@ -74,15 +75,18 @@ class UpdateBody:
 
     ``append`` copies each chunk in as it arrives; bytes past the expected size are counted
     but not kept (the update is refused for its length anyway). ``release`` hands the memory
-    back to the pool: nothing may use a view of it afterwards."""
+    back to the pool — once the write it was queued for (``busy``, a future) is done, so a
+    request that is called off never lets another body overwrite bytes on their way to disk;
+    nothing may use a view of it afterwards."""
 
-    __slots__ = ("memory", "length", "expected", "_pool")
+    __slots__ = ("memory", "length", "expected", "busy", "_pool")
 
     def __init__(self, pool: BufferPool, expected: int, capacity: int | None = None):
         self._pool = pool
         self.expected = expected
         self.memory = pool.take(max(expected, capacity or 0))
         self.length = 0
+        self.busy = None
 
     def append(self, chunk: bytes) -> None:
         end = self.length + len(chunk)
@@ -95,6 +99,10 @@ class UpdateBody:
         return self.length == self.expected
 
     def release(self) -> None:
+        busy, self.busy = self.busy, None
+        if busy is not None and not busy.done():
+            busy.add_done_callback(lambda _: self.release())
+            return
         memory, self.memory = self.memory, None
         if memory is not None:
             self._pool.give(memory)
@@ -133,24 +141,30 @@ class SegmentLog:
         self._lock = threading.Lock()
         self._direct = getattr(os, "O_DIRECT", 0)
 
-    def append(self, task_id: str, body: UpdateBody, nbytes: int) -> Span:
-        """Write the first `nbytes` of `body` at a fresh offset of the task's segment (not yet
-        durable: ``sync`` makes it so). FileNotFoundError when the task's folder is gone."""
-        size = padded(nbytes)
-        if size > nbytes:
-            body.memory[nbytes:size] = bytes(size - nbytes)
-        with self._lock:
-            offset = self._ends.get(task_id, 0)
-            self._ends[task_id] = offset + size
+    def append(self, task_id: str, bodies: list[tuple[UpdateBody, int]]) -> list[Span]:
+        """Write the first `nbytes` of each body, one after the other, at fresh offsets of the
+        task's segment, in one system call (not yet durable: ``datasync`` makes them so).
+        FileNotFoundError when the task's folder is gone."""
+        views, spans = [], []
         path = self.root / task_id / self.name
-        view = memoryview(body.memory)[:size]
+        with self._lock:
+            offset = start = self._ends.get(task_id, 0)
+            for body, nbytes in bodies:
+                size = padded(nbytes)
+                if size > nbytes:
+                    body.memory[nbytes:size] = bytes(size - nbytes)
+                views.append(memoryview(body.memory)[:size])
+                spans.append(Span(path, offset, nbytes))
+                offset += size
+            self._ends[task_id] = offset
         try:
-            self._write(path, view, offset)
+            self._write(path, views, start)
         finally:
-            view.release()
-        return Span(path, offset, nbytes)
+            for view in views:
+                view.release()
+        return spans
 
-    def _write(self, path: Path, view: memoryview, offset: int) -> None:
+    def _write(self, path: Path, views: list[memoryview], offset: int) -> None:
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         direct = self._direct
         try:
@@ -161,18 +175,25 @@ class SegmentLog:
             self._direct = direct = 0  # this filesystem has no O_DIRECT
             fd = os.open(path, flags, 0o644)
         try:
-            done = 0
-            while done < len(view):
+            while views:
                 try:
-                    done += os.pwrite(fd, view[done:], offset + done)
+                    done = os.pwritev(fd, views[:IOV_MAX], offset)
                 except OSError as exc:
                     if not direct or exc.errno != errno.EINVAL:
                         raise
-                    os.close(fd)  # alignment this device does not take: the page cache instead
-                    self._direct = direct = 0
+                    self._direct = direct = 0  # alignment this device does not take: the page cache
+                    os.close(fd)
+                    fd = -1
                     fd = os.open(path, flags, 0o644)
+                    continue
+                offset += done
+                while views and done >= len(views[0]):  # a short write: go on from where it stopped
+                    done -= len(views.pop(0))
+                if done:
+                    views[0] = views[0][done:]
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def needs_link(self, path: Path) -> bool:
         """True until the folder holding a new segment has been fsynced once."""

@@ -258,7 +258,8 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     # header here (no dependency), a device and task this process already knows are admitted
     # without a store read or a thread hop (EdgeStore.admit_known), the body streams into
     # page-aligned memory of the task's size (no joining of chunks, no copy on its way to the
-    # disk), validation, the append and the shared commit run in one thread hop, and the
+    # disk), validation runs on the loop and the append, fdatasync and commit on the store's
+    # committer thread with the others of their batch (no thread hop per update), and the
     # answer is written as JSON directly (the response model documents it).
     edge: EdgeStore = request.app.state.edge
     query = request.query_params
@@ -313,9 +314,8 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
             if not message.get("more_body", False):
                 break
         try:
-            task, update = await run_in_threadpool(edge.accept, task.task_id, device_id, body,
-                                                   dtype=dtype, examples=examples, task=task)
-        except EdgeRefusal as refusal:  # accept() counted it under the task's round
+            task, update = await edge.accept_async(task, device_id, body, dtype=dtype, examples=examples)
+        except EdgeRefusal as refusal:  # accept_async() counted it under the task's round
             return _refused(refusal, model)
         count_edge_update(model, body.length)
         answer = {"task_id": task.task_id, "round": task.round, "accepted": task.accepted,

@@ -13,7 +13,7 @@ import readline from 'node:readline';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 
-import { drawBehaviour, parseArgs, parseFleetData, UsageError } from '../tools/fleet-input.mjs';
+import { drawBehaviour, keepExamples, parseArgs, parseFleetData, UsageError } from '../tools/fleet-input.mjs';
 import { pollinate, PYTHON, REPO, sampleDigits, startServer } from '../test-support/server.mjs';
 
 const FLEET = path.join(REPO, 'web_client/tools/fleet.mjs');
@@ -64,7 +64,8 @@ function fleet(args, onEvent = () => {}) {
     events.push(event);
     onEvent(event);
   });
-  return new Promise(resolve => child.once('close', code => resolve({ code, events, stderr })));
+  const done = new Promise(resolve => child.once('close', code => resolve({ code, events, stderr })));
+  return Object.assign(done, { child });
 }
 
 const pixels = sample => sample.pixels.map(v => v / 16);  // the model's input: the manifest's scale 1/16
@@ -131,6 +132,17 @@ describe('arguments and data', () => {
     assert.notDeepEqual([1, 2, 3, 4, 5, 6].map(r => drawBehaviour(options, 'b1', r)), [1, 2, 3, 4, 5, 6].map(r => drawBehaviour({ ...options, seed: 8 }, 'b1', r)));
     assert.equal(drawBehaviour(options, 'b1', 1, 'drop'), 'drop', 'a behaviour the data file forces wins');
   });
+
+  test('--max-examples keeps a seeded subset of each device\'s examples, labels with their inputs', () => {
+    const full = { id: 'b0', x: Array.from({ length: 10 }, (_, i) => Float32Array.of(i)), y: Array.from({ length: 10 }, (_, i) => i) };
+    const kept = keepExamples(full, 4, 1);
+    assert.equal(kept.x.length, 4);
+    kept.x.forEach((x, i) => assert.equal(x[0], kept.y[i]));
+    assert.deepEqual(keepExamples(full, 4, 1).y, kept.y);
+    assert.notDeepEqual(keepExamples(full, 4, 2).y, kept.y);
+    assert.equal(keepExamples(full, 20, 1), full);
+    assert.equal(parseArgs(['--server', 'http://h:1', '--model', 'm', '--data', 'f', '--max-examples', '8']).maxExamples, 8);
+  });
 });
 
 describe('a fleet against a real server', () => {
@@ -195,6 +207,9 @@ describe('a fleet against a real server', () => {
     assert.equal(summary.bytes_up, 2 * task.size * 4);
     assert.equal(summary.bytes_down, updates.reduce((n, e) => n + e.bytes_down, 0));
     assert.equal(summary.train_seconds.count, 3);
+    // b1 and b2 are offered their task again while it is open: not trained twice, no error
+    assert.equal(summary.errors, 0, stderr);
+    assert.deepEqual(events.filter(e => e.event === 'round').map(e => [e.round, e.task_id]), [[1, task.task_id]]);
     assert.match(stderr, /b1 round 1: stale \[late\]/);
 
     // the server saw one update and one stale post, nothing from b2
@@ -245,12 +260,35 @@ describe('a fleet against a real server', () => {
     assert.ok(s0[1].bytes_down < s0[0].bytes_down, JSON.stringify(s0.map(e => e.bytes_down)));
     const { summary } = events.at(-1);
     assert.deepEqual(summary.statuses, { accepted: 2, stale: 2 });
+    assert.equal(summary.errors, 0, stderr);
     assert.deepEqual(summary.rounds, [1, 2]);
     const status = await (await fetch(`${server.url}/v1/federations/digits/status`)).json();
     assert.equal(status.federation, 'fleet-b');
     assert.equal(status.round, 2);
     assert.equal(status.accepted, 1);
     assert.equal(status.refused.stale, 1, 'round 2 counts its own stale post');
+  });
+
+  test('SIGTERM stops the fleet: an update kept for a task that still takes it is reported unsent, the summary printed', async () => {
+    const data = dataFile([device('t0', 0, 2, 'late')]);
+    const statusNow = async () => (await fetch(`${server.url}/v1/federations/digits/status`)).json();
+    const before = await statusNow();
+    let child = null;
+    const run = fleet(['--server', server.url, '--model', 'digits', '--data', data, '--rounds', '5', '--poll-ms', '100'], event => {
+      if (event.event === 'held') child.kill('SIGTERM');
+    });
+    child = run.child;
+    const task = await edge('open', home, 'fleet-c', '1', seed.task_id, '120');
+    const { code, events, stderr } = await run;
+    assert.equal(code, 0, stderr);
+    const updates = events.filter(e => e.event === 'update');
+    assert.deepEqual(updates.map(e => [e.device, e.task_id, e.status, e.bytes_up]), [['t0', task.task_id, 'unsent', 0]]);
+    assert.equal(events.at(-1).summary.stopped, 'signal');
+    assert.deepEqual(events.at(-1).summary.statuses, { unsent: 1 });
+    const status = await statusNow();
+    assert.equal(status.federation, 'fleet-c');
+    assert.equal(status.accepted, 0);
+    assert.deepEqual(status.refused_total, before.refused_total, 'nothing was posted');
   });
 
   test('a model the server does not have is exit 2; a server that does not answer is exit 3', async () => {

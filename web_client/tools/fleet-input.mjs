@@ -21,6 +21,7 @@ contribute() (TF.js, cpu backend), against a Pollinate server's open federated r
   --drop P           probability a browser trains but never posts                         (default 0)
   --stale P          probability a browser posts for its old task after a newer round     (default 0)
   --seed S           seed of those draws, made per (device, round)                       (default 0)
+  --max-examples K   each browser keeps at most K of its examples (a seeded choice)   (default all)
   --poll-ms MS       pause between polling passes while there is nothing to do            (default 500)
   --max-seconds T    stop after T seconds whatever happened                               (default 600)
   --kind KIND        what the browsers say they are on enrolment: browser | simulated     (default browser)
@@ -44,6 +45,7 @@ const NUMBER_OPTIONS = {
   drop: { flag: '--drop', min: 0, max: 1 },
   stale: { flag: '--stale', min: 0, max: 1 },
   seed: { flag: '--seed', integer: true, min: 0 },
+  maxExamples: { flag: '--max-examples', integer: true, min: 1 },
   pollMs: { flag: '--poll-ms', min: 10 },
   maxSeconds: { flag: '--max-seconds', min: 0, exclusive: true },
 };
@@ -68,7 +70,7 @@ function number(key, text) {
 export function parseArgs(argv) {
   const options = {
     server: null, model: null, data: null, rounds: 1, late: 0, drop: 0, stale: 0, seed: 0,
-    pollMs: 500, maxSeconds: 600, kind: 'browser', channel: 'stable', help: false,
+    maxExamples: null, pollMs: 500, maxSeconds: 600, kind: 'browser', channel: 'stable', help: false,
   };
   const given = new Set();
   for (let i = 0; i < argv.length; i++) {
@@ -152,6 +154,14 @@ export function parseFleetData(text, source = 'the data file') {
     return { id, x: inputs, y: [...y], behaviour };
   });
   return { inputShape: [...shape], devices };
+}
+
+/** The device with at most `limit` of its examples, a choice fixed by (seed, device); all when null. */
+export function keepExamples(device, limit, seed = 0) {
+  if (limit == null || device.x.length <= limit) return device;
+  const order = device.x.map((_, i) => [uniform(seed, `${device.id}#example`, i), i]).sort((a, b) => a[0] - b[0]);
+  const kept = order.slice(0, limit).map(([, i]) => i).sort((a, b) => a - b);
+  return { ...device, x: kept.map(i => device.x[i]), y: kept.map(i => device.y[i]) };
 }
 
 /** A number in [0, 1) fixed by (seed, device, round): the same run draws the same behaviours. */

@@ -5,10 +5,11 @@
 // start of a pass once their moment came, which the federation's /status tells.
 //
 // It stops when --rounds distinct rounds were seen and a whole pass found nothing to do and
-// nothing kept, or at --max-seconds, or on a stop signal; what is still kept then is reported
-// 'unsent'.
+// nothing kept, or at --max-seconds, or on a stop signal (SIGTERM: the simulation is over).
+// Stopping, it posts the kept updates whose task no longer takes them (late past the deadline,
+// any whose round closed: 409 stale, as they would have been) and reports the rest 'unsent'.
 
-import { drawBehaviour, UsageError } from './fleet-input.mjs';
+import { drawBehaviour, keepExamples, UsageError } from './fleet-input.mjs';
 import { SimulatedBrowser } from './simulated-browser.mjs';
 
 /** The server could not be reached when the fleet started (the CLI exits 3). */
@@ -92,6 +93,20 @@ export function summarise(events, { devices, rounds, stopped, seconds, errors, p
   };
 }
 
+/** Posts the kept updates whose moment came (the federation's /status says which); how many. */
+async function releaseDue(browsers, newestRound, log) {
+  if (!browsers.some(b => b.held.length > 0)) return 0;
+  let status = null;
+  try {
+    status = await browsers[0].client.federationStatus();
+  } catch (error) {
+    log(`status: ${error.message}`);
+  }
+  let posted = 0;
+  for (const browser of browsers) posted += await browser.release(status, newestRound);
+  return posted;
+}
+
 /**
  * Runs the fleet; resolves to its summary. `emit(event)` gets every event object (the CLI
  * prints JSON lines), `log(text)` the human lines. `stop` (an AbortSignal) ends it early.
@@ -112,15 +127,22 @@ export async function runFleet(options, data, { tf, emit = () => {}, log = () =>
     log(describe(event));
   };
   const enrolToken = options.enrolToken ?? null;
-  const browsers = data.devices.map(device => new SimulatedBrowser({
+  const seen = new Map();  // round → the first task of it any browser was given
+  const onTask = task => {
+    if (!Number.isInteger(task.round) || seen.has(task.round)) return;
+    seen.set(task.round, task.taskId);
+    report({ event: 'round', round: task.round, task_id: task.taskId, base_version: task.baseVersion, deadline: task.deadlineMs == null ? null : new Date(task.deadlineMs).toISOString() });
+  };
+  const devices = data.devices.map(device => keepExamples(device, options.maxExamples, options.seed));
+  const browsers = devices.map(device => new SimulatedBrowser({
     device, serverUrl: options.server, model: options.model, channel: options.channel, kind: options.kind, enrolToken, tf, fetch,
-    behaviourFor: round => drawBehaviour(options, device.id, round, device.behaviour), report,
+    behaviourFor: round => drawBehaviour(options, device.id, round, device.behaviour), report, onTask,
   }));
-  const seen = new Map();
   let errors = 0;
   let stopped = null;
   try {
     for (const browser of browsers) {
+      if (halt.signal.aborted) break;
       let contract;
       try {
         contract = await browser.prepare();
@@ -133,7 +155,7 @@ export async function runFleet(options, data, { tf, emit = () => {}, log = () =>
     }
     const prepareSeconds = (Date.now() - started) / 1000;
     report({ event: 'ready', devices: browsers.length, model: options.model, version: browsers[0].client.version,
-      examples: data.devices.reduce((n, d) => n + d.x.length, 0), backend: tf.getBackend(), prepare_seconds: round3(prepareSeconds) });
+      examples: devices.reduce((n, d) => n + d.x.length, 0), backend: tf.getBackend(), prepare_seconds: round3(prepareSeconds) });
     const newest = () => Math.max(0, ...seen.keys());
     for (;;) {
       if (halt.signal.aborted) {
@@ -142,23 +164,10 @@ export async function runFleet(options, data, { tf, emit = () => {}, log = () =>
       }
       let acted = 0;
       let failed = 0;
-      if (browsers.some(b => b.held.length > 0)) {
-        let status = null;
-        try {
-          status = await browsers[0].client.federationStatus();
-        } catch (error) {
-          log(`status: ${error.message}`);
-        }
-        for (const browser of browsers) acted += await browser.release(status, newest());
-      }
+      acted += await releaseDue(browsers, newest(), log);
       for (const browser of browsers) {
         if (halt.signal.aborted) break;
         const result = await browser.poll(halt.signal);
-        for (const task of browser.tasks.values()) {
-          if (!Number.isInteger(task.round) || seen.has(task.round)) continue;
-          seen.set(task.round, task.taskId);
-          report({ event: 'round', round: task.round, task_id: task.taskId, base_version: task.baseVersion, deadline: new Date(task.deadlineMs).toISOString() });
-        }
         if (result.trained) acted += 1;
         if (result.status === 'error') {
           failed += 1;
@@ -173,6 +182,7 @@ export async function runFleet(options, data, { tf, emit = () => {}, log = () =>
       }
       if (acted === 0) await sleep(options.pollMs, halt.signal);
     }
+    await releaseDue(browsers, newest(), log);
     for (const browser of browsers) browser.abandon();
     const summary = summarise(events, { devices: browsers.length, rounds: seen.keys(), stopped, seconds: (Date.now() - started) / 1000, errors, prepareSeconds });
     report({ event: 'done', summary });

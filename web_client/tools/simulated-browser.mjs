@@ -12,8 +12,9 @@
 //   stale   the body is kept and posted for the old task once a newer round opened (409 stale).
 // Kept bodies are posted later through the same client's DeviceProtocol.sendUpdate() and token.
 // A task this browser already trained for (dropped or kept: the server still offers it, since
-// nothing of this device's is recorded) is not trained twice: the contribution is aborted
-// once the task arrives. Every POST, whatever its fate, becomes one `update` event.
+// nothing of this device's is recorded) is not trained twice: once its task has been read, the
+// contribution is aborted at its next request (aborting while the task's body is still being
+// read would fail that read instead). Every POST, whatever its fate, becomes one `update` event.
 
 import { createClient, MemoryCache, refusalOf } from '../pollinate.js';
 
@@ -46,14 +47,16 @@ export class SimulatedBrowser {
    * @param {{id: string, x: Float32Array[], y: (number|string)[]}} options.device
    * @param {(round: number) => string} options.behaviourFor  'normal' | 'late' | 'drop' | 'stale'
    * @param {(event: object) => void} options.report          gets every update and held event
+   * @param {(task: object) => void} [options.onTask]          sees each task this browser is given
    * @param {object} options.tf                               the @tensorflow/tfjs module (shared)
    */
-  constructor({ device, serverUrl, model, channel = 'stable', kind = 'browser', enrolToken = null, tf, behaviourFor, report, fetch = globalThis.fetch }) {
+  constructor({ device, serverUrl, model, channel = 'stable', kind = 'browser', enrolToken = null, tf, behaviourFor, report, onTask = () => {}, fetch = globalThis.fetch }) {
     this.id = device.id;
     this.device = device;
     this.kind = kind;
     this.behaviourFor = behaviourFor;
     this.report = report;
+    this.onTask = onTask;
     this.realFetch = fetch;
     this.tasks = new Map();      // task_id → {taskId, round, deadlineMs, baseVersion}: every task this browser was given
     this.handled = new Set();    // task ids it trained for (sent, dropped or kept)
@@ -61,6 +64,7 @@ export class SimulatedBrowser {
     this.releasing = new Set();  // bodies posted now on purpose: the fetch lets them through
     this.uploads = 0;            // uploads contribute() made (whatever became of them)
     this.current = null;         // the AbortController of the contribution in progress
+    this.skip = null;            // why the contribution in progress stops at its next request
     this.progress = {};
     this.mark = 0;               // bytes received when the last update event was made
     this.client = createClient({
@@ -77,11 +81,6 @@ export class SimulatedBrowser {
     return this.client.contract;
   }
 
-  /** Rounds of the tasks this browser was given. */
-  rounds() {
-    return new Set([...this.tasks.values()].map(t => t.round).filter(Number.isInteger));
-  }
-
   /**
    * One contribute(): polls the task (none: {trained: false}), trains and uploads when there is
    * one it has not trained for. `stop` aborts it (max-seconds, a signal).
@@ -93,6 +92,7 @@ export class SimulatedBrowser {
     if (stop?.aborted) onStop();
     stop?.addEventListener('abort', onStop, { once: true });
     this.current = controller;
+    this.skip = null;
     const uploads = this.uploads;
     try {
       const result = await this.client.contribute({ signal: controller.signal, kind: this.kind, onProgress: p => this.onProgress(p) });
@@ -125,6 +125,11 @@ export class SimulatedBrowser {
 
   /** The client's fetch: the network, except at the upload, where the behaviour decides. */
   async fetch(url, init = {}) {
+    if (this.skip) {
+      const why = this.skip;
+      this.skip = null;
+      this.current?.abort(why);
+    }
     if (init.signal?.aborted) throw init.signal.reason ?? new DOMException('This operation was aborted', 'AbortError');
     const path = new URL(url).pathname;
     const method = String(init.method ?? 'GET').toUpperCase();
@@ -143,8 +148,10 @@ export class SimulatedBrowser {
 
   noteTask(task) {
     const deadlineMs = Date.parse(task.deadline);
-    this.tasks.set(task.task_id, { taskId: task.task_id, round: task.round, deadlineMs: Number.isFinite(deadlineMs) ? deadlineMs : null, baseVersion: task.base_version });
-    if (this.handled.has(task.task_id)) this.current?.abort(new Error(`${this.id} already trained for task ${task.task_id}`));
+    const known = { taskId: task.task_id, round: task.round, deadlineMs: Number.isFinite(deadlineMs) ? deadlineMs : null, baseVersion: task.base_version };
+    this.tasks.set(task.task_id, known);
+    this.onTask(known);
+    if (this.handled.has(task.task_id)) this.skip = new Error(`${this.id} already trained for task ${task.task_id}`);
   }
 
   async onUpload(taskId, url, init) {

@@ -205,7 +205,7 @@ def test_corrected_digits_train_in_the_browser_and_the_update_is_accepted(store,
         assert update.examples == CORRECTIONS
         assert update.delta.size == opened.size == base.size
         assert np.isfinite(update.delta).all() and np.abs(update.delta).max() > 0
-        assert update.norm == pytest.approx(outcome["norm"], rel=1e-6)
+        assert update.norm == pytest.approx(outcome["norm"], rel=1e-4)  # the page sums in float32
 
         # Keras, given base + delta in the task's order, computes what the page measured:
         # the browser's weight order and byte layout are Keras'

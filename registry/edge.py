@@ -537,7 +537,9 @@ class EdgeStore:
     def update_body(self, task: EdgeTask, dtype: str = "float32") -> UpdateBody:
         """Page-aligned memory to read a body for `task` into (``accept`` takes it); the
         caller releases it once the answer is known."""
-        return UpdateBody(self._buffers, task.size * ITEMSIZE.get(dtype, 4), capacity=task.size * 4)
+        body = UpdateBody(self._buffers, task.size * ITEMSIZE.get(dtype, 4), capacity=task.size * 4)
+        self._commits.expect(body)
+        return body
 
     def accept(self, task_id: str, device_id: str, body, *, dtype: str = "float32",
                examples: object = None, now: float | None = None,
@@ -558,7 +560,7 @@ class EdgeStore:
         try:
             try:
                 update = self._check(task, device_id, body, dtype, examples)
-                accepted = self._record(task, update, body, now).result()
+                accepted, update = self._record(task, update, body, now).result()
             except EdgeRefusal as refusal:
                 self.count_refusal(task.model, refusal.reason, task.round)
                 raise
@@ -573,13 +575,14 @@ class EdgeStore:
 
     async def accept_async(self, task: EdgeTask, device_id: str, body: UpdateBody, *, dtype: str = "float32",
                            examples: object = None) -> tuple[EdgeTask, Update]:
-        """``accept`` for an event loop (the server's update route): the checks run here, on
-        the loop (they are CPU work: a norm); the append, fdatasync and commit on the store's
-        committer thread, together with whatever else arrived meanwhile, and the loop is
-        woken once the batch is durable. No thread of the pool is held while it waits."""
+        """``accept`` for an event loop (the server's update route): the checks, the append,
+        fdatasync and commit run on the store's committer thread, together with whatever else
+        arrived meanwhile, and the loop is woken once the batch is durable. No thread of the
+        pool is held while it waits, and the loop itself does no numpy: numpy lets go of the
+        GIL, and on a busy machine getting it back from the committer can take milliseconds."""
         try:
-            update = self._check(task, device_id, body, dtype, examples)
-            accepted = await asyncio.wrap_future(self._record(task, update, body, None))
+            accepted, update = await asyncio.wrap_future(self._record(
+                task, None, body, None, check=lambda: self._check(task, device_id, body, dtype, examples)))
         except EdgeRefusal as refusal:
             with contextlib.suppress(PollinateError):
                 await asyncio.wrap_future(self._commits.submit(_refusal_count(task.model, refusal.reason, task.round)))
@@ -606,13 +609,20 @@ class EdgeStore:
             raise _duplicate(task)
         return Update(device_id, count, norm, clipped, delta)
 
-    def _record(self, task: EdgeTask, update: Update, body: UpdateBody, now: float | None) -> Future:
-        """Queue the checked update for the committer: appended, made durable and counted in
-        one transaction with the others of its batch. The future's result: the task's count."""
+    def _record(self, task: EdgeTask, update: Update | None, body: UpdateBody, now: float | None,
+                check=None) -> Future:
+        """Queue the update for the committer: checked (``check``, when `update` is None),
+        appended, made durable and counted in one transaction with the others of its batch.
+        The future's result: (the task's count, the update)."""
         now = time.time() if now is None else now
-        device_id = update.device_id
+        checked = [update]
 
-        def record(db: sqlite3.Connection, batch: dict, span: Span) -> int:
+        def prepare() -> None:
+            checked[0] = check()
+
+        def record(db: sqlite3.Connection, batch: dict, span: Span) -> tuple[int, Update]:
+            update = checked[0]
+            device_id = update.device_id
             state = batch.get(("state", task.task_id))
             if state is None:
                 state = batch[("state", task.task_id)] = db.execute(
@@ -621,12 +631,11 @@ class EdgeStore:
                 self._forget_task(task.task_id)
                 raise EdgeRefusal("stale", f"task {task.task_id} (round {task.round}) closed while this update "
                                            "arrived: fetch the current task")
-            if db.execute("SELECT 1 FROM edge_updates WHERE task_id = ? AND device_id = ?",
-                          (task.task_id, device_id)).fetchone():
+            inserted = db.execute("INSERT OR IGNORE INTO edge_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (task.task_id, device_id, update.examples, update.norm, int(update.clipped), now,
+                                   span.name, span.offset, span.nbytes)).rowcount
+            if not inserted:  # the primary key (task, device) is taken
                 raise _duplicate(task)
-            db.execute("INSERT INTO edge_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (task.task_id, device_id, update.examples, update.norm, int(update.clipped), now,
-                        span.name, span.offset, span.nbytes))
             count = batch.get(("count", task.task_id))  # the task's rows so far, this one included
             if count is None:
                 count = int(db.execute("SELECT COUNT(*) FROM edge_updates WHERE task_id = ?",
@@ -634,9 +643,10 @@ class EdgeStore:
             else:
                 count += 1
             batch[("count", task.task_id)] = count
-            return count
+            return count, update
 
-        return self._commits.submit(record, append=(task.task_id, body, task.size * 4))
+        return self._commits.submit(record, append=(task.task_id, body, task.size * 4),
+                                    prepare=prepare if update is None else None)
 
     def _recorded(self, task: EdgeTask, device_id: str) -> None:
         with self._remembering:
@@ -828,10 +838,10 @@ def _refusal_count(model: str, reason: str, round: int):
 
 
 class _Pending:
-    __slots__ = ("work", "append", "span", "future")
+    __slots__ = ("work", "append", "prepare", "span", "future")
 
-    def __init__(self, work, append):
-        self.work, self.append = work, append
+    def __init__(self, work, append, prepare=None):
+        self.work, self.append, self.prepare = work, append, prepare
         self.span: Span | None = None
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
@@ -862,12 +872,17 @@ class GroupCommit:
     written anything by then."""
 
     IDLE_S = 10.0
+    # How long a batch may wait for bodies being read when it starts: each batch costs about
+    # half a millisecond of CPU and two fsyncs however many updates it holds, so on a busy
+    # server a batch of eight costs an update an eighth of that; a device waits at most this.
+    GATHER_S = float(os.environ.get("H5_GATHER", "0.002"))
 
     def __init__(self, store, log: SegmentLog | None = None):
         self.store = store
         self.log = log
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
+        self._arriving = 0  # bodies being read (``expect``) and not yet submitted or dropped
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None  # only the committer uses it
 
@@ -897,11 +912,28 @@ class GroupCommit:
                 db.close()
             raise PollinateError(f"the store at {self.store.home} is unavailable: {exc}") from None
 
-    def submit(self, work, append: tuple[str, UpdateBody, int] | None = None) -> Future:
-        """Queue `work` (after appending `append` = (task id, body, bytes) to the task's
-        segment); a future of its result once committed, or of its error."""
-        pending = _Pending(work, append)
+    def expect(self, body: UpdateBody) -> None:
+        """A body is being read that will (most likely) be submitted: the committer may wait a
+        moment for it (``GATHER_S``) rather than commit a batch without it."""
         with self._cond:
+            self._arriving += 1
+        body.settle = self._arrived
+
+    def _arrived(self) -> None:
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify()
+
+    def submit(self, work, append: tuple[str, UpdateBody, int] | None = None, prepare=None) -> Future:
+        """Queue `work` (after `prepare()`, then appending `append` = (task id, body, bytes)
+        to the task's segment); a future of its result once committed, or of its error."""
+        pending = _Pending(work, append, prepare)
+        settle = None
+        if append is not None:
+            settle, append[1].settle = append[1].settle, None
+        with self._cond:
+            if settle is not None:
+                self._arriving -= 1
             self._queue.append(pending)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="pollinate-edge-commit", daemon=True)
@@ -922,6 +954,10 @@ class GroupCommit:
                     if not self._queue:
                         self._thread = None
                         return
+                if self._arriving > 0:  # bodies on their way: one batch for them too, if they are quick
+                    until = time.monotonic() + self.GATHER_S
+                    while self._arriving > 0 and (left := until - time.monotonic()) > 0:
+                        self._cond.wait(left)
                 batch, self._queue = self._queue, []
             try:
                 self._commit(batch)
@@ -932,6 +968,12 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Pending]) -> None:
         failed: dict[_Pending, BaseException] = {}
+        for pending in batch:
+            if pending.prepare is not None:
+                try:
+                    pending.prepare()
+                except EdgeRefusal as refusal:
+                    failed[pending] = refusal
         self._append(batch, failed)
         synced: dict[Path, OSError | None] = {}
         for pending in batch:  # each segment and new folder once, before the lock: others read meanwhile
@@ -981,7 +1023,7 @@ class GroupCommit:
         """Each task's bytes of the batch in one pwritev to this writer's segment."""
         by_task: dict[str, list[_Pending]] = {}
         for pending in batch:
-            if pending.append is not None:
+            if pending.append is not None and pending not in failed:
                 by_task.setdefault(pending.append[0], []).append(pending)
         for task_id, pendings in by_task.items():
             try:

@@ -27,9 +27,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from registry.edge import DEVICE_KINDS, DTYPES, EdgeRefusal, EdgeStore, EdgeTask, check_update_params
 from server.config import ENV_ENROL_TOKEN, ENV_MAX_UPDATE_BYTES
@@ -242,14 +244,21 @@ async def task_weights(edge: EdgeDep, model: ModelName, task_id: TaskId, credent
                         headers={"Cache-Control": "private, max-age=86400"})
 
 
-@router.post(
-    "/{model}/tasks/{task_id}/updates",
-    status_code=202,
-    response_model=UpdateAcceptedOut,
-    responses=_refusals(401, 404, 409, 413, 422),
-    openapi_extra={**UPDATE_REQUEST, "security": [{"DeviceToken": []}]},
-    summary="Send this device's update for a task (local − base)",
-)
+class LeanRoute(APIRoute):
+    """A route FastAPI documents as usual but calls without its per-request machinery: no
+    dependency solving, parameter validation, exception wrapping or response-model encoding
+    (about 0.15 ms of CPU a request, half of what uvicorn and FastAPI spend on a bare update
+    POST). The endpoint takes the Request and its path parameters as strings and returns a
+    Response; errors it raises still reach the app's handlers (ExceptionMiddleware)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in self.methods:
+            await super().handle(scope, receive, send)  # 405, as FastAPI answers it
+            return
+        response = await self.endpoint(Request(scope, receive, send), **scope["path_params"])
+        await response(scope, receive, send)
+
+
 async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Response:
     """202 means recorded durably and counted once. Every check that needs no body (token,
     task, round still open, ``dtype``, ``examples``, declared length) runs before the body
@@ -323,6 +332,19 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     finally:
         body.release()
     return Response(json.dumps(answer).encode(), status_code=202, media_type="application/json")
+
+
+router.add_api_route(
+    "/{model}/tasks/{task_id}/updates",
+    post_update,
+    methods=["POST"],
+    status_code=202,
+    response_model=UpdateAcceptedOut,
+    responses=_refusals(401, 404, 409, 413, 422),
+    openapi_extra={**UPDATE_REQUEST, "security": [{"DeviceToken": []}]},
+    summary="Send this device's update for a task (local − base)",
+    route_class_override=LeanRoute,
+)
 
 
 def _bearer_token(authorization: str | None) -> str | None:

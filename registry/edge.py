@@ -574,7 +574,7 @@ class EdgeStore:
         return replace(task, accepted=accepted), update
 
     async def accept_async(self, task: EdgeTask, device_id: str, body: UpdateBody, *, dtype: str = "float32",
-                           examples: object = None) -> tuple[EdgeTask, Update]:
+                           examples: object = None) -> tuple[int, Update]:
         """``accept`` for an event loop (the server's update route): the checks, the append,
         fdatasync and commit run on the store's committer thread, together with whatever else
         arrived meanwhile, and the loop is woken once the batch is durable. No thread of the
@@ -588,7 +588,7 @@ class EdgeStore:
                 await asyncio.wrap_future(self._commits.submit(_refusal_count(task.model, refusal.reason, task.round)))
             raise
         self._recorded(task, device_id)
-        return replace(task, accepted=accepted), update
+        return accepted, update
 
     def _check(self, task: EdgeTask, device_id: str, body: UpdateBody, dtype: str, examples: object,
                now: float | None = None) -> Update:

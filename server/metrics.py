@@ -88,9 +88,15 @@ def count_manifest(model: str, version: int, channel: str, status: int) -> None:
     MANIFESTS.labels(model, str(version), channel, str(status)).inc()
 
 
+_edge_update_series: dict[str, tuple] = {}  # model -> its two children (labels() takes a lock and builds a key)
+
+
 def count_edge_update(model: str, body_bytes: int) -> None:
-    EDGE_UPDATES.labels(model).inc()
-    EDGE_UPDATE_BYTES.labels(model).inc(body_bytes)
+    series = _edge_update_series.get(model)
+    if series is None:
+        series = _edge_update_series[model] = (EDGE_UPDATES.labels(model), EDGE_UPDATE_BYTES.labels(model))
+    series[0].inc()
+    series[1].inc(body_bytes)
 
 
 def count_edge_refusal(model: str | None, reason: str) -> None:

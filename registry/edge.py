@@ -574,21 +574,21 @@ class EdgeStore:
         return replace(task, accepted=accepted), update
 
     async def accept_async(self, task: EdgeTask, device_id: str, body: UpdateBody, *, dtype: str = "float32",
-                           examples: object = None) -> tuple[int, Update]:
+                           examples: object = None) -> tuple[int, Update, list[float]]:
         """``accept`` for an event loop (the server's update route): the checks, the append,
         fdatasync and commit run on the store's committer thread, together with whatever else
         arrived meanwhile, and the loop is woken once the batch is durable. No thread of the
         pool is held while it waits, and the loop itself does no numpy: numpy lets go of the
         GIL, and on a busy machine getting it back from the committer can take milliseconds."""
+        future = self._record(task, None, body, None, check=lambda: self._check(task, device_id, body, dtype, examples))
         try:
-            accepted, update = await asyncio.wrap_future(self._record(
-                task, None, body, None, check=lambda: self._check(task, device_id, body, dtype, examples)))
+            accepted, update = await asyncio.wrap_future(future)
         except EdgeRefusal as refusal:
             with contextlib.suppress(PollinateError):
                 await asyncio.wrap_future(self._commits.submit(_refusal_count(task.model, refusal.reason, task.round)))
             raise
         self._recorded(task, device_id)
-        return accepted, update
+        return accepted, update, future.times
 
     def _check(self, task: EdgeTask, device_id: str, body: UpdateBody, dtype: str, examples: object,
                now: float | None = None) -> Update:
@@ -845,6 +845,8 @@ class _Pending:
         self.span: Span | None = None
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
+        # perf_counter() when it was queued, its batch started, appended, synced, committed
+        self.future.times = [time.perf_counter()]
         if append is not None:
             append[1].busy = self.future  # its memory is not reused before the committer is done
 
@@ -967,6 +969,7 @@ class GroupCommit:
                         pending.future.set_exception(PollinateError(f"the edge commit failed: {exc}"))
 
     def _commit(self, batch: list[_Pending]) -> None:
+        times = [time.perf_counter()]
         failed: dict[_Pending, BaseException] = {}
         for pending in batch:
             if pending.prepare is not None:
@@ -975,6 +978,7 @@ class GroupCommit:
                 except EdgeRefusal as refusal:
                     failed[pending] = refusal
         self._append(batch, failed)
+        times.append(time.perf_counter())
         synced: dict[Path, OSError | None] = {}
         for pending in batch:  # each segment and new folder once, before the lock: others read meanwhile
             if pending.span is None or pending in failed:
@@ -995,6 +999,7 @@ class GroupCommit:
             if error is None and path.suffix == SUFFIX:
                 self.log.linked(path)  # its folder was synced in this batch or an earlier one
         results: dict[_Pending, object] = {}
+        times.append(time.perf_counter())
         try:
             with self._transaction() as db:
                 shared: dict = {}
@@ -1013,7 +1018,9 @@ class GroupCommit:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            times.append(time.perf_counter())
             for pending in batch:
+                pending.future.times += times
                 if pending in failed:
                     pending.future.set_exception(failed[pending])
                 elif pending in results:

@@ -5,7 +5,8 @@ never raw paths or anything a client chooses, so the number of series stays boun
 however the server is probed. Manifests are also counted per model, version and channel
 (an unset channel counts as ``(latest)``, a fixed-version manifest as ``(fixed)``): that is how an operator watches a staged rollout.
 
-The device protocol counts accepted updates (and their bytes) per model, and refusals per
+The device protocol counts accepted updates (and their bytes) per model, the wall time they
+spent in each phase of their acceptance (summed: divide by the updates), and refusals per
 model and reason (``registry/edge.py`` REFUSALS). A model label only ever names a model the
 store has: a request for one it does not know is counted under ``(unknown)``.
 
@@ -62,6 +63,13 @@ EDGE_UPDATES = Counter(
 EDGE_UPDATE_BYTES = Counter(
     "pollinate_edge_update_bytes", "Body bytes of accepted device updates, by model.", ["model"]
 )
+# Where an accepted update's time goes, summed over updates (divide by pollinate_edge_updates_total):
+# reading its body (admission included), waiting for the committer, the checks and the append
+# (with the others of its batch), the segments' fdatasync, the SQLite commit, waking the route.
+EDGE_PHASES = ("read", "queue", "check_append", "sync", "commit", "wake")
+EDGE_UPDATE_SECONDS = Counter(
+    "pollinate_edge_update_seconds", "Wall seconds accepted device updates spent in each phase, summed.", ["phase"]
+)
 EDGE_REFUSALS = Counter(
     "pollinate_edge_refusals", "Device protocol requests refused, by model and reason.", ["model", "reason"]
 )
@@ -89,14 +97,23 @@ def count_manifest(model: str, version: int, channel: str, status: int) -> None:
 
 
 _edge_update_series: dict[str, tuple] = {}  # model -> its two children (labels() takes a lock and builds a key)
+_edge_phase_series = [EDGE_UPDATE_SECONDS.labels(phase) for phase in EDGE_PHASES]
 
 
-def count_edge_update(model: str, body_bytes: int) -> None:
+def count_edge_update(model: str, body_bytes: int, started: float | None = None, times: list[float] | None = None,
+                      answered: float | None = None) -> None:
+    """An accepted update; with its perf_counter() times (the route's start, then the store's:
+    queued, batch started, checked and appended, synced, committed; the route's answer), the
+    time it spent in each of EDGE_PHASES."""
     series = _edge_update_series.get(model)
     if series is None:
         series = _edge_update_series[model] = (EDGE_UPDATES.labels(model), EDGE_UPDATE_BYTES.labels(model))
     series[0].inc()
     series[1].inc(body_bytes)
+    if started is not None and times is not None and answered is not None and len(times) == 5:
+        stamps = (started, *times, answered)
+        for counter, begin, end in zip(_edge_phase_series, stamps, stamps[1:]):
+            counter.inc(max(end - begin, 0.0))
 
 
 def count_edge_refusal(model: str | None, reason: str) -> None:

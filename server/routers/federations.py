@@ -24,6 +24,7 @@ import ctypes
 import hmac
 import json
 import re
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -299,6 +300,7 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     # disk), validation runs on the loop and the append, fdatasync and commit on the store's
     # committer thread with the others of their batch (no thread hop per update), and the
     # answer is written as JSON directly (the response model documents it).
+    started = time.perf_counter()
     edge: EdgeStore = request.app.state.edge
     query = request.query_params
     dtype = query.get("dtype", "float32")
@@ -352,10 +354,10 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
             if not message.get("more_body", False):
                 break
         try:
-            accepted, update = await edge.accept_async(task, device_id, body, dtype=dtype, examples=examples)
+            accepted, update, times = await edge.accept_async(task, device_id, body, dtype=dtype, examples=examples)
         except EdgeRefusal as refusal:  # accept_async() counted it under the task's round
             return _refused(refusal, model)
-        count_edge_update(model, body.length)
+        count_edge_update(model, body.length, started, times, time.perf_counter())
     finally:
         body.release()
     # UpdateAcceptedOut, written out: the task id is hex, the norm a finite float (its repr is JSON)

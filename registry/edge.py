@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import InvalidInput, NotFound, PollinateError
-from registry.edge_log import SUFFIX, BufferPool, SegmentLog, Span, UpdateBody, datasync, fsync_dir, read_span
+from registry.edge_log import BufferPool, SegmentLog, Span, UpdateBody, datasync, fsync_dir, read_span
 
 if TYPE_CHECKING:
     import numpy as np
@@ -853,19 +853,21 @@ class _Pending:
 
 class GroupCommit:
     """Writes that arrive together share one pwritev and one fdatasync per segment and one
-    SQLite transaction (so one fsync of its log), on one committer thread.
+    SQLite transaction (so one fsync of its log), on two threads in a pipeline.
 
     Without it, concurrent device updates each take the write lock in turn and SQLite's busy
     handler makes the waiting ones sleep (1, 2, 5 … 100 ms): a few dozen updates per second
-    on a machine that fsyncs in 2 ms. Here writers queue their work and the committer takes
-    everything queued: appends the updates' bytes to their segments (one system call per
-    segment), makes them durable (fdatasync; the folder too when a segment is new) *before*
-    taking the write lock, runs each piece of work in one ``BEGIN IMMEDIATE`` transaction,
-    commits, and only then resolves each writer's future with its own result. So a 202 still
-    means durable, no row can name bytes that are not on disk, and a busy server wakes one
-    thread per batch, not one per update (on a loaded machine each wake-up waits for a core).
-    One per EdgeStore (per process); across processes SQLite's lock still serialises. The
-    thread stops when idle and starts again with the next write.
+    on a machine that fsyncs in 2 ms. Here writers queue their work; the *writer* thread takes
+    everything queued, checks the updates, appends their bytes to their segments (one system
+    call per segment) and makes them durable (fdatasync; the folder too when a segment is
+    new), then hands the batch to the *committer* thread, which runs every piece of work it
+    was handed in one ``BEGIN IMMEDIATE`` transaction, commits, and only then resolves each
+    writer's future with its own result. While one batch commits the next one is written, so
+    an update waits for one fsync less. A 202 still means durable, no row can name bytes that
+    are not on disk, and a busy server wakes two threads per batch, not one per update (on a
+    loaded machine each wake-up waits for a core). One per EdgeStore (per process); across
+    processes SQLite's lock still serialises. The threads stop when idle and start again
+    with the next write.
 
     A piece of work is `work(db, batch, span)`: `batch` is a dict the pieces of one
     transaction share (what one read that the others need not read again), `span` where its
@@ -886,6 +888,7 @@ class GroupCommit:
         self._queue: list[_Pending] = []
         self._arriving = 0  # bodies being read (``expect``) and not yet submitted or dropped
         self._thread: threading.Thread | None = None
+        self._committer = _Stage("pollinate-edge-commit", self._commit, self.IDLE_S)
         self._db: sqlite3.Connection | None = None  # only the committer uses it
 
     def _connection(self) -> sqlite3.Connection:
@@ -915,8 +918,8 @@ class GroupCommit:
             raise PollinateError(f"the store at {self.store.home} is unavailable: {exc}") from None
 
     def expect(self, body: UpdateBody) -> None:
-        """A body is being read that will (most likely) be submitted: the committer may wait a
-        moment for it (``GATHER_S``) rather than commit a batch without it."""
+        """A body is being read that will (most likely) be submitted: the writer may wait a
+        moment for it (``GATHER_S``) rather than start a batch without it."""
         with self._cond:
             self._arriving += 1
         body.settle = self._arrived
@@ -938,7 +941,7 @@ class GroupCommit:
                 self._arriving -= 1
             self._queue.append(pending)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="pollinate-edge-commit", daemon=True)
+                self._thread = threading.Thread(target=self._serve, name="pollinate-edge-write", daemon=True)
                 self._thread.start()
             else:
                 self._cond.notify()
@@ -962,28 +965,29 @@ class GroupCommit:
                         self._cond.wait(left)
                 batch, self._queue = self._queue, []
             try:
-                self._commit(batch)
+                self._committer.put(self._write(batch))
             except BaseException as exc:  # noqa: BLE001 - whatever happens, every writer hears of it
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(PollinateError(f"the edge commit failed: {exc}"))
+                _fail(batch, exc)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _write(self, batch: list[_Pending]) -> tuple[list[_Pending], dict, list[float]]:
+        """Check, append and make durable the updates of a batch; (the batch, what failed and
+        why, when it started and was appended and synced) for the committer."""
         times = [time.perf_counter()]
         failed: dict[_Pending, BaseException] = {}
+        durable: set[Path] = set()  # segments written with RWF_DSYNC: no fdatasync to add
         for pending in batch:
             if pending.prepare is not None:
                 try:
                     pending.prepare()
                 except EdgeRefusal as refusal:
                     failed[pending] = refusal
-        self._append(batch, failed)
+        self._append(batch, failed, durable)
         times.append(time.perf_counter())
         synced: dict[Path, OSError | None] = {}
         for pending in batch:  # each segment and new folder once, before the lock: others read meanwhile
             if pending.span is None or pending in failed:
                 continue
-            paths = [(pending.span.path, datasync)]
+            paths = [] if pending.span.path in durable else [(pending.span.path, datasync)]
             if self.log.needs_link(pending.span.path):
                 paths.append((pending.span.path.parent, fsync_dir))
             for path, sync in paths:
@@ -995,46 +999,22 @@ class GroupCommit:
                         synced[path] = exc
                 if synced[path] is not None:
                     failed[pending] = synced[path]
-        for path, error in synced.items():
-            if error is None and path.suffix == SUFFIX:
-                self.log.linked(path)  # its folder was synced in this batch or an earlier one
-        results: dict[_Pending, object] = {}
+        for pending in batch:
+            if pending.span is not None and synced.get(pending.span.path.parent, True) is None:
+                self.log.linked(pending.span.path)  # its folder was synced: its name is on disk
         times.append(time.perf_counter())
-        try:
-            with self._transaction() as db:
-                shared: dict = {}
-                for pending in batch:
-                    if pending in failed:
-                        continue
-                    try:
-                        results[pending] = pending.work(db, shared, pending.span)
-                    except (EdgeRefusal, OSError) as exc:
-                        failed[pending] = exc
-        except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
-            for pending in batch:
-                if not isinstance(failed.get(pending), EdgeRefusal):  # each writer raises its own copy
-                    failed[pending] = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
-            results.clear()
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            times.append(time.perf_counter())
-            for pending in batch:
-                pending.future.times += times
-                if pending in failed:
-                    pending.future.set_exception(failed[pending])
-                elif pending in results:
-                    pending.future.set_result(results[pending])
+        return batch, failed, times
 
-    def _append(self, batch: list[_Pending], failed: dict) -> None:
-        """Each task's bytes of the batch in one pwritev to this writer's segment."""
+    def _append(self, batch: list[_Pending], failed: dict, durable: set[Path]) -> None:
+        """Each task's bytes of the batch in one pwritev to this writer's segment (`durable`:
+        the segments whose write was durable already)."""
         by_task: dict[str, list[_Pending]] = {}
         for pending in batch:
             if pending.append is not None and pending not in failed:
                 by_task.setdefault(pending.append[0], []).append(pending)
         for task_id, pendings in by_task.items():
             try:
-                spans = self.log.append(task_id, [(p.append[1], p.append[2]) for p in pendings])
+                spans, synced = self.log.append(task_id, [(p.append[1], p.append[2]) for p in pendings])
             except FileNotFoundError:  # the gateway discarded the files of this (closed) round
                 for pending in pendings:
                     failed[pending] = EdgeRefusal("stale", f"task {task_id} is over: fetch the current task")
@@ -1044,6 +1024,83 @@ class GroupCommit:
             else:
                 for pending, span in zip(pendings, spans):
                     pending.span = span
+                if synced:
+                    durable.add(spans[0].path)
+
+    def _commit(self, written: list[tuple[list[_Pending], dict, list[float]]]) -> None:
+        """Every batch the writer handed over since the last commit, in one transaction."""
+        failed: dict[_Pending, BaseException] = {}
+        for _, batch_failed, _ in written:
+            failed.update(batch_failed)
+        results: dict[_Pending, object] = {}
+        try:
+            with self._transaction() as db:
+                shared: dict = {}
+                for batch, _, _ in written:
+                    for pending in batch:
+                        if pending in failed:
+                            continue
+                        try:
+                            results[pending] = pending.work(db, shared, pending.span)
+                        except (EdgeRefusal, OSError) as exc:
+                            failed[pending] = exc
+        except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
+            for batch, _, _ in written:
+                for pending in batch:
+                    if not isinstance(failed.get(pending), EdgeRefusal):  # each writer raises its own copy
+                        failed[pending] = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
+            results.clear()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            committed = time.perf_counter()
+            for batch, _, times in written:
+                for pending in batch:
+                    pending.future.times += (*times, committed)
+                    if pending in failed:
+                        pending.future.set_exception(failed[pending])
+                    elif pending in results:
+                        pending.future.set_result(results[pending])
+
+
+class _Stage:
+    """A thread that takes everything queued at once, ``handle(items)``, and stops when idle."""
+
+    def __init__(self, name: str, handle, idle_s: float):
+        self.name, self.handle, self.idle_s = name, handle, idle_s
+        self._cond = threading.Condition(threading.Lock())
+        self._items: list = []
+        self._thread: threading.Thread | None = None
+
+    def put(self, item) -> None:
+        with self._cond:
+            self._items.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                if not self._items:
+                    self._cond.wait(self.idle_s)
+                    if not self._items:
+                        self._thread = None
+                        return
+                items, self._items = self._items, []
+            try:
+                self.handle(items)
+            except BaseException as exc:  # noqa: BLE001 - whatever happens, every writer hears of it
+                for batch, _, _ in items:
+                    _fail(batch, exc)
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(PollinateError(f"the edge commit failed: {exc}"))
 
 
 def _connect(store, check_same_thread: bool = True) -> sqlite3.Connection:

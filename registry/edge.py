@@ -537,9 +537,7 @@ class EdgeStore:
     def update_body(self, task: EdgeTask, dtype: str = "float32") -> UpdateBody:
         """Page-aligned memory to read a body for `task` into (``accept`` takes it); the
         caller releases it once the answer is known."""
-        body = UpdateBody(self._buffers, task.size * ITEMSIZE.get(dtype, 4), capacity=task.size * 4)
-        self._commits.expect(body)
-        return body
+        return UpdateBody(self._buffers, task.size * ITEMSIZE.get(dtype, 4), capacity=task.size * 4)
 
     def accept(self, task_id: str, device_id: str, body, *, dtype: str = "float32",
                examples: object = None, now: float | None = None,
@@ -876,17 +874,12 @@ class GroupCommit:
     written anything by then."""
 
     IDLE_S = 10.0
-    # How long a batch may wait for bodies being read when it starts: each batch costs about
-    # half a millisecond of CPU and two fsyncs however many updates it holds, so on a busy
-    # server a batch of eight costs an update an eighth of that; a device waits at most this.
-    GATHER_S = float(os.environ.get("H5_GATHER", "0.002"))
 
     def __init__(self, store, log: SegmentLog | None = None):
         self.store = store
         self.log = log
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
-        self._arriving = 0  # bodies being read (``expect``) and not yet submitted or dropped
         self._thread: threading.Thread | None = None
         self._committer = _Stage("pollinate-edge-commit", self._commit, self.IDLE_S)
         self._db: sqlite3.Connection | None = None  # only the committer uses it
@@ -917,28 +910,11 @@ class GroupCommit:
                 db.close()
             raise PollinateError(f"the store at {self.store.home} is unavailable: {exc}") from None
 
-    def expect(self, body: UpdateBody) -> None:
-        """A body is being read that will (most likely) be submitted: the writer may wait a
-        moment for it (``GATHER_S``) rather than start a batch without it."""
-        with self._cond:
-            self._arriving += 1
-        body.settle = self._arrived
-
-    def _arrived(self) -> None:
-        with self._cond:
-            self._arriving -= 1
-            self._cond.notify()
-
     def submit(self, work, append: tuple[str, UpdateBody, int] | None = None, prepare=None) -> Future:
         """Queue `work` (after `prepare()`, then appending `append` = (task id, body, bytes)
         to the task's segment); a future of its result once committed, or of its error."""
         pending = _Pending(work, append, prepare)
-        settle = None
-        if append is not None:
-            settle, append[1].settle = append[1].settle, None
         with self._cond:
-            if settle is not None:
-                self._arriving -= 1
             self._queue.append(pending)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="pollinate-edge-write", daemon=True)
@@ -959,10 +935,6 @@ class GroupCommit:
                     if not self._queue:
                         self._thread = None
                         return
-                if self._arriving > 0:  # bodies on their way: one batch for them too, if they are quick
-                    until = time.monotonic() + self.GATHER_S
-                    while self._arriving > 0 and (left := until - time.monotonic()) > 0:
-                        self._cond.wait(left)
                 batch, self._queue = self._queue, []
             try:
                 self._committer.put(self._write(batch))

@@ -79,7 +79,7 @@ class UpdateBody:
     request that is called off never lets another body overwrite bytes on their way to disk;
     nothing may use a view of it afterwards."""
 
-    __slots__ = ("memory", "length", "expected", "busy", "settle", "_pool")
+    __slots__ = ("memory", "length", "expected", "busy", "_pool")
 
     def __init__(self, pool: BufferPool, expected: int, capacity: int | None = None):
         self._pool = pool
@@ -87,7 +87,6 @@ class UpdateBody:
         self.memory = pool.take(max(expected, capacity or 0))
         self.length = 0
         self.busy = None
-        self.settle = None  # called once when the body is submitted or dropped (see GroupCommit.expect)
 
     def append(self, chunk: bytes) -> None:
         end = self.length + len(chunk)
@@ -100,9 +99,6 @@ class UpdateBody:
         return self.length == self.expected
 
     def release(self) -> None:
-        settle, self.settle = self.settle, None
-        if settle is not None:
-            settle()
         busy, self.busy = self.busy, None
         if busy is not None and not busy.done():
             busy.add_done_callback(lambda _: self.release())

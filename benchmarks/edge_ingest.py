@@ -1,0 +1,355 @@
+"""Edge update ingestion: `pollinate serve`'s update route against a bare endpoint.
+
+    .venv/bin/python benchmarks/edge_ingest.py [--seconds 10] [--devices 200] [--tasks 5] [--repeats 3]
+
+For two model sizes — the digits CNN and a 1M-parameter model — enrols ``--devices`` devices
+and opens ``--tasks`` tasks per repeat in a scratch store (as that many gateways of one
+federation would), then every device posts one float32 update to every task from
+``--concurrency`` keep-alive connections (after one warm-up post per connection), to:
+
+- ``ours``: ``pollinate serve`` (one uvicorn worker): authenticate, read the body under the
+  limit, validate (length, finite, L2 norm), append + fdatasync the update, commit it in
+  SQLite, 202 — the real route with every check and its durability;
+- ``bare``: a uvicorn app (one worker) whose route only reads the body and answers 202 (the
+  reference: what HTTP + uvicorn alone cost for these bytes).
+
+The two alternate, ``--repeats`` times, in one run; the ratio reported is the median of the
+repeats' ours/bare (target >= 0.5). Both servers and the client share the machine's cores:
+compare the ratio, not the absolute numbers. Each run also reports the server's CPU time per
+update, split into the event loop's and the other threads' (so a gap can be told apart as
+work or waiting), and ours' wall time per update in each phase of its acceptance (from the
+server's own ``pollinate_edge_update_seconds_total`` in ``/metrics``). Writes
+benchmarks/results/edge_ingest.json and edge_ingest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET_RATIO = 0.5
+TICKS = os.sysconf("SC_CLK_TCK")
+
+from serve import free_port, stop, wait_http  # noqa: E402  (the serve benchmark's process helpers)
+
+BARE_APP = textwrap.dedent('''
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/federations/{model}/tasks/{task_id}/updates")
+    async def updates(model: str, task_id: str, request: Request):
+        body = await request.body()
+        return JSONResponse({"bytes": len(body)}, status_code=202)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True}
+''')
+
+
+SPECS = textwrap.dedent('''
+    import json
+    import numpy as np
+    from core.tensorflow import import_tensorflow  # quiet TensorFlow start
+    from registry.edge import weights_spec
+    from training.datasets import load_dataset
+    from training.zoo import build_model
+
+    cnn = build_model("cnn", load_dataset("digits"))
+    mlp = [np.zeros((1000, 1000), np.float32), np.zeros(1000, np.float32)]  # 1,001,000 parameters
+    print(json.dumps({"digits-cnn": weights_spec(cnn.get_weights()), "mlp-1m": weights_spec(mlp)}))
+''')
+
+
+def model_specs() -> dict[str, list[dict]]:
+    """The weight lists of the two models: the zoo's digits CNN and a ~1M-parameter MLP. Read
+    in a child process, so that the one posting the updates never loads TensorFlow (its
+    threads and its garbage-collected heap would slow the client, not the servers)."""
+    out = subprocess.run([sys.executable, "-c", SPECS], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_store(home: Path, specs: dict[str, list[dict]], devices: int, tasks: int, repeats: int,
+                warmups: int) -> dict[str, dict]:
+    """Per model: a version, `devices` enrolled tokens, a warm-up task and `tasks` open tasks
+    per repeat (each from its own gateway, as several gateways serve one federation)."""
+    from registry import Lineage, Store
+    from registry.edge import EdgeStore, flat_size
+
+    store = Store(home)
+    edge = EdgeStore(store)
+    setups = {}
+    for name, spec in specs.items():
+        store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": b"placeholder"}})
+        size = flat_size(spec)
+        rng = np.random.default_rng(0)
+        base = rng.normal(0, 0.05, size).astype(np.float32)
+
+        def task(gateway: str, name: str = name, spec: list[dict] = spec, base: np.ndarray = base) -> str:
+            return edge.open_task(name, federation=f"bench-{name}", round=1, gateway=gateway, base_version=1,
+                                  config={"epochs": 1, "batch_size": 32, "learning_rate": 0.01}, weights=spec,
+                                  base=base, deadline=time.time() + 3600, min_updates=10**6,
+                                  norm_bound=float(np.linalg.norm(base))).task_id
+
+        tokens = [edge.enrol(name, "simulated")[1] for _ in range(max(devices, warmups))]
+        body = (rng.normal(0, 0.01 / np.sqrt(size), size)).astype("<f4").tobytes()
+        setups[name] = {"warmups": [[(task(f"warmup-{r}"), t) for t in tokens[:warmups]] for r in range(repeats)],
+                        "tokens": tokens[:devices],
+                        "tasks": [[task(f"gw-{r}-{k}") for k in range(tasks)] for r in range(repeats)],
+                        "body": body, "size": size}
+    return setups
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds so far of a process's main thread (uvicorn's event loop) and
+    of all its other threads together (ours: the store's committer, the thread pool)."""
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / TICKS
+        if int(task.name) == pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other
+
+
+def phase_seconds(port: int) -> dict[str, float]:
+    """ours' /metrics: seconds accepted updates spent per phase (summed) and the updates counted."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    out = {"updates": 0.0}
+    for line in text.splitlines():
+        if line.startswith("pollinate_edge_update_seconds_total{"):
+            out[line.split('phase="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("pollinate_edge_updates_total{"):
+            out["updates"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection of the load client (asyncio on uvloop, raw bytes: the
+    client should cost the shared cores as little as possible, whichever server it measures)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port, limit=1 << 20))
+
+    async def request(self, method: str, path: str, token: str, body: bytes = b"") -> int:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")
+        self.writer.write(head.encode())
+        if body:
+            self.writer.write(body)
+        await self.writer.drain()
+        lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        length = next((int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")), 0)
+        await self.reader.readexactly(length)
+        return int(lines[0].split()[1])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post_all(port: int, model: str, jobs: list[tuple[str, str]], warmup: list[tuple[str, str]], body: bytes,
+             concurrency: int, deadline_s: float, pid: int, phases: bool) -> dict:
+    """Each connection posts one warm-up update and each device fetches its task (as a device
+    does before it trains), untimed; then the connections share `jobs` ((task, token) pairs)."""
+    return uvloop.run(_post_all(port, model, jobs, warmup, body, concurrency, deadline_s, pid, phases))
+
+
+async def _post_all(port: int, model: str, jobs: list[tuple[str, str]], warmup: list[tuple[str, str]], body: bytes,
+                    concurrency: int, deadline_s: float, pid: int, phases: bool) -> dict:
+    def path(task: str) -> str:
+        return f"/v1/federations/{model}/tasks/{task}/updates?examples=32"
+
+    queue = list(reversed(jobs))
+    statuses: dict[int, int] = {}
+    connections = [await Connection.open(port) for _ in range(concurrency)]
+    await asyncio.gather(*(c.request("POST", path(task), token, body) for c, (task, token) in zip(connections, warmup)))
+    for token in sorted({token for _, token in jobs}):  # every device fetches its task first (bare: any answer)
+        await connections[0].request("GET", f"/v1/federations/{model}/task", token)
+    loop = asyncio.get_running_loop()
+    before = await loop.run_in_executor(None, phase_seconds, port) if phases else None
+    cpu = cpu_seconds(pid)
+    started = time.perf_counter()
+    stop_at = started + deadline_s
+
+    async def worker(connection: Connection) -> None:
+        while queue and time.perf_counter() < stop_at:
+            task, token = queue.pop()
+            status = await connection.request("POST", path(task), token, body)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    await asyncio.gather(*(worker(c) for c in connections))
+    seconds = time.perf_counter() - started
+    loop_cpu, other_cpu = (after - before for after, before in zip(cpu_seconds(pid), cpu))
+    for connection in connections:
+        connection.close()
+    cpu = loop_cpu + other_cpu
+    n = sum(statuses.values())
+    split = {}
+    if before is not None:
+        after = await loop.run_in_executor(None, phase_seconds, port)
+        counted = after.pop("updates") - before.pop("updates")
+        split = {phase: (after[phase] - before.get(phase, 0.0)) / max(counted, 1) * 1e3 for phase in after}
+    return {"phases_ms": split, "updates": n, "seconds": seconds, "updates_per_s": n / seconds,
+            "mb_per_s": n * len(body) / seconds / 1e6, "bytes_per_update": len(body),
+            "server_cpu_ms_per_update": cpu / max(n, 1) * 1e3, "server_cpu_cores": cpu / seconds,
+            "loop_cpu_ms_per_update": loop_cpu / max(n, 1) * 1e3,
+            "other_threads_cpu_ms_per_update": other_cpu / max(n, 1) * 1e3,
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "POLLINATE_MAX_UPDATE_BYTES": str(64 << 20)}
+    if server == "ours":
+        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "store"), "--port", str(port)]
+        cwd = ROOT
+    else:
+        command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
+                   "--log-level", "warning", "--no-access-log"]
+        cwd = scratch
+    with open(scratch / f"{server}.log", "ab") as log:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0, help="time box per (model, server, repeat)")
+    parser.add_argument("--devices", type=int, default=200, help="enrolled devices per model")
+    parser.add_argument("--tasks", type=int, default=5, help="open tasks per repeat: each device posts to each")
+    parser.add_argument("--repeats", type=int, default=3, help="bare/ours alternations per model")
+    parser.add_argument("--models", default="digits-cnn,mlp-1m")
+    args = parser.parse_args()
+
+    specs = {k: v for k, v in model_specs().items() if k in args.models.split(",")}
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_before": os.getloadavg()[0]},
+              "concurrency": args.concurrency, "devices": args.devices, "tasks": args.tasks,
+              "repeats": args.repeats, "seconds": args.seconds, "target_ratio": TARGET_RATIO, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="pollinate-edge-ingest-") as scratch:
+        scratch = Path(scratch)
+        setups = build_store(scratch / "store", specs, args.devices, args.tasks, args.repeats, args.concurrency)
+        gc.freeze()  # the client's setup objects: never traversed again while it posts
+        (scratch / "bare_app.py").write_text(BARE_APP)
+        for model, setup in setups.items():
+            row = {"parameters": setup["size"], "bytes_per_update": len(setup["body"]), "runs": []}
+            for r in range(args.repeats):
+                jobs = [(task, token) for task in setup["tasks"][r] for token in setup["tokens"]]
+                run = {}
+                for server in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+                    proc, port = start(server, scratch)
+                    try:
+                        run[server] = post_all(port, model, jobs, setup["warmups"][r], setup["body"],
+                                               args.concurrency, args.seconds, proc.pid, server == "ours")
+                    finally:
+                        stop(proc)
+                    s = run[server]
+                    print(f"{model:11s} #{r} {server:5s} {s['updates_per_s']:8.1f} updates/s {s['mb_per_s']:8.1f} MB/s"
+                          f"  cpu {s['server_cpu_ms_per_update']:.2f} ms/update (loop {s['loop_cpu_ms_per_update']:.2f},"
+                          f" other threads {s['other_threads_cpu_ms_per_update']:.2f}; {s['server_cpu_cores']:.2f} cores)"
+                          f"  {s['statuses']}", flush=True)
+                    if s["phases_ms"]:
+                        print("      ms per update: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_ms"].items()),
+                              flush=True)
+                run["ratio"] = run["ours"]["updates_per_s"] / run["bare"]["updates_per_s"]
+                row["runs"].append(run)
+            row["ratio"] = statistics.median(run["ratio"] for run in row["runs"])
+            row["meets_target"] = row["ratio"] >= TARGET_RATIO
+            for server in ("bare", "ours"):
+                row[server] = {key: statistics.median(run[server][key] for run in row["runs"])
+                               for key in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update",
+                                           "server_cpu_cores")}
+            row["ours"]["phases_ms"] = {phase: statistics.median(run["ours"]["phases_ms"].get(phase, 0.0)
+                                                                 for run in row["runs"])
+                                        for phase in row["runs"][0]["ours"]["phases_ms"]}
+            result["models"][model] = row
+            for run in row["runs"]:
+                if set(run["ours"]["statuses"]) != {"202"}:
+                    print(f"warning: {model}: not every update was accepted: {run['ours']['statuses']}", flush=True)
+    result["machine"]["load_after"] = os.getloadavg()[0]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "edge_ingest.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, RESULTS / "edge_ingest.md")
+    print(f"wrote {RESULTS / 'edge_ingest.md'}")
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [
+        "# Edge update ingestion (benchmarks/edge_ingest.py)",
+        "",
+        f"{result['machine']['cpus']} CPUs (shared; load {result['machine']['load_before']:.1f} before the run), "
+        f"{result['concurrency']} keep-alive connections, {result['devices']} devices x {result['tasks']} open tasks, "
+        f"one float32 update per device and task, {result['repeats']} alternating repeats (median shown). "
+        "`ours` = `pollinate serve` (auth, body under the limit, validation, append + fdatasync, SQLite commit, "
+        "then 202); `bare` = a uvicorn route that only reads the body. One uvicorn worker each. "
+        f"Target: ours >= {result['target_ratio']}x bare.",
+        "",
+        "| model | parameters | update | bare updates/s | bare MB/s | ours updates/s | ours MB/s | ours/bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, row in result["models"].items():
+        lines.append(
+            f"| {model} | {row['parameters']:,} | {row['bytes_per_update'] / 1e6:.2f} MB "
+            f"| {row['bare']['updates_per_s']:.1f} | {row['bare']['mb_per_s']:.1f} "
+            f"| {row['ours']['updates_per_s']:.1f} | {row['ours']['mb_per_s']:.1f} "
+            f"| **{row['ratio']:.2f}x** {'(met)' if row['meets_target'] else '(NOT met)'} |")
+    lines += ["", "Per repeat (ratio, and each server's CPU milliseconds per update):", "",
+              "| model | repeat | bare updates/s | ours updates/s | ours/bare | bare CPU ms/update | ours CPU ms/update |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, row in result["models"].items():
+        for r, run in enumerate(row["runs"]):
+            lines.append(f"| {model} | {r} | {run['bare']['updates_per_s']:.1f} | {run['ours']['updates_per_s']:.1f} "
+                         f"| {run['ratio']:.2f}x | {run['bare']['server_cpu_ms_per_update']:.2f} "
+                         f"| {run['ours']['server_cpu_ms_per_update']:.2f} |")
+    phase_rows = [(m, row["ours"]["phases_ms"]) for m, row in result["models"].items() if row["ours"]["phases_ms"]]
+    if phase_rows:
+        keys = list(phase_rows[0][1])
+        lines += ["", "Where an accepted update's time goes in `ours` (mean wall ms per update, the route's own "
+                  "clock, last repeat):", "", "| model | " + " | ".join(keys) + " |",
+                  "|---|" + "---:|" * len(keys)]
+        for model, p in phase_rows:
+            lines.append(f"| {model} | " + " | ".join(f"{p.get(k, 0):.2f}" for k in keys) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -558,7 +558,7 @@ class EdgeStore:
         try:
             try:
                 update = self._check(task, device_id, body, dtype, examples)
-                accepted, update = self._record(task, update, body, now).result()
+                accepted, update = self._record(task, update, body, now).future.result()
             except EdgeRefusal as refusal:
                 self.count_refusal(task.model, refusal.reason, task.round)
                 raise
@@ -578,15 +578,17 @@ class EdgeStore:
         arrived meanwhile, and the loop is woken once the batch is durable. No thread of the
         pool is held while it waits, and the loop itself does no numpy: numpy lets go of the
         GIL, and on a busy machine getting it back from the committer can take milliseconds."""
-        future = self._record(task, None, body, None, check=lambda: self._check(task, device_id, body, dtype, examples))
+        loop = asyncio.get_running_loop()
+        pending = self._record(task, None, body, None, loop=loop,
+                               check=lambda: self._check(task, device_id, body, dtype, examples))
         try:
-            accepted, update = await asyncio.wrap_future(future)
+            accepted, update = await pending.future
         except EdgeRefusal as refusal:
             with contextlib.suppress(PollinateError):
-                await asyncio.wrap_future(self._commits.submit(_refusal_count(task.model, refusal.reason, task.round)))
+                await self._commits.submit(_refusal_count(task.model, refusal.reason, task.round), loop=loop).future
             raise
         self._recorded(task, device_id)
-        return accepted, update, future.times
+        return accepted, update, pending.times
 
     def _check(self, task: EdgeTask, device_id: str, body: UpdateBody, dtype: str, examples: object,
                now: float | None = None) -> Update:
@@ -608,7 +610,7 @@ class EdgeStore:
         return Update(device_id, count, norm, clipped, delta)
 
     def _record(self, task: EdgeTask, update: Update | None, body: UpdateBody, now: float | None,
-                check=None) -> Future:
+                check=None, loop: asyncio.AbstractEventLoop | None = None) -> _Pending:
         """Queue the update for the committer: checked (``check``, when `update` is None),
         appended, made durable and counted in one transaction with the others of its batch.
         The future's result: (the task's count, the update)."""
@@ -644,7 +646,7 @@ class EdgeStore:
             return count, update
 
         return self._commits.submit(record, append=(task.task_id, body, task.size * 4),
-                                    prepare=prepare if update is None else None)
+                                    prepare=prepare if update is None else None, loop=loop)
 
     def _recorded(self, task: EdgeTask, device_id: str) -> None:
         with self._remembering:
@@ -836,36 +838,43 @@ def _refusal_count(model: str, reason: str, round: int):
 
 
 class _Pending:
-    __slots__ = ("work", "append", "prepare", "span", "future")
+    """One piece of work queued for the committer, and how its writer hears back: a
+    concurrent future (a thread waits on it) or an asyncio future of `loop` (resolved on the
+    loop, a whole batch's in one call)."""
 
-    def __init__(self, work, append, prepare=None):
-        self.work, self.append, self.prepare = work, append, prepare
+    __slots__ = ("work", "append", "prepare", "span", "future", "loop", "times", "finished")
+
+    def __init__(self, work, append=None, prepare=None, loop: asyncio.AbstractEventLoop | None = None):
+        self.work, self.append, self.prepare, self.loop = work, append, prepare, loop
         self.span: Span | None = None
-        self.future: Future = Future()
-        self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
+        if loop is None:
+            self.future = Future()
+            self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
+        else:
+            self.future = loop.create_future()  # called from the loop's own thread
         # perf_counter() when it was queued, its batch started, appended, synced, committed
-        self.future.times = [time.perf_counter()]
+        self.times = [time.perf_counter()]
+        self.finished = False  # the committer is done with it (and with the memory of its body)
         if append is not None:
-            append[1].busy = self.future  # its memory is not reused before the committer is done
+            append[1].busy = self  # its memory is not reused before the committer is done
 
 
 class GroupCommit:
-    """Writes that arrive together share one pwritev and one fdatasync per segment and one
-    SQLite transaction (so one fsync of its log), on two threads in a pipeline.
+    """Writes that arrive together share one pwritev per segment (durable as it returns) and
+    one SQLite transaction (so one fsync of its log), on one committer thread.
 
     Without it, concurrent device updates each take the write lock in turn and SQLite's busy
     handler makes the waiting ones sleep (1, 2, 5 … 100 ms): a few dozen updates per second
-    on a machine that fsyncs in 2 ms. Here writers queue their work; the *writer* thread takes
-    everything queued, checks the updates, appends their bytes to their segments (one system
-    call per segment) and makes them durable (fdatasync; the folder too when a segment is
-    new), then hands the batch to the *committer* thread, which runs every piece of work it
-    was handed in one ``BEGIN IMMEDIATE`` transaction, commits, and only then resolves each
-    writer's future with its own result. While one batch commits the next one is written, so
-    an update waits for one fsync less. A 202 still means durable, no row can name bytes that
-    are not on disk, and a busy server wakes two threads per batch, not one per update (on a
-    loaded machine each wake-up waits for a core). One per EdgeStore (per process); across
-    processes SQLite's lock still serialises. The threads stop when idle and start again
-    with the next write.
+    on a machine that fsyncs in 2 ms. Here writers queue their work and the committer takes
+    everything queued: checks the updates, appends their bytes to their segments (one system
+    call per segment) and makes them durable (the folder too when a segment is new) *before*
+    taking the write lock, runs each piece of work in one ``BEGIN IMMEDIATE`` transaction,
+    commits, and only then tells each writer its own result — an event loop once per batch.
+    So a 202 still means durable, no row can name bytes that are not on disk, and a busy
+    server wakes one thread per batch, not one per update. (A second thread committing one
+    batch while the next is written cost more CPU in hand-offs than it saved in waiting.)
+    One per EdgeStore (per process); across processes SQLite's lock still serialises. The
+    thread stops when idle and starts again with the next write.
 
     A piece of work is `work(db, batch, span)`: `batch` is a dict the pieces of one
     transaction share (what one read that the others need not read again), `span` where its
@@ -881,7 +890,6 @@ class GroupCommit:
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
         self._thread: threading.Thread | None = None
-        self._committer = _Stage("pollinate-edge-commit", self._commit, self.IDLE_S)
         self._db: sqlite3.Connection | None = None  # only the committer uses it
 
     def _connection(self) -> sqlite3.Connection:
@@ -910,22 +918,24 @@ class GroupCommit:
                 db.close()
             raise PollinateError(f"the store at {self.store.home} is unavailable: {exc}") from None
 
-    def submit(self, work, append: tuple[str, UpdateBody, int] | None = None, prepare=None) -> Future:
+    def submit(self, work, append: tuple[str, UpdateBody, int] | None = None, prepare=None,
+               loop: asyncio.AbstractEventLoop | None = None) -> _Pending:
         """Queue `work` (after `prepare()`, then appending `append` = (task id, body, bytes)
-        to the task's segment); a future of its result once committed, or of its error."""
-        pending = _Pending(work, append, prepare)
+        to the task's segment); its `future` gets its result once committed, or its error.
+        With `loop` (the caller's, running) that future is the loop's."""
+        pending = _Pending(work, append, prepare, loop)
         with self._cond:
             self._queue.append(pending)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="pollinate-edge-write", daemon=True)
+                self._thread = threading.Thread(target=self._serve, name="pollinate-edge-commit", daemon=True)
                 self._thread.start()
             else:
                 self._cond.notify()
-        return pending.future
+        return pending
 
     def run(self, work):
         """`work(db, batch, None)` inside a shared write transaction; its result once committed."""
-        return self.submit(work).result()
+        return self.submit(work).future.result()
 
     def _serve(self) -> None:
         while True:
@@ -937,22 +947,20 @@ class GroupCommit:
                         return
                 batch, self._queue = self._queue, []
             try:
-                self._committer.put(self._write(batch))
+                self._commit(batch)
             except BaseException as exc:  # noqa: BLE001 - whatever happens, every writer hears of it
-                _fail(batch, exc)
+                _answer(batch, {p: PollinateError(f"the edge commit failed: {exc}") for p in batch}, {})
 
-    def _write(self, batch: list[_Pending]) -> tuple[list[_Pending], dict, list[float]]:
-        """Check, append and make durable the updates of a batch; (the batch, what failed and
-        why, when it started and was appended and synced) for the committer."""
+    def _commit(self, batch: list[_Pending]) -> None:
         times = [time.perf_counter()]
         failed: dict[_Pending, BaseException] = {}
-        durable: set[Path] = set()  # segments written with RWF_DSYNC: no fdatasync to add
         for pending in batch:
             if pending.prepare is not None:
                 try:
                     pending.prepare()
                 except EdgeRefusal as refusal:
                     failed[pending] = refusal
+        durable: set[Path] = set()  # segments written with RWF_DSYNC: no fdatasync to add
         self._append(batch, failed, durable)
         times.append(time.perf_counter())
         synced: dict[Path, OSError | None] = {}
@@ -975,7 +983,29 @@ class GroupCommit:
             if pending.span is not None and synced.get(pending.span.path.parent, True) is None:
                 self.log.linked(pending.span.path)  # its folder was synced: its name is on disk
         times.append(time.perf_counter())
-        return batch, failed, times
+        results: dict[_Pending, object] = {}
+        try:
+            with self._transaction() as db:
+                shared: dict = {}
+                for pending in batch:
+                    if pending in failed:
+                        continue
+                    try:
+                        results[pending] = pending.work(db, shared, pending.span)
+                    except (EdgeRefusal, OSError) as exc:
+                        failed[pending] = exc
+        except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
+            for pending in batch:
+                if not isinstance(failed.get(pending), EdgeRefusal):  # each writer raises its own copy
+                    failed[pending] = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
+            results.clear()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            times.append(time.perf_counter())
+            for pending in batch:
+                pending.times += times
+            _answer(batch, failed, results)
 
     def _append(self, batch: list[_Pending], failed: dict, durable: set[Path]) -> None:
         """Each task's bytes of the batch in one pwritev to this writer's segment (`durable`:
@@ -999,80 +1029,36 @@ class GroupCommit:
                 if synced:
                     durable.add(spans[0].path)
 
-    def _commit(self, written: list[tuple[list[_Pending], dict, list[float]]]) -> None:
-        """Every batch the writer handed over since the last commit, in one transaction."""
-        failed: dict[_Pending, BaseException] = {}
-        for _, batch_failed, _ in written:
-            failed.update(batch_failed)
-        results: dict[_Pending, object] = {}
-        try:
-            with self._transaction() as db:
-                shared: dict = {}
-                for batch, _, _ in written:
-                    for pending in batch:
-                        if pending in failed:
-                            continue
-                        try:
-                            results[pending] = pending.work(db, shared, pending.span)
-                        except (EdgeRefusal, OSError) as exc:
-                            failed[pending] = exc
-        except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
-            for batch, _, _ in written:
-                for pending in batch:
-                    if not isinstance(failed.get(pending), EdgeRefusal):  # each writer raises its own copy
-                        failed[pending] = PollinateError(str(exc)) if isinstance(exc, PollinateError) else exc
-            results.clear()
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            committed = time.perf_counter()
-            for batch, _, times in written:
-                for pending in batch:
-                    pending.future.times += (*times, committed)
-                    if pending in failed:
-                        pending.future.set_exception(failed[pending])
-                    elif pending in results:
-                        pending.future.set_result(results[pending])
 
-
-class _Stage:
-    """A thread that takes everything queued at once, ``handle(items)``, and stops when idle."""
-
-    def __init__(self, name: str, handle, idle_s: float):
-        self.name, self.handle, self.idle_s = name, handle, idle_s
-        self._cond = threading.Condition(threading.Lock())
-        self._items: list = []
-        self._thread: threading.Thread | None = None
-
-    def put(self, item) -> None:
-        with self._cond:
-            self._items.append(item)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
-            else:
-                self._cond.notify()
-
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                if not self._items:
-                    self._cond.wait(self.idle_s)
-                    if not self._items:
-                        self._thread = None
-                        return
-                items, self._items = self._items, []
-            try:
-                self.handle(items)
-            except BaseException as exc:  # noqa: BLE001 - whatever happens, every writer hears of it
-                for batch, _, _ in items:
-                    _fail(batch, exc)
-
-
-def _fail(batch: list[_Pending], exc: BaseException) -> None:
+def _answer(batch: list[_Pending], failed: dict, results: dict) -> None:
+    """Tell each writer of a finished batch its result or error: a thread through its future,
+    an event loop once for all of its own (one wake-up, not one per update)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for pending in batch:
-        if not pending.future.done():
-            pending.future.set_exception(PollinateError(f"the edge commit failed: {exc}"))
+        pending.finished = True
+        error = failed.get(pending)
+        if error is None and pending not in results:
+            error = PollinateError("the edge commit failed")
+        if pending.loop is not None:
+            by_loop.setdefault(pending.loop, []).append((pending.future, results.get(pending), error))
+        elif not pending.future.done():
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.future.set_result(results[pending])
+    for loop, answers in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, answers)
+
+
+def _settle(answers: list) -> None:
+    for future, result, error in answers:
+        if future.done():  # the request was called off meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def _connect(store, check_same_thread: bool = True) -> sqlite3.Connection:

@@ -75,9 +75,10 @@ class UpdateBody:
 
     ``append`` copies each chunk in as it arrives; bytes past the expected size are counted
     but not kept (the update is refused for its length anyway). ``release`` hands the memory
-    back to the pool — once the write it was queued for (``busy``, a future) is done, so a
-    request that is called off never lets another body overwrite bytes on their way to disk;
-    nothing may use a view of it afterwards."""
+    back to the pool — unless the write it was queued for (``busy``, with a ``finished``
+    flag) is still going on (a request called off meanwhile): then it is simply dropped, so
+    that another body never overwrites bytes on their way to disk. Nothing may use a view of
+    the memory afterwards."""
 
     __slots__ = ("memory", "length", "expected", "busy", "_pool")
 
@@ -100,9 +101,8 @@ class UpdateBody:
 
     def release(self) -> None:
         busy, self.busy = self.busy, None
-        if busy is not None and not busy.done():
-            busy.add_done_callback(lambda _: self.release())
-            return
+        if busy is not None and not busy.finished:
+            return  # still being written: the memory goes with the body, when the writer lets go, not to the pool
         memory, self.memory = self.memory, None
         if memory is not None:
             self._pool.give(memory)

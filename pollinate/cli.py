@@ -4,6 +4,7 @@ own `cli.py`. Nothing here imports TensorFlow, so `pollinate --help` answers at 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 
@@ -58,6 +59,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
     # the same for child processes (Ray actors running simulated clients, Flower's subprocesses)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    # SIGTERM (a service manager, `timeout`, kill) unwinds like Ctrl-C, so commands that started
+    # processes (federate up, simulate, run) stop them on the way out; uvicorn installs its own.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except PollinateError as exc:
@@ -66,6 +70,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM as Ctrl-C (typer exits 130): `with` blocks and `finally` stop what was started."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -514,6 +514,51 @@ def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tm
     assert leftovers == []  # serve, the SuperLink, the gateway and Flower's helpers are gone
 
 
+def _leftovers(home) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(home) in " ".join(process.info["cmdline"] or []):
+                found.append(process.info["cmdline"])
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_federate_up_stopped_with_sigterm_mid_round_stops_everything(tmp_path, trained_store):
+    """SIGTERM (a service manager, `timeout`) to `federate up` alone, while a round waits for
+    devices: serve, the SuperLink, the gateway and flwr run are stopped too (--json: progress on stderr)."""
+    home = tmp_path / "store"
+    shutil.copytree(trained_store, home)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("POLLINATE_HOME", None)
+    up = subprocess.Popen([sys.executable, "-m", "pollinate", "federate", "up", "--model", "digits", "--rounds", "1",
+                           "--min-updates", "1", "--round-deadline", "300", "--port", "0", "--formats", "", "--json",
+                           "--home", str(home)],
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    try:
+        line = ""
+        while not line.startswith("Device endpoint"):
+            line = up.stderr.readline()
+            assert line, up.stderr.read()
+        Device(line.split()[2]).wait_for_task(1)  # the round is open, the gateway waits
+        assert _leftovers(home)
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert up.returncode == 130
+    deadline = time.monotonic() + 20
+    while _leftovers(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _leftovers(home) == []
+
+
 def test_federate_up_refuses_bad_input_in_one_line(tmp_path):
     from conftest import run_cli
 

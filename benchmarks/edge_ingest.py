@@ -1,24 +1,28 @@
 """Edge update ingestion: `pollinate serve`'s update route against a bare endpoint.
 
-    .venv/bin/python benchmarks/edge_ingest.py [--seconds 10] [--devices 200] [--tasks 5] [--repeats 3]
+    .venv/bin/python benchmarks/edge_ingest.py [--seconds 10] [--devices 200] [--tasks 5] \
+        [--repeats 3] [--concurrency 8,64]
 
 For two model sizes — the digits CNN and a 1M-parameter model — enrols ``--devices`` devices
-and opens ``--tasks`` tasks per repeat in a scratch store (as that many gateways of one
-federation would), then every device posts one float32 update to every task from
-``--concurrency`` keep-alive connections (after one warm-up post per connection), to:
+in a scratch store and, for each run, opens ``--tasks`` tasks (as that many gateways of one
+federation would); every device fetches its task, then posts one float32 update to every
+task over ``--concurrency`` keep-alive connections (after one warm-up post per connection):
 
 - ``ours``: ``pollinate serve`` (one uvicorn worker): authenticate, read the body under the
-  limit, validate (length, finite, L2 norm), append + fdatasync the update, commit it in
-  SQLite, 202 — the real route with every check and its durability;
-- ``bare``: a uvicorn app (one worker) whose route only reads the body and answers 202 (the
-  reference: what HTTP + uvicorn alone cost for these bytes).
+  limit, validate (length, finite, L2 norm), append the update durably, commit it in SQLite,
+  202 — the real route with every check and its durability;
+- ``bare``: a FastAPI route on uvicorn (one worker) that only reads the body and answers
+  202 (the reference: what HTTP, uvicorn and FastAPI alone cost for these bytes).
 
-The two alternate, ``--repeats`` times, in one run; the ratio reported is the median of the
-repeats' ours/bare (target >= 0.5). Both servers and the client share the machine's cores:
-compare the ratio, not the absolute numbers. Each run also reports the server's CPU time per
-update, split into the event loop's and the other threads' (so a gap can be told apart as
-work or waiting), and ours' wall time per update in each phase of its acceptance (from the
-server's own ``pollinate_edge_update_seconds_total`` in ``/metrics``). Writes
+The two alternate, ``--repeats`` times per model and concurrency, in one run; the ratio
+reported is the median of the repeats' ours/bare (target >= 0.5). Both servers and the
+client share the machine's cores: compare the ratio, not the absolute numbers. With few
+connections a durable server waits on its disk between answers (latency-bound); with many,
+both are bound by their CPU (the capacity a gateway operator asks about): both are reported.
+Each run also reports the server's CPU time per update, split into the event loop's and the
+other threads' (so a gap can be told apart as work or waiting), and ours' wall time per
+update in each phase of its acceptance (from the server's own
+``pollinate_edge_update_seconds_total`` in ``/metrics``). Writes
 benchmarks/results/edge_ingest.json and edge_ingest.md.
 """
 
@@ -91,10 +95,8 @@ def model_specs() -> dict[str, list[dict]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build_store(home: Path, specs: dict[str, list[dict]], devices: int, tasks: int, repeats: int,
-                warmups: int) -> dict[str, dict]:
-    """Per model: a version, `devices` enrolled tokens, a warm-up task and `tasks` open tasks
-    per repeat (each from its own gateway, as several gateways serve one federation)."""
+def build_store(home: Path, specs: dict[str, list[dict]], devices: int) -> dict[str, dict]:
+    """Per model: a version and `devices` enrolled devices (tokens); tasks are opened per run."""
     from registry import Lineage, Store
     from registry.edge import EdgeStore, flat_size
 
@@ -105,21 +107,21 @@ def build_store(home: Path, specs: dict[str, list[dict]], devices: int, tasks: i
         store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": b"placeholder"}})
         size = flat_size(spec)
         rng = np.random.default_rng(0)
-        base = rng.normal(0, 0.05, size).astype(np.float32)
-
-        def task(gateway: str, name: str = name, spec: list[dict] = spec, base: np.ndarray = base) -> str:
-            return edge.open_task(name, federation=f"bench-{name}", round=1, gateway=gateway, base_version=1,
-                                  config={"epochs": 1, "batch_size": 32, "learning_rate": 0.01}, weights=spec,
-                                  base=base, deadline=time.time() + 3600, min_updates=10**6,
-                                  norm_bound=float(np.linalg.norm(base))).task_id
-
-        tokens = [edge.enrol(name, "simulated")[1] for _ in range(max(devices, warmups))]
-        body = (rng.normal(0, 0.01 / np.sqrt(size), size)).astype("<f4").tobytes()
-        setups[name] = {"warmups": [[(task(f"warmup-{r}"), t) for t in tokens[:warmups]] for r in range(repeats)],
-                        "tokens": tokens[:devices],
-                        "tasks": [[task(f"gw-{r}-{k}") for k in range(tasks)] for r in range(repeats)],
-                        "body": body, "size": size}
+        setups[name] = {"edge": edge, "spec": spec, "size": size,
+                        "base": rng.normal(0, 0.05, size).astype(np.float32),
+                        "tokens": [edge.enrol(name, "simulated")[1] for _ in range(devices)],
+                        "body": (rng.normal(0, 0.01 / np.sqrt(size), size)).astype("<f4").tobytes()}
     return setups
+
+
+def open_tasks(model: str, setup: dict, gateways: list[str]) -> list[str]:
+    """One open task per gateway name, in one round of one federation (as several gateways
+    serving a federation open theirs)."""
+    return [setup["edge"].open_task(
+        model, federation=f"bench-{model}", round=1, gateway=gateway, base_version=1,
+        config={"epochs": 1, "batch_size": 32, "learning_rate": 0.01}, weights=setup["spec"], base=setup["base"],
+        deadline=time.time() + 3600, min_updates=10**6, norm_bound=float(np.linalg.norm(setup["base"]))).task_id
+        for gateway in gateways]
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -252,59 +254,29 @@ def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", default="8,64", help="keep-alive connections, a comma-separated list")
     parser.add_argument("--seconds", type=float, default=10.0, help="time box per (model, server, repeat)")
     parser.add_argument("--devices", type=int, default=200, help="enrolled devices per model")
-    parser.add_argument("--tasks", type=int, default=5, help="open tasks per repeat: each device posts to each")
-    parser.add_argument("--repeats", type=int, default=3, help="bare/ours alternations per model")
+    parser.add_argument("--tasks", type=int, default=5, help="open tasks per run: each device posts to each")
+    parser.add_argument("--repeats", type=int, default=3, help="bare/ours alternations per model and concurrency")
     parser.add_argument("--models", default="digits-cnn,mlp-1m")
     args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     specs = {k: v for k, v in model_specs().items() if k in args.models.split(",")}
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_before": os.getloadavg()[0]},
-              "concurrency": args.concurrency, "devices": args.devices, "tasks": args.tasks,
-              "repeats": args.repeats, "seconds": args.seconds, "target_ratio": TARGET_RATIO, "models": {}}
+              "devices": args.devices, "tasks": args.tasks, "repeats": args.repeats, "seconds": args.seconds,
+              "target_ratio": TARGET_RATIO, "rows": []}
     with tempfile.TemporaryDirectory(prefix="pollinate-edge-ingest-") as scratch:
         scratch = Path(scratch)
-        setups = build_store(scratch / "store", specs, args.devices, args.tasks, args.repeats, args.concurrency)
+        setups = build_store(scratch / "store", specs, max(args.devices, max(concurrencies)))
         gc.freeze()  # the client's setup objects: never traversed again while it posts
         (scratch / "bare_app.py").write_text(BARE_APP)
         for model, setup in setups.items():
-            row = {"parameters": setup["size"], "bytes_per_update": len(setup["body"]), "runs": []}
-            for r in range(args.repeats):
-                jobs = [(task, token) for task in setup["tasks"][r] for token in setup["tokens"]]
-                run = {}
-                for server in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
-                    proc, port = start(server, scratch)
-                    try:
-                        run[server] = post_all(port, model, jobs, setup["warmups"][r], setup["body"],
-                                               args.concurrency, args.seconds, proc.pid, server == "ours")
-                    finally:
-                        stop(proc)
-                    s = run[server]
-                    print(f"{model:11s} #{r} {server:5s} {s['updates_per_s']:8.1f} updates/s {s['mb_per_s']:8.1f} MB/s"
-                          f"  cpu {s['server_cpu_ms_per_update']:.2f} ms/update (loop {s['loop_cpu_ms_per_update']:.2f},"
-                          f" other threads {s['other_threads_cpu_ms_per_update']:.2f}; {s['server_cpu_cores']:.2f} cores)"
-                          f"  {s['statuses']}", flush=True)
-                    if s["phases_ms"]:
-                        print("      ms per update: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_ms"].items()),
-                              flush=True)
-                run["ratio"] = run["ours"]["updates_per_s"] / run["bare"]["updates_per_s"]
-                row["runs"].append(run)
-            row["ratio"] = statistics.median(run["ratio"] for run in row["runs"])
-            row["meets_target"] = row["ratio"] >= TARGET_RATIO
-            for server in ("bare", "ours"):
-                row[server] = {key: statistics.median(run[server][key] for run in row["runs"])
-                               for key in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update",
-                                           "server_cpu_cores")}
-            row["ours"]["phases_ms"] = {phase: statistics.median(run["ours"]["phases_ms"].get(phase, 0.0)
-                                                                 for run in row["runs"])
-                                        for phase in row["runs"][0]["ours"]["phases_ms"]}
-            result["models"][model] = row
-            for run in row["runs"]:
-                if set(run["ours"]["statuses"]) != {"202"}:
-                    print(f"warning: {model}: not every update was accepted: {run['ours']['statuses']}", flush=True)
+            for concurrency in concurrencies:
+                row = measure(model, setup, concurrency, args, scratch)
+                result["rows"].append(row)
     result["machine"]["load_after"] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "edge_ingest.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -312,42 +284,97 @@ def main() -> None:
     print(f"wrote {RESULTS / 'edge_ingest.md'}")
 
 
+def measure(model: str, setup: dict, concurrency: int, args, scratch: Path) -> dict:
+    """`args.repeats` alternations of bare and ours for one model at one concurrency."""
+    row = {"model": model, "concurrency": concurrency, "parameters": setup["size"],
+           "bytes_per_update": len(setup["body"]), "runs": []}
+    for r in range(args.repeats):
+        tag = f"c{concurrency}-r{r}"
+        tasks = open_tasks(model, setup, [f"{tag}-{k}" for k in range(args.tasks)])
+        warmup = open_tasks(model, setup, [f"{tag}-warmup"])[0]
+        jobs = [(task, token) for task in tasks for token in setup["tokens"][:args.devices]]
+        warmups = [(warmup, token) for token in setup["tokens"][:concurrency]]
+        run = {}
+        for server in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+            proc, port = start(server, scratch)
+            try:
+                run[server] = post_all(port, model, jobs, warmups, setup["body"], concurrency, args.seconds,
+                                       proc.pid, server == "ours")
+            finally:
+                stop(proc)
+            s = run[server]
+            print(f"{model:11s} x{concurrency:<3d} #{r} {server:5s} {s['updates_per_s']:8.1f} updates/s "
+                  f"{s['mb_per_s']:8.1f} MB/s  cpu {s['server_cpu_ms_per_update']:.2f} ms/update "
+                  f"(loop {s['loop_cpu_ms_per_update']:.2f}, other threads {s['other_threads_cpu_ms_per_update']:.2f};"
+                  f" {s['server_cpu_cores']:.2f} cores)  {s['statuses']}", flush=True)
+            if s["phases_ms"]:
+                print("      ms per update: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_ms"].items()),
+                      flush=True)
+        for task in (*tasks, warmup):  # the run's updates: gigabytes for the big model
+            setup["edge"].discard_files(task)
+        run["ratio"] = run["ours"]["updates_per_s"] / run["bare"]["updates_per_s"]
+        row["runs"].append(run)
+        if set(run["ours"]["statuses"]) != {"202"}:
+            print(f"warning: {model}: not every update was accepted: {run['ours']['statuses']}", flush=True)
+    row["ratio"] = statistics.median(run["ratio"] for run in row["runs"])
+    row["meets_target"] = row["ratio"] >= TARGET_RATIO
+    for server in ("bare", "ours"):
+        row[server] = {key: statistics.median(run[server][key] for run in row["runs"])
+                       for key in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update", "server_cpu_cores",
+                                   "loop_cpu_ms_per_update", "other_threads_cpu_ms_per_update")}
+    row["ours"]["phases_ms"] = {phase: statistics.median(run["ours"]["phases_ms"].get(phase, 0.0)
+                                                         for run in row["runs"])
+                                for phase in row["runs"][0]["ours"]["phases_ms"]}
+    return row
+
+
 def write_markdown(result: dict, path: Path) -> None:
+    machine = result["machine"]
     lines = [
         "# Edge update ingestion (benchmarks/edge_ingest.py)",
         "",
-        f"{result['machine']['cpus']} CPUs (shared; load {result['machine']['load_before']:.1f} before the run), "
-        f"{result['concurrency']} keep-alive connections, {result['devices']} devices x {result['tasks']} open tasks, "
-        f"one float32 update per device and task, {result['repeats']} alternating repeats (median shown). "
-        "`ours` = `pollinate serve` (auth, body under the limit, validation, append + fdatasync, SQLite commit, "
-        "then 202); `bare` = a uvicorn route that only reads the body. One uvicorn worker each. "
+        f"{machine['cpus']} CPUs, shared (load {machine['load_before']:.1f} before the run, "
+        f"{machine['load_after']:.1f} after). {result['devices']} devices x {result['tasks']} open tasks per run, one "
+        f"float32 update per device and task, {result['repeats']} alternating repeats per row (medians shown). "
+        "`ours` = `pollinate serve`, one uvicorn worker: token, open task, body under the limit, length, finite "
+        "values, L2 norm, appended to the task's segment durably (O_DIRECT + RWF_DSYNC), committed in SQLite "
+        "(synchronous=FULL), then 202. `bare` = a FastAPI route on one uvicorn worker that only reads the body. "
+        "The client is one asyncio process with that many keep-alive connections. "
         f"Target: ours >= {result['target_ratio']}x bare.",
         "",
-        "| model | parameters | update | bare updates/s | bare MB/s | ours updates/s | ours MB/s | ours/bare |",
+        "| model | update | connections | bare updates/s | bare MB/s | ours updates/s | ours MB/s | ours/bare |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for model, row in result["models"].items():
+    for row in result["rows"]:
         lines.append(
-            f"| {model} | {row['parameters']:,} | {row['bytes_per_update'] / 1e6:.2f} MB "
-            f"| {row['bare']['updates_per_s']:.1f} | {row['bare']['mb_per_s']:.1f} "
-            f"| {row['ours']['updates_per_s']:.1f} | {row['ours']['mb_per_s']:.1f} "
+            f"| {row['model']} ({row['parameters']:,} parameters) | {row['bytes_per_update'] / 1e6:.2f} MB "
+            f"| {row['concurrency']} | {row['bare']['updates_per_s']:.0f} | {row['bare']['mb_per_s']:.0f} "
+            f"| {row['ours']['updates_per_s']:.0f} | {row['ours']['mb_per_s']:.0f} "
             f"| **{row['ratio']:.2f}x** {'(met)' if row['meets_target'] else '(NOT met)'} |")
-    lines += ["", "Per repeat (ratio, and each server's CPU milliseconds per update):", "",
-              "| model | repeat | bare updates/s | ours updates/s | ours/bare | bare CPU ms/update | ours CPU ms/update |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for model, row in result["models"].items():
-        for r, run in enumerate(row["runs"]):
-            lines.append(f"| {model} | {r} | {run['bare']['updates_per_s']:.1f} | {run['ours']['updates_per_s']:.1f} "
-                         f"| {run['ratio']:.2f}x | {run['bare']['server_cpu_ms_per_update']:.2f} "
-                         f"| {run['ours']['server_cpu_ms_per_update']:.2f} |")
-    phase_rows = [(m, row["ours"]["phases_ms"]) for m, row in result["models"].items() if row["ours"]["phases_ms"]]
-    if phase_rows:
-        keys = list(phase_rows[0][1])
-        lines += ["", "Where an accepted update's time goes in `ours` (mean wall ms per update, the route's own "
-                  "clock, last repeat):", "", "| model | " + " | ".join(keys) + " |",
-                  "|---|" + "---:|" * len(keys)]
-        for model, p in phase_rows:
-            lines.append(f"| {model} | " + " | ".join(f"{p.get(k, 0):.2f}" for k in keys) + " |")
+    lines += ["", "Server CPU per update (ms; ours: the event loop, and the store's committer thread), "
+              "and each repeat's ratio:", "",
+              "| model | connections | bare CPU | ours CPU | ours: loop | ours: committer | ratios |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for row in result["rows"]:
+        ours = row["ours"]
+        ratios = ", ".join(f"{run['ratio']:.2f}" for run in row["runs"])
+        lines.append(f"| {row['model']} | {row['concurrency']} | {row['bare']['server_cpu_ms_per_update']:.2f} "
+                     f"| {ours['server_cpu_ms_per_update']:.2f} | {ours['loop_cpu_ms_per_update']:.2f} "
+                     f"| {ours['other_threads_cpu_ms_per_update']:.2f} "
+                     f"| {ratios} |")
+    phases = list(result["rows"][0]["ours"]["phases_ms"]) if result["rows"] else []
+    if phases:
+        lines += ["", "Where an accepted update's wall time goes in ours (ms, the server's own "
+                  "`pollinate_edge_update_seconds_total`): `read` its body (admission included), `queue` for the "
+                  "committer, `check_append` the checks and the durable append of its batch, `sync` a new "
+                  "segment's folder, `commit` the SQLite transaction, `wake` the route again:", "",
+                  "| model | connections | " + " | ".join(phases) + " | total |",
+                  "|---|---:|" + "---:|" * (len(phases) + 1)]
+        for row in result["rows"]:
+            split = row["ours"]["phases_ms"]
+            lines.append(f"| {row['model']} | {row['concurrency']} | "
+                         + " | ".join(f"{split.get(k, 0):.2f}" for k in phases)
+                         + f" | {sum(split.values()):.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

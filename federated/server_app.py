@@ -232,6 +232,10 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             return MetricRecord(_headline(test))
         stats = strategy.stats
         due = global_round % settings.publish_every == 0 or global_round == settings.rounds
+        # a round in which no update was accepted left the model as it was: nothing new to publish
+        unchanged = stats.accepted == 0
+        skipped = "no client update was accepted: the model did not change" if due and unchanged else None
+        due = due and not unchanged
         now = time.perf_counter()
         row = {
             "round": global_round, **_headline(test),
@@ -245,7 +249,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             # the round's own wall time (training, aggregation, evaluation, Flower); its publish
             # runs in the background: publish_seconds once known
             "round_seconds": now - clock["round_started"],
-            "published": due, "version": None, "parent_version": None, "publish_error": None,
+            "published": due, "version": None, "parent_version": None, "publish_error": skipped,
             "publish_seconds": 0.0, "publish_wait_seconds": 0.0, "publish_breakdown": {},
             "edge_updates": stats.edge_updates, "edge_devices": stats.edge_devices,
             "edge_examples": stats.edge_examples, "gateways": stats.edge_summary()["gateways"],

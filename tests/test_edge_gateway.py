@@ -573,3 +573,22 @@ def test_federate_up_refuses_bad_input_in_one_line(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
+
+
+@pytest.mark.slow
+def test_a_round_without_any_device_update_is_not_published(tmp_path, trained_store):
+    """No device came before the deadline: the gateway's reply is an error, the model did not
+    change, and no version is made for the round (the federation still ends cleanly)."""
+    from conftest import run_cli
+
+    home = tmp_path / "store"
+    shutil.copytree(trained_store, home)
+    result = run_cli("federate", "up", "--model", "digits", "--rounds", "1", "--round-deadline", "2", "--port", "0",
+                     "--formats", "", "--json", home=home, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout)["outcome"]
+    row, = outcome["history"]
+    assert outcome["versions"] == [] and row["published"] is False and row["failed"] == 1
+    assert row["publish_error"] == "no client update was accepted: the model did not change"
+    assert _federated(home) == []
+    assert "not published (no client update was accepted" in result.stderr

@@ -212,6 +212,81 @@ def test_task_weights_and_updates_in_float32_and_float16(home, client):
     assert [t["accepted"] for t in now["tasks"]] == [2]
     assert metric(client, "pollinate_edge_updates_total", model="tiny") == 2
     assert metric(client, "pollinate_edge_update_bytes_total", model="tiny") == 60 + 30
+    # where their time went, phase by phase (the benchmark divides these by the updates)
+    for phase in ("read", "queue", "check_append", "sync", "commit", "wake"):
+        assert metric(client, "pollinate_edge_update_seconds_total", phase=phase) > 0, phase
+    assert client.get(f"/v1/federations/tiny/tasks/{task.task_id}/updates").status_code == 405
+
+
+def test_updates_share_one_segment_and_are_read_back_by_offset(home, client):
+    """A server appends every update of a task to one segment file (no file per update); the
+    rows name where each one is; the gateway reads them back exactly, in arrival order."""
+    new_model(home, "logged")
+    task, _ = open_round(home, "logged")
+    devices = [enrol(client, "logged") for _ in range(3)]
+    sent = {d["device_id"]: delta(300 + i) for i, d in enumerate(devices)}
+    for d in devices:
+        assert post_update(client, "logged", task.task_id, d["token"], sent[d["device_id"]].tobytes()).status_code == 202
+    folder = home / "edge" / task.task_id
+    assert sorted(p.suffix for p in folder.iterdir()) == [".f32", ".seg"]  # base.f32 and one segment
+    import sqlite3
+
+    with sqlite3.connect(Store(home).db_path) as db:
+        rows = db.execute("SELECT device_id, segment, segment_offset, segment_bytes FROM edge_updates"
+                          " WHERE task_id = ? ORDER BY segment_offset", (task.task_id,)).fetchall()
+    assert [r[0] for r in rows] == [d["device_id"] for d in devices]
+    assert {r[1] for r in rows} == {next(folder.glob("*.seg")).name}
+    assert [r[2] % 4096 for r in rows] == [0, 0, 0] and [r[3] for r in rows] == [60, 60, 60]
+    updates = EdgeStore(Store(home)).updates(task.task_id)
+    assert [u.device_id for u in updates] == [d["device_id"] for d in devices]
+    for update in updates:
+        np.testing.assert_array_equal(update.delta, sent[update.device_id])
+
+
+def test_updates_of_the_earlier_layout_and_store_are_still_read(tmp_path):
+    """A store made before segments (same schema version, unreleased) gains the segment columns
+    when opened; an update recorded as a file of its own is still read."""
+    import sqlite3
+
+    home = tmp_path / "store"
+    new_model(home, "older")
+    task, _ = open_round(home, "older")
+    device_id = EdgeStore(Store(home)).enrol("older")[0]
+    with sqlite3.connect(Store(home).db_path) as db:
+        for column in ("segment", "segment_offset", "segment_bytes"):
+            db.execute(f"ALTER TABLE edge_updates DROP COLUMN {column}")
+        db.execute("INSERT INTO edge_updates VALUES (?, ?, 3, 0.5, 0, ?)", (task.task_id, device_id, time.time()))
+    old = delta(400)
+    old.tofile(home / "edge" / task.task_id / f"{device_id}.f32")
+    edge = EdgeStore(Store(home))  # adds the columns
+    newer = edge.enrol("older")[0]
+    edge.accept(task.task_id, newer, delta(401).tobytes(), examples=2)
+    by_device = {u.device_id: u for u in edge.updates(task.task_id)}
+    np.testing.assert_array_equal(by_device[device_id].delta, old)
+    np.testing.assert_array_equal(by_device[newer].delta, delta(401))
+    assert (by_device[device_id].examples, by_device[newer].examples) == (3, 2)
+
+
+def test_an_update_racing_a_discarded_round_is_stale_and_leaves_no_folder(tmp_path):
+    """A server that still believes a task open (it read it moments ago) while the gateway
+    closes it and frees its files: the update is refused as stale, counted in that round, and
+    the task's folder is not created again."""
+    from registry.edge import EdgeRefusal
+
+    home = tmp_path / "store"
+    new_model(home, "freed")
+    task, _ = open_round(home, "freed")
+    server_side = EdgeStore(Store(home))
+    devices = [server_side.enrol("freed")[0] for _ in range(2)]
+    server_side.accept(task.task_id, devices[0], delta(500).tobytes(), examples=1)
+    gateway = EdgeStore(Store(home))
+    gateway.close_task(task.task_id)
+    gateway.discard_files(task.task_id)
+    with pytest.raises(EdgeRefusal) as refused:
+        server_side.accept(task.task_id, devices[1], delta(501).tobytes(), examples=1, task=task)
+    assert refused.value.reason == "stale"
+    assert not (home / "edge" / task.task_id).exists()
+    assert gateway.status("freed")["refused"] == {"stale": 1}
 
 
 def test_clip_mode_accepts_and_stores_the_clipped_update(home, client):

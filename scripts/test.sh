@@ -9,7 +9,8 @@ export TF_CPP_MIN_LOG_LEVEL=2
 status=0
 echo "==> lint: ruff check ."
 .venv/bin/ruff check . || status=$?
-.venv/bin/python -m pytest "$@" || status=$((status == 0 ? $? : status))
+# two workers, one test file each (module fixtures are built once); `-n 0` runs in one process
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@" || status=$((status == 0 ? $? : status))
 echo "==> web client: node --test (web_client/test/)"
 (cd web_client && node --test test/) || status=$((status == 0 ? 1 : status))
 exit "$status"

@@ -6,16 +6,16 @@ into a *task* that devices (browsers, phones) fetch over HTTP from ``pollinate s
 can be killed with -9 and restarted without losing an accepted update or counting one twice:
 
 - a device's token is stored as its sha256, never in clear;
-- an update is accepted in two steps: its float32 delta is appended to this server
-  process's *segment* of the task (one file per task and writer, written with O_DIRECT from
-  page-aligned memory where the filesystem allows it: no copy through the page cache); then
-  the updates that arrived together (``GroupCommit``) are made durable at once — one
-  fdatasync of each segment they were appended to, then one ``BEGIN IMMEDIATE`` transaction
-  that checks each task is still open and each device has not contributed to it, and inserts
-  the rows naming (segment, offset, length). The 202 goes out only after the commit, so a
-  batch costs two fsyncs however many updates it holds. A writer killed before the commit
-  leaves bytes no row points to (the device gets no 202 and may retry); one killed after it
-  has counted the update exactly once (the primary key is (task, device));
+- an update is accepted in two steps, together with the others that arrived meanwhile
+  (``GroupCommit``, one committer thread per process): their float32 deltas are appended to
+  this process's *segment* of their task (``registry/edge_log.py``: one file per task and
+  writer, one write per batch, durable when it returns); then one ``BEGIN IMMEDIATE``
+  transaction checks that each task is still open and each device has not contributed to
+  it, and inserts the rows naming (segment, offset, length). The 202 goes out only after
+  the commit, so a batch costs two disk syncs however many updates it holds. A writer
+  killed before the commit leaves bytes no row points to (the device gets no 202 and may
+  retry); one killed after it has counted the update exactly once (the primary key is
+  (task, device));
 - a gateway that restarts in the middle of a round re-opens the *same* task (keyed by
   federation, round and gateway name) and finds every update accepted so far.
 

@@ -4,18 +4,20 @@ An update used to be a file of its own (create, write, fsync, rename, fsync the 
 four metadata changes and two fsyncs per update, and its bytes copied once more through the
 page cache. Here every update a writer (one ``EdgeStore``, i.e. one server process) accepts
 for a task is appended to that writer's segment ``edge/<task_id>/<writer>.seg`` at an offset
-it reserves, so a whole group of updates costs one fdatasync of the segment (then one SQLite
-commit, ``registry/edge.py``), whatever its size.
+it reserves, a whole batch in one ``pwritev`` that returns once the bytes and the file's size
+are on disk (``RWF_DSYNC``; a write then an fdatasync where the kernel lacks it), then one
+SQLite commit (``registry/edge.py``), whatever the batch's size.
 
 The bytes are written with ``O_DIRECT`` from page-aligned memory (:class:`UpdateBody`, which
 the server reads a request body into): the disk reads them straight from that memory, so
 the CPU never copies them into the page cache — on a busy machine that copy cost more than
 reading the request. Offsets and lengths are multiples of 4 KiB (the padding is zeros).
 Where the filesystem refuses ``O_DIRECT`` (tmpfs on older kernels, some network mounts,
-macOS has none) the same writes go through the page cache; the fdatasync makes them durable
+macOS has none) the same writes go through the page cache; the sync makes them durable
 either way. Bytes appended for an update that is then refused (a duplicate racing its twin,
 a round closed meanwhile) stay in the segment with no row naming them, as do those of a
 writer killed before its commit; the segment goes when the gateway discards the task's files.
+(Updates that fail the checks — length, values, norm — are never written.)
 
 Segments are per writer so that processes never share an offset counter; a restarted
 server starts a new one. Nothing here imports numpy: the store imports ``registry.edge``.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 BLOCK = 4096  # O_DIRECT alignment of memory, offsets and lengths (the common logical block size)
 # Idle buffers kept for the next requests (a fresh mapping costs a page fault per 4 KiB).
-POOL_BYTES = 256 << 20
+POOL_BYTES = 128 << 20
 SUFFIX = ".seg"
 IOV_MAX = 512  # buffers per pwritev (Linux takes 1024)
 

@@ -64,8 +64,9 @@ EDGE_UPDATE_BYTES = Counter(
     "pollinate_edge_update_bytes", "Body bytes of accepted device updates, by model.", ["model"]
 )
 # Where an accepted update's time goes, summed over updates (divide by pollinate_edge_updates_total):
-# reading its body (admission included), waiting for the committer, the checks and the append
-# (with the others of its batch), the segments' fdatasync, the SQLite commit, waking the route.
+# reading its body (admission included), waiting for the committer, the checks and the durable
+# append (with the others of its batch), syncing a new segment's folder (and the segment where
+# the kernel has no RWF_DSYNC), the SQLite commit, waking the route (registry/edge.py GroupCommit).
 EDGE_PHASES = ("read", "queue", "check_append", "sync", "commit", "wake")
 EDGE_UPDATE_SECONDS = Counter(
     "pollinate_edge_update_seconds", "Wall seconds accepted device updates spent in each phase, summed.", ["phase"]

@@ -249,9 +249,10 @@ async def task_weights(edge: EdgeDep, model: ModelName, task_id: TaskId, credent
 class LeanRoute(APIRoute):
     """A route FastAPI documents as usual but calls without its per-request machinery: no
     dependency solving, parameter validation, exception wrapping or response-model encoding
-    (about 0.15 ms of CPU a request, half of what uvicorn and FastAPI spend on a bare update
-    POST). The endpoint takes the Request and its path parameters as strings and returns a
-    Response; errors it raises still reach the app's handlers (ExceptionMiddleware)."""
+    (measured on a route that only reads a 150 KB body: 0.36 ms of CPU a request with FastAPI,
+    0.19 as a plain ASGI app). The endpoint takes the Request and its path parameters as
+    strings and returns a Response; errors it raises still reach the app's handlers
+    (ExceptionMiddleware)."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in self.methods:
@@ -264,6 +265,7 @@ class LeanRoute(APIRoute):
 
 
 _allocator_tuned = False
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def _keep_freed_memory() -> None:
@@ -275,7 +277,8 @@ def _keep_freed_memory() -> None:
     again: ~700 page faults, 1.5 ms of CPU, for a 4 MB update. (A route that joins the body
     into one bytes object raises those thresholds by accident — glibc adapts them to the
     biggest block freed; ours reads into its own buffers and never does.) Keep up to 64 MiB
-    free instead. A no-op where the C library has no mallopt (macOS, musl ignores it)."""
+    free instead (the process's allocator: this route is why it needs it). A no-op where the C
+    library has no mallopt (macOS; musl ignores it)."""
     global _allocator_tuned
     _allocator_tuned = True
     try:
@@ -286,9 +289,6 @@ def _keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-
-
 async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Response:
     """202 means recorded durably and counted once. Every check that needs no body (token,
     task, round still open, ``dtype``, ``examples``, declared length) runs before the body
@@ -297,9 +297,9 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     # header here (no dependency), a device and task this process already knows are admitted
     # without a store read or a thread hop (EdgeStore.admit_known), the body streams into
     # page-aligned memory of the task's size (no joining of chunks, no copy on its way to the
-    # disk), validation runs on the loop and the append, fdatasync and commit on the store's
-    # committer thread with the others of their batch (no thread hop per update), and the
-    # answer is written as JSON directly (the response model documents it).
+    # disk), the checks, the durable append and the commit run on the store's committer
+    # thread with the others of their batch (no thread hop per update, no numpy on the loop),
+    # and the answer is written as JSON directly (the response model documents it).
     started = time.perf_counter()
     edge: EdgeStore = request.app.state.edge
     query = request.query_params

@@ -252,6 +252,96 @@ def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+LOOP_SPLIT = ("app", "router", "route", "bare")
+
+
+def loop_split(home: Path, model: str, spec: list[dict], updates: int = 2000, concurrency: int = 8) -> dict:
+    """Event-loop CPU per accepted update with no sockets (the ASGI app called in-process, the
+    real store and committer behind it), through: the whole app (its middleware and FastAPI's
+    routing), the app's router only, the update route alone, and the bare FastAPI app. The
+    differences say what each layer costs ours' event loop."""
+    import tempfile as _tempfile
+
+    from registry import Lineage, Store
+    from registry.edge import flat_size
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.routers import federations
+
+    home = Path(_tempfile.mkdtemp(dir=home))
+    Store(home).publish(model, lineage=Lineage("central"), artifacts={"keras": {"model.keras": b"placeholder"}})
+    app = create_app(ServerConfig(home=home, web_client=None, max_update_bytes=64 << 20))
+    edge = app.state.edge
+    size = flat_size(spec)
+    rng = np.random.default_rng(0)
+    setup = {"edge": edge, "spec": spec, "size": size, "base": rng.normal(0, 0.05, size).astype(np.float32)}
+    body = (rng.normal(0, 0.01 / np.sqrt(size), size)).astype("<f4").tobytes()
+    chunks = [body[i:i + (1 << 16)] for i in range(0, len(body), 1 << 16)]
+    route = next(r for r in federations.router.routes if r.path.endswith("/updates"))
+    namespace: dict = {}
+    exec(BARE_APP, namespace)  # the very app the bare server runs
+    bare = namespace["app"]
+
+    async def post(layer: str, task: str, token: str) -> int:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": f"/v1/federations/{model}/tasks/{task}/updates", "raw_path": b"",
+                 "root_path": "", "query_string": b"examples=32", "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 1), "app": app,
+                 "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode()),
+                             (b"content-type", b"application/octet-stream"),
+                             (b"content-length", str(len(body)).encode())]}
+        pieces = iter(chunks)
+
+        async def receive() -> dict:
+            chunk = next(pieces, None)
+            if chunk is None:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": chunk, "more_body": chunk is not chunks[-1]}
+
+        status = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        if layer == "app":
+            await app(scope, receive, send)
+        elif layer == "router":
+            await app.router(scope, receive, send)
+        elif layer == "route":
+            scope.update(path_params={"model": model, "task_id": task}, route=route)
+            await route.handle(scope, receive, send)
+        else:
+            await bare(scope, receive, send)
+        return status[0]
+
+    async def measure(layer: str) -> float:
+        task = open_tasks(model, setup, [f"loop-{layer}"])[0]
+        tokens = [edge.enrol(model, "simulated")[1] for _ in range(updates + concurrency)]
+        for token in tokens[:concurrency]:  # warm-up
+            await post(layer, task, token)
+        queue = tokens[concurrency:]
+        codes: dict[int, int] = {}
+
+        async def worker() -> None:
+            while queue:
+                code = await post(layer, task, queue.pop())
+                codes[code] = codes.get(code, 0) + 1
+
+        cpu = time.thread_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu = time.thread_time() - cpu
+        edge.discard_files(task)
+        if set(codes) != {202}:
+            raise RuntimeError(f"{layer}: {codes}")
+        return cpu / updates * 1e3
+
+    async def run() -> dict:
+        return {layer: await measure(layer) for layer in LOOP_SPLIT}
+
+    return uvloop.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="8,64", help="keep-alive connections, a comma-separated list")
@@ -277,6 +367,12 @@ def main() -> None:
             for concurrency in concurrencies:
                 row = measure(model, setup, concurrency, args, scratch)
                 result["rows"].append(row)
+        result["loop_split_ms"] = {}
+        for model in setups:  # in a child: its own event loop, store and committer, no client around
+            out = subprocess.run([sys.executable, __file__, "--loop-split", model, str(scratch)], cwd=ROOT,
+                                 capture_output=True, text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            result["loop_split_ms"][model] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{model}: event-loop CPU per update in-process (ms): {result['loop_split_ms'][model]}", flush=True)
     result["machine"]["load_after"] = os.getloadavg()[0]
     # per model, the rows at the first concurrency listed (8 by default), in the shape
     # benchmarks/edge.py reads; "rows" has every concurrency
@@ -378,8 +474,35 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {row['model']} | {row['concurrency']} | "
                          + " | ".join(f"{split.get(k, 0):.2f}" for k in phases)
                          + f" | {sum(split.values()):.2f} |")
+    split = result.get("loop_split_ms") or {}
+    if split:
+        lines += ["", "Event-loop CPU per accepted update with no sockets (ms; the ASGI app called in-process, the "
+                  "real store and committer behind it): through the whole app (its middleware and FastAPI's routing "
+                  "through the included routers), its router only, the update route alone, and the bare FastAPI app. "
+                  "`app - router` is what the middleware costs, `router - route` what FastAPI's routing costs:", "",
+                  "| model | app | router | route | bare app |", "|---|---:|---:|---:|---:|"]
+        for model, ms in split.items():
+            lines.append(f"| {model} | " + " | ".join(f"{ms[k]:.3f}" for k in LOOP_SPLIT) + " |")
+    lines += ["", "## Where ours' extra time goes", ""]
+    for row in result["rows"]:
+        bare, ours, phases = row["bare"], row["ours"], row["ours"]["phases_ms"]
+        ms = split.get(row["model"])
+        loop = (f" (in-process, of the loop's share: middleware {ms['app'] - ms['router']:.3f}, FastAPI's routing "
+                f"{ms['router'] - ms['route']:.3f}, the route itself {ms['route']:.3f} against the whole bare app's "
+                f"{ms['bare']:.3f})") if ms else ""
+        lines.append(
+            f"- {row['model']}, {row['concurrency']} connections, {row['ratio']:.2f}x: ours uses "
+            f"{ours['server_cpu_ms_per_update']:.2f} ms of CPU per update against bare's "
+            f"{bare['server_cpu_ms_per_update']:.2f} — {ours['loop_cpu_ms_per_update']:.2f} on its event loop{loop} "
+            f"and {ours['other_threads_cpu_ms_per_update']:.2f} on the committer (checks, durable append, commit); "
+            f"an update waits {phases.get('queue', 0):.2f} ms for the committer, {phases.get('check_append', 0):.2f} "
+            f"for its batch's checks and durable append, {phases.get('commit', 0):.2f} for the commit and "
+            f"{phases.get('wake', 0):.2f} to be answered.")
     path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--loop-split"]:
+        print(json.dumps(loop_split(Path(sys.argv[3]), sys.argv[2], model_specs()[sys.argv[2]])))
+    else:
+        main()

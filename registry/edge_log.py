@@ -97,10 +97,6 @@ class UpdateBody:
             self.memory[self.length:end] = chunk
         self.length = end
 
-    @property
-    def complete(self) -> bool:
-        return self.length == self.expected
-
     def release(self) -> None:
         busy, self.busy = self.busy, None
         if busy is not None and not busy.finished:

@@ -66,10 +66,10 @@ def test_a_simulation_with_browsers_and_tflite_devices_counts_their_updates(tmp_
     shutil.copytree(start_store, home)
     result = _simulate(home, "--from", "digits@1", "--clients", "2", "--rounds", "2", "--edge-gateways", "1",
                        "--edge-browsers", "2", "--edge-devices", "2", "--edge-behaviour", "browser-1=late",
-                       "--min-updates", "3", "--round-deadline", "60", "--formats", "", "--json")
+                       "--min-updates", "3", "--round-deadline", "240", "--formats", "", "--json")
+    # (the gateway answers at 3 updates; the long deadline only matters on a loaded machine)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads(result.stdout)
-    assert "edge: 3 updates from 3 devices" in result.stderr  # the progress lines count them
     versions = [v for v in Store(home).list_versions("digits") if v.lineage.source == "federated"]
     assert [v.lineage.round for v in versions] == [1, 2] and summary["versions"] == [2, 3]
     for version in versions:
@@ -79,6 +79,8 @@ def test_a_simulation_with_browsers_and_tflite_devices_counts_their_updates(tmp_
         assert edge["gateways"]["sim-gw-0"]["kinds"] == {"browser": 1, "phone": 2}
         assert version.lineage.extra["failed"] == 0
     assert [r["edge_updates"] for r in summary["rounds"]] == [3, 3]
+    # the progress lines count them (the last round's line is not printed yet: a known display gap)
+    assert "edge: 3 updates from 3 devices" in result.stderr, result.stderr[-3000:]
     assert [sorted(r["clients"]) for r in summary["rounds"]] == [[0, 1], [0, 1]]  # the own-data clients trained too
     kinds = summary["edge"]["kinds"]
     assert kinds["browser"]["statuses"] == {"accepted": 2, "stale": 2}  # browser-1 was late both rounds

@@ -47,7 +47,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.services = Services.build(config)
     app.state.edge = EdgeStore(app.state.services.store)  # one per process: its writes share transactions
     errors.install(app)
-    for module in (health, models, files, channels, federations, metrics, web):
+    # the device protocol first: its update route is the hottest path the router walks (routes
+    # are matched in order; benchmarks/edge_ingest.md has the cost of walking past the others)
+    for module in (federations, health, models, files, channels, metrics, web):
         app.include_router(module.router)
     app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
               name="web_client")

@@ -32,7 +32,7 @@ import numpy as np
 
 from core.errors import InvalidInput, NotFound, PollinateError
 
-from .runtime import APP_DIR, LocalSuperLink, flower_bin, stop_process_tree, write_run_config
+from .runtime import APP_DIR, LocalSuperLink, flower_bin, follow_progress, stop_process_tree, write_run_config
 from .server_app import FederationOutcome, RoundCallback
 from .settings import FederationSettings
 
@@ -100,7 +100,7 @@ def simulate(settings: FederationSettings, on_round: RoundCallback | None = None
                 runner = subprocess.Popen(command, env=link.env, cwd=flwr_home, stdout=run_log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
-                final = _follow(progress, runner, on_round, on_tick=edge.check_alive if edge else None)
+                final = follow_progress(progress, runner, on_round, on_tick=edge.check_alive if edge else None)
             finally:
                 if runner.poll() is None:
                     stop_process_tree(runner, timeout=5)
@@ -138,35 +138,6 @@ def _already_finished(settings: FederationSettings) -> FederationOutcome | None:
     if done < max(int(saved.get("rounds", 0)), settings.rounds):
         return None
     return FederationOutcome(str(saved.get("federation_id", "")), settings.model_name, done)
-
-
-def _follow(progress: Path, runner: subprocess.Popen, on_round: RoundCallback | None, on_tick=None) -> dict | None:
-    """Tail the progress file until the run ends; returns the final record. `on_tick` raises
-    when something the run needs stopped."""
-    offset, buffer, final = 0, "", None
-    while True:
-        if on_tick is not None:
-            on_tick()
-        finished = runner.poll() is not None  # read once more after the run ended
-        if progress.exists():
-            with open(progress) as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-                offset = handle.tell()
-            buffer += chunk
-            *lines, buffer = buffer.split("\n")
-            for line in lines:
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if record["event"] == "round":
-                    if on_round:
-                        on_round(record["row"])
-                else:
-                    final = record
-        if final is not None or finished:
-            return final
-        time.sleep(0.1)
 
 
 def _last_lines(path: Path, count: int = 5) -> str:

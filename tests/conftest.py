@@ -34,3 +34,18 @@ def run_cli(*args: str, home: Path | None = None, check: bool = False, timeout: 
 def cli_json(*args: str, home: Path) -> dict:
     result = run_cli(*args, "--json", home=home, check=True)
     return json.loads(result.stdout)
+
+
+def processes_naming(path) -> list[list[str]]:
+    """Command lines of running processes that mention `path` (a test's store): what a command
+    under test left running."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(path) in " ".join(process.info["cmdline"] or []):
+                found.append(process.info["cmdline"])
+        except psutil.Error:
+            pass
+    return found

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, processes_naming
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from core.errors import InvalidInput
@@ -470,7 +470,6 @@ def test_a_gateway_killed_mid_round_and_restarted_counts_each_update_once(tmp_pa
 
 @pytest.mark.slow
 def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tmp_path, trained_store):
-    import psutil
 
     home = tmp_path / "store"
     shutil.copytree(trained_store, home)
@@ -504,27 +503,7 @@ def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tm
     assert summary["device_endpoint"] == url and summary["outcome"]["versions"] == [2]
     version, = _federated(home)
     assert version.lineage.extra["edge"]["examples"] == 25 and version.lineage.parent_version == 1
-    leftovers = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if str(home) in " ".join(process.info["cmdline"] or []):
-                leftovers.append(process.info["cmdline"])
-        except psutil.Error:
-            pass
-    assert leftovers == []  # serve, the SuperLink, the gateway and Flower's helpers are gone
-
-
-def _leftovers(home) -> list:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if str(home) in " ".join(process.info["cmdline"] or []):
-                found.append(process.info["cmdline"])
-        except psutil.Error:
-            pass
-    return found
+    assert processes_naming(home) == []  # serve, the SuperLink, the gateway and Flower's helpers are gone
 
 
 @pytest.mark.slow
@@ -546,7 +525,7 @@ def test_federate_up_stopped_with_sigterm_mid_round_stops_everything(tmp_path, t
             line = up.stderr.readline()
             assert line, up.stderr.read()
         Device(line.split()[2]).wait_for_task(1)  # the round is open, the gateway waits
-        assert _leftovers(home)
+        assert processes_naming(home)
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=90)
     finally:
@@ -554,9 +533,9 @@ def test_federate_up_stopped_with_sigterm_mid_round_stops_everything(tmp_path, t
             os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 130
     deadline = time.monotonic() + 20
-    while _leftovers(home) and time.monotonic() < deadline:
+    while processes_naming(home) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _leftovers(home) == []
+    assert processes_naming(home) == []
 
 
 def test_federate_up_refuses_bad_input_in_one_line(tmp_path):

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, processes_naming
 
 from registry import Store
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +40,6 @@ def _simulate(home: Path, *args: str, timeout: float = 300) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "pollinate", "federate", "simulate", "--dataset", "digits",
                            *args, "--home", str(home)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _leftovers(home: Path) -> list:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if str(home) in " ".join(process.info["cmdline"] or []):
-                found.append(process.info["cmdline"])
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.mark.slow
@@ -94,7 +80,7 @@ def test_a_simulation_with_browsers_and_tflite_devices_counts_their_updates(tmp_
     events = json.loads(Path(summary["files"]["edge-updates.json"]).read_text())
     late = [e for e in events if e["device"] == "browser-1"]
     assert [(e["round"], e["status"], e["behaviour"]) for e in late] == [(1, "stale", "late"), (2, "stale", "late")]
-    assert _leftovers(home) == []  # serve, the fleet, the SuperLink and Flower's helpers are gone
+    assert processes_naming(home) == []  # serve, the fleet, the SuperLink and Flower's helpers are gone
 
 
 def test_edge_simulation_options_are_checked_in_one_line(tmp_path):

@@ -9,6 +9,11 @@ The device protocol (``server/routers/federations.py``) adds two: ``POLLINATE_EN
 (when set, enrolling a device needs it as a bearer token) and ``POLLINATE_MAX_UPDATE_BYTES``
 (the largest update body a device may post; the only route allowed past the 64 KiB cap).
 
+Monitoring (``server/routers/monitoring.py``, docs/monitoring.md) adds
+``POLLINATE_TELEMETRY_RATE`` (telemetry and feedback batches a minute per client id, else per
+address, in each worker; default 60) and ``POLLINATE_MONITOR_INTERVAL`` (seconds between two
+alert and guardrail checks of one model after accepted batches; default 10).
+
 The web client defaults to the one that ships with Pollinate (``server/web_assets.py`` finds
 it, installed or in a checkout); ``POLLINATE_WEB_CLIENT=DIR`` serves another folder and
 ``POLLINATE_WEB_CLIENT=off`` none (``web_client`` is then None).
@@ -34,6 +39,8 @@ ENV_OFFLOAD = "POLLINATE_OFFLOAD"
 ENV_WEB_CLIENT = "POLLINATE_WEB_CLIENT"
 ENV_ENROL_TOKEN = "POLLINATE_ENROL_TOKEN"
 ENV_MAX_UPDATE_BYTES = "POLLINATE_MAX_UPDATE_BYTES"
+ENV_TELEMETRY_RATE = "POLLINATE_TELEMETRY_RATE"
+ENV_MONITOR_INTERVAL = "POLLINATE_MONITOR_INTERVAL"
 
 OFFLOAD_MODES = ("nginx",)
 # Admin bodies are a version number and a percent: anything near this size is an attack.
@@ -43,6 +50,10 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_UPDATE_BYTES = 32 * 1024 * 1024
 # nginx serves the store's objects/ folder under this internal prefix (server/nginx/).
 OFFLOAD_PREFIX = "/_pollinate_blobs/"
+# Telemetry and feedback batches a minute per client (a page flushes every 100 predictions).
+TELEMETRY_RATE = 60.0
+# Seconds between two alert/guardrail checks of one model (each reads every window of it).
+MONITOR_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,19 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     enrol_token: str | None = None  # None: anyone may enrol a device
     max_update_bytes: int = MAX_UPDATE_BYTES
+    telemetry_rate: float = TELEMETRY_RATE  # batches a minute per client id (else address)
+    monitor_interval_s: float = MONITOR_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode {self.offload!r}: use one of {', '.join(OFFLOAD_MODES)}")
         if self.max_update_bytes < 1:
             raise InvalidInput(f"{ENV_MAX_UPDATE_BYTES} must be at least 1 byte, got {self.max_update_bytes}")
+        if not self.telemetry_rate > 0:
+            raise InvalidInput(f"{ENV_TELEMETRY_RATE} must be a positive number of batches a minute,"
+                               f" got {self.telemetry_rate}")
+        if not self.monitor_interval_s >= 0:
+            raise InvalidInput(f"{ENV_MONITOR_INTERVAL} must be 0 or more seconds, got {self.monitor_interval_s}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -77,6 +95,8 @@ class ServerConfig:
             web_client=None if web_client.lower() == WEB_CLIENT_OFF else Path(web_client) if web_client else default_web_client(),
             enrol_token=env.get(ENV_ENROL_TOKEN) or None,
             max_update_bytes=_byte_count(env.get(ENV_MAX_UPDATE_BYTES), MAX_UPDATE_BYTES),
+            telemetry_rate=_number(env, ENV_TELEMETRY_RATE, TELEMETRY_RATE),
+            monitor_interval_s=_number(env, ENV_MONITOR_INTERVAL, MONITOR_INTERVAL_S),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -87,6 +107,8 @@ class ServerConfig:
             ENV_OFFLOAD: self.offload or "",
             ENV_WEB_CLIENT: str(self.web_client) if self.web_client is not None else WEB_CLIENT_OFF,
             ENV_MAX_UPDATE_BYTES: str(self.max_update_bytes),
+            ENV_TELEMETRY_RATE: repr(self.telemetry_rate),
+            ENV_MONITOR_INTERVAL: repr(self.monitor_interval_s),
         }
         return env
 
@@ -99,3 +121,17 @@ def _byte_count(value: str | None, default: int) -> int:
         return int(value.strip())
     except ValueError:
         raise InvalidInput(f"{ENV_MAX_UPDATE_BYTES} must be a whole number of bytes, got {value!r}") from None
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A finite number from the environment (one clear error otherwise)."""
+    value = (env.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise InvalidInput(f"{name} must be a number, got {value!r}")
+    return number

@@ -14,6 +14,12 @@ Every version also says what its export delivered: ``export.delivered`` (the for
 each verified against Keras before it was stored), ``export.refused`` ({format: {stage,
 reason}} from the export reports; ``null`` when the caller did not read them) and, per TF.js
 artifact, its ``kind`` (``layers`` → ``tf.loadLayersModel``, ``graph`` → ``tf.loadGraphModel``).
+
+A version with a ``profile`` artifact (docs/monitoring.md) carries its grid as ``monitoring``:
+the bins a client aggregates its telemetry on, and where it sends telemetry and feedback
+(:func:`monitoring_block`). When the channel that served it names a shadow version,
+``shadow`` says which and where its manifest is. A version without a profile has no
+``monitoring`` key (its clients send no telemetry); ``shadow`` is absent when none is named.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from core.errors import PollinateError
 from registry import VersionRecord
 from server.conditional import accepts_gzip, none_match
 
@@ -58,7 +65,11 @@ def file_url(model: str, version: int, fmt: str, name: str) -> str:
     return f"{version_prefix(model, version)}/files/{fmt}/{quote(name, safe='')}"
 
 
-NOT_EXPORTS = ("keras", "report")
+NOT_EXPORTS = ("keras", "report", "profile")
+PROFILE_FORMAT = "profile"  # registry/profile.py: the training data's profile (docs/monitoring.md)
+PROFILE_FILE = "profile.json"
+MAX_CACHED_GRIDS = 4096
+_grids: dict[str, dict] = {}  # profile sha256 -> its grid
 TFJS_KIND_BY_FORMAT = {"tfjs-layers": "layers", "tfjs-graph": "graph"}
 
 
@@ -66,14 +77,38 @@ def _is_export(fmt: str) -> bool:
     return fmt not in NOT_EXPORTS and fmt != "export-report" and not fmt.startswith("export-report-")
 
 
+def telemetry_url(model: str) -> str:
+    return f"/v1/models/{model}/telemetry"
+
+
+def feedback_url(model: str) -> str:
+    return f"/v1/models/{model}/feedback"
+
+
+def monitoring_block(model: str, grid: dict | None) -> dict | None:
+    """The manifest's ``monitoring``: the profile's grid (``registry.profile.grid``) and the two URLs."""
+    if grid is None:
+        return None
+    return {**grid, "telemetry_url": telemetry_url(model), "feedback_url": feedback_url(model)}
+
+
+def shadow_block(model: str, version: int | None) -> dict | None:
+    if version is None:
+        return None
+    return {"version": version, "manifest": f"{version_prefix(model, version)}/manifest"}
+
+
 def build_manifest(record: VersionRecord, channel: str | None = None, cohort: str | None = None,
-                   *, export_outcome: dict | None = None) -> dict:
+                   *, export_outcome: dict | None = None, monitoring: dict | None = None,
+                   shadow_version: int | None = None) -> dict:
     """The manifest of one version; ``channel``/``cohort`` say why a channel served it.
 
     ``export_outcome`` (``registry.cli.export_outcome(store, record)``) adds the refused
     formats with their reasons, the TF.js kinds read from each model.json and the TF.js
     backends a format failed verification on (``unsupported_backends``); without it the
-    delivered formats come from the artifacts and a TF.js kind from the format's name."""
+    delivered formats come from the artifacts and a TF.js kind from the format's name.
+    ``monitoring`` is the version's profile grid (None: no profile), ``shadow_version`` the
+    channel's shadow (None: none)."""
     kinds = dict((export_outcome or {}).get("tfjs_kinds") or {})
     gaps = dict((export_outcome or {}).get("backend_gaps") or {})
     artifacts = {}
@@ -95,7 +130,7 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
             artifacts[fmt]["kind"] = kind
         if fmt.startswith("tfjs") and gaps.get(fmt):
             artifacts[fmt]["unsupported_backends"] = dict(gaps[fmt])
-    return {
+    manifest = {
         "name": record.model,
         "version": record.version,
         "created_at": record.created_at,
@@ -112,6 +147,35 @@ def build_manifest(record: VersionRecord, channel: str | None = None, cohort: st
             "refused": None if export_outcome is None else dict(export_outcome.get("refused") or {}),
         },
     }
+    block = monitoring_block(record.model, monitoring)
+    if block is not None:
+        manifest["monitoring"] = block
+    shadow = shadow_block(record.model, shadow_version)
+    if shadow is not None:
+        manifest["shadow"] = shadow
+    return manifest
+
+
+def read_grid(store, record: VersionRecord) -> dict | None:
+    """The grid of a version's ``profile`` artifact, or None when it has none (or it cannot be
+    read: a manifest without monitoring is better than no manifest)."""
+    files = record.artifacts.get(PROFILE_FORMAT)
+    if not files:
+        return None
+    from registry.profile import grid  # numpy: only for versions that have a profile
+
+    entry = next((f for f in files if f.name == PROFILE_FILE), files[0])
+    if entry.sha256 in _grids:  # stored files never change: one read per profile and process
+        return _grids[entry.sha256]
+    try:
+        with open(store.blob_path(entry.sha256), "rb") as handle:
+            found = grid(json.load(handle))
+    except (OSError, ValueError, KeyError, TypeError, PollinateError):
+        return None
+    if len(_grids) >= MAX_CACHED_GRIDS:
+        _grids.clear()
+    _grids[entry.sha256] = found
+    return found
 
 
 @dataclass(frozen=True)

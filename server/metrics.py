@@ -10,6 +10,13 @@ spent in each phase of their acceptance (summed: divide by the updates), and ref
 model and reason (``registry/edge.py`` REFUSALS). A model label only ever names a model the
 store has: a request for one it does not know is counted under ``(unknown)``.
 
+Monitoring (docs/monitoring.md) counts telemetry batches and the predictions they report,
+feedback, and refusals per model, route (telemetry, feedback) and reason; after each check of
+a model's alerts it sets ``pollinate_monitor_drift`` (PSI per model, version and feature; the
+predictions count as feature ``prediction``) and ``pollinate_monitor_field_accuracy`` from
+the model's report, and counts new alerts, webhook deliveries and retraining commands started.
+Feature names come from the version's profile (a bounded set per model), never from a client.
+
 With several uvicorn workers each process counts on its own; ``pollinate serve`` then
 sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports ``prometheus_client``, every
 worker writes its counters to files there, and ``/metrics`` adds them up, so whichever
@@ -26,6 +33,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -79,6 +87,42 @@ EDGE_ENROLMENTS = Counter(
 )
 UNKNOWN_MODEL = "(unknown)"
 
+MONITOR_BATCHES = Counter(
+    "pollinate_monitor_telemetry_batches", "Telemetry batches accepted (202), by model.", ["model"]
+)
+MONITOR_PREDICTIONS = Counter(
+    "pollinate_monitor_telemetry_predictions", "Predictions reported by accepted telemetry batches, by model.",
+    ["model"],
+)
+MONITOR_FEEDBACK = Counter("pollinate_monitor_feedback", "Feedback items accepted (202), by model.", ["model"])
+MONITOR_REFUSALS = Counter(
+    "pollinate_monitor_refusals",
+    "Telemetry and feedback refused, by model, route and reason (not_found, invalid, rate_limited).",
+    ["model", "route", "reason"],
+)
+# Gauges: each worker sets them after its own checks; summed over workers they would be wrong,
+# so the scrape keeps the most recent value.
+MONITOR_DRIFT = Gauge(
+    "pollinate_monitor_drift", "PSI of the field data against the version's training profile, by feature.",
+    ["model", "version", "feature"], multiprocess_mode="mostrecent",
+)
+MONITOR_FIELD_ACCURACY = Gauge(
+    "pollinate_monitor_field_accuracy", "Share of feedback where the prediction was the label, by version.",
+    ["model", "version"], multiprocess_mode="mostrecent",
+)
+MONITOR_ALERTS = Counter("pollinate_monitor_alerts", "New monitoring alerts, by model and kind.", ["model", "kind"])
+MONITOR_WEBHOOKS = Counter(
+    "pollinate_monitor_webhooks", "Alerts POSTed to the configured webhook, by model and outcome (ok, failed).",
+    ["model", "outcome"],
+)
+MONITOR_RETRAINS = Counter(
+    "pollinate_monitor_retrains", "Retraining commands started for alerts, by model and outcome (started, failed).",
+    ["model", "outcome"],
+)
+MONITOR_ROLLBACKS = Counter(
+    "pollinate_monitor_rollbacks", "Candidates rolled back by a guardrail, by model and channel.", ["model", "channel"]
+)
+
 UNMATCHED = "unmatched"
 # `*_created` timestamps double the exposition and nobody graphs them.
 disable_created_metrics()
@@ -124,6 +168,50 @@ def count_edge_refusal(model: str | None, reason: str) -> None:
 
 def count_edge_enrolment(model: str, kind: str) -> None:
     EDGE_ENROLMENTS.labels(model, kind).inc()
+
+
+def count_telemetry(model: str, predictions: int) -> None:
+    MONITOR_BATCHES.labels(model).inc()
+    if predictions > 0:
+        MONITOR_PREDICTIONS.labels(model).inc(predictions)
+
+
+def count_feedback(model: str) -> None:
+    MONITOR_FEEDBACK.labels(model).inc()
+
+
+def count_monitor_refusal(model: str | None, route: str, reason: str) -> None:
+    """`model` None: the request named a model the store does not have."""
+    MONITOR_REFUSALS.labels(model or UNKNOWN_MODEL, route, reason).inc()
+
+
+def count_alert(model: str, kind: str) -> None:
+    MONITOR_ALERTS.labels(model, kind).inc()
+
+
+def count_webhook(model: str, ok: bool) -> None:
+    MONITOR_WEBHOOKS.labels(model, "ok" if ok else "failed").inc()
+
+
+def count_retrain(model: str, started: bool) -> None:
+    MONITOR_RETRAINS.labels(model, "started" if started else "failed").inc()
+
+
+def count_rollback(model: str, channel: str) -> None:
+    MONITOR_ROLLBACKS.labels(model, channel).inc()
+
+
+def set_monitor_gauges(model: str, report: dict) -> None:
+    """Drift (PSI) per version and feature, field accuracy per version, from a Monitor.report."""
+    for version, numbers in (report.get("versions") or {}).items():
+        for feature, scores in (numbers.get("drift") or {}).items():
+            psi = scores.get("psi") if isinstance(scores, dict) else None
+            if isinstance(psi, (int, float)):
+                MONITOR_DRIFT.labels(model, str(version), feature).set(psi)
+        accuracy = numbers.get("field_accuracy")
+        value = accuracy.get("value") if isinstance(accuracy, dict) else None
+        if isinstance(value, (int, float)):
+            MONITOR_FIELD_ACCURACY.labels(model, str(version)).set(value)
 
 
 class MetricsMiddleware:

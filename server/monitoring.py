@@ -1,0 +1,194 @@
+"""What the server does with field telemetry besides storing it: limit it, and act on it.
+
+``server/routers/monitoring.py`` takes telemetry and feedback batches (docs/monitoring.md)
+and hands each accepted one's model to :meth:`Watcher.accepted`. The watcher then checks
+that model's alerts and guardrails (``Monitor.check_alerts`` and ``Monitor.enforce``) in a
+worker thread, at most once every ``monitor_interval_s`` per model and always after the
+last batch (a batch that lands during the quiet time schedules the check for its end), so
+a flood of batches costs one check, never a blocked event loop. Each new alert is POSTed as
+JSON to the model's configured webhook (stdlib urllib, short timeout; a failure is logged
+and counted, never raised) and starts the configured retraining command once, detached.
+
+The rate limit is a token bucket per client id (else per address) and route, in each worker
+process: ``telemetry_rate`` batches a minute with a minute's worth of burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+
+from registry import Store
+from server import metrics
+
+log = logging.getLogger("pollinate.server.monitoring")
+
+# A webhook that does not answer within this many seconds is counted as failed.
+WEBHOOK_TIMEOUT_S = 5.0
+# Clients remembered by the rate limiter; past this the least recently seen are forgotten
+# (a forgotten client starts again with a full bucket: a bound on memory, not on abuse).
+MAX_TRACKED_CLIENTS = 100_000
+WEBHOOK_SCHEMES = ("http://", "https://")
+
+
+class RateLimiter:
+    """Token buckets: ``per_minute`` tokens a minute, at most ``burst`` saved up."""
+
+    def __init__(self, per_minute: float, burst: float | None = None, *, max_keys: int = MAX_TRACKED_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60.0  # tokens a second
+        self.burst = max(1.0, per_minute if burst is None else burst)
+        self.max_keys = max_keys
+        self.clock = clock
+        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: Any) -> float:
+        """0 when ``key`` may go now (a token is spent), else the seconds until it may."""
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+
+def retry_after(wait_s: float) -> str:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(wait_s)))
+
+
+def post_json(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_S) -> None:
+    """POST ``payload`` as JSON; raises on anything but a 2xx answer."""
+    if not url.startswith(WEBHOOK_SCHEMES):
+        raise ValueError(f"webhook {url!r} is not an http(s) URL")
+    data = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "pollinate-monitor"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 (scheme checked above)
+        answer.read()
+
+
+def start_detached(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``argv`` in its own session, outputs discarded; a thread reaps it when it ends."""
+    process = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                               env={**os.environ, **env})
+    threading.Thread(target=process.wait, name=f"retrain-{process.pid}", daemon=True).start()
+    return process
+
+
+def alert_kind(alert: dict) -> str:
+    for key in ("kind", "type", "metric"):
+        value = alert.get(key)
+        if isinstance(value, str) and value:
+            return value[:32]
+    return "alert"
+
+
+class Watcher:
+    """One per process: the Monitor, the rate limiter and the scheduled checks of each model."""
+
+    def __init__(self, store: Store, *, rate_per_minute: float, interval_s: float):
+        from registry.monitoring import Monitor  # numpy: only when monitoring is used
+
+        self.store = store
+        self.monitor = Monitor(store)
+        self.limiter = RateLimiter(rate_per_minute)
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}  # model -> monotonic time its last check started
+        self._scheduled: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.started: list[subprocess.Popen] = []  # retraining commands (for tests and shutdown logs)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def accepted(self, model: str) -> None:
+        """A batch for ``model`` was stored: check it now, or when its quiet time ends."""
+        if model in self._scheduled:
+            return
+        delay = max(0.0, self._last.get(model, -math.inf) + self.interval_s - time.monotonic())
+        self._scheduled.add(model)
+        task = asyncio.get_running_loop().create_task(self._check_later(model, delay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _check_later(self, model: str, delay: float) -> None:
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            self._scheduled.discard(model)  # batches from now on schedule the next check
+        self._last[model] = time.monotonic()
+        try:
+            await anyio.to_thread.run_sync(self.check, model)
+        except Exception:
+            log.exception("checking the alerts and guardrails of %r failed", model)
+
+    # ------------------------------------------------------------------ one check (worker thread)
+
+    def check(self, model: str) -> dict:
+        """Alerts and guardrails of ``model`` now; new alerts are sent and acted on."""
+        alerts = self.monitor.check_alerts(model)
+        rollbacks = self.monitor.enforce(model)
+        try:
+            metrics.set_monitor_gauges(model, self.monitor.report(model))
+        except Exception:
+            log.exception("reading the monitoring report of %r failed", model)
+        for rollback in rollbacks:
+            metrics.count_rollback(model, str(rollback.get("channel", "")))
+            log.warning("guardrail rolled back %s: %s", model, rollback)
+        if alerts or rollbacks:
+            self._act(model, alerts, rollbacks)
+        return {"alerts": alerts, "rollbacks": rollbacks}
+
+    def _act(self, model: str, alerts: list[dict], rollbacks: list[dict]) -> None:
+        config = self.monitor.config(model) or {}
+        webhook = config.get("webhook")
+        command = config.get("retrain_command")
+        events = [{"event": "alert", "model": model, "alert": a} for a in alerts]
+        events += [{"event": "rollback", "model": model, "rollback": r} for r in rollbacks]
+        for alert in alerts:
+            metrics.count_alert(model, alert_kind(alert))
+            log.warning("monitoring alert for %s: %s", model, alert)
+        if webhook:
+            for event in events:
+                try:
+                    post_json(webhook, event)
+                except Exception as exc:  # a webhook's trouble is never the server's
+                    metrics.count_webhook(model, False)
+                    log.warning("webhook %s refused the %s of %s: %s", webhook, event["event"], model, exc)
+                else:
+                    metrics.count_webhook(model, True)
+        if command:
+            for alert in alerts:
+                try:
+                    self.started.append(start_detached(list(command), {
+                        "POLLINATE_MODEL": model,
+                        "POLLINATE_ALERT": json.dumps(alert, sort_keys=True, default=str),
+                        "POLLINATE_HOME": str(self.store.home),
+                    }))
+                except (OSError, ValueError, TypeError) as exc:
+                    metrics.count_retrain(model, False)
+                    log.warning("the retraining command of %s could not start: %s", model, exc)
+                else:
+                    metrics.count_retrain(model, True)

@@ -1,0 +1,168 @@
+"""Field monitoring over HTTP: telemetry and feedback in, the monitor's view out.
+
+``POST /v1/models/{name}/telemetry`` and ``POST /v1/models/{name}/feedback`` take the small
+aggregates and labels that devices send (docs/monitoring.md sections 2 and 3; no admin
+token). The order of refusals: a body over 64 KiB is refused by the app's body limit (413)
+before anything is read; then the body must be a JSON object (422); then the client's token
+bucket (per client id, else per address: 429 with ``Retry-After``); then the model must exist
+(404); then ``registry.monitoring.Monitor`` validates and merges it in one transaction in a
+worker thread (422 with what is wrong; nothing stored). A refused batch changes nothing.
+Every accepted batch asks the watcher (``server/monitoring.py``) to check the model's alerts
+and guardrails soon.
+
+``GET /v1/models/{name}/monitor`` is what ``/dashboard`` draws: the monitor's report (the
+``pollinate monitor --json`` shape), its timeline, the channels with their rollout and
+shadow, and the channel history.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from core.errors import InvalidInput, NotFound
+from server import metrics
+from server.monitoring import Watcher, retry_after
+from server.names import existing_model_name
+from server.schemas import MAX_VERSION, ErrorOut
+from server.state import Services, ServicesDep
+
+router = APIRouter(prefix="/v1/models", tags=["monitoring"])
+
+MAX_CLIENT_ID = 64  # docs/monitoring.md: longer ids are refused by the monitor
+ModelName = Annotated[str, Path(description="Model name, e.g. digits.")]
+REFUSALS = {
+    404: {"model": ErrorOut, "description": "No such model."},
+    413: {"model": ErrorOut, "description": "The body is over 64 KiB."},
+    422: {"model": ErrorOut, "description": "A bad body: what is wrong is in `detail`. Nothing was stored."},
+    429: {"model": ErrorOut, "description": "Over the rate limit: retry after `Retry-After` seconds."},
+}
+ACCEPTED = {"description": "Merged into the version's window (UTC hour).", "content": {"application/json": {
+    "example": {"accepted": True, "window": "2026-12-02T14:00:00Z"}}}}
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def watcher(request: Request) -> Watcher:
+    """The process's watcher, made on first use (it loads the monitor and numpy)."""
+    found = getattr(request.app.state, "watcher", None)
+    if found is None:
+        svc: Services = request.app.state.services
+        found = request.app.state.watcher = Watcher(
+            svc.store, rate_per_minute=svc.config.telemetry_rate, interval_s=svc.config.monitor_interval_s)
+    return found
+
+
+def _refuse(model: str | None, route: str, reason: str, status: int, detail: str,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.count_monitor_refusal(model, route, reason)
+    return JSONResponse({"detail": detail}, status_code=status, headers={**NO_STORE, **(headers or {})})
+
+
+async def _take(request: Request, svc: Services, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
+    """(watcher, model, body) for a batch that may be ingested, or the refusal to send."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
+    if not isinstance(body, dict):
+        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
+    client_id = body.get("client_id")
+    if isinstance(client_id, str) and 0 < len(client_id) <= MAX_CLIENT_ID:
+        key = (route, "id", client_id)
+    else:
+        key = (route, "address", request.client.host if request.client else "")
+    watch = watcher(request)
+    wait = watch.limiter.take(key)
+    if wait > 0:
+        return _refuse(None, route, "rate_limited", 429, f"too many {route} batches from this client:"
+                       f" retry in {retry_after(wait)} s", {"Retry-After": retry_after(wait)})
+    try:
+        model = existing_model_name(name)
+        await svc.catalog.model(model)
+    except NotFound as exc:
+        return _refuse(None, route, "not_found", 404, str(exc))
+    return watch, model, body
+
+
+async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict) -> JSONResponse | dict:
+    try:
+        return await anyio.to_thread.run_sync(ingest, model, body)
+    except NotFound as exc:
+        return _refuse(model, route, "not_found", 404, str(exc))
+    except InvalidInput as exc:
+        return _refuse(model, route, "invalid", 422, str(exc))
+
+
+@router.post("/{name}/telemetry", status_code=202, responses={202: ACCEPTED, **REFUSALS},
+             summary="One version's telemetry aggregate since the client's last flush")
+async def telemetry(request: Request, svc: ServicesDep, name: ModelName) -> JSONResponse:
+    """Histograms on the manifest's `monitoring` grid, counts, latency, shadow agreement and
+    recent prediction ids; never an input. Batches add up per version and UTC hour."""
+    taken = await _take(request, svc, name, "telemetry")
+    if isinstance(taken, JSONResponse):
+        return taken
+    watch, model, body = taken
+    result = await _ingest(watch, model, "telemetry", watch.monitor.ingest_telemetry, body)
+    if isinstance(result, JSONResponse):
+        return result
+    predictions = body.get("predictions")
+    metrics.count_telemetry(model, predictions if isinstance(predictions, int) else 0)
+    watch.accepted(model)
+    return JSONResponse(result, status_code=202, headers=NO_STORE)
+
+
+@router.post("/{name}/feedback", status_code=202, responses={202: ACCEPTED, **REFUSALS},
+             summary="What a prediction's answer really was")
+async def feedback(request: Request, svc: ServicesDep, name: ModelName) -> JSONResponse:
+    """``{"version", "prediction", "label"}``, or ``{"prediction_id", "label"}`` for a prediction
+    the client listed in a telemetry batch's `recent`. Labels are the manifest's `labels`
+    strings (numbers for regression)."""
+    taken = await _take(request, svc, name, "feedback")
+    if isinstance(taken, JSONResponse):
+        return taken
+    watch, model, body = taken
+    result = await _ingest(watch, model, "feedback", watch.monitor.ingest_feedback, body)
+    if isinstance(result, JSONResponse):
+        return result
+    metrics.count_feedback(model)
+    watch.accepted(model)
+    return JSONResponse(result, status_code=202, headers=NO_STORE)
+
+
+@router.get("/{name}/monitor", responses={404: REFUSALS[404], 422: REFUSALS[422]},
+            summary="The monitor's report and timeline of a model (what /dashboard draws)")
+async def monitor(
+    request: Request,
+    svc: ServicesDep,
+    name: ModelName,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="Only this version.")] = None,
+    since: Annotated[str | None, Query(max_length=40, description="ISO date or time: windows from then on.")] = None,
+    bucket: Annotated[Literal["hour", "day", "month"], Query(description="The timeline's step.")] = "hour",
+) -> JSONResponse:
+    model = existing_model_name(name)
+    await svc.catalog.model(model)
+    watch = watcher(request)
+    body = await anyio.to_thread.run_sync(lambda: _monitor_view(svc, watch, model, version, since, bucket))
+    return JSONResponse(body, headers=NO_STORE)
+
+
+def _monitor_view(svc: Services, watch: Watcher, model: str, version: int | None, since: str | None,
+                  bucket: str) -> dict[str, Any]:
+    store = svc.store
+    report = watch.monitor.report(model, version=version, since=since)
+    timeline = watch.monitor.timeline(model, version=version, since=since, bucket=bucket)
+    channels = {name: state.to_dict() for name, state in store.list_channels(model).items()}
+    info = next((m for m in store.list_models() if m["name"] == model), None) or {}
+    return {
+        "model": model,
+        "latest_version": info.get("latest_version"),
+        "bucket": bucket,
+        "report": report,
+        "timeline": timeline,
+        "channels": channels,
+        "history": store.channel_history(model)[-50:],
+    }

@@ -26,6 +26,17 @@ Layout under the store's home::
                                        float32 local − base, each at a 4 KiB-aligned offset
     edge/<task_id>/<device_id>.f32     an update recorded by an earlier layout (one file each)
 
+How durable "accepted" is, is a setting (``POLLINATE_EDGE_DURABILITY``, read by each
+EdgeStore, so the server and the gateway both follow it): ``process`` (the default) makes an
+accepted update survive the kill -9 of the process that accepted it — its bytes are
+write()'d to the segment (the kernel holds them) before a SQLite commit with
+``synchronous=NORMAL`` (a committed WAL transaction survives the process) — with no disk
+wait; ``power`` makes it survive a power cut too: the segment write is synced (O_DIRECT +
+RWF_DSYNC, the folder's fsync) and the commit is ``synchronous=FULL``, two disk waits per
+batch. The issue asks for the first (a gateway or server killed and restarted); a power
+cut in ``process`` mode may lose the last updates accepted before it (their rows roll
+back with the WAL; a row whose bytes the page cache lost is skipped when read back).
+
 The functions never import TensorFlow (nor numpy until they handle values: the store imports
 this module for its schema): the server uses them. The validation rules (length,
 finite values, L2-norm bound or clipping, example count) live here so that the server and
@@ -129,6 +140,10 @@ REFUSALS = {
     "bad_enrolment": 422,
 }
 MAX_EXAMPLES = 10_000_000
+# What a 202 survives (module docstring): the process's kill -9, or a power cut too.
+ENV_DURABILITY = "POLLINATE_EDGE_DURABILITY"
+DURABILITY_MODES = ("process", "power")
+DEFAULT_DURABILITY = "process"
 # How long the server trusts a task it read to be still open, to admit updates without a
 # read (a closed one is refused at commit anyway); how many devices and tasks it remembers;
 # for how many tasks it remembers which devices it recorded (to refuse a repeat early).
@@ -282,6 +297,14 @@ def l2_norm(values: np.ndarray, chunk: int = 1 << 16) -> float:
     return math.sqrt(total)
 
 
+def durability_mode(value: str | None = None) -> str:
+    """`value`, else ``POLLINATE_EDGE_DURABILITY``, else the default: 'process' or 'power'."""
+    mode = (value if value is not None else os.environ.get(ENV_DURABILITY) or DEFAULT_DURABILITY).strip().lower()
+    if mode not in DURABILITY_MODES:
+        raise InvalidInput(f"{ENV_DURABILITY} must be one of {', '.join(DURABILITY_MODES)}, got {mode!r}")
+    return mode
+
+
 def _no_token() -> EdgeRefusal:
     return EdgeRefusal("unauthorized", "a device token is needed: Authorization: Bearer <token> (enrol first)")
 
@@ -322,12 +345,13 @@ class EdgeStore:
     thread hop (``admit_known``). Whether a task is still open it trusts for ``TASK_FRESH_S``
     only, and only to refuse early: the write transaction checks it again."""
 
-    def __init__(self, store):
+    def __init__(self, store, durability: str | None = None):
         self.store = store
+        self.durability = durability_mode(durability)
         self.root = Path(store.home) / "edge"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._log = SegmentLog(self.root)
-        self._commits = GroupCommit(store, self._log)
+        self._log = SegmentLog(self.root, sync=self.durability == "power")
+        self._commits = GroupCommit(store, self._log, synchronous="FULL" if self.durability == "power" else "NORMAL")
         self._readers = threading.local()
         self._buffers = BufferPool()
         self._models: set[str] = set()
@@ -884,9 +908,10 @@ class GroupCommit:
 
     IDLE_S = 10.0
 
-    def __init__(self, store, log: SegmentLog | None = None):
+    def __init__(self, store, log: SegmentLog | None = None, synchronous: str = "FULL"):
         self.store = store
         self.log = log
+        self.synchronous = synchronous  # of its commits: FULL (a power cut) or NORMAL (a process kill)
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
         self._thread: threading.Thread | None = None
@@ -898,6 +923,8 @@ class GroupCommit:
         fsyncs per update than the update itself). Kept open, it checkpoints as it goes."""
         if self._db is None:
             self._db = _connect(self.store, check_same_thread=False)
+            if self.synchronous != "FULL":  # WAL + NORMAL: committed survives a kill -9, not a power cut
+                self._db.execute(f"PRAGMA synchronous = {self.synchronous}")
         return self._db
 
     @contextlib.contextmanager

@@ -19,6 +19,14 @@ a round closed meanwhile) stay in the segment with no row naming them, as do tho
 writer killed before its commit; the segment goes when the gateway discards the task's files.
 (Updates that fail the checks — length, values, norm — are never written.)
 
+How durable a write is before its 202 is the store's *durability* mode
+(``POLLINATE_EDGE_DURABILITY``, ``registry/edge.py``): ``power`` does all of the above
+(O_DIRECT, RWF_DSYNC, the folder's fsync: a 202 survives a power cut); ``process`` writes
+with O_DIRECT but without RWF_DSYNC and syncs nothing (a 202 survives the process's kill -9:
+the bytes left the process when the write returned, and the kernel keeps the file's size and
+name; a power cut may lose them). Either way the bytes are written before the SQLite commit
+that names them.
+
 Segments are per writer so that processes never share an offset counter; a restarted
 server starts a new one. Nothing here imports numpy: the store imports ``registry.edge``.
 """
@@ -131,21 +139,27 @@ class Span:
 class SegmentLog:
     """The segments of one writer: reserves offsets, writes, and says what to sync."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, sync: bool = True):
         self.root = root
         self.name = uuid.uuid4().hex + SUFFIX
+        # sync=False (durability 'process'): page-cache writes, no syncs (``needs_sync`` is False)
+        self.sync = sync
         self._ends: dict[str, int] = {}  # task id -> next free offset in this writer's segment
         self._linked: set[Path] = set()  # segments whose directory entry is known durable
         self._lock = threading.Lock()
+        # O_DIRECT in both modes: an O_DIRECT write has left this process's hands when it returns
+        # (a kill -9 cannot lose it), and costs far less CPU than appending through the page
+        # cache (measured here: 0.013 ms against 0.4 ms per 150 KB update — new page-cache pages)
         self._direct = getattr(os, "O_DIRECT", 0)
-        self._dsync = getattr(os, "RWF_DSYNC", 0)
+        self._dsync = getattr(os, "RWF_DSYNC", 0) if sync else 0
 
     def append(self, task_id: str, bodies: list[tuple[UpdateBody, int]]) -> tuple[list[Span], bool]:
         """Write the first `nbytes` of each body, one after the other, at fresh offsets of the
         task's segment, in one system call; (where each went, durable already?). Durable when
         the kernel takes RWF_DSYNC (Linux 4.7+: the write returns once its bytes and the file's
         size are on disk, one wait instead of a write and an fdatasync); otherwise the caller
-        calls ``datasync``. FileNotFoundError when the task's folder is gone."""
+        calls ``datasync`` (unless this log does not sync). FileNotFoundError when the task's
+        folder is gone."""
         views, spans = [], []
         path = self.root / task_id / self.name
         with self._lock:
@@ -201,11 +215,12 @@ class SegmentLog:
         finally:
             if fd >= 0:
                 os.close(fd)
-        return bool(self._dsync)
+        return bool(self._dsync) or not self.sync
 
     def needs_link(self, path: Path) -> bool:
-        """True until the folder holding a new segment has been fsynced once."""
-        return path not in self._linked
+        """True until the folder holding a new segment has been fsynced once (never when
+        this log does not sync: a process kill does not lose a directory entry)."""
+        return self.sync and path not in self._linked
 
     def linked(self, path: Path) -> None:
         self._linked.add(path)

@@ -7,8 +7,8 @@ the same config from environment variables that ``pollinate serve`` sets.
 Middleware, outermost first, all pure ASGI (no per-request task, no body copies):
 metrics (time and count everything, refusals included) → CORS (so browsers can read
 refusals too) → body size limit (device updates excepted: their route streams them against
-its own limit) → the shortcut for cached manifests and known files
-(``server/fastpath.py``) → the routers.
+its own limit) → the shortcut for device updates (``server/edge_fastpath.py``) → the
+shortcut for cached manifests and known files (``server/fastpath.py``) → the routers.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import server
 from registry.edge import EdgeStore
 from server import errors
 from server.config import ServerConfig
+from server.edge_fastpath import EdgeFastPath
 from server.fastpath import FastPath
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
-from server.routers import channels, federations, files, health, metrics, models, web
+from server.routers import channels, federations, files, health, metrics, models, monitoring, web
 from server.state import Services
 
 EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges"]
@@ -40,6 +41,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             {"name": "models", "description": "Models, versions and manifests."},
             {"name": "files", "description": "Immutable, content-addressed files."},
             {"name": "channels", "description": "Channel pointers, staged rollout, rollback (admin)."},
+            {"name": "monitoring", "description": "Telemetry and feedback from devices (no raw input), and the"
+             " monitor's view of a model (docs/monitoring.md)."},
             {"name": "federations", "description": "The device protocol: browsers and phones enrol, fetch a"
              " task and its base weights, and send their update (docs/device-protocol.md)."},
         ],
@@ -49,7 +52,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     errors.install(app)
     # the device protocol first: its update route is the hottest path the router walks (routes
     # are matched in order; benchmarks/edge_ingest.md has the cost of walking past the others)
-    for module in (federations, health, models, files, channels, metrics, web):
+    for module in (federations, health, models, files, channels, monitoring, metrics, web):
         app.include_router(module.router)
     app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
               name="web_client")
@@ -61,6 +64,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         blobs=svc.blobs,
         manifest_route=_route(models.router, models.CHANNEL_MANIFEST_PATH, "GET"),
         file_route=_route(files.router, files.router.prefix + files.FILE_PATH, "GET"),
+    )
+    app.add_middleware(
+        EdgeFastPath,
+        edge=app.state.edge,
+        max_update_bytes=config.max_update_bytes,
+        route=_route(federations.router, federations.router.prefix + federations.UPDATE_PATH, "POST"),
+        exception_handlers=app.exception_handlers,
     )
     # device updates stream past the cap, against their own limit (max_update_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt=federations.UPDATES_PATH)

@@ -400,6 +400,76 @@ def test_every_refusal_is_refused_and_counted(home, client):
     assert [u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)] == [devices[0]["device_id"]]
 
 
+def test_the_update_fast_path_answers_as_the_router_and_the_middleware_would(home, client):
+    """server/edge_fastpath.py answers update POSTs before FastAPI's router: through the
+    whole app (fast path) and through the router alone (the declared route), the same
+    requests get the same status, body and type; on the wire the middleware still adds CORS
+    headers and labels the request with the route's template in /metrics."""
+    import asyncio
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    new_model(home, "twin")
+    task, _ = open_round(home, "twin")
+    devices = [enrol(client, "twin") for _ in range(2)]
+    good = delta(40).tobytes()
+    app = create_app(ServerConfig(home=home, web_client=None, max_update_bytes=LIMIT))
+    cases = [(None, task.task_id, good, "examples=3"), ("garbage", task.task_id, good, "examples=3"),
+             (devices[0]["token"], "f" * 32, good, "examples=3"), (devices[0]["token"], task.task_id, good, "examples=x"),
+             (devices[0]["token"], task.task_id, good[:-4], "examples=3"),
+             (devices[0]["token"], task.task_id, good, "examples=3&dtype=float64"),
+             (devices[0]["token"], task.task_id, b"\0" * (LIMIT + 4), "examples=3")]
+
+    async def call(asgi, token, task_id, body, query) -> tuple[int, dict, bytes]:
+        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(body)).encode())]
+        if token:
+            headers.append((b"authorization", f"Bearer {token}".encode()))
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": f"/v1/federations/twin/tasks/{task_id}/updates", "raw_path": b"", "root_path": "",
+                 "query_string": query.encode(), "headers": headers, "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 1), "app": app}
+        sent: list[dict] = []
+        pieces = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict:
+            return next(pieces, {"type": "http.disconnect"})
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await asgi(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def both() -> list:
+        return [(await call(app, *case), await call(app.router, *case)) for case in cases]
+
+    for fast, routed in asyncio.run(both()):
+        assert fast[0] == routed[0] and fast[2] == routed[2], (fast, routed)
+        assert fast[1][b"content-type"] == routed[1][b"content-type"] == b"application/json"
+    # the same 202 either way, and the second is a duplicate either way
+    accepted = asyncio.run(call(app, devices[1]["token"], task.task_id, good, "examples=3"))
+    assert accepted[0] == 202 and b'"accepted":1' in accepted[2]
+    again = asyncio.run(call(app.router, devices[1]["token"], task.task_id, good, "examples=3"))
+    assert again[0] == 409 and b'"reason":"duplicate"' in again[2]
+
+    # over the wire: CORS on answers and refusals, metrics under the route's template
+    origin = {"Origin": "https://app.example"}
+    ok = client.post(f"/v1/federations/twin/tasks/{task.task_id}/updates", params={"examples": 2}, content=good,
+                     headers={**OCTETS, **bearer(devices[0]["token"]), **origin})
+    refused = client.post(f"/v1/federations/twin/tasks/{task.task_id}/updates", params={"examples": 2},
+                          content=good, headers={**OCTETS, **origin})
+    for response in (ok, refused):
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "ETag" in response.headers["access-control-expose-headers"]
+    assert (ok.status_code, refused.status_code) == (202, 401)
+    assert ok.headers["content-type"] == "application/json" and refused.headers["www-authenticate"]
+    template = "/v1/federations/{model}/tasks/{task_id}/updates"
+    assert metric(client, "pollinate_http_requests_total", route=template, method="POST", status="202") >= 1
+    assert metric(client, "pollinate_http_requests_total", route=template, method="POST", status="401") >= 1
+    assert client.put(f"/v1/federations/twin/tasks/{task.task_id}/updates").status_code == 405
+
+
 def test_openapi_documents_the_protocol(client):
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
@@ -420,12 +490,13 @@ def test_openapi_documents_the_protocol(client):
 # --------------------------------------------------------------------------- durability and concurrency
 
 
-def test_kill_9_between_updates_loses_none_and_counts_none_twice(tmp_path):
+@pytest.mark.parametrize("durability", [None, "power"])  # None: the default (process)
+def test_kill_9_between_updates_loses_none_and_counts_none_twice(tmp_path, durability):
     home = tmp_path / "store"
     new_model(home, "sturdy")
     task, _ = open_round(home, "sturdy")
     sent = {i: delta(100 + i) for i in range(8)}
-    first = LiveServer(home, log=tmp_path / "first.log").start()
+    first = LiveServer(home, log=tmp_path / "first.log", env={"POLLINATE_EDGE_DURABILITY": durability}).start()
     try:
         with httpx.Client(base_url=first.url, timeout=30) as c:
             devices = [enrol(c, "sturdy", "phone") for _ in range(8)]

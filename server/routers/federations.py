@@ -26,6 +26,7 @@ import json
 import re
 import time
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -258,8 +259,6 @@ class LeanRoute(APIRoute):
         if scope["method"] not in self.methods:
             await super().handle(scope, receive, send)  # 405, as FastAPI answers it
             return
-        if not _allocator_tuned:
-            _keep_freed_memory()
         response = await self.endpoint(Request(scope, receive, send), **scope["path_params"])
         await response(scope, receive, send)
 
@@ -293,21 +292,42 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     """202 means recorded durably and counted once. Every check that needs no body (token,
     task, round still open, ``dtype``, ``examples``, declared length) runs before the body
     is read, so a doomed upload is refused early."""
-    # The service's hot path, kept lean (benchmarks/edge_ingest.py): the token comes from the
-    # header here (no dependency), a device and task this process already knows are admitted
-    # without a store read or a thread hop (EdgeStore.admit_known), the body streams into
-    # page-aligned memory of the task's size (no joining of chunks, no copy on its way to the
-    # disk), the checks, the durable append and the commit run on the store's committer
-    # thread with the others of their batch (no thread hop per update, no numpy on the loop),
-    # and the answer is written as JSON directly (the response model documents it).
+    # Requests normally never get here: server/edge_fastpath.py answers them before FastAPI's
+    # routing, with the same function. This declaration documents the route (OpenAPI) and
+    # serves any request that reaches the router anyway.
+    return await receive_update(request.app.state.edge, request.app.state.services.config.max_update_bytes,
+                                request.scope, request.receive, model, task_id)
+
+
+async def receive_update(edge: EdgeStore, limit: int, scope: Scope, receive: Receive, model: str,
+                         task_id: str) -> Response:
+    """The update route's work, from the raw ASGI scope (``post_update`` and the fast path
+    both call it, so they cannot drift): admit, stream the body in, accept, answer."""
+    # The service's hot path, kept lean (benchmarks/edge_ingest.py): the query and headers are
+    # read from the scope (no Request, no dependency), a device and task this process already
+    # knows are admitted without a store read or a thread hop (EdgeStore.admit_known), the body
+    # streams into page-aligned memory of the task's size (no joining of chunks, no copy on its
+    # way to an O_DIRECT disk), the checks, the append and the commit run on the store's
+    # committer thread with the others of their batch (no thread hop per update, no numpy on
+    # the loop), and the answer is written as JSON directly (the response model documents it).
     started = time.perf_counter()
-    edge: EdgeStore = request.app.state.edge
-    query = request.query_params
-    dtype = query.get("dtype", "float32")
-    examples = query.get("examples")
-    limit = request.app.state.services.config.max_update_bytes
-    token = _bearer_token(request.headers.get("authorization"))
-    declared = request.headers.get("content-length")
+    if not _allocator_tuned:
+        _keep_freed_memory()
+    dtype, examples = "float32", None
+    if scope["query_string"]:  # as Starlette's query_params: the last value of a repeated key wins
+        for key, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+            if key == "dtype":
+                dtype = value
+            elif key == "examples":
+                examples = value
+    authorization = declared = None
+    for key, value in scope["headers"]:  # as Starlette's Headers.get: the first of a repeated header
+        if key == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif key == b"content-length" and declared is None:
+            declared = value.decode("latin-1")
+    token = _bearer_token(authorization)
     if declared is not None and not declared.isdigit():
         declared = None
 
@@ -339,7 +359,6 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
 
     body = edge.update_body(task, dtype)
     try:
-        receive = request.receive
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -366,8 +385,9 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     return Response(answer.encode(), status_code=202, media_type="application/json")
 
 
+UPDATE_PATH = "/{model}/tasks/{task_id}/updates"
 router.add_api_route(
-    "/{model}/tasks/{task_id}/updates",
+    UPDATE_PATH,
     post_update,
     methods=["POST"],
     status_code=202,

@@ -35,7 +35,8 @@ wait; ``power`` makes it survive a power cut too: the segment write is synced (O
 RWF_DSYNC, the folder's fsync) and the commit is ``synchronous=FULL``, two disk waits per
 batch. The issue asks for the first (a gateway or server killed and restarted); a power
 cut in ``process`` mode may lose the last updates accepted before it (their rows roll
-back with the WAL; a row whose bytes the page cache lost is skipped when read back).
+back with the WAL; in this mode a row whose segment bytes did not reach the disk — a missing
+or short segment — is skipped when read back, and logged).
 
 The functions never import TensorFlow (nor numpy until they handle values: the store imports
 this module for its schema): the server uses them. The validation rules (length,
@@ -49,6 +50,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -68,6 +70,8 @@ from registry.edge_log import BufferPool, SegmentLog, Span, UpdateBody, datasync
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger("pollinate.edge")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edge_devices (
@@ -786,10 +790,18 @@ class EdgeStore:
                 if segment is None:  # recorded as a file of its own (the earlier layout)
                     delta = np.fromfile(folder / f"{device_id}.f32", dtype="<f4")
                 else:
-                    if segment not in handles:
-                        handles[segment] = files.enter_context(open(folder / segment, "rb"))
                     delta = np.empty(int(nbytes) // 4, "<f4")
-                    read_span(handles[segment], int(offset), int(nbytes), delta)
+                    try:
+                        if segment not in handles:
+                            handles[segment] = files.enter_context(open(folder / segment, "rb"))
+                        read_span(handles[segment], int(offset), int(nbytes), delta)
+                    except OSError as exc:
+                        if self.durability == "power":
+                            raise
+                        # durability 'process' after a power cut: the row outlived its bytes
+                        log.warning("update of device %s in task %s skipped: its bytes were lost (%s)",
+                                    device_id, task_id, exc)
+                        continue
                 out.append(Update(device_id, int(examples), float(norm), bool(clipped), delta))
         return out
 

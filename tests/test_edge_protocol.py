@@ -267,6 +267,30 @@ def test_updates_of_the_earlier_layout_and_store_are_still_read(tmp_path):
     assert (by_device[device_id].examples, by_device[newer].examples) == (3, 2)
 
 
+def test_durability_modes_and_a_segment_that_lost_its_bytes(tmp_path, monkeypatch):
+    """`process` (the default) skips a row whose bytes a power cut took (a short segment) when
+    the gateway reads the round back; `power` promised those bytes and says they are gone."""
+    from core.errors import InvalidInput
+    from registry.edge import durability_mode
+
+    monkeypatch.delenv("POLLINATE_EDGE_DURABILITY", raising=False)
+    home = tmp_path / "store"
+    new_model(home, "cut")
+    task, _ = open_round(home, "cut")
+    edge = EdgeStore(Store(home))
+    assert edge.durability == durability_mode() == "process"
+    kept, lost = (edge.enrol("cut", "phone")[0] for _ in range(2))
+    edge.accept(task.task_id, kept, delta(1).tobytes(), examples=1)
+    edge.accept(task.task_id, lost, delta(2).tobytes(), examples=1)
+    segment = next((home / "edge" / task.task_id).glob("*.seg"))
+    os.truncate(segment, 4096)  # the second update's bytes never reached the disk
+    assert [u.device_id for u in EdgeStore(Store(home)).updates(task.task_id)] == [kept]
+    with pytest.raises(OSError):
+        EdgeStore(Store(home), durability="power").updates(task.task_id)
+    with pytest.raises(InvalidInput, match="POLLINATE_EDGE_DURABILITY"):
+        durability_mode("disk")
+
+
 def test_an_update_racing_a_discarded_round_is_stale_and_leaves_no_folder(tmp_path):
     """A server that still believes a task open (it read it moments ago) while the gateway
     closes it and frees its files: the update is refused as stale, counted in that round, and

@@ -17,6 +17,12 @@
 //   await client.optIn();                     // the user's consent, kept in storage
 //   await client.contribute({ signal, onProgress });   // task → train → POST local − base: {status: 'accepted', round, accepted, …}
 //
+// Watching the model in the field (docs/monitoring.md; off until the user opts in):
+//   await client.optInTelemetry();            // consent, kept in storage (or createClient({telemetry: {enabled: true}}))
+//   result.id                                 // every prediction's random id
+//   await client.feedback({ predictionId: result.id, label: '7' });   // "it was a 7"
+//   await client.flushTelemetry();            // counts go every 100 predictions, when the page hides, on close()
+//
 // TF.js: pass `tf` (the module) or let the client `import('@tensorflow/tfjs')` (Node resolves
 // it from node_modules; a page maps the bare name with an import map, see index.html).
 
@@ -29,6 +35,7 @@ import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/
 import { sha256Hex } from './lib/integrity.js';
 import { Poller } from './lib/poller.js';
 import { DeviceProtocol } from './lib/protocol.js';
+import { Telemetry, newPredictionId } from './lib/telemetry.js';
 import { classCount, fitOnExamples, trainingBackendFor, withBackend } from './lib/training.js';
 
 export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCache, PollinateError, Poller };
@@ -37,6 +44,7 @@ export { sha256Hex } from './lib/integrity.js';
 export { ExampleStore } from './lib/examples.js';
 export { DeviceProtocol, refusalOf } from './lib/protocol.js';
 export { trainingBackendFor } from './lib/training.js';
+export { binIndex, featureValues, inputKind, newPredictionId, Telemetry, VersionAggregate } from './lib/telemetry.js';
 export { float32LE, fromFloat32LE, l2Norm, weightDelta, weightsInSpecOrder } from './lib/weights.js';
 
 // TF.js formats a version may carry, and the order the client takes them in: the LayersModel
@@ -130,13 +138,17 @@ export class PollinateClient {
    * @param {string[]} [options.formats]  TF.js formats in order of preference (default tfjs-layers, tfjs-graph)
    * @param {string} [options.preferQuantized] 'float16' or 'uint8': take that weight-quantized format first when offered
    * @param {string} [options.enrolToken] bearer token the server asks for on device enrolment (POLLINATE_ENROL_TOKEN), if any
+   * @param {{enabled?: boolean, flushEvery?: number}} [options.telemetry] field telemetry (docs/monitoring.md):
+   *   enabled true/false decides here (the app asked the user itself); left out, the choice the
+   *   user made with optInTelemetry() (kept in storage) decides, and nothing is sent before it.
+   *   flushEvery: predictions per version and batch (default 100).
    */
   constructor({
     serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
     backends = DEFAULT_BACKENDS, wasmPaths, loadWasm = () => import('@tensorflow/tfjs-backend-wasm'),
     cache = defaultCache(), fetch = globalThis.fetch?.bind(globalThis), timeoutMs = 30_000,
     checkRange = true, minConfidence = 0.5, keepVersions = 2, format = null, formats = null, preferQuantized = null,
-    enrolToken = null,
+    enrolToken = null, telemetry = null,
   } = {}) {
     if (!serverUrl) throw new PollinateError('config', 'serverUrl is required outside a browser page');
     if (typeof model !== 'string' || !/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(model)) {
@@ -175,6 +187,16 @@ export class PollinateClient {
     this.bytesReceived = 0;       // response bytes over all requests (fetchLog keeps only the newest)
     this.examples = new ExampleStore(cache, `examples/${encodeURIComponent(this.serverUrl)}/${model}/`);
     this.protocol = new DeviceProtocol({ request: (...args) => this.request(...args), serverUrl: this.serverUrl, model, enrolToken });
+    this.telemetry = new Telemetry({
+      serverUrl: this.serverUrl, model, clientId, cache, fetch, timeoutMs, flushEvery: telemetry?.flushEvery ?? undefined,
+      onError: error => this.emit('telemetry-error', error),
+    });
+    this.telemetryChoice = typeof telemetry?.enabled === 'boolean' ? telemetry.enabled : null;
+    if (this.telemetryChoice) this.telemetry.enable();
+    this.shadow = null;           // the channel's shadow version, run silently beside the served one: {version, model, run, contract, manifest}
+    this.shadowError = null;      // why the shadow could not be loaded or run, if it could not
+    this.shadowWanted = null;     // the shadow version the served manifest names (with telemetry on)
+    this.shadowLoading = null;
     this.listeners = new Map();
     this.inflight = new Set();
     this.queue = Promise.resolve();
@@ -204,6 +226,7 @@ export class PollinateClient {
       name: m.name, version: m.version, channel: m.channel ?? this.channel, cohort: m.cohort ?? null,
       createdAt: m.created_at, lineage: m.lineage, input: m.input, labels: m.labels, metrics: m.metrics,
       backend: this.backend, offline: this.offline, format: this.format, modelKind: this.modelKind,
+      shadowVersion: this.shadow?.version ?? null, telemetry: this.telemetry.enabled,
     };
   }
 
@@ -395,10 +418,10 @@ export class PollinateClient {
   }
 
   /** {model, kind, format}: the TF.js model built from verified bytes, warmed up. */
-  async buildModel(manifest, files) {
+  async buildModel(manifest, files, { pickBackend = true } = {}) {
     const tf = this.tf;
     const { format, entry } = this.chooseFormat(manifest);
-    const { handler, kind } = await this.modelHandler(manifest, files, format, entry, { pickBackend: true });
+    const { handler, kind } = await this.modelHandler(manifest, files, format, entry, { pickBackend });
     const model = kind === 'graph' ? await tf.loadGraphModel(handler) : await tf.loadLayersModel(handler);
     const loaded = { model, kind, format, run: modelRunner(tf, model, kind) };
     // one untimed predict compiles kernels (shaders on WebGL) so the first real one is honest
@@ -518,6 +541,7 @@ export class PollinateClient {
       const etag = answer.status === 200 ? answer.etag : pointer.etag;
       const result = await this.activate(manifest, etag, { persistPointer: answer.status === 200 });
       this.offline = answer.status === 'offline';
+      await this.applyTelemetryChoice();
       this.lastLoad = { ...result, manifestStatus: answer.status, ms: now() - started };
       return this.lastLoad;
     });
@@ -530,6 +554,7 @@ export class PollinateClient {
       this.manifest = manifest;
       this.etag = etag;
       if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
+      this.syncShadow();
       return { version: manifest.version, source: 'memory', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
     }
     const obtained = await this.obtainFiles(manifest);
@@ -550,6 +575,7 @@ export class PollinateClient {
       this.lastDispose = { version: previous.version, ...(freed ?? {}) };
     }
     await this.evict(previous.version);
+    this.syncShadow();
     return {
       version: manifest.version, format: loaded.format, kind: loaded.kind, source: obtained.source, downloads: obtained.downloads,
       bytesDownloaded: obtained.downloads.reduce((n, d) => n + d.bytes, 0), verifyMs: obtained.verifyMs,
@@ -563,6 +589,7 @@ export class PollinateClient {
     try {
       const prefix = this.filesPrefix();
       const protect = [this.version, previousVersion].filter(v => v != null).slice(0, keep);
+      if (this.shadowWanted != null) protect.push(this.shadowWanted);  // the shadow's files too
       for (const key of await this.cache.keys(prefix)) {
         const v = Number(key.slice(prefix.length).split('/')[0]);
         if (Number.isInteger(v) && !protect.includes(v)) await this.cache.delete(key);
@@ -590,6 +617,7 @@ export class PollinateClient {
         this.manifest = answer.manifest;
         this.etag = answer.etag;
         await this.cacheSet(this.pointerKey(), { etag: answer.etag, manifest: answer.manifest, storedAt: Date.now() });
+        this.syncShadow();  // e.g. the channel named a shadow version
         return { updated: false, status: 200, from, to: from };
       }
       const started = now();
@@ -644,6 +672,7 @@ export class PollinateClient {
     if (!this.model) throw new PollinateError('not-loaded', 'call load() before predict()');
     const { manifest, contract, tf, runModel } = this;
     const values = prepareInput(input, contract, { checkRange });
+    const id = newPredictionId();
     const job = (async () => {
       const started = now();
       // the backend this ran on: the client's, or the training backend while train()/contribute() run
@@ -662,15 +691,196 @@ export class PollinateClient {
     let ranOn;
     try {
       ({ raw, inferenceMs, ranOn } = await job);
+    } catch (error) {
+      this.telemetry.record(manifest, { error: true });  // the model failed to run: an error in the field
+      throw error;
     } finally {
       this.inflight.delete(job);
     }
-    const base = { inferenceMs, version: manifest.version, backend: ranOn, format: this.format, modelKind: this.modelKind, modelInput: values };
-    if (!Array.isArray(manifest.labels)) return { ...base, values: Array.from(raw) };
-    const probabilities = toProbabilities(raw);
-    const labels = rankLabels(probabilities, manifest.labels);
-    const top = labels[0].probability;
-    return { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
+    const base = { id, inferenceMs, version: manifest.version, backend: ranOn, format: this.format, modelKind: this.modelKind, modelInput: values };
+    let result;
+    if (!Array.isArray(manifest.labels)) {
+      result = { ...base, values: Array.from(raw) };
+      this.telemetry.record(manifest, { input: values, output: raw, latencyMs: inferenceMs, id });
+    } else {
+      const probabilities = toProbabilities(raw);
+      const labels = rankLabels(probabilities, manifest.labels);
+      const top = labels[0].probability;
+      result = { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
+      this.telemetry.record(manifest, { input: values, output: raw.length === 1 ? raw : probabilities, latencyMs: inferenceMs, id });
+    }
+    this.runShadow(input, manifest, result);
+    return result;
+  }
+
+  // ---- telemetry, feedback, shadow (docs/monitoring.md) ------------------------------------------
+
+  /** The user's telemetry choice: the option when given, else the one kept in storage (default off). */
+  async applyTelemetryChoice() {
+    const on = this.telemetryChoice ?? (await this.cacheGet(this.preferenceKey('telemetry')))?.optedIn === true;
+    if (on && !this.telemetry.enabled) this.telemetry.enable();
+    if (on) {
+      this.telemetry.track(this.telemetry.retryQueued());  // batches a previous page could not send
+      this.syncShadow();
+    }
+    return on;
+  }
+
+  /**
+   * The user agrees to send telemetry (counts on fixed bins, latency, prediction ids; never an
+   * input) and feedback; kept in storage, so it survives reloads. Loads the channel's shadow
+   * version, if it names one.
+   */
+  async optInTelemetry() {
+    this.telemetryChoice = true;
+    await this.cacheSet(this.preferenceKey('telemetry'), { optedIn: true, at: Date.now() });
+    this.telemetry.enable();
+    this.telemetry.track(this.telemetry.retryQueued());
+    this.syncShadow();
+    return true;
+  }
+
+  /** Withdraws it: nothing more is counted or sent, what was not sent yet is forgotten, the shadow is freed. */
+  async optOutTelemetry() {
+    this.telemetryChoice = false;
+    await this.cacheSet(this.preferenceKey('telemetry'), { optedIn: false, at: Date.now() });
+    await this.telemetry.disable();
+    this.syncShadow();
+    return false;
+  }
+
+  /** Whether telemetry is on for this client now. */
+  telemetryOptedIn() {
+    return this.telemetry.enabled;
+  }
+
+  /** Sends every pending aggregate and the offline queue now; resolves to the batches' answers. */
+  flushTelemetry() {
+    return this.telemetry.flush();
+  }
+
+  /** Counts, batches and bytes sent so far: {batches, feedback, bytesSent, beacons, queued, dropped, lastError, …}. */
+  get telemetryStats() {
+    return { ...this.telemetry.stats, enabled: this.telemetry.enabled, pending: [...this.telemetry.aggregates.values()].reduce((n, a) => n + a.predictions, 0) };
+  }
+
+  /**
+   * What the answer really was: `{predictionId, label}` for a prediction of this client
+   * (result.id), or `{version, prediction, label}`. Labels are the model's label strings (a
+   * class index is turned into its label), numbers for a regressor. Needs the user's telemetry
+   * opt-in. Resolves to {sent: true, accepted, window} or {queued: true} (offline: sent later),
+   * or {dropped: true, status, error} when the server refused it.
+   */
+  async feedback({ predictionId = null, version = null, prediction = null, label } = {}) {
+    if (!this.telemetry.enabled) throw new PollinateError('not-opted-in', 'feedback is sent only after the user opted in to telemetry (optInTelemetry())');
+    if (predictionId != null && (typeof predictionId !== 'string' || !/^[A-Za-z0-9_-]{1,64}$/.test(predictionId))) {
+      throw new PollinateError('config', `predictionId must be a prediction's id (result.id), got ${JSON.stringify(predictionId)}`);
+    }
+    if (predictionId == null && !(Number.isInteger(version) && prediction != null)) {
+      throw new PollinateError('config', 'feedback needs {predictionId, label} or {version, prediction, label}');
+    }
+    const labels = this.labels;
+    const asLabel = value => {
+      if (Array.isArray(labels)) {
+        const text = Number.isInteger(value) && !labels.includes(String(value)) ? labels[value] : String(value);
+        if (!labels.includes(text)) throw new PollinateError('label', `${JSON.stringify(value)} is not a label of ${this.modelName} (${labels.join(', ')})`);
+        return text;
+      }
+      const number = Number(value);
+      if (!Number.isFinite(number)) throw new PollinateError('label', `a regressor's label is a number, got ${JSON.stringify(value)}`);
+      return number;
+    };
+    return this.telemetry.feedback(
+      { predictionId, version, prediction: prediction == null ? null : asLabel(prediction), label: asLabel(label) },
+      v => (v === this.version ? this.manifest : null),
+    );
+  }
+
+  /** Loads, swaps or frees the shadow version the served manifest names (only with telemetry on). */
+  syncShadow() {
+    const named = this.telemetry.enabled && this.telemetry.counts(this.manifest) ? this.manifest?.shadow : null;
+    const version = Number.isInteger(named?.version) && named.version !== this.version ? named.version : null;
+    if (version === this.shadowWanted) return this.shadowLoading ?? Promise.resolve(this.shadow);
+    this.shadowWanted = version;
+    const old = this.shadow;
+    this.shadow = null;
+    if (old) Promise.allSettled([...this.inflight]).then(() => old.model.dispose());
+    if (version == null) {
+      this.shadowLoading = null;
+      return Promise.resolve(null);
+    }
+    const loading = this.loadShadow(version, named.manifest).then(shadow => {
+      if (this.shadowWanted !== version || this.closed) {
+        shadow.model.dispose();
+        return null;
+      }
+      this.shadow = shadow;
+      this.shadowError = null;
+      return shadow;
+    }, error => {
+      this.shadowError = error?.message ?? String(error);
+      this.emit('telemetry-error', error);
+      return null;
+    });
+    this.shadowLoading = loading;
+    return loading;
+  }
+
+  /** Resolves once the shadow version named by the manifest is loaded (or failed: null). */
+  shadowReady() {
+    return this.shadowLoading ?? Promise.resolve(this.shadow);
+  }
+
+  async loadShadow(version, manifestPath) {
+    await this.ensureTf();
+    const url = new URL(manifestPath ?? `/v1/models/${encodeURIComponent(this.modelName)}/versions/${version}/manifest`, this.serverUrl + '/').href;
+    const { body } = await this.request('shadow-manifest', url, { headers: { Accept: 'application/json' } });
+    let manifest;
+    try {
+      manifest = JSON.parse(new TextDecoder().decode(body));
+    } catch (error) {
+      throw new PollinateError('model-format', `the shadow manifest at ${url} is not JSON: ${error.message}`);
+    }
+    if (manifest?.name !== this.modelName || manifest?.version !== version) {
+      throw new PollinateError('model-format', `the manifest at ${url} does not describe ${this.modelName} v${version}`);
+    }
+    const contract = inputContract(manifest);
+    const obtained = await this.obtainFiles(manifest);
+    const loaded = await this.buildModel(manifest, obtained.files, { pickBackend: false });
+    return { version, manifest, contract, model: loaded.model, run: loaded.run, format: loaded.format };
+  }
+
+  /** Runs the shadow on the same input in the background (its answer is never shown) and counts agreement. */
+  runShadow(input, manifest, result) {
+    const shadow = this.shadow;
+    if (!shadow || !this.telemetry.counts(manifest)) return;
+    const job = (async () => {
+      const values = prepareInput(input, shadow.contract, { checkRange: false });
+      const started = now();
+      const output = await shadow.run(this.tf.tensor(values, [1, ...shadow.contract.shape], 'float32'));
+      let data;
+      try {
+        data = await output.data();
+      } finally {
+        output.dispose();
+      }
+      const latencyMs = now() - started;
+      let agreed;
+      if (Array.isArray(manifest.labels)) {
+        const p = toProbabilities(data);
+        agreed = rankLabels(p, manifest.labels)[0].index === result.labels[0].index;
+      } else {
+        // a regressor agrees within 10 % of the served value (at least 0.1 absolute)
+        agreed = Math.abs(data[0] - result.values[0]) <= 0.1 * Math.max(1, Math.abs(result.values[0]));
+      }
+      this.telemetry.recordShadow(manifest, shadow.version, { agreed, latencyMs });
+    })().catch(error => {
+      this.shadowError = error?.message ?? String(error);
+      this.emit('telemetry-error', error);
+    });
+    this.inflight.add(job);
+    job.finally(() => this.inflight.delete(job));
+    this.telemetry.track(job);
   }
 
   // ---- learning on the device ----------------------------------------------------------------
@@ -837,6 +1047,12 @@ export class PollinateClient {
     this.stopPolling();
     await this.queue;
     await Promise.allSettled([...this.inflight]);
+    if (this.telemetry.enabled) await this.telemetry.flush().catch(() => {});  // on exit: what is left goes now (or waits in the queue)
+    this.telemetry.unlisten();
+    this.shadowWanted = null;
+    await this.shadowLoading?.catch(() => {});
+    this.shadow?.model.dispose();
+    this.shadow = null;
     this.model?.dispose();
     this.model = null;
   }

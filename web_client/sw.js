@@ -10,7 +10,7 @@
 // precache requests do not, so an exact match would miss every cached script.
 
 const TFJS_VERSION = '4.22.0';
-const CACHE = `pollinate-web-${TFJS_VERSION}-v3`;  // v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
+const CACHE = `pollinate-web-${TFJS_VERSION}-v4`;  // v4: telemetry (lib/telemetry.js); v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
 
 // Relative to this file (the folder the server mounts at /web_client/).
 const SHELL = [
@@ -26,6 +26,7 @@ const SHELL = [
   './lib/integrity.js',
   './lib/poller.js',
   './lib/protocol.js',
+  './lib/telemetry.js',
   './lib/training.js',
   './lib/weights.js',
   './app/app.js',

@@ -16,6 +16,10 @@
 // of the range); predict() runs what the Predict button runs and resolves to the result;
 // timings.readyMs is when the model was ready, in ms since navigation start.
 // learning: {start, saveCorrection(), contributeNow(), setOn(bool), state: {count, on, running, last, status}}.
+// telemetry: {setOn(bool), flush(), get on, get stats}: the "Share usage counts" switch
+// (data-testid=telemetry-optin; off until the user turns it on, remembered). When on, the
+// client counts every prediction (docs/monitoring.md) and a saved correction is also sent as
+// feedback naming the prediction's id ("it was a 7").
 
 import { createClient } from '../pollinate.js';
 import { createPad, renderPreview } from './drawing.js';
@@ -71,7 +75,7 @@ const state = { lastResult: null, lastInput: null, samples: null, sampleIndex: 0
 const learning = createLearning(client, {
   correction: $('correction'), save: $('correction-save'), count: $('corrections-count'),
   countLabel: $('corrections-label'), clear: $('corrections-clear'), help: $('help-improve'),
-  status: $('contribute-status'),
+  status: $('contribute-status'), telemetryStatus: $('telemetry-status'),
 }, { contributeMs: settings.contributeMs });
 
 // ---- rendering ----------------------------------------------------------------------------------
@@ -203,6 +207,7 @@ async function predict() {
       const result = await client.predict(input);
       showError('');
       renderResult(result);
+      if (client.telemetryOptedIn()) renderTelemetry();
       return result;
     } catch (error) {
       showError(`Could not predict: ${error.message}`);
@@ -266,6 +271,37 @@ client.on('error', error => {
   }
 });
 
+// ---- telemetry (opt-in) -------------------------------------------------------------------------
+
+const telemetryEls = { on: $('telemetry-optin'), status: $('telemetry-status') };
+
+function renderTelemetry() {
+  const on = client.telemetryOptedIn();
+  telemetryEls.on.checked = on;
+  telemetryEls.status.dataset.state = on ? 'on' : 'off';
+  if (!on) {
+    telemetryEls.status.textContent = 'Off: nothing is sent.';
+    return;
+  }
+  const s = client.telemetryStats;
+  const shadow = client.shadow ? ` · v${client.shadow.version} runs silently beside it` : '';
+  telemetryEls.status.dataset.batches = String(s.batches + s.beacons);
+  telemetryEls.status.textContent = `On: ${s.pending} prediction${s.pending === 1 ? '' : 's'} counted since the last batch, `
+    + `${s.batches + s.beacons} batch${s.batches + s.beacons === 1 ? '' : 'es'} sent (${(s.bytesSent / 1024).toFixed(1)} KB)${shadow}.`;
+}
+
+async function setTelemetry(on) {
+  if (on) await client.optInTelemetry();
+  else await client.optOutTelemetry();
+  renderTelemetry();
+  return client.telemetryOptedIn();
+}
+
+telemetryEls.on.addEventListener('change', () => setTelemetry(telemetryEls.on.checked).catch(error => {
+  telemetryEls.status.textContent = `Could not switch: ${error.message}`;
+}));
+client.on('telemetry-error', () => renderTelemetry());
+
 // ---- start ------------------------------------------------------------------------------------
 
 async function registerServiceWorker() {
@@ -300,6 +336,8 @@ async function start() {
   }
   renderModel();
   els.predict.disabled = !state.lastInput;
+  telemetryEls.on.disabled = false;
+  renderTelemetry();
   learning.start().catch(error => showError(`Learning is unavailable here: ${error.message}`));
   if (settings.pollMs > 0) {
     client.onUpdate(() => {}, { intervalMs: settings.pollMs, maxIntervalMs: Math.max(settings.pollMs * 16, 60_000) });
@@ -324,4 +362,18 @@ window.pollinate = {
   },
   paintSample,
   learning,
+  telemetry: {
+    setOn: setTelemetry,
+    flush: async () => {
+      const results = await client.flushTelemetry();
+      renderTelemetry();
+      return results;
+    },
+    get on() {
+      return client.telemetryOptedIn();
+    },
+    get stats() {
+      return client.telemetryStats;
+    },
+  },
 };

@@ -8,6 +8,11 @@
 // The status line carries data-phase (off, enrol, task, download, train, upload, done,
 // error), data-status (accepted, no-task, no-examples, duplicate), data-round and
 // data-accepted (the round's accepted updates, from GET …/status) for people and tests alike.
+//
+// With the page's "Share usage counts" switch on (client.optInTelemetry()), a saved correction
+// is also sent as feedback naming the prediction's id ("it was a 7", docs/monitoring.md
+// section 3): only the label, never the drawing. The telemetry line's data-feedback says how
+// the last one went (sent, queued, dropped, error).
 
 const WORDS = {
   enrol: () => 'Joining the federation…',
@@ -21,6 +26,7 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
   const state = {
     result: null, count: 0, running: null, controller: null, timer: null, last: null, status: null, on: false,
     savedInput: null,  // the drawing corrected last: a re-run of it (e.g. on a new version) is not saved twice
+    feedback: null,    // what the last correction's feedback did: {sent|queued|dropped, …} or {error}
   };
   const sameInput = (a, b) => Boolean(a && b) && a.length === b.length && a.every((v, i) => v === b[i]);
 
@@ -72,6 +78,7 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
     state.count = await client.addExample(result.modelInput, label);
     state.savedInput = result.modelInput;
     renderCount();
+    if (client.telemetryOptedIn?.() && result.id) sendFeedback(result, label).catch(() => {});
     els.save.disabled = true;  // one correction per drawing
     if (!state.on) {
       setStatus(`Saved: that was a ${label}. Turn on “Help improve this model” to let this browser learn from it.`, { phase: 'off' });
@@ -79,6 +86,24 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
       contributeNow().catch(() => {});
     }
     return state.count;
+  }
+
+  /** "It was a 7": the label for the prediction's id, when the user shares usage counts. */
+  async function sendFeedback(result, label) {
+    const line = els.telemetryStatus;
+    try {
+      state.feedback = await client.feedback({ predictionId: result.id, label });
+    } catch (error) {
+      state.feedback = { error: error.message };
+    }
+    if (line) {
+      const how = state.feedback.sent ? 'sent' : state.feedback.queued ? 'queued' : state.feedback.dropped ? 'dropped' : 'error';
+      line.dataset.feedback = how;
+      line.dataset.feedbackFor = result.id;
+      const words = { sent: 'sent', queued: 'kept to send when the server answers', dropped: 'refused by the server', error: 'not sent' };
+      line.textContent = `Your correction (${result.label} → ${label}) was ${words[how]}: only the digit, never the drawing.`;
+    }
+    return state.feedback;
   }
 
   async function forgetCorrections() {
@@ -191,7 +216,7 @@ export function createLearning(client, els, { contributeMs = 30_000 } = {}) {
   return {
     start, onResult, onClear, saveCorrection, contributeNow, setOn,
     get state() {
-      return { count: state.count, on: state.on, running: Boolean(state.running), last: state.last, status: state.status };
+      return { count: state.count, on: state.on, running: Boolean(state.running), last: state.last, status: state.status, feedback: state.feedback };
     },
   };
 }

@@ -9,10 +9,11 @@ can be killed with -9 and restarted without losing an accepted update or countin
 - an update is accepted in two steps, together with the others that arrived meanwhile
   (``GroupCommit``, one committer thread per process): their float32 deltas are appended to
   this process's *segment* of their task (``registry/edge_log.py``: one file per task and
-  writer, one write per batch, durable when it returns); then one ``BEGIN IMMEDIATE``
-  transaction checks that each task is still open and each device has not contributed to
-  it, and inserts the rows naming (segment, offset, length). The 202 goes out only after
-  the commit, so a batch costs two disk syncs however many updates it holds. A writer
+  writer, one write per batch, as durable as the mode below when it returns); then one
+  ``BEGIN IMMEDIATE`` transaction checks that each task is still open and each device has
+  not contributed to it, and inserts the rows naming (segment, offset, length). The 202 goes
+  out only after the commit, so a batch costs at most two disk syncs (``power``; none in
+  ``process``) however many updates it holds. A writer
   killed before the commit leaves bytes no row points to (the device gets no 202 and may
   retry); one killed after it has counted the update exactly once (the primary key is
   (task, device));
@@ -1108,7 +1109,7 @@ def _connect(store, check_same_thread: bool = True) -> sqlite3.Connection:
                          check_same_thread=check_same_thread)
     db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA synchronous = FULL")  # as the store: what got its 202 survives a power cut
+    db.execute("PRAGMA synchronous = FULL")  # as the store (the committer's own follows the durability mode)
     return db
 
 

@@ -18,6 +18,7 @@ shadow, and the channel history.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
@@ -44,6 +45,7 @@ REFUSALS = {
 ACCEPTED = {"description": "Merged into the version's window (UTC hour).", "content": {"application/json": {
     "example": {"accepted": True, "window": "2026-12-02T14:00:00Z"}}}}
 NO_STORE = {"Cache-Control": "no-store"}
+MAX_DRIFT_BUCKETS = 96  # buckets per version whose per-feature drift the monitor view adds
 
 
 def watcher(request: Request) -> Watcher:
@@ -150,11 +152,45 @@ async def monitor(
     return JSONResponse(body, headers=NO_STORE)
 
 
+def _bucket_span(label: str, bucket: str) -> tuple[float, float] | None:
+    """The first and last hour (unix seconds) of a timeline bucket: windows are UTC hours."""
+    try:
+        if bucket == "hour":
+            start = datetime.fromisoformat(label.replace("Z", "+00:00"))
+            return start.timestamp(), start.timestamp()
+        if bucket == "day":
+            start = datetime.fromisoformat(label).replace(tzinfo=UTC)
+            return start.timestamp(), (start + timedelta(hours=23)).timestamp()
+        year, month = (int(part) for part in label.split("-"))
+        start = datetime(year, month, 1, tzinfo=UTC)
+        following = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        return start.timestamp(), (following - timedelta(hours=1)).timestamp()
+    except ValueError:
+        return None
+
+
+def _feature_drift(watch: Watcher, model: str, timeline: dict, bucket: str) -> None:
+    """Add each row's PSI per feature (``features``) where the timeline gives only the largest:
+    the dashboard draws every feature over time. One report per bucket, the newest
+    MAX_DRIFT_BUCKETS of each version."""
+    for version, rows in (timeline.get("versions") or {}).items():
+        for row in rows[-MAX_DRIFT_BUCKETS:]:
+            if "features" in row or not row.get("predictions"):
+                continue
+            span = _bucket_span(str(row.get("bucket")), bucket)
+            if span is None:
+                continue
+            numbers = watch.monitor.report(model, version=int(version), since=span[0], until=span[1])
+            drift = (numbers["versions"].get(str(version)) or {}).get("drift") or {}
+            row["features"] = {name: d["psi"] for name, d in drift.items() if name != "prediction"}
+
+
 def _monitor_view(svc: Services, watch: Watcher, model: str, version: int | None, since: str | None,
                   bucket: str) -> dict[str, Any]:
     store = svc.store
     report = watch.monitor.report(model, version=version, since=since)
     timeline = watch.monitor.timeline(model, version=version, since=since, bucket=bucket)
+    _feature_drift(watch, model, timeline, bucket)
     channels = {name: state.to_dict() for name, state in store.list_channels(model).items()}
     info = next((m for m in store.list_models() if m["name"] == model), None) or {}
     return {

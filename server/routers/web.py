@@ -6,6 +6,10 @@ one that ships with Pollinate unless ``POLLINATE_WEB_CLIENT`` says otherwise; se
 ``server/web_assets.py``). Without a page, ``/`` says where the API docs are. A page whose
 TF.js files are missing is never served: ``/`` and the page itself answer 503 with what is
 missing and how to fix it (the server also refuses to start that way).
+
+``/dashboard`` (``?model=NAME`` for one model) is the monitoring dashboard: a static page
+from the ``dashboard`` folder of the web client that ships with Pollinate (served whatever
+``POLLINATE_WEB_CLIENT`` says), which draws ``/v1/models/{name}/monitor`` in the browser.
 """
 
 from __future__ import annotations
@@ -14,18 +18,44 @@ from html import escape
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from server.schemas import ErrorOut, RootOut
 from server.state import ServicesDep
-from server.web_assets import inspect_web_client, is_default
+from server.web_assets import default_web_client, inspect_web_client, is_default
 
 router = APIRouter(tags=["web"])
 
 WEB_PREFIX = "/web_client"
 PAGE_PATHS = ("/", "", "/index.html")  # inside the mount: the page itself
+DASHBOARD_ASSETS = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
+                    "dashboard.css": "text/css; charset=utf-8"}
+# The dashboard changes with Pollinate, not per request: revalidate (Starlette sends ETags).
+DASHBOARD_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+def dashboard_folder() -> Path:
+    return default_web_client() / "dashboard"
+
+
+def _dashboard_file(name: str) -> FileResponse | JSONResponse:
+    path = dashboard_folder() / name
+    if name not in DASHBOARD_ASSETS or not path.is_file():
+        return JSONResponse({"detail": f"no dashboard file named {name!r}"}, status_code=404)
+    return FileResponse(path, media_type=DASHBOARD_ASSETS[name], headers=DASHBOARD_HEADERS)
+
+
+@router.get("/dashboard", response_class=HTMLResponse, responses={404: {"model": ErrorOut}},
+            summary="The monitoring dashboard (?model=NAME for one model)")
+async def dashboard():
+    return _dashboard_file("index.html")
+
+
+@router.get("/dashboard/{asset}", include_in_schema=False)
+async def dashboard_asset(asset: str):
+    return _dashboard_file(asset or "index.html")
 
 
 @router.get(

@@ -57,6 +57,24 @@ CREATE TRIGGER IF NOT EXISTS channel_history_no_delete BEFORE DELETE ON channel_
 BEGIN SELECT RAISE(ABORT, 'channel_history is append-only'); END;
 """
 
+# Added by schema 4 (monitoring): a channel's shadow version, and why a move was made (a
+# guardrail's rollback says which metric failed). Side tables rather than new columns, so the
+# migration is plain CREATE ... IF NOT EXISTS and channel_history stays append-only.
+SHADOW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channel_shadows (
+    model          TEXT NOT NULL,
+    channel        TEXT NOT NULL,
+    shadow_version INTEGER NOT NULL,
+    updated_at     TEXT NOT NULL,
+    PRIMARY KEY (model, channel),
+    FOREIGN KEY (model, shadow_version) REFERENCES versions (model, version)
+);
+CREATE TABLE IF NOT EXISTS channel_history_reasons (
+    history_id INTEGER PRIMARY KEY REFERENCES channel_history (id),
+    reason     TEXT NOT NULL
+);
+"""
+
 
 @dataclass(frozen=True)
 class ChannelState:
@@ -68,6 +86,7 @@ class ChannelState:
     candidate_version: int | None
     rollout_percent: float | None
     updated_at: str
+    shadow_version: int | None = None  # run silently beside the served version (docs/monitoring.md §4)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,24 +138,41 @@ def choose(state: ChannelState, client_id: str | None) -> tuple[int, str]:
     return state.version, "channel"
 
 
+_STATE_QUERY = (
+    "SELECT c.channel, c.version, c.candidate_version, c.rollout_percent, c.updated_at, s.shadow_version"
+    " FROM channels c LEFT JOIN channel_shadows s ON s.model = c.model AND s.channel = c.channel"
+    " WHERE c.model = ?"
+)
+
+
 def read_state(db: sqlite3.Connection, model: str, channel: str) -> ChannelState | None:
-    row = db.execute(
-        "SELECT version, candidate_version, rollout_percent, updated_at"
-        " FROM channels WHERE model = ? AND channel = ?",
-        (model, channel),
-    ).fetchone()
+    row = db.execute(_STATE_QUERY + " AND c.channel = ?", (model, channel)).fetchone()
     if row is None:
         return None
-    return ChannelState(model, channel, row[0], row[1], row[2], row[3])
+    return ChannelState(model, channel, row[1], row[2], row[3], row[4], row[5])
 
 
 def read_states(db: sqlite3.Connection, model: str) -> dict[str, ChannelState]:
-    rows = db.execute(
-        "SELECT channel, version, candidate_version, rollout_percent, updated_at"
-        " FROM channels WHERE model = ? ORDER BY channel",
-        (model,),
-    ).fetchall()
-    return {r[0]: ChannelState(model, r[0], r[1], r[2], r[3], r[4]) for r in rows}
+    rows = db.execute(_STATE_QUERY + " ORDER BY c.channel", (model,)).fetchall()
+    return {r[0]: ChannelState(model, r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+
+def set_shadow(db: sqlite3.Connection, model: str, channel: str, version: int | None, now: str) -> ChannelState:
+    """Name (or clear, with None) the channel's shadow version; the caller checked that it
+    exists. The channel must be set: a shadow runs beside what the channel serves."""
+    current = read_state(db, model, channel)
+    if current is None:
+        raise InvalidInput(f"channel {channel!r} of model {model!r} is not set: promote a version first")
+    if version is None:
+        db.execute("DELETE FROM channel_shadows WHERE model = ? AND channel = ?", (model, channel))
+    else:
+        db.execute(
+            "INSERT INTO channel_shadows (model, channel, shadow_version, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (model, channel) DO UPDATE SET shadow_version = excluded.shadow_version,"
+            " updated_at = excluded.updated_at",
+            (model, channel, version, now),
+        )
+    return read_state(db, model, channel)
 
 
 def move(
@@ -146,6 +182,7 @@ def move(
     version: int,
     percent: float | None,
     now: str,
+    reason: str | None = None,
 ) -> ChannelState:
     """Promote ``version`` fully, or stage it for ``percent`` of clients; record the move.
 
@@ -168,11 +205,13 @@ def move(
         new = ChannelState(model, channel, current.version, version, percent, now)
         action = "rollout"
     _write_state(db, new)
-    _append(db, model, channel, action, new, None, now)
-    return new
+    _append(db, model, channel, action, new, None, now, reason)
+    return read_state(db, model, channel)
 
 
-def rollback(db: sqlite3.Connection, model: str, channel: str, now: str) -> ChannelState | None:
+def rollback(
+    db: sqlite3.Connection, model: str, channel: str, now: str, reason: str | None = None
+) -> ChannelState | None:
     """Undo the newest move still in effect; None when that leaves the channel unset.
 
     The channel's state always equals what the newest effective move set (or unset when
@@ -195,21 +234,24 @@ def rollback(db: sqlite3.Connection, model: str, channel: str, now: str) -> Chan
     else:
         restored = None
         db.execute("DELETE FROM channels WHERE model = ? AND channel = ?", (model, channel))
-    _append(db, model, channel, "rollback", restored, top[0], now)
-    return restored
+        db.execute("DELETE FROM channel_shadows WHERE model = ? AND channel = ?", (model, channel))
+    _append(db, model, channel, "rollback", restored, top[0], now, reason)
+    return None if restored is None else read_state(db, model, channel)
 
 
 def history(db: sqlite3.Connection, model: str, channel: str | None) -> list[dict]:
+    """Every move, oldest first; ``reason`` is None unless the move was given one."""
     query = (
-        "SELECT action, channel, version, candidate_version, rollout_percent, at"
-        " FROM channel_history WHERE model = ?"
+        "SELECT h.action, h.channel, h.version, h.candidate_version, h.rollout_percent, h.at, r.reason"
+        " FROM channel_history h LEFT JOIN channel_history_reasons r ON r.history_id = h.id"
+        " WHERE h.model = ?"
     )
     params: tuple = (model,)
     if channel is not None:
-        query += " AND channel = ?"
+        query += " AND h.channel = ?"
         params += (channel,)
-    keys = ("action", "channel", "version", "candidate_version", "rollout_percent", "at")
-    return [dict(zip(keys, row)) for row in db.execute(query + " ORDER BY id", params)]
+    keys = ("action", "channel", "version", "candidate_version", "rollout_percent", "at", "reason")
+    return [dict(zip(keys, row)) for row in db.execute(query + " ORDER BY h.id", params)]
 
 
 def _write_state(db: sqlite3.Connection, state: ChannelState) -> None:
@@ -232,8 +274,9 @@ def _append(
     state: ChannelState | None,
     undoes: int | None,
     now: str,
+    reason: str | None = None,
 ) -> None:
-    db.execute(
+    cursor = db.execute(
         "INSERT INTO channel_history"
         " (model, channel, action, version, candidate_version, rollout_percent, undoes, at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -248,3 +291,6 @@ def _append(
             now,
         ),
     )
+    if reason:
+        db.execute("INSERT INTO channel_history_reasons (history_id, reason) VALUES (?, ?)",
+                   (cursor.lastrowid, reason))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Union
 
 from core.errors import InvalidInput, NotFound, PollinateError
-from registry import channels, edge
+from registry import channels, edge, monitoring
 from registry.channels import ChannelState
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -49,7 +49,7 @@ STALE_TMP_S = 24 * 3600
 # the migrations from its version up to this one, in one transaction (an older store is
 # upgraded in place, or left exactly as it was if anything fails); a store written by a
 # newer Pollinate is refused with a clear error, never read with the wrong schema.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -97,6 +97,9 @@ CREATE TABLE IF NOT EXISTS schema_history (
 """,
     # 2 → 3: edge federation (devices, tasks, accepted updates, refusal counts): registry/edge.py
     2: edge.SCHEMA,
+    # 3 → 4: field monitoring (telemetry and feedback aggregates, alerts, guardrails, shadow
+    # versions, reasons of channel moves): registry/monitoring.py
+    3: monitoring.SCHEMA,
 }
 
 
@@ -288,6 +291,14 @@ def _plan_artifacts(artifacts: object, *, allow_empty: bool) -> list[_Source]:
             else:
                 raise InvalidInput(f"{fmt}/{name}: give a path or bytes, not {type(source).__name__}")
     return sorted(plan, key=lambda s: (s.format, s.name))
+
+
+def _check_reason(reason: object) -> str | None:
+    if reason is None:
+        return None
+    if not isinstance(reason, str) or len(reason) > 1000:
+        raise InvalidInput("a channel move's reason must be a string of at most 1000 characters")
+    return reason or None
 
 
 def _now() -> str:
@@ -639,30 +650,47 @@ class Store:
     # ------------------------------------------------------------------ channels
 
     def set_channel(
-        self, model: str, channel: str, version: int, rollout_percent: float | None = None
+        self, model: str, channel: str, version: int, rollout_percent: float | None = None,
+        *, reason: str | None = None,
     ) -> ChannelState:
-        """Point a channel at ``version`` (None or 100 %) or stage it for some clients."""
+        """Point a channel at ``version`` (None or 100 %) or stage it for some clients;
+        ``reason`` is kept with the move in the channel's history."""
         check_model_name(model)
         channels.check_channel_name(channel)
         check_version_number(version)
         percent = channels.check_percent(rollout_percent)
+        reason = _check_reason(reason)
         with self._write() as db:
             self._require_version(db, model, version)
-            return channels.move(db, model, channel, version, percent, _now())
+            return channels.move(db, model, channel, version, percent, _now(), reason)
 
-    def rollback(self, model: str, channel: str) -> ChannelState:
-        """Undo the channel's last move still in effect.
+    def rollback(self, model: str, channel: str, *, reason: str | None = None) -> ChannelState:
+        """Undo the channel's last move still in effect (``reason``: why, kept in the history).
 
         Returns the restored state; when the channel did not exist before that move it is
         now unset, and the returned state has ``version`` None.
         """
         check_model_name(model)
         channels.check_channel_name(channel)
+        reason = _check_reason(reason)
         with self._write() as db:
             self._require_model(db, model)
             now = _now()
-            restored = channels.rollback(db, model, channel, now)
+            restored = channels.rollback(db, model, channel, now, reason)
         return restored or ChannelState(model, channel, None, None, None, now)
+
+    def set_shadow(self, model: str, channel: str, version: int | None) -> ChannelState:
+        """Name the version that runs silently beside the channel's (None clears it)."""
+        check_model_name(model)
+        channels.check_channel_name(channel)
+        if version is not None:
+            check_version_number(version)
+        with self._write() as db:
+            if version is None:
+                self._require_model(db, model)
+            else:
+                self._require_version(db, model, version)
+            return channels.set_shadow(db, model, channel, version, _now())
 
     def get_channel(self, model: str, channel: str) -> ChannelState | None:
         """The channel's state, or None when it is unset."""

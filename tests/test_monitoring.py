@@ -171,3 +171,300 @@ def test_drawn_differently_digits_drift_and_ordinary_ones_do_not(digits, digits_
     assert max_feature_psi(x, digits_profile, spec) < 0.1
     for make in (shifted, thick, tiny):
         assert max_feature_psi(make(x), digits_profile, spec) >= 0.2, make.__name__
+
+
+# --------------------------------------------------------------------------- the monitor (real SQLite)
+
+HOUR = 3600.0
+T0 = 498_889 * 3600.0  # the start of an hour in 2026, so windows are predictable
+
+
+def publish_digits(store, digits, profile, versions: int = 1) -> None:
+    """Versions of "digits" with the real digits profile (the Keras file is a stand-in: the
+    monitor never loads a model)."""
+    from registry import Lineage
+
+    for _ in range(versions):
+        store.publish("digits", lineage=Lineage(source="central"),
+                      artifacts={"keras": {"model.keras": b"not a model"},
+                                 "profile": {"profile.json": json.dumps(profile).encode()}},
+                      input_spec=digits.input_spec(), labels=digits.labels)
+
+
+@pytest.fixture
+def monitored(tmp_path, digits, digits_profile):
+    from registry import Store
+    from registry.monitoring import Monitor
+
+    store = Store(tmp_path / "home")
+    publish_digits(store, digits, digits_profile, versions=2)
+    return Monitor(store)
+
+
+def client_batches(x, grid, spec, version, *, size=100, outputs=None):
+    """What a client sends: per 100 predictions, the histograms of that batch."""
+    for start in range(0, len(x), size):
+        chunk = x[start:start + size]
+        out = outputs[start:start + size] if outputs is not None else np.eye(10)[np.arange(len(chunk)) % 10]
+        body = P.observe(chunk, out, grid, spec)
+        body.update(version=version, errors=0, latency_ms=[0, 0, len(chunk), 0, 0, 0, 0, 0, 0, 0, 0])
+        yield body
+
+
+def monitor_tables(store) -> dict[str, list]:
+    import sqlite3
+
+    db = sqlite3.connect(store.db_path)
+    try:
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND"
+                                          " (name LIKE 'monitor_%' OR name LIKE 'channel%')")]
+        return {n: sorted(db.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in sorted(names)}
+    finally:
+        db.close()
+
+
+def test_the_migration_adds_the_monitoring_tables(monitored):
+    from registry.store import SCHEMA_VERSION
+
+    assert SCHEMA_VERSION == 4 and monitored.store.schema_version() == 4
+    assert {"monitor_windows", "monitor_counts", "monitor_recent", "monitor_alerts", "monitor_config",
+            "monitor_guardrails", "monitor_shadow", "channel_shadows",
+            "channel_history_reasons"} <= set(monitor_tables(monitored.store))
+
+
+def test_grid_is_the_profile_without_reference(monitored, digits_profile):
+    assert monitored.grid("digits", 1) == P.grid(digits_profile)
+    monitored.store.publish("digits", lineage=__import__("registry").Lineage(source="central"),
+                            artifacts={"keras": {"model.keras": b"x"}})
+    assert monitored.grid("digits", 3) is None
+
+
+def test_batches_merge_by_adding_counts(monitored, digits):
+    spec = digits.input_spec()
+    grid = monitored.grid("digits", 1)
+    x = ordinary(digits)[:200]
+    first, second = list(client_batches(x, grid, spec, 1))
+    assert monitored.ingest_telemetry("digits", first, now=T0) == {"accepted": True, "window": "2026-11-30T01:00:00Z"}
+    monitored.ingest_telemetry("digits", second, now=T0 + 60)
+    report = monitored.report("digits")
+    v1 = report["versions"]["1"]
+    assert v1["predictions"] == 200 and v1["errors"] == 0 and v1["batches"] == 2
+    # the aggregate is the sum: the same as one batch of 200
+    import sqlite3
+
+    db = sqlite3.connect(monitored.store.db_path)
+    stored = {(s, b): c for s, b, c in db.execute(
+        "SELECT series, bin, count FROM monitor_counts WHERE series = 'feature:ink_mass'")}
+    whole = P.observe(x, np.eye(10)[np.arange(200) % 10], grid, spec)["features"]["ink_mass"]
+    assert [stored.get(("feature:ink_mass", i), 0) for i in range(10)] == whole
+    # batches commute, per hour window
+    monitored.ingest_telemetry("digits", first, now=T0 + HOUR)
+    assert len(monitored.timeline("digits", bucket="hour")["versions"]["1"]) == 2
+    assert monitored.timeline("digits", bucket="day")["versions"]["1"][0]["predictions"] == 300
+    assert v1["latency_ms"]["p50"] is not None and 2 <= v1["latency_ms"]["p50"] <= 5
+
+
+def _bad_bodies(grid):
+    good = {"version": 1, "predictions": 10, "errors": 0,
+            "features": {"ink_mass": [1] * 10}, "prediction": {"classes": [1] * 10, "confidence": [0] * 9 + [10]}}
+
+    def but(**change):
+        body = json.loads(json.dumps(good))
+        for key, value in change.items():
+            if value is KeyError:
+                body.pop(key)
+            else:
+                body[key] = value
+        return body
+
+    return {
+        "not an object": [1, 2, 3],
+        "unknown key": but(inputs=[0.1, 0.2]),
+        "no version": but(version=KeyError),
+        "unknown version": but(version=9),
+        "bool version": but(version=True),
+        "too many predictions": but(predictions=10_001),
+        "negative predictions": but(predictions=-1),
+        "float predictions": but(predictions=10.0),
+        "wrong length": but(features={"ink_mass": [1] * 9}),
+        "negative count": but(features={"ink_mass": [-1] + [1] * 9}),
+        "fractional count": but(features={"ink_mass": [0.5] + [1] * 9}),
+        "counts over predictions": but(features={"ink_mass": [2] * 10}),
+        "unknown feature": but(features={"pixels": [1] * 10}),
+        "feature as floats": but(features={"ink_mass": [0.12, 0.33, 0.1, 0.0, 0.2, 0.1, 0.9, 0.1, 0.1, 0.1]}),
+        "prediction wrong length": but(prediction={"classes": [1] * 11}),
+        "prediction unknown key": but(prediction={"values": [1] * 10}),
+        "classes over predictions": but(prediction={"classes": [5] * 10}),
+        "long client id": but(client_id="x" * 65),
+        "latency wrong length": but(latency_ms=[1] * 12),
+        "shadow agreed over compared": but(shadow={"version": 2, "compared": 5, "agreed": 6}),
+        "shadow unknown version": but(shadow={"version": 7, "compared": 5, "agreed": 5}),
+        "shadow unknown key": but(shadow={"version": 2, "compared": 5, "agreed": 5, "input": "x"}),
+        "recent long id": but(recent=[{"id": "a" * 65, "prediction": "7"}]),
+        "recent unknown label": but(recent=[{"id": "a1", "prediction": "seven"}]),
+        "recent with input": but(recent=[{"id": "a1", "prediction": "7", "pixels": [0.0] * 64}]),
+        "recent too many": but(recent=[{"id": f"id{i}", "prediction": "7"} for i in range(101)]),
+    }
+
+
+def test_refused_batches_change_nothing(monitored, digits):
+    from core.errors import InvalidInput, NotFound
+
+    spec = digits.input_spec()
+    grid = monitored.grid("digits", 1)
+    monitored.ingest_telemetry("digits", next(client_batches(ordinary(digits)[:50], grid, spec, 1)), now=T0)
+    monitored.ingest_feedback("digits", {"version": 1, "prediction": "7", "label": "7"}, now=T0)
+    before = monitor_tables(monitored.store)
+    for why, body in _bad_bodies(grid).items():
+        with pytest.raises(InvalidInput):
+            monitored.ingest_telemetry("digits", body, now=T0)
+            pytest.fail(f"accepted: {why}")
+    with pytest.raises(NotFound):
+        monitored.ingest_telemetry("nope", {"version": 1, "predictions": 1})
+    for body in ({"version": 1, "prediction": "7"}, {"version": 1, "prediction": "7", "label": "x"},
+                 {"version": 1, "prediction": 7, "label": "7"}, {"prediction_id": "never", "label": "7"},
+                 {"version": 1, "prediction": "7", "label": "7", "image": "x"},
+                 {"prediction_id": "a1", "version": 1, "label": "7"}, "seven"):
+        with pytest.raises(InvalidInput):
+            monitored.ingest_feedback("digits", body, now=T0)
+    with pytest.raises(NotFound):
+        monitored.ingest_feedback("nope", {"version": 1, "prediction": "7", "label": "7"})
+    assert monitor_tables(monitored.store) == before
+
+
+def test_no_raw_input_is_stored(monitored, digits):
+    """After real batches, recent ids and feedback, every value of every monitoring table is
+    an integer, a short string, or one of the few floats the monitor computes itself."""
+    spec = digits.input_spec()
+    grid = monitored.grid("digits", 1)
+    x = ordinary(digits)
+    for i, body in enumerate(client_batches(x, grid, spec, 1)):
+        body["recent"] = [{"id": f"p{i}-{k}", "prediction": str(k), "confidence": 0.5} for k in range(10)]
+        body["shadow"] = {"version": 2, "compared": body["predictions"], "agreed": body["predictions"] - 3,
+                          "latency_ms": [0, 0, body["predictions"]] + [0] * 8}
+        monitored.ingest_telemetry("digits", body, now=T0)
+    monitored.ingest_feedback("digits", {"prediction_id": "p0-3", "label": "3"}, now=T0)
+    monitored.configure("digits", min_accuracy=0.9, min_feedback=1)
+    monitored.check_alerts("digits", now=T0 + 60)
+    float_columns = {"monitor_windows": {8, 9}, "monitor_recent": {4, 5}, "monitor_alerts": {5, 6},
+                     "monitor_guardrails": {3}}
+    long_text = {("monitor_alerts", 7), ("monitor_config", 1)}  # our own messages and settings
+    tables = monitor_tables(monitored.store)
+    assert sum(len(rows) for rows in tables.values()) > 0
+    for table, rows in tables.items():
+        for row in rows:
+            for i, value in enumerate(row):
+                if value is None or isinstance(value, int):
+                    continue
+                if isinstance(value, float):
+                    assert i in float_columns.get(table, set()), (table, row)
+                    continue
+                assert isinstance(value, str), (table, row)
+                assert len(value) <= 64 or (table, i) in long_text, (table, row)
+    # the counts are bounded by the grid, not by how many predictions were made
+    bins = sum(P.bins_of(f) for f in grid["features"]) + 10 + 10 + 11 + 11
+    assert len(tables["monitor_counts"]) <= bins
+
+
+def test_feedback_gives_field_accuracy_with_a_wilson_interval(monitored, digits):
+    for i in range(100):
+        label = "3" if i < 80 else "5"
+        monitored.ingest_feedback("digits", {"version": 1, "prediction": "3", "label": label}, now=T0)
+    accuracy = monitored.report("digits")["versions"]["1"]["field_accuracy"]
+    low, high = P.wilson(80, 100)
+    assert accuracy == {"value": 0.8, "low": low, "high": high, "n": 100}
+    # a late label joins its prediction through the id sent in `recent`, once
+    body = {"version": 2, "predictions": 1, "recent": [{"id": "late-1", "prediction": "4", "confidence": 0.9}]}
+    monitored.ingest_telemetry("digits", body, now=T0)
+    monitored.ingest_feedback("digits", {"prediction_id": "late-1", "label": "4"}, now=T0 + 3 * 24 * HOUR)
+    assert monitored.report("digits")["versions"]["2"]["field_accuracy"]["n"] == 1
+    from core.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="prediction_id"):
+        monitored.ingest_feedback("digits", {"prediction_id": "late-1", "label": "4"}, now=T0 + 4 * 24 * HOUR)
+    # ids expire after 7 days
+    monitored.ingest_telemetry("digits", {"version": 2, "predictions": 1,
+                                          "recent": [{"id": "old", "prediction": "4"}]}, now=T0)
+    with pytest.raises(InvalidInput, match="expired"):
+        monitored.ingest_feedback("digits", {"prediction_id": "old", "label": "4"}, now=T0 + 8 * 24 * HOUR)
+
+
+def test_drift_alert_on_shifted_digits_not_on_ordinary_ones(monitored, digits):
+    spec = digits.input_spec()
+    grid = monitored.grid("digits", 1)
+    x = ordinary(digits)
+    for body in client_batches(x, grid, spec, 1):
+        monitored.ingest_telemetry("digits", body, now=T0)
+    report = monitored.report("digits")
+    assert not any(d["alert"] for name, d in report["versions"]["1"]["drift"].items() if name != "prediction")
+    assert [a for a in monitored.check_alerts("digits", now=T0 + 60) if a["subject"] != "prediction"] == []
+
+    for body in client_batches(shifted(x), grid, spec, 2):
+        monitored.ingest_telemetry("digits", body, now=T0)
+    drift = monitored.report("digits", version=2)["versions"]["2"]["drift"]
+    assert max(d["psi"] for d in drift.values()) >= 0.2 and any(d["alert"] for d in drift.values())
+    new = monitored.check_alerts("digits", now=T0 + 60)
+    assert new and {a["version"] for a in new if a["kind"] == "drift" and a["subject"] != "prediction"} == {2}
+    assert monitored.check_alerts("digits", now=T0 + 120) == []  # not repeated while raised
+    assert all(a["cleared_at"] is None for a in monitored.alerts("digits", open_only=True))
+    # below min_predictions nothing is raised
+    monitored.configure("digits", min_predictions=100_000)
+    assert monitored.check_alerts("digits", now=T0 + 180) == []
+    assert monitored.alerts("digits", open_only=True) == []  # the condition no longer holds: cleared
+
+
+def _feedback(monitor, version, correct, wrong, now=None):
+    for i in range(correct + wrong):
+        monitor.ingest_feedback("digits", {"version": version, "prediction": "1",
+                                           "label": "1" if i < correct else "2"}, now=now)
+
+
+def test_guardrail_rolls_back_a_worse_candidate_with_its_reason(monitored):
+    store = monitored.store
+    store.set_channel("digits", "stable", 1)
+    store.set_channel("digits", "stable", 2, rollout_percent=20)
+    monitored.set_guardrails("digits", "stable", ["field_accuracy"])
+    _feedback(monitored, 1, 135, 15)   # 90 %
+    _feedback(monitored, 2, 50, 20)    # 71 %, but fewer than 100 items: not yet judged
+    assert monitored.enforce("digits") == []
+    _feedback(monitored, 2, 55, 25)    # 105 / 150 = 70 %
+    rolled = monitored.enforce("digits")
+    assert len(rolled) == 1 and rolled[0]["metric"] == "field_accuracy" and rolled[0]["p"] < 0.05
+    assert (rolled[0]["channel"], rolled[0]["candidate"], rolled[0]["version"]) == ("stable", 2, 1)
+    state = store.get_channel("digits", "stable")
+    assert (state.version, state.candidate_version) == (1, None)
+    last = store.channel_history("digits")[-1]
+    assert last["action"] == "rollback" and "guardrail field_accuracy" in last["reason"]
+    assert monitored.enforce("digits") == []  # nothing staged any more
+
+
+def test_guardrail_keeps_an_equal_candidate(monitored):
+    store = monitored.store
+    store.set_channel("digits", "stable", 1)
+    store.set_channel("digits", "stable", 2, rollout_percent=50)
+    monitored.set_guardrails("digits", "stable", ["field_accuracy", "error_rate"])
+    _feedback(monitored, 1, 170, 30)
+    _feedback(monitored, 2, 170, 30)
+    assert monitored.enforce("digits") == []
+    assert store.get_channel("digits", "stable").candidate_version == 2
+    assert store.channel_history("digits")[-1]["reason"] is None
+
+
+def test_shadow_version_and_agreement(monitored):
+    from core.errors import InvalidInput
+
+    store = monitored.store
+    with pytest.raises(InvalidInput, match="not set"):
+        monitored.set_shadow("digits", "stable", 2)
+    store.set_channel("digits", "stable", 1)
+    state = monitored.set_shadow("digits", "stable", 2)
+    assert state.shadow_version == 2 and store.get_channel("digits", "stable").shadow_version == 2
+    assert store.list_channels("digits")["stable"].to_dict()["shadow_version"] == 2
+    monitored.ingest_telemetry("digits", {"version": 1, "predictions": 100,
+                                          "shadow": {"version": 2, "compared": 100, "agreed": 93,
+                                                     "latency_ms": [0, 0, 0, 100] + [0] * 7}}, now=T0)
+    shadow = monitored.report("digits")["versions"]["1"]["shadow"]
+    assert shadow["version"] == 2 and shadow["agreement"] == 0.93 and 5 <= shadow["latency_ms"]["p50"] <= 10
+    store.set_channel("digits", "stable", 2)  # moves keep the shadow
+    assert store.get_channel("digits", "stable").shadow_version == 2
+    assert monitored.set_shadow("digits", "stable", None).shadow_version is None

@@ -1,0 +1,916 @@
+"""Field monitoring: telemetry and feedback aggregates, drift, field accuracy, alerts,
+shadow versions and guardrails (docs/monitoring.md; issue 13).
+
+Devices send counts on the bins of their version's profile grid (registry/profile.py), never
+an input. A batch is validated whole against the grid, then *added* into the aggregate of
+its (model, version, UTC hour) window in one transaction: batches commute, a refused batch
+changes nothing, and the store only ever holds sums, window totals and, for 7 days, the
+random ids of recent predictions (with their predicted label and confidence) so that a
+late label can join its prediction.
+
+Tables (schema 4; the channel side tables are registry/channels.py's ``SHADOW_SCHEMA``):
+
+    monitor_windows   per (model, version, window): batches, predictions, errors, feedback,
+                      correct (classification), abs/squared error sums (regression)
+    monitor_counts    per (model, version, window, series, bin): a histogram count
+                      series: "feature:<name>", "prediction:classes|confidence|values",
+                      "latency_ms", "shadow:<v>:latency_ms"
+    monitor_shadow    per (model, version, window, shadow version): compared, agreed
+    monitor_recent    prediction ids a late label may refer to (expire after 7 days)
+    monitor_alerts    raised alerts (cleared_at once the condition no longer holds)
+    monitor_config    per model: thresholds, webhook, retraining command (JSON)
+    monitor_guardrails per (model, channel): metrics, alpha, min_samples
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from core.errors import InvalidInput, NotFound
+from registry import channels
+
+if TYPE_CHECKING:
+    from registry.store import Store
+
+
+class _Lazy:
+    """registry.profile (and numpy) imported on first use: the store imports this module for
+    its schema, and `import registry` stays light for the CLI and the server."""
+
+    def __getattr__(self, name: str):
+        from registry import profile
+
+        return getattr(profile, name)
+
+
+P = _Lazy()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS monitor_windows (
+    model       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    window      TEXT NOT NULL,            -- the UTC hour, "2026-12-02T14:00:00Z"
+    batches     INTEGER NOT NULL DEFAULT 0,
+    predictions INTEGER NOT NULL DEFAULT 0,
+    errors      INTEGER NOT NULL DEFAULT 0,
+    feedback    INTEGER NOT NULL DEFAULT 0,
+    correct     INTEGER NOT NULL DEFAULT 0,
+    abs_error   REAL NOT NULL DEFAULT 0,  -- regression feedback: sum |prediction - label|
+    sq_error    REAL NOT NULL DEFAULT 0,  -- and sum (prediction - label)^2
+    PRIMARY KEY (model, version, window)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS monitor_counts (
+    model   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    window  TEXT NOT NULL,
+    series  TEXT NOT NULL,
+    bin     INTEGER NOT NULL,
+    count   INTEGER NOT NULL,
+    PRIMARY KEY (model, version, window, series, bin)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS monitor_shadow (
+    model          TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    window         TEXT NOT NULL,
+    shadow_version INTEGER NOT NULL,
+    compared       INTEGER NOT NULL,
+    agreed         INTEGER NOT NULL,
+    PRIMARY KEY (model, version, window, shadow_version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS monitor_recent (
+    model       TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    prediction  TEXT NOT NULL,   -- a label, or a regression value as text
+    confidence  REAL,
+    expires_at  REAL NOT NULL,   -- unix seconds
+    PRIMARY KEY (model, id)
+);
+CREATE INDEX IF NOT EXISTS monitor_recent_expiry ON monitor_recent (expires_at);
+CREATE TABLE IF NOT EXISTS monitor_alerts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    model       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    kind        TEXT NOT NULL,   -- "drift", "field_accuracy", "field_mae"
+    subject     TEXT NOT NULL,   -- the feature ("prediction" for the predictions) or the metric
+    value       REAL NOT NULL,
+    threshold   REAL NOT NULL,
+    message     TEXT NOT NULL,
+    raised_at   TEXT NOT NULL,
+    cleared_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS monitor_alerts_open ON monitor_alerts (model, cleared_at);
+CREATE TABLE IF NOT EXISTS monitor_config (
+    model  TEXT PRIMARY KEY,
+    config TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS monitor_guardrails (
+    model       TEXT NOT NULL,
+    channel     TEXT NOT NULL,
+    metrics     TEXT NOT NULL,   -- JSON list
+    alpha       REAL NOT NULL,
+    min_samples INTEGER NOT NULL,
+    PRIMARY KEY (model, channel)
+);
+""" + channels.SHADOW_SCHEMA
+
+MAX_PREDICTIONS = 10_000
+MAX_RECENT = 100
+MAX_STRING = 64
+RECENT_TTL_S = 7 * 24 * 3600
+PREDICTION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+GUARDRAIL_METRICS = ("field_accuracy", "error_rate", "agreement")
+TELEMETRY_KEYS = {"version", "client_id", "predictions", "errors", "latency_ms", "features", "prediction",
+                  "shadow", "recent"}
+FEEDBACK_KEYS = {"version", "prediction", "label", "prediction_id", "client_id"}
+
+DEFAULTS: dict = {
+    "psi": 0.2,              # drift alert: PSI at or above this on a feature or the predictions...
+    "js": 0.1,               # ...or Jensen-Shannon at or above this...
+    "min_predictions": 200,  # ...with at least this many predictions in the period
+    "min_accuracy": None,    # field accuracy below this raises an alert (None: off)
+    "max_mae": None,         # field MAE above this raises an alert (None: off)
+    "min_feedback": 30,      # accuracy/MAE alerts need this many feedback items
+    "alert_hours": 24,       # check_alerts looks at this many hours back from now
+    "webhook": None,         # alerts are POSTed here as JSON (the server's job)
+    "retrain_command": None,  # argv run once per alert (the server's or CLI's job)
+}
+
+
+# --------------------------------------------------------------------------- time
+
+
+def window_of(now: float) -> str:
+    """The UTC hour holding ``now`` (unix seconds), as "YYYY-MM-DDTHH:00:00Z"."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:00:00Z")
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([mhdw])")
+
+
+def parse_time(value: object, *, now: float | None = None) -> float | None:
+    """None, unix seconds, a datetime, an ISO time ("2026-12-01", "2026-12-01T10:00Z") or a
+    span back from now ("90m", "24h", "7d", "2w") → unix seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidInput(f"bad time {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if not isinstance(value, str):
+        raise InvalidInput(f"bad time {value!r}: use an ISO time or a span such as 7d")
+    text = value.strip()
+    match = _RELATIVE.fullmatch(text)
+    if match:
+        unit = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+        return (time.time() if now is None else now) - float(match.group(1)) * unit
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"bad time {value!r}: use an ISO time (2026-12-01T10:00Z) or a span (7d, 24h)") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _bucket(window: str, bucket: str) -> str:
+    if bucket == "hour":
+        return window
+    if bucket == "day":
+        return window[:10]
+    if bucket == "month":
+        return window[:7]
+    raise InvalidInput(f"bucket must be hour, day or month, got {bucket!r}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(value: object, what: str, limit: int = MAX_PREDICTIONS) -> int:
+    if not _is_int(value) or value < 0:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {_show(value)}")
+    if value > limit:
+        raise InvalidInput(f"{what} must be at most {limit}, got {value}")
+    return value
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _histogram(value: object, bins: int, what: str, at_most: int, at_most_what: str = "predictions") -> list[int]:
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what} must be a list of {bins} counts")
+    if len(value) != bins:
+        raise InvalidInput(f"{what} must have exactly {bins} bins (the version's grid), got {len(value)}")
+    counts = [_count(v, f"{what} counts") for v in value]
+    if sum(counts) > at_most:
+        raise InvalidInput(f"{what} counts sum to {sum(counts)}, more than {at_most_what} ({at_most})")
+    return counts
+
+
+def _short_string(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_STRING:
+        raise InvalidInput(f"{what} must be at most {MAX_STRING} characters")
+    return value
+
+
+def _object(body: object, keys: set[str], what: str) -> Mapping:
+    if not isinstance(body, Mapping):
+        raise InvalidInput(f"{what} must be a JSON object")
+    unknown = sorted(str(k) for k in body if k not in keys)
+    if unknown:
+        shown = ", ".join(_show(k) for k in unknown[:5])
+        raise InvalidInput(f"{what}: unknown field(s) {shown} (allowed: {', '.join(sorted(keys))})")
+    return body
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{what} must be a finite number, got {_show(value)}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- the monitor
+
+
+class Monitor:
+    """Reads and writes the monitoring tables of one store; safe to share between threads."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._profiles: dict[tuple[str, int], dict] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ profiles
+
+    def profile(self, model: str, version: int) -> dict | None:
+        """The version's profile.json (None without a profile artifact). Versions are
+        immutable, so a found profile is cached; a missing one is looked up again (it may be
+        attached later with `pollinate models profile`)."""
+        key = (model, version)
+        with self._lock:
+            cached = self._profiles.get(key)
+        if cached is not None:
+            return cached
+        record = self.store.get_version(model, version)  # NotFound for an unknown model/version
+        files = record.artifacts.get(P.PROFILE_FORMAT) or []
+        if not any(f.name == P.PROFILE_FILE for f in files):
+            return None
+        path = self.store.artifact_path(model, version, P.PROFILE_FORMAT, P.PROFILE_FILE)
+        loaded = json.loads(path.read_text())
+        with self._lock:
+            self._profiles[key] = loaded
+        return loaded
+
+    def grid(self, model: str, version: int) -> dict | None:
+        """The manifest's ``monitoring`` block (less its URLs) for a version, or None."""
+        loaded = self.profile(model, version)
+        return None if loaded is None else P.grid(loaded)
+
+    def _versions(self, db, model: str) -> set[int]:
+        rows = db.execute("SELECT version FROM versions WHERE model = ?", (model,)).fetchall()
+        if not rows:
+            raise NotFound(f"no model named {model!r}")
+        return {r[0] for r in rows}
+
+    def _require_model(self, model: str) -> set[int]:
+        from registry.store import check_model_name
+
+        if not isinstance(model, str):
+            raise NotFound(f"no model named {model!r}")
+        check_model_name(model)
+        with self.store._read() as db:
+            return self._versions(db, model)
+
+    def _grid_for(self, model: str, version: object, versions: set[int]) -> tuple[int, dict]:
+        if not _is_int(version) or version < 1:
+            raise InvalidInput(f"version must be a positive integer, got {_show(version)}")
+        if version not in versions:
+            raise InvalidInput(f"model {model!r} has no version {version}")
+        loaded = self.profile(model, version)
+        if loaded is None:
+            raise InvalidInput(f"{model} v{version} has no monitoring profile: attach one with"
+                               f" `pollinate models profile {model}@{version}`")
+        return version, loaded
+
+    # ------------------------------------------------------------------ telemetry
+
+    def _check_telemetry(self, model: str, body: object, versions: set[int]) -> dict:
+        """The batch, validated whole against its version's grid (InvalidInput otherwise)."""
+        body = _object(body, TELEMETRY_KEYS, "telemetry")
+        if "version" not in body or "predictions" not in body:
+            raise InvalidInput("telemetry needs 'version' and 'predictions'")
+        version, loaded = self._grid_for(model, body["version"], versions)
+        if "client_id" in body:
+            _short_string(body["client_id"], "client_id")
+        n = _count(body["predictions"], "predictions")
+        batch = {"version": version, "predictions": n, "errors": _count(body.get("errors", 0), "errors"),
+                 "series": {}, "shadow": None, "recent": []}
+        latency_bins = len(loaded["latency_ms_edges"]) - 1
+        if "latency_ms" in body:
+            batch["series"]["latency_ms"] = _histogram(body["latency_ms"], latency_bins, "latency_ms", n)
+        features = body.get("features", {})
+        grid_features = {f["name"]: f for f in loaded["features"]}
+        if not isinstance(features, Mapping):
+            raise InvalidInput("features must be an object {feature: counts}")
+        for name, counts in features.items():
+            if name not in grid_features:
+                raise InvalidInput(f"features: unknown feature {_show(name)} (the grid has "
+                                   f"{', '.join(sorted(grid_features))})")
+            batch["series"][f"feature:{name}"] = _histogram(
+                counts, P.bins_of(grid_features[name]), f"features.{name}", n)
+        if "prediction" in body:
+            grid_prediction = loaded["prediction"]
+            if grid_prediction["task"] == P.REGRESSION:
+                shapes = {"values": len(grid_prediction["edges"]) - 1}
+            else:
+                shapes = {"classes": len(grid_prediction["labels"]),
+                          "confidence": len(grid_prediction["confidence_edges"]) - 1}
+            prediction = _object(body["prediction"], set(shapes), "prediction")
+            for key, counts in prediction.items():
+                batch["series"][f"prediction:{key}"] = _histogram(counts, shapes[key], f"prediction.{key}", n)
+        if "shadow" in body:
+            shadow = _object(body["shadow"], {"version", "compared", "agreed", "latency_ms"}, "shadow")
+            shadow_version = shadow.get("version")
+            if not _is_int(shadow_version) or shadow_version not in versions:
+                raise InvalidInput(f"shadow.version must be a version of {model!r}, got {_show(shadow_version)}")
+            compared = _count(shadow.get("compared", 0), "shadow.compared")
+            agreed = _count(shadow.get("agreed", 0), "shadow.agreed")
+            if compared > n:
+                raise InvalidInput(f"shadow.compared ({compared}) is more than predictions ({n})")
+            if agreed > compared:
+                raise InvalidInput(f"shadow.agreed ({agreed}) is more than shadow.compared ({compared})")
+            batch["shadow"] = (shadow_version, compared, agreed)
+            if "latency_ms" in shadow:
+                batch["series"][f"shadow:{shadow_version}:latency_ms"] = _histogram(
+                    shadow["latency_ms"], latency_bins, "shadow.latency_ms", compared, "shadow.compared")
+        if "recent" in body:
+            batch["recent"] = self._check_recent(body["recent"], loaded["prediction"])
+        return batch
+
+    @staticmethod
+    def _check_recent(recent: object, grid_prediction: Mapping) -> list[tuple]:
+        if not isinstance(recent, list) or len(recent) > MAX_RECENT:
+            raise InvalidInput(f"recent must be a list of at most {MAX_RECENT} predictions")
+        rows, seen = [], set()
+        for item in recent:
+            item = _object(item, {"id", "prediction", "confidence"}, "recent item")
+            pid = item.get("id")
+            if not isinstance(pid, str) or not PREDICTION_ID.fullmatch(pid):
+                raise InvalidInput("recent id must be 1-64 of A-Z a-z 0-9 _ . : -")
+            if pid in seen:
+                raise InvalidInput(f"recent id {pid!r} appears twice")
+            seen.add(pid)
+            if "prediction" not in item:
+                raise InvalidInput("a recent item needs its prediction")
+            prediction = _prediction_text(item["prediction"], grid_prediction, "recent prediction")
+            confidence = None
+            if item.get("confidence") is not None:
+                confidence = _finite(item["confidence"], "recent confidence")
+                if not 0 <= confidence <= 1:
+                    raise InvalidInput("recent confidence must be in [0, 1]")
+            rows.append((pid, prediction, confidence))
+        return rows
+
+    def ingest_telemetry(self, model: str, body: dict, *, now: float | None = None) -> dict:
+        """Validate one batch and add it into its (model, version, hour) window."""
+        now = time.time() if now is None else float(now)
+        versions = self._require_model(model)
+        batch = self._check_telemetry(model, body, versions)
+        window = window_of(now)
+        version = batch["version"]
+        count_rows = [
+            (model, version, window, series, i, c)
+            for series, counts in batch["series"].items()
+            for i, c in enumerate(counts) if c
+        ]
+        with self.store._write() as db:
+            db.execute(
+                "INSERT INTO monitor_windows (model, version, window, batches, predictions, errors)"
+                " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (model, version, window) DO UPDATE SET"
+                " batches = batches + 1, predictions = predictions + excluded.predictions,"
+                " errors = errors + excluded.errors",
+                (model, version, window, batch["predictions"], batch["errors"]),
+            )
+            db.executemany(
+                "INSERT INTO monitor_counts (model, version, window, series, bin, count) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (model, version, window, series, bin) DO UPDATE SET count = count + excluded.count",
+                count_rows,
+            )
+            if batch["shadow"] is not None:
+                shadow_version, compared, agreed = batch["shadow"]
+                db.execute(
+                    "INSERT INTO monitor_shadow (model, version, window, shadow_version, compared, agreed)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, window, shadow_version) DO UPDATE"
+                    " SET compared = compared + excluded.compared, agreed = agreed + excluded.agreed",
+                    (model, version, window, shadow_version, compared, agreed),
+                )
+            if batch["recent"]:
+                db.execute("DELETE FROM monitor_recent WHERE expires_at < ?", (now,))
+                db.executemany(
+                    "INSERT INTO monitor_recent (model, id, version, prediction, confidence, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, id) DO UPDATE SET version = excluded.version,"
+                    " prediction = excluded.prediction, confidence = excluded.confidence,"
+                    " expires_at = excluded.expires_at",
+                    [(model, pid, version, pred, conf, now + RECENT_TTL_S) for pid, pred, conf in batch["recent"]],
+                )
+        return {"accepted": True, "window": window}
+
+    # ------------------------------------------------------------------ feedback
+
+    def ingest_feedback(self, model: str, body: dict, *, now: float | None = None) -> dict:
+        """One user correction: ``{"version", "prediction", "label"}`` or
+        ``{"prediction_id", "label"}`` (the prediction sent earlier in ``recent``; joined
+        once, then forgotten). Counted in the window of its arrival."""
+        now = time.time() if now is None else float(now)
+        versions = self._require_model(model)
+        body = _object(body, FEEDBACK_KEYS, "feedback")
+        if "client_id" in body:
+            _short_string(body["client_id"], "client_id")
+        if "label" not in body:
+            raise InvalidInput("feedback needs a 'label'")
+        pid = body.get("prediction_id")
+        if pid is not None:
+            if "version" in body or "prediction" in body:
+                raise InvalidInput("feedback with a prediction_id takes its version and prediction from it:"
+                                   " send only prediction_id and label")
+            if not isinstance(pid, str) or not PREDICTION_ID.fullmatch(pid):
+                raise InvalidInput("prediction_id must be 1-64 of A-Z a-z 0-9 _ . : -")
+            with self.store._read() as db:
+                row = db.execute(
+                    "SELECT version, prediction FROM monitor_recent WHERE model = ? AND id = ? AND expires_at >= ?",
+                    (model, pid, now)).fetchone()
+            if row is None:
+                raise InvalidInput(f"unknown or expired prediction_id {pid!r} (ids are kept for 7 days)")
+            version, prediction_text = row
+            _, loaded = self._grid_for(model, version, versions)
+        else:
+            if "version" not in body or "prediction" not in body:
+                raise InvalidInput("feedback needs 'version', 'prediction' and 'label' (or 'prediction_id' and 'label')")
+            version, loaded = self._grid_for(model, body["version"], versions)
+            prediction_text = _prediction_text(body["prediction"], loaded["prediction"], "prediction")
+        label_text = _prediction_text(body["label"], loaded["prediction"], "label")
+        window = window_of(now)
+        if loaded["prediction"]["task"] == P.REGRESSION:
+            error = float(prediction_text) - float(label_text)
+            delta = (0, abs(error), error * error)
+        else:
+            delta = (int(prediction_text == label_text), 0.0, 0.0)
+        with self.store._write() as db:
+            if pid is not None:
+                gone = db.execute("DELETE FROM monitor_recent WHERE model = ? AND id = ?", (model, pid)).rowcount
+                if not gone:
+                    raise InvalidInput(f"prediction_id {pid!r} was already answered")
+            db.execute(
+                "INSERT INTO monitor_windows (model, version, window, feedback, correct, abs_error, sq_error)"
+                " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (model, version, window) DO UPDATE SET"
+                " feedback = feedback + 1, correct = correct + excluded.correct,"
+                " abs_error = abs_error + excluded.abs_error, sq_error = sq_error + excluded.sq_error",
+                (model, version, window, *delta),
+            )
+        return {"accepted": True, "window": window}
+
+    # ------------------------------------------------------------------ reading
+
+    def _aggregate(self, db, model: str, version: int | None, since: float | None, until: float | None,
+                   group_by_bucket: str | None = None) -> dict:
+        """{(version, bucket): {"totals": {...}, "series": {series: {bin: count}}, "shadow": {v: [c, a]}}}."""
+        where, params = "model = ?", [model]
+        if version is not None:
+            where += " AND version = ?"
+            params.append(version)
+        if since is not None:
+            where += " AND window >= ?"
+            params.append(window_of(since))
+        if until is not None:
+            where += " AND window <= ?"
+            params.append(window_of(until))
+        out: dict[tuple[int, str], dict] = {}
+
+        def slot(v: int, window: str) -> dict:
+            key = (v, _bucket(window, group_by_bucket) if group_by_bucket else "")
+            if key not in out:
+                out[key] = {"totals": dict.fromkeys(
+                    ("batches", "predictions", "errors", "feedback", "correct", "abs_error", "sq_error"), 0),
+                    "series": {}, "shadow": {}}
+            return out[key]
+
+        for v, window, *values in db.execute(
+            "SELECT version, window, batches, predictions, errors, feedback, correct, abs_error, sq_error"
+            f" FROM monitor_windows WHERE {where}", params):
+            totals = slot(v, window)["totals"]
+            for key, value in zip(("batches", "predictions", "errors", "feedback", "correct", "abs_error",
+                                   "sq_error"), values):
+                totals[key] += value
+        for v, window, series, b, c in db.execute(
+            f"SELECT version, window, series, bin, count FROM monitor_counts WHERE {where}", params):
+            bins = slot(v, window)["series"].setdefault(series, {})
+            bins[b] = bins.get(b, 0) + c
+        for v, window, sv, compared, agreed in db.execute(
+            f"SELECT version, window, shadow_version, compared, agreed FROM monitor_shadow WHERE {where}", params):
+            pair = slot(v, window)["shadow"].setdefault(sv, [0, 0])
+            pair[0] += compared
+            pair[1] += agreed
+        return out
+
+    def _summarise(self, model: str, version: int, agg: dict, config: dict) -> dict:
+        totals = agg["totals"]
+        loaded = self.profile(model, version)
+        summary: dict = {"predictions": totals["predictions"], "errors": totals["errors"],
+                         "feedback": totals["feedback"], "batches": totals["batches"]}
+        regression = loaded is not None and loaded["prediction"]["task"] == P.REGRESSION
+        n = totals["feedback"]
+        if regression:
+            summary["field_mae"] = _mae(totals["abs_error"], totals["sq_error"], n)
+        else:
+            summary["field_accuracy"] = _accuracy(totals["correct"], n)
+        latency = agg["series"].get("latency_ms")
+        edges = loaded["latency_ms_edges"] if loaded else P.LATENCY_MS_EDGES
+        summary["latency_ms"] = {"p50": _quantile(latency, edges, 0.5), "p95": _quantile(latency, edges, 0.95)}
+        summary["shadow"] = None
+        if agg["shadow"]:
+            shadow_version, (compared, agreed) = max(agg["shadow"].items(), key=lambda kv: kv[1][0])
+            shadow_latency = agg["series"].get(f"shadow:{shadow_version}:latency_ms")
+            low, high = P.wilson(agreed, compared)
+            summary["shadow"] = {
+                "version": shadow_version, "compared": compared, "agreed": agreed,
+                "agreement": agreed / compared if compared else None, "low": low, "high": high,
+                "latency_ms": {"p50": _quantile(shadow_latency, edges, 0.5),
+                               "p95": _quantile(shadow_latency, edges, 0.95)},
+            }
+        summary["drift"] = self._drift(loaded, agg["series"], totals["predictions"], config) if loaded else {}
+        return summary
+
+    @staticmethod
+    def _drift(loaded: dict, series: dict, predictions: int, config: dict) -> dict:
+        """PSI and JS per feature and for the predictions over the summed windows."""
+        reference = loaded["reference"]
+        enough = predictions >= (config["min_predictions"] or 0)
+        out = {}
+
+        import numpy as np
+
+        def entry(observed: dict | None, ref: list) -> dict:
+            counts = np.zeros(len(ref), dtype=np.int64)
+            for b, c in (observed or {}).items():
+                if 0 <= b < len(ref):
+                    counts[b] += c
+            psi, js = P.psi(counts, ref), P.js_divergence(counts, ref)
+            return {"psi": round(psi, 6), "js": round(js, 6), "n": int(counts.sum()),
+                    "alert": bool(enough and counts.sum() > 0 and (psi >= config["psi"] or js >= config["js"]))}
+
+        for feature in loaded["features"]:
+            name = feature["name"]
+            if f"feature:{name}" in series:
+                out[name] = entry(series[f"feature:{name}"], reference["features"][name])
+        key = "values" if loaded["prediction"]["task"] == P.REGRESSION else "classes"
+        if f"prediction:{key}" in series:
+            out["prediction"] = entry(series[f"prediction:{key}"], reference["prediction"][key])
+        return out
+
+    def report(self, model: str, *, version: int | None = None, since: object = None, until: object = None) -> dict:
+        """What `pollinate monitor --json` prints: per version the volume, feedback, field
+        accuracy (or MAE) with its interval, errors, latency, shadow agreement and drift over
+        the period; the alerts raised in it (or still open); the channels."""
+        versions = self._require_model(model)
+        if version is not None and version not in versions:
+            raise NotFound(f"model {model!r} has no version {version}")
+        since_ts, until_ts = parse_time(since), parse_time(until)
+        config = self.config(model)
+        with self.store._read() as db:
+            aggregates = self._aggregate(db, model, version, since_ts, until_ts)
+            states = channels.read_states(db, model)
+            alerts = self._alerts(db, model, version, since_ts)
+        out_versions = {}
+        for (v, _), agg in sorted(aggregates.items()):
+            out_versions[str(v)] = self._summarise(model, v, agg, config)
+        return {
+            "model": model,
+            "since": _iso(since_ts) if since_ts is not None else None,
+            "until": _iso(until_ts) if until_ts is not None else None,
+            "versions": out_versions,
+            "alerts": alerts,
+            "channels": {c: s.to_dict() for c, s in states.items()},
+        }
+
+    def timeline(self, model: str, *, version: int | None = None, since: object = None,
+                 bucket: str = "hour") -> dict:
+        """Per version, per hour/day/month: predictions, errors, feedback, field accuracy (or
+        MAE) and the largest feature PSI — how a version ages in the field."""
+        _bucket("2000-01-01T00:00:00Z", bucket)
+        self._require_model(model)
+        config = self.config(model)
+        with self.store._read() as db:
+            aggregates = self._aggregate(db, model, version, parse_time(since), None, bucket)
+        out: dict[str, list] = {}
+        for (v, b), agg in sorted(aggregates.items()):
+            summary = self._summarise(model, v, agg, config)
+            drift = summary["drift"]
+            feature_psi = [d["psi"] for name, d in drift.items() if name != "prediction"]
+            row = {"bucket": b, "predictions": summary["predictions"], "errors": summary["errors"],
+                   "feedback": summary["feedback"],
+                   "drift": max(feature_psi) if feature_psi else None,
+                   "prediction_drift": drift.get("prediction", {}).get("psi")}
+            for key in ("field_accuracy", "field_mae"):
+                if key in summary:
+                    row[key] = summary[key]
+            out.setdefault(str(v), []).append(row)
+        return {"model": model, "bucket": bucket, "versions": out}
+
+    # ------------------------------------------------------------------ alerts
+
+    @staticmethod
+    def _alerts(db, model: str, version: int | None, since: float | None) -> list[dict]:
+        query = ("SELECT id, version, kind, subject, value, threshold, message, raised_at, cleared_at"
+                 " FROM monitor_alerts WHERE model = ?")
+        params: list = [model]
+        if version is not None:
+            query += " AND version = ?"
+            params.append(version)
+        if since is not None:
+            query += " AND (cleared_at IS NULL OR raised_at >= ?)"
+            params.append(_iso(since))
+        keys = ("id", "version", "kind", "subject", "value", "threshold", "message", "raised_at", "cleared_at")
+        return [{"model": model, **dict(zip(keys, row))} for row in db.execute(query + " ORDER BY id", params)]
+
+    def alerts(self, model: str, *, open_only: bool = False) -> list[dict]:
+        self._require_model(model)
+        with self.store._read() as db:
+            rows = self._alerts(db, model, None, None)
+        return [a for a in rows if a["cleared_at"] is None] if open_only else rows
+
+    def check_alerts(self, model: str, *, now: float | None = None) -> list[dict]:
+        """Evaluate drift and field accuracy/MAE over the last ``alert_hours``; record and
+        return the alerts that are NEW (one still raised is not repeated); clear those whose
+        condition no longer holds. Nothing but the store changes."""
+        now = time.time() if now is None else float(now)
+        self._require_model(model)
+        config = self.config(model)
+        since = now - config["alert_hours"] * 3600
+        with self.store._read() as db:
+            aggregates = self._aggregate(db, model, None, since, now)
+        raised: dict[tuple[int, str, str], tuple[float, float, str]] = {}
+        for (v, _), agg in aggregates.items():
+            summary = self._summarise(model, v, agg, config)
+            for subject, d in summary["drift"].items():
+                if d["alert"]:
+                    which = "PSI" if d["psi"] >= config["psi"] else "JS"
+                    value, threshold = (d["psi"], config["psi"]) if which == "PSI" else (d["js"], config["js"])
+                    raised[(v, "drift", subject)] = (value, threshold, (
+                        f"{model} v{v}: {subject} drifted ({which} {value:.3f} >= {threshold:g}"
+                        f" over {summary['predictions']} predictions in {config['alert_hours']:g} h)"))
+            accuracy = summary.get("field_accuracy")
+            if (config["min_accuracy"] is not None and accuracy and accuracy["n"] >= config["min_feedback"]
+                    and accuracy["value"] < config["min_accuracy"]):
+                raised[(v, "field_accuracy", "field_accuracy")] = (accuracy["value"], config["min_accuracy"], (
+                    f"{model} v{v}: field accuracy {accuracy['value']:.3f} (95% {accuracy['low']:.3f}-"
+                    f"{accuracy['high']:.3f}, n={accuracy['n']}) below {config['min_accuracy']:g}"))
+            mae = summary.get("field_mae")
+            if (config["max_mae"] is not None and mae and mae["n"] >= config["min_feedback"]
+                    and mae["value"] > config["max_mae"]):
+                raised[(v, "field_mae", "field_mae")] = (mae["value"], config["max_mae"], (
+                    f"{model} v{v}: field MAE {mae['value']:.4g} (n={mae['n']}) above {config['max_mae']:g}"))
+        stamp = _iso(now)
+        new: list[dict] = []
+        with self.store._write() as db:
+            open_rows = db.execute(
+                "SELECT id, version, kind, subject FROM monitor_alerts WHERE model = ? AND cleared_at IS NULL",
+                (model,)).fetchall()
+            still_open = set()
+            for alert_id, v, kind, subject in open_rows:
+                if (v, kind, subject) in raised:
+                    still_open.add((v, kind, subject))
+                else:
+                    db.execute("UPDATE monitor_alerts SET cleared_at = ? WHERE id = ?", (stamp, alert_id))
+            for (v, kind, subject), (value, threshold, message) in sorted(raised.items()):
+                if (v, kind, subject) in still_open:
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO monitor_alerts (model, version, kind, subject, value, threshold, message, raised_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (model, v, kind, subject, value, threshold, message, stamp))
+                new.append({"id": cursor.lastrowid, "model": model, "version": v, "kind": kind, "subject": subject,
+                            "value": value, "threshold": threshold, "message": message, "raised_at": stamp,
+                            "cleared_at": None})
+        return new
+
+    # ------------------------------------------------------------------ configuration
+
+    def config(self, model: str) -> dict:
+        """The model's monitoring settings, defaults filled in."""
+        with self.store._read() as db:
+            row = db.execute("SELECT config FROM monitor_config WHERE model = ?", (model,)).fetchone()
+        return {**DEFAULTS, **(json.loads(row[0]) if row else {})}
+
+    def configure(self, model: str, **settings: object) -> dict:
+        """Change some settings (None resets one to its default); returns them all."""
+        self._require_model(model)
+        unknown = sorted(set(settings) - set(DEFAULTS))
+        if unknown:
+            raise InvalidInput(f"unknown monitoring setting(s) {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
+        checked = {key: _check_setting(key, value) for key, value in settings.items()}
+        with self.store._write() as db:
+            row = db.execute("SELECT config FROM monitor_config WHERE model = ?", (model,)).fetchone()
+            current = json.loads(row[0]) if row else {}
+            for key, value in checked.items():
+                if value is None:
+                    current.pop(key, None)
+                else:
+                    current[key] = value
+            db.execute("INSERT INTO monitor_config (model, config) VALUES (?, ?)"
+                       " ON CONFLICT (model) DO UPDATE SET config = excluded.config", (model, json.dumps(current)))
+        return {**DEFAULTS, **current}
+
+    # ------------------------------------------------------------------ shadow and guardrails
+
+    def set_shadow(self, model: str, channel: str, version: int | None):
+        """Name the channel's shadow version (None clears it); returns the ChannelState."""
+        return self.store.set_shadow(model, channel, version)
+
+    def set_guardrails(self, model: str, channel: str, metrics: list[str], *, alpha: float = 0.05,
+                       min_samples: int = 100) -> dict:
+        """Watch the channel's staged candidate on these metrics (an empty list removes them)."""
+        channels.check_channel_name(channel)
+        self._require_model(model)
+        if isinstance(metrics, str) or not all(m in GUARDRAIL_METRICS for m in metrics):
+            raise InvalidInput(f"guardrail metrics must be among {', '.join(GUARDRAIL_METRICS)}, got {metrics!r}")
+        alpha = _finite(alpha, "alpha")
+        if not 0 < alpha < 1:
+            raise InvalidInput("alpha must be in (0, 1)")
+        if not _is_int(min_samples) or min_samples < 1:
+            raise InvalidInput("min_samples must be a positive integer")
+        metrics = sorted(set(metrics), key=GUARDRAIL_METRICS.index)
+        with self.store._write() as db:
+            if metrics:
+                db.execute("INSERT INTO monitor_guardrails (model, channel, metrics, alpha, min_samples)"
+                           " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, channel) DO UPDATE SET"
+                           " metrics = excluded.metrics, alpha = excluded.alpha, min_samples = excluded.min_samples",
+                           (model, channel, json.dumps(metrics), alpha, min_samples))
+            else:
+                db.execute("DELETE FROM monitor_guardrails WHERE model = ? AND channel = ?", (model, channel))
+        return {"channel": channel, "metrics": metrics, "alpha": alpha, "min_samples": min_samples}
+
+    def guardrails(self, model: str) -> dict[str, dict]:
+        with self.store._read() as db:
+            rows = db.execute("SELECT channel, metrics, alpha, min_samples FROM monitor_guardrails WHERE model = ?",
+                              (model,)).fetchall()
+        return {c: {"channel": c, "metrics": json.loads(m), "alpha": a, "min_samples": s} for c, m, a, s in rows}
+
+    def enforce(self, model: str, *, now: float | None = None) -> list[dict]:
+        """Roll back every staged candidate significantly worse than its channel's version.
+
+        Per channel with a candidate and guardrails, over the windows since the rollout began,
+        each metric is a rate compared with a one-sided two-proportion z-test (the candidate's
+        rate lower, p < alpha, at least min_samples on each side):
+        field_accuracy = correct / feedback; error_rate = 1 - errors / predictions (the share
+        of predictions without an error); agreement = agreed / compared with the channel's
+        shadow version. The rollback goes through the store with the reason in the history.
+        """
+        now = time.time() if now is None else float(now)
+        self._require_model(model)
+        rails = self.guardrails(model)
+        rolled: list[dict] = []
+        for channel, rail in sorted(rails.items()):
+            state = self.store.get_channel(model, channel)
+            if state is None or state.candidate_version is None:
+                continue
+            since = parse_time(state.updated_at)
+            with self.store._read() as db:
+                aggregates = self._aggregate(db, model, None, since, now)
+            sides = {v: aggregates.get((v, ""), None) for v in (state.candidate_version, state.version)}
+            for metric in rail["metrics"]:
+                rates = {v: _rate(metric, agg, state.shadow_version) for v, agg in sides.items()}
+                (cs, cn), (bs, bn) = rates[state.candidate_version], rates[state.version]
+                if cn < rail["min_samples"] or bn < rail["min_samples"]:
+                    continue
+                p = P.p_worse(cs, cn, bs, bn)
+                if p >= rail["alpha"]:
+                    continue
+                reason = (f"guardrail {metric}: candidate v{state.candidate_version} {cs / cn:.3f} (n={cn}) vs"
+                          f" v{state.version} {bs / bn:.3f} (n={bn}), one-sided p={p:.2g} < {rail['alpha']:g}")
+                self.store.rollback(model, channel, reason=reason)
+                rolled.append({"channel": channel, "candidate": state.candidate_version, "version": state.version,
+                               "metric": metric, "p": p, "reason": reason})
+                break
+        return rolled
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _prediction_text(value: object, grid_prediction: Mapping, what: str) -> str:
+    """A class label (one of the grid's labels) or a regression value, as stored text."""
+    if grid_prediction["task"] == P.REGRESSION:
+        return repr(_finite(value, what))
+    if not isinstance(value, str) or value not in grid_prediction["labels"]:
+        raise InvalidInput(f"{what} must be one of the labels {grid_prediction['labels']}, got {_show(value)}")
+    return value
+
+
+def _accuracy(correct: int, n: int) -> dict | None:
+    if not n:
+        return None
+    low, high = P.wilson(correct, n)
+    return {"value": correct / n, "low": low, "high": high, "n": n}
+
+
+def _mae(abs_sum: float, sq_sum: float, n: int) -> dict | None:
+    """Mean absolute error with a normal-approximation 95 % interval."""
+    if not n:
+        return None
+    mae = abs_sum / n
+    variance = max(0.0, sq_sum / n - mae * mae) * (n / (n - 1) if n > 1 else 1.0)
+    half = 1.96 * math.sqrt(variance / n)
+    return {"value": mae, "low": max(0.0, mae - half), "high": mae + half, "n": n}
+
+
+def _quantile(bins: dict | None, edges: list, q: float) -> float | None:
+    """A latency quantile from a histogram, linear inside its bin."""
+    if not bins:
+        return None
+    import numpy as np
+
+    counts = np.zeros(len(edges) - 1)
+    for b, c in bins.items():
+        if 0 <= b < len(counts):
+            counts[b] += c
+    total = counts.sum()
+    if total <= 0:
+        return None
+    target = q * total
+    cumulative = 0.0
+    for i, c in enumerate(counts):
+        if c and cumulative + c >= target:
+            share = (target - cumulative) / c
+            return round(float(edges[i] + share * (edges[i + 1] - edges[i])), 3)
+        cumulative += c
+    return float(edges[-1])
+
+
+def _rate(metric: str, agg: dict | None, shadow_version: int | None) -> tuple[int, int]:
+    """(successes, trials) of a guardrail metric for one side."""
+    if agg is None:
+        return 0, 0
+    totals = agg["totals"]
+    if metric == "field_accuracy":
+        return totals["correct"], totals["feedback"]
+    if metric == "error_rate":
+        n = totals["predictions"]
+        return n - min(totals["errors"], n), n
+    if shadow_version is not None:
+        compared, agreed = agg["shadow"].get(shadow_version, (0, 0))
+    else:
+        compared = sum(c for c, _ in agg["shadow"].values())
+        agreed = sum(a for _, a in agg["shadow"].values())
+    return agreed, compared
+
+
+def _check_setting(key: str, value: object) -> object:
+    if value is None:
+        return None
+    if key in ("psi", "js", "min_accuracy", "max_mae", "alert_hours"):
+        number = _finite(value, key)
+        if number < 0 or (key in ("js", "min_accuracy") and number > 1) or (key == "alert_hours" and number == 0):
+            raise InvalidInput(f"{key} is out of range: {value!r}")
+        return number
+    if key in ("min_predictions", "min_feedback"):
+        if not _is_int(value) or value < 0:
+            raise InvalidInput(f"{key} must be a non-negative integer")
+        return value
+    if key == "webhook":
+        if not isinstance(value, str) or not re.match(r"https?://[^\s]+$", value) or len(value) > 2000:
+            raise InvalidInput("webhook must be an http:// or https:// URL")
+        return value
+    if key == "retrain_command":
+        if isinstance(value, str):
+            import shlex
+
+            value = shlex.split(value)
+        if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+            raise InvalidInput("retrain_command must be a non-empty command line (a list of arguments)")
+        return value
+    raise InvalidInput(f"unknown monitoring setting {key}")
+
+
+def hours_ago(hours: float, now: float | None = None) -> float:
+    """Unix seconds ``hours`` before now (tests and benchmarks place windows in the past)."""
+    base = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return (base - timedelta(hours=hours)).timestamp()

@@ -115,3 +115,200 @@ describe('features and bins (no server)', () => {
     assert.equal(await queue.size(), 0);
   });
 });
+
+// ---- against a real store and `pollinate serve` ------------------------------------------------
+
+import { execFile, spawn } from 'node:child_process';
+import net from 'node:net';
+import readline from 'node:readline';
+import { promisify } from 'node:util';
+
+import { PYTHON, REPO } from '../test-support/server.mjs';
+
+const runFile = promisify(execFile);
+let home;
+let server;
+const samples = sampleDigits();
+const open = [];
+
+function client(options = {}, url = server.url) {
+  const c = createClient({ serverUrl: url, model: 'digits', channel: 'stable', backends: ['cpu'], cache: new MemoryCache(), tf, ...options });
+  open.push(c);
+  return c;
+}
+
+async function monitor(url = server.url) {
+  const response = await fetch(`${url}/v1/models/digits/monitor`);
+  assert.equal(response.status, 200);
+  return (await response.json()).report;
+}
+
+const telemetryPosts = c => c.telemetry.stats.batches;
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** `pollinate serve` on a given port (the offline test stops it and starts it again there). */
+async function serveOn(port) {
+  const env = { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3' };
+  for (const key of ['POLLINATE_HOME', 'POLLINATE_ADMIN_TOKEN', 'POLLINATE_SERVER', 'POLLINATE_WEB_CLIENT', 'POLLINATE_CORS_ORIGINS']) delete env[key];
+  const child = spawn(PYTHON, ['-m', 'pollinate', 'serve', '--home', home, '--port', String(port), '--json'],
+    { cwd: REPO, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let stderr = '';
+  child.stderr.on('data', chunk => { stderr = (stderr + chunk).slice(-10_000); });
+  const exited = new Promise(resolve => child.once('exit', resolve));
+  await Promise.race([
+    new Promise(resolve => readline.createInterface({ input: child.stdout }).once('line', resolve)),
+    exited.then(code => { throw new Error(`serve exited (${code}): ${stderr}`); }),
+  ]);
+  const url = `http://127.0.0.1:${port}`;
+  for (let i = 0; i < 600; i++) {
+    try {
+      if ((await fetch(`${url}/healthz`)).ok) break;
+    } catch { /* not yet */ }
+    await new Promise(r => setTimeout(r, 50));
+  }
+  return {
+    url,
+    stop: async () => {
+      try { process.kill(-child.pid, 'SIGTERM'); } catch { /* gone */ }
+      await exited;
+    },
+  };
+}
+
+describe('telemetry against a real server', { timeout: 600_000 }, () => {
+  before(async () => {
+    await tf.setBackend('cpu');
+    home = await prepareStore();
+    server = await startServer(home);
+  });
+
+  after(async () => {
+    for (const c of open) await c.close().catch(() => {});
+    await server?.stop();
+  });
+
+  test('the manifest carries the grid; nothing is counted or sent before the user opts in', async () => {
+    const c = client();
+    await c.load();
+    assert.ok(c.manifest.monitoring, 'the served version has a monitoring grid');
+    assert.equal(c.manifest.monitoring.kind, 'image');
+    const before = (await monitor()).versions['1']?.predictions ?? 0;
+    for (const s of samples.slice(0, 5)) {
+      const r = await c.predict(s.pixels);
+      assert.match(r.id, /^[0-9a-f]{32}$/);
+    }
+    await c.flushTelemetry();
+    assert.equal(c.telemetryOptedIn(), false);
+    assert.equal(c.telemetry.stats.batches, 0);
+    assert.equal(c.telemetry.stats.bytesSent, 0);
+    await assert.rejects(c.feedback({ predictionId: 'a'.repeat(32), label: '1' }), e => e.code === 'not-opted-in');
+    assert.equal((await monitor()).versions['1']?.predictions ?? 0, before);
+  });
+
+  test('opted in: a batch every flushEvery predictions, the rest on flush; the server\'s report adds them up', async () => {
+    const before = (await monitor()).versions['1']?.predictions ?? 0;
+    const c = client({ telemetry: { flushEvery: 4 } });
+    await c.load();
+    await c.optInTelemetry();
+    const results = [];
+    for (const s of samples.slice(0, 10)) results.push(await c.predict(s.pixels));
+    await Promise.allSettled([...c.telemetry.pending]);
+    assert.equal(telemetryPosts(c), 2, 'two full batches of 4 went on their own');
+    await c.flushTelemetry();
+    assert.equal(telemetryPosts(c), 3);
+    assert.equal(c.telemetry.stats.dropped, 0, c.telemetry.stats.lastError);
+    const report = await monitor();
+    const v1 = report.versions['1'];
+    assert.equal(v1.predictions, before + 10);
+    // the browser's own counts: what it sent is what the server holds for this version's window
+    assert.ok(v1.latency_ms && Number.isFinite(v1.latency_ms.p50));
+    assert.ok(Object.keys(v1.drift).includes('ink_mass'));
+
+    // the consent is remembered: a new client on the same storage counts without asking again
+    const again = client({ cache: c.cache });
+    await again.load();
+    assert.equal(again.telemetryOptedIn(), true);
+
+    // "it was a 7": feedback naming a prediction's id joins it on the server
+    const wrong = results.find(r => r.label !== '7') ?? results[0];
+    const answer = await c.feedback({ predictionId: results[9].id, label: results[9].label });
+    assert.equal(answer.sent, true, JSON.stringify(answer));
+    const other = await c.feedback({ version: 1, prediction: wrong.label, label: '7' });
+    assert.equal(other.sent, true, JSON.stringify(other));
+    const fed = (await monitor()).versions['1'];
+    assert.ok(fed.feedback >= 2);
+    assert.ok(fed.field_accuracy.n >= 2);
+    await assert.rejects(c.feedback({ predictionId: results[0].id, label: 'seven' }), e => e.code === 'label');
+  });
+
+  test('opting out forgets what was not sent and stops counting', async () => {
+    const c = client({ telemetry: { flushEvery: 100 } });
+    await c.load();
+    await c.optInTelemetry();
+    await c.predict(samples[0].pixels);
+    await c.optOutTelemetry();
+    await c.predict(samples[1].pixels);
+    await c.flushTelemetry();
+    assert.equal(c.telemetry.stats.batches, 0);
+    assert.equal(c.telemetry.aggregates.size, 0);
+  });
+
+  test('offline: a batch the server cannot take waits in the queue and goes when it is back', async () => {
+    const port = await freePort();
+    let own = await serveOn(port);
+    const cache = new MemoryCache();
+    const c = client({ cache, telemetry: { enabled: true, flushEvery: 100 } }, own.url);
+    await c.load();
+    const before = (await monitor(own.url)).versions['1']?.predictions ?? 0;
+    for (const s of samples.slice(0, 6)) await c.predict(s.pixels);
+    await own.stop();
+    const [first] = await c.flushTelemetry();
+    assert.equal(first.queued, true, JSON.stringify(first));
+    assert.equal(await c.telemetry.queue.size(), 1);
+    for (const s of samples.slice(0, 3)) await c.predict(s.pixels);
+    own = await serveOn(port);
+    try {
+      await c.flushTelemetry();
+      assert.equal(await c.telemetry.queue.size(), 0);
+      assert.equal((await monitor(own.url)).versions['1'].predictions, before + 9, 'the queued batch and the new one, each once');
+    } finally {
+      await c.close();
+      await own.stop();
+    }
+  });
+
+  test('a shadow version runs beside the served one: agreement and latency arrive, its answers are never returned', async () => {
+    await runFile(PYTHON, ['-c', 'import sys; from registry import Store; from registry.monitoring import Monitor; '
+      + 'Monitor(Store(sys.argv[1])).set_shadow("digits", "stable", 2)', home], { cwd: REPO });
+    const c = client({ telemetry: { enabled: true, flushEvery: 1000 } });
+    await c.load();
+    assert.equal(c.manifest.shadow?.version, 2);
+    const shadow = await c.shadowReady();
+    assert.equal(shadow?.version, 2, c.shadowError);
+    assert.equal(c.version, 1);
+    for (const s of samples) {
+      const r = await c.predict(s.pixels);
+      assert.equal(r.version, 1);
+    }
+    await c.flushTelemetry();
+    assert.equal(c.telemetry.stats.dropped, 0, c.telemetry.stats.lastError);
+    const v1 = (await monitor()).versions['1'];
+    assert.ok(v1.shadow, JSON.stringify(v1));
+    assert.equal(v1.shadow.version, 2);
+    assert.equal(v1.shadow.compared, samples.length);
+    assert.ok(v1.shadow.agreed >= samples.length / 2 && v1.shadow.agreed <= samples.length, JSON.stringify(v1.shadow));
+    assert.ok(Number.isFinite(v1.shadow.latency_ms.p50));
+    await runFile(PYTHON, ['-c', 'import sys; from registry import Store; from registry.monitoring import Monitor; '
+      + 'Monitor(Store(sys.argv[1])).set_shadow("digits", "stable", None)', home], { cwd: REPO });
+  });
+});

@@ -103,7 +103,7 @@ function maxDriftOf(row) {
 
 // series: [{name, color, points: [{x: label, y, low, high}]}]; xs: ordered labels.
 function linePlot({ testid, xs, series, yMin = 0, yMax = null, threshold = null, yLabel = "", band = false }) {
-  const W = 560, H = 220, L = 44, R = 12, T = 10, B = 34;
+  const W = 560, H = 226, L = 44, R = 30, T = 18, B = 34;
   const ys = series.flatMap((s) => s.points.flatMap((p) => [p.y, band ? p.high : null])).filter(isNumber);
   let top = yMax ?? Math.max(threshold ?? 0, ...ys, 1e-6) * 1.1;
   if (!(top > yMin)) top = yMin + 1;
@@ -118,7 +118,7 @@ function linePlot({ testid, xs, series, yMin = 0, yMax = null, threshold = null,
     root.append(svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, fmt(v, 2)),
       svg("line", { class: "axis", x1: L, y1: y(v), x2: W - R, y2: y(v), opacity: 0.4 }));
   }
-  if (yLabel) root.append(svg("text", { x: 4, y: T + 8 }, yLabel));
+  if (yLabel) root.append(svg("text", { x: L, y: 11 }, yLabel));
   const step = Math.max(1, Math.ceil(xs.length / 6));
   xs.forEach((label, i) => {
     if (i % step === 0 || i === xs.length - 1) {
@@ -155,7 +155,7 @@ function linePlot({ testid, xs, series, yMin = 0, yMax = null, threshold = null,
 }
 
 function barPlot({ testid, xs, values, color = COLORS[0], yLabel = "" }) {
-  const W = 560, H = 180, L = 44, R = 12, T = 10, B = 34;
+  const W = 560, H = 186, L = 44, R = 30, T = 18, B = 34;
   const top = Math.max(1, ...values.filter(isNumber));
   const slot = (W - L - R) / Math.max(1, xs.length);
   const root = svg("svg", { class: "plot", viewBox: `0 0 ${W} ${H}`, role: "img", "data-testid": testid,
@@ -163,7 +163,7 @@ function barPlot({ testid, xs, values, color = COLORS[0], yLabel = "" }) {
   root.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }),
     svg("text", { x: L - 4, y: T + 4, "text-anchor": "end" }, fmt(top)),
     svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, "0"));
-  if (yLabel) root.append(svg("text", { x: 4, y: T + 8 }, yLabel));
+  if (yLabel) root.append(svg("text", { x: L, y: 11 }, yLabel));
   const step = Math.max(1, Math.ceil(xs.length / 6));
   xs.forEach((label, i) => {
     const v = isNumber(values[i]) ? values[i] : 0;

@@ -189,6 +189,7 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
     """Register the round's global model with its exports (verified), and move the channel.
     `breakdown`, when given, receives the seconds spent per stage."""
     from export.pipeline import ExportOptions, export_model
+    from training.central import profile_artifact
     from training.report import headline_metrics
 
     stats = job.stats
@@ -207,7 +208,9 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
         lap("keras")
         report = write_round_report(scratch / "report", dataset, job, settings.federation_id)
         lap("report")
-        artifacts = {"keras": {"model.keras": scratch / "model.keras"}, "report": report}
+        artifacts = {"keras": {"model.keras": scratch / "model.keras"}, "report": report,
+                     **profile_artifact(model, dataset)}
+        lap("profile")
         if settings.format_list():
             # single-sample latency is a property of the architecture, not of a round's
             # weights: measured once by `pollinate export`, not on every round. TF.js is

@@ -11,6 +11,7 @@ import warnings
 import typer
 
 import registry.cli
+import registry.monitor_cli
 from core.errors import PollinateError
 from export.cli import export
 from federated.cli import app as federate_app
@@ -35,7 +36,23 @@ def remote_channels(server_url: str):
     return AdminClient(server_url)
 
 
+def attach_profile(store, name, version):
+    """`pollinate models profile`: training rebuilds the data and computes the profile (lazy import)."""
+    from training.central import attach_profile as attach
+
+    return attach(store, name, version)
+
+
+def monitor_plots(report, timeline, folder, **options):
+    """`pollinate monitor --plot DIR`: matplotlib lives in training/ (lazy import)."""
+    from training.monitor_plots import write_plots
+
+    return write_plots(report, timeline, folder, **options)
+
+
 registry.cli.remote_channels = remote_channels
+registry.cli.attach_profile = attach_profile
+registry.monitor_cli.plotter = monitor_plots
 
 app = typer.Typer(
     name="pollinate",
@@ -50,6 +67,7 @@ app.command("train")(make_train_command(export_on_train))
 app.command("export")(export)
 app.command("demo")(demo)
 app.command("serve")(serve)
+app.command("monitor")(registry.monitor_cli.monitor)
 
 
 def main() -> None:

@@ -35,6 +35,10 @@ class RemoteChannels(Protocol):
 # the server room's admin client here. Unset, `--server` is refused with a clear error.
 remote_channels: Callable[[str], RemoteChannels] | None = None
 
+# `models profile` needs the Keras model and the training data (training/): the composer
+# plugs training.central.attach_profile in here. (store, name, version) -> VersionRecord
+attach_profile: Callable | None = None
+
 
 def _remote(server: str) -> RemoteChannels:
     from core.errors import PollinateError
@@ -190,16 +194,79 @@ def promote(
     version: Annotated[int, typer.Argument(help="The version to promote.")],
     channel: ChannelOption = "stable",
     percent: Annotated[Optional[float], typer.Option("--percent", "-p", help="Staged rollout: give VERSION to this percent of clients (0 < P ≤ 100).")] = None,
+    guardrail: Annotated[Optional[list[str]], typer.Option(
+        "--guardrail", help="With --percent: roll the candidate back when it is significantly worse on this"
+                            " metric (field_accuracy, error_rate, agreement); repeatable.")] = None,
     home: HomeOption = Path(".pollinate"),
     server: ServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Point a channel at a version, or stage it for a percentage of clients."""
+    """Point a channel at a version, or stage it for a percentage of clients (with guardrails)."""
+    from core.errors import InvalidInput
+    from registry.monitoring import GUARDRAIL_METRICS
+
+    if guardrail:
+        if percent is None or percent >= 100:
+            raise InvalidInput("--guardrail watches a staged candidate: use it with --percent P (< 100)")
+        unknown = sorted(set(guardrail) - set(GUARDRAIL_METRICS))
+        if unknown:
+            raise InvalidInput(f"unknown guardrail metric(s) {', '.join(unknown)}; use {', '.join(GUARDRAIL_METRICS)}")
+        if server:
+            raise InvalidInput("--guardrail applies to the local store (the server enforces what is stored there);"
+                               " drop --server")
     if server:
         state = _remote(server).promote(name, channel, version, rollout_percent=percent)
     else:
-        state = open_store(home).set_channel(name, channel, version, rollout_percent=percent)
+        store = open_store(home)
+        state = store.set_channel(name, channel, version, rollout_percent=percent)
+        from registry.monitoring import Monitor
+
+        # every move starts with the guardrails given (none: any earlier ones are dropped)
+        Monitor(store).set_guardrails(name, channel, list(guardrail or []))
     _report_channel(state, as_json)
+    if guardrail and not as_json:
+        human_console(False).print(f"guardrails: {', '.join(guardrail)} (one-sided p < 0.05, ≥ 100 per side)")
+
+
+@app.command("shadow")
+def shadow(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    channel: ChannelOption = "stable",
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="The version to run silently beside the channel's.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Stop running a shadow version on this channel.")] = False,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Name a shadow version: clients run it beside the served one, never show it, report agreement."""
+    from core.errors import InvalidInput
+
+    if (version is None) == (not clear):
+        raise InvalidInput("give either --version V or --clear")
+    state = open_store(home).set_shadow(name, channel, None if clear else version)
+    _report_channel(state, as_json)
+
+
+@app.command("profile")
+def profile(
+    target: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (default: the latest version).")],
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Attach the monitoring profile to a version registered without one (from its training data)."""
+    from core.errors import InvalidInput, PollinateError
+
+    name, _, number = target.partition("@")
+    if number and not number.isdigit():
+        raise InvalidInput(f"bad version in {target!r}: use NAME@N")
+    if attach_profile is None:
+        raise PollinateError("`models profile` is not available: this installation has no trainer")
+    record = attach_profile(open_store(home), name, int(number) if number else None)
+    files = record.artifacts.get("profile", [])
+    if as_json:
+        print_json({"model": record.model, "version": record.version, "profile": [f.to_dict() for f in files]})
+        return
+    human_console(False).print(f"{record.model} v{record.version}: profile attached"
+                               f" ({', '.join(f'{f.name} {f.size:,} bytes' for f in files)})")
 
 
 @app.command("rollback")
@@ -232,14 +299,16 @@ def history(
         return
     out = human_console(False)
     for row in rows:
-        out.print(f"{row['at']}  {row['channel']:<10} {row['action']:<9} → {_describe_channel(row)}")
+        reason = f"  ({row['reason']})" if row.get("reason") else ""
+        out.print(f"{row['at']}  {row['channel']:<10} {row['action']:<9} → {_describe_channel(row)}{reason}")
 
 
 def _report_channel(state, as_json: bool) -> None:
     if as_json:
         print_json(state.to_dict())
         return
-    human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}")
+    shadow = f", shadow v{state.shadow_version}" if getattr(state, "shadow_version", None) else ""
+    human_console(False).print(f"{state.model} [bold]{state.channel}[/] → {_describe_channel(state.to_dict())}{shadow}")
 
 
 def _federation_line(extra: dict) -> str:

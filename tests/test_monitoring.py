@@ -468,3 +468,64 @@ def test_shadow_version_and_agreement(monitored):
     store.set_channel("digits", "stable", 2)  # moves keep the shadow
     assert store.get_channel("digits", "stable").shadow_version == 2
     assert monitored.set_shadow("digits", "stable", None).shadow_version is None
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_monitor_cli_report_configure_guardrail_shadow_history(tmp_path, digits, digits_profile):
+    from registry import Store
+    from registry.monitoring import Monitor
+    from tests.conftest import cli_json, run_cli
+
+    home = tmp_path / "home"
+    store = Store(home)
+    publish_digits(store, digits, digits_profile, versions=2)
+    monitor = Monitor(store)
+    grid = monitor.grid("digits", 1)
+    for body in client_batches(shifted(ordinary(digits)), grid, digits.input_spec(), 1):
+        monitor.ingest_telemetry("digits", body)
+
+    report = cli_json("monitor", "digits", home=home)
+    assert set(report) >= {"model", "versions", "alerts", "channels"}
+    assert report["versions"]["1"]["predictions"] == 300 and report["versions"]["1"]["drift"]["centroid_x"]["alert"]
+    assert any(a["kind"] == "drift" for a in report["alerts"])
+    table = run_cli("monitor", "digits", home=home, check=True).stdout
+    assert "in the field" in table and "ALERT" in table and "alert" in table
+
+    config = cli_json("monitor", "configure", "digits", "--psi", "0.3", "--min-accuracy", "0.8",
+                      "--webhook", "http://127.0.0.1:9/hook", "--retrain", "pollinate federate run --rounds 1",
+                      home=home)["config"]
+    assert config["psi"] == 0.3 and config["min_accuracy"] == 0.8
+    assert config["retrain_command"] == ["pollinate", "federate", "run", "--rounds", "1"]
+    bad = run_cli("monitor", "configure", "digits", "--js", "2", home=home)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+    plots = run_cli("monitor", "digits", "--plot", str(tmp_path / "plots"), home=home, check=True)
+    assert plots.returncode == 0
+    for name in ("volume.png", "field_accuracy.png", "drift_over_time.png", "drift_features.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cli_json("models", "promote", "digits", "1", "--channel", "stable", home=home)
+    refused = run_cli("models", "promote", "digits", "2", "--guardrail", "field_accuracy", home=home)
+    assert refused.returncode == 2 and "--percent" in refused.stderr
+    refused = run_cli("models", "promote", "digits", "2", "--percent", "20", "--guardrail", "speed", home=home)
+    assert refused.returncode == 2 and "speed" in refused.stderr
+    state = cli_json("models", "promote", "digits", "2", "--percent", "20", "--guardrail", "field_accuracy",
+                     home=home)
+    assert state["candidate_version"] == 2
+    assert Monitor(Store(home)).guardrails("digits")["stable"]["metrics"] == ["field_accuracy"]
+
+    shadow = cli_json("models", "shadow", "digits", "--channel", "stable", "--version", "2", home=home)
+    assert shadow["shadow_version"] == 2
+    assert run_cli("models", "shadow", "digits", home=home).returncode == 2
+
+    _feedback(monitor, 1, 140, 10)
+    _feedback(monitor, 2, 100, 50)
+    enforced = run_cli("monitor", "digits", "--enforce", home=home, check=True).stdout
+    assert "rolled back" in enforced and "guardrail field_accuracy" in enforced
+    history = cli_json("models", "history", "digits", home=home)["history"]
+    assert history[-1]["action"] == "rollback" and "guardrail field_accuracy" in history[-1]["reason"]
+    assert "guardrail field_accuracy" in run_cli("models", "history", "digits", home=home, check=True).stdout
+    assert cli_json("models", "shadow", "digits", "--clear", home=home)["shadow_version"] is None
+    assert run_cli("monitor", "nope", home=home).returncode == 2

@@ -134,6 +134,47 @@ def predict(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(x, batch_size=256, verbose=0))
 
 
+# The reference profile is computed on at most this many training rows (a fixed subsample):
+# decile edges and reference shares are stable well below it, and registration stays fast.
+PROFILE_ROWS = 2000
+
+
+def profile_artifact(model, dataset: Dataset) -> dict[str, dict[str, bytes]]:
+    """The version's `profile` artifact (docs/monitoring.md section 1): the monitoring grid
+    and the reference counts of the training inputs and the model's predictions on them."""
+    from registry.profile import PROFILE_FILE, PROFILE_FORMAT, build_profile
+
+    x, y = dataset.x_train, dataset.y_train
+    if len(x) > PROFILE_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(len(x), PROFILE_ROWS, replace=False))
+        x, y = x[rows], y[rows]
+    outputs = predict(model, x)
+    targets = y if dataset.task != CLASSIFICATION else None
+    profile = build_profile(x, outputs, dataset.input_spec(), dataset.labels, dataset.task, targets=targets)
+    return {PROFILE_FORMAT: {PROFILE_FILE: json.dumps(profile, sort_keys=True).encode()}}
+
+
+def attach_profile(store: Store, name: str, version: int | None = None) -> VersionRecord:
+    """`pollinate models profile NAME[@V]`: attach a profile to a version registered without
+    one, from its Keras model and its training data rebuilt from the lineage's recipe."""
+    from registry.profile import PROFILE_FORMAT
+
+    from .datasets import reload_dataset
+    from .stored import load_keras_model
+
+    record = store.get_version(name, version)
+    if PROFILE_FORMAT in record.artifacts:
+        raise InvalidInput(f"{name} v{record.version} already has a profile (attached artifacts are immutable)")
+    if "keras" not in record.artifacts:
+        raise InvalidInput(f"{name} v{record.version} has no Keras model to compute its predictions with")
+    dataset = reload_dataset(record.lineage.extra.get("data", {}), record.lineage.dataset_fingerprint)
+    if dataset is None:
+        raise InvalidInput(f"the training data of {name} v{record.version} is not available any more"
+                           " (its dataset recipe cannot be rebuilt, or its fingerprint changed)")
+    model = load_keras_model(store, name, record.version)
+    return store.add_artifacts(name, record.version, profile_artifact(model, dataset))
+
+
 def write_report(folder: Path, dataset: Dataset, evaluation: dict, history: dict, extra: dict, predictions: np.ndarray) -> dict[str, Path]:
     """report.json and its plots, in `folder`; returns {file name: path}."""
     title = f"{dataset.name}"
@@ -184,7 +225,8 @@ def train_and_register(
             "train_seconds": train_seconds,
         }
         report_files = write_report(scratch, dataset, evaluation, history, extra, predictions)
-        artifacts = {"keras": {"model.keras": model_path}, "report": report_files}
+        artifacts = {"keras": {"model.keras": model_path}, "report": report_files,
+                     **profile_artifact(model, dataset)}
         if extra_artifacts is not None:
             artifacts.update(extra_artifacts(model, dataset, scratch / "extra"))
         record = store.publish(

@@ -29,6 +29,14 @@ connection errors → retry with exponential backoff.
 `DeviceClient` is the library entry point (a simulator runs many in one process, each with its
 own state folder and interpreter); `pollinate federate device` (``federated/device_cli.py``) is
 its command line.
+
+Field telemetry (docs/monitoring.md, opt-in: ``telemetry=True``, ``--telemetry``): the device
+counts the predictions it makes — ``DeviceClient.predict()``, and before each task the base
+model's predictions on its local data (what the model does on this device's inputs) — on the
+version's ``monitoring`` grid (``registry.profile.observe``: the same features and bins as the
+server's profile), and posts one batch per version every ``telemetry_every`` predictions and
+when a run ends (``POST /v1/models/{name}/telemetry``). Never an input. A batch the server
+cannot take now waits in the state folder and goes with the next flush.
 """
 
 from __future__ import annotations
@@ -55,6 +63,11 @@ import numpy as np
 from core.errors import InvalidInput, PollinateError
 
 TRAIN_FORMAT = "tflite-train"
+TELEMETRY_EVERY = 100      # predictions per version and batch (docs/monitoring.md)
+MAX_BATCH_PREDICTIONS = 10_000
+MAX_RECENT = 100
+MAX_QUEUED_BATCHES = 200
+INFER_BATCH = 256
 SIGNATURES = ("infer", "train", "get_weights", "set_weights", "save", "restore")
 USER_AGENT = "pollinate-device/1"
 
@@ -201,6 +214,10 @@ class ProtocolClient:
         _, _, body = self.request("GET", path)
         return body
 
+    def post_json(self, path: str, payload: dict) -> dict:
+        """POST a JSON body to a server path (telemetry, feedback): the answer's JSON."""
+        return self._json("POST", path, payload=payload)
+
     # ------------------------------------------------------------------ transport
 
     def _json(self, method: str, path: str, *, token: str | None = None, payload: dict | None = None) -> dict:
@@ -325,6 +342,17 @@ class DeviceState:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    def queued_telemetry(self, model: str) -> list[dict]:
+        """Telemetry batches (and feedback) the server could not take yet, oldest first."""
+        return list((_read_json(self._file("telemetry-queue", model)) or {}).get("items") or [])
+
+    def save_queued_telemetry(self, model: str, items: list[dict]) -> None:
+        path = self._file("telemetry-queue", model)
+        if items:
+            _write_json(path, {"items": items[-MAX_QUEUED_BATCHES:]})
+        else:
+            path.unlink(missing_ok=True)
+
     def checkpoint_path(self, model: str, task_id: str) -> Path:
         return self.folder / f"checkpoint-{model}-{task_id}.ckpt"
 
@@ -385,6 +413,8 @@ class TrainingFile:
         self.y_dtype = np.dtype(train["y"]["dtype"])
         batch = int(train["x"]["shape_signature"][0])
         self.fixed_batch = batch if batch > 0 else None  # None: the batch axis is dynamic
+        infer_batch = int(self.runners["infer"].get_input_details()["x"]["shape_signature"][0])
+        self.infer_batch = infer_batch if infer_batch > 0 else None
         self.size = int(self.runners["set_weights"].get_input_details()["weights"]["shape"][0])
 
     def train(self, x: np.ndarray, y: np.ndarray, learning_rate: float | None = None) -> float:
@@ -484,6 +514,7 @@ class RunSummary:
     bytes_down: int = 0
     bytes_up: int = 0
     retries: int = 0
+    telemetry: TelemetryReport | None = None  # with telemetry on
 
     @property
     def contributed(self) -> int:
@@ -495,6 +526,132 @@ class RunSummary:
         return out
 
 
+@dataclass
+class TelemetryReport:
+    """What the device's telemetry did in a run (the `--json` summary's `telemetry`)."""
+
+    predictions: int = 0       # predictions counted
+    batches: int = 0           # batches the server accepted
+    queued: int = 0            # batches waiting in the state folder for a later flush
+    refused: int = 0           # batches the server refused (4xx other than 429: never sent again)
+    bytes_up: int = 0
+    windows: list[str] = field(default_factory=list)
+    detail: str | None = None  # the last refusal or failure
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DeviceTelemetry:
+    """Counts of this device's predictions per version, on the version's grid (the manifest's
+    ``monitoring``), posted as telemetry batches. ``registry.profile.observe`` computes the
+    feature and prediction histograms, so the numbers are the server's own."""
+
+    def __init__(self, http: ProtocolClient, state: DeviceState, model: str, *, client_id: str | None = None,
+                 every: int = TELEMETRY_EVERY):
+        if not 1 <= int(every) <= MAX_BATCH_PREDICTIONS:
+            raise InvalidInput(f"--telemetry-every must be 1..{MAX_BATCH_PREDICTIONS}, got {every}")
+        self.http = http
+        self.state = state
+        self.model = model
+        self.client_id = client_id
+        self.every = int(every)
+        self.pending: dict[int, dict] = {}   # version → the batch being counted
+        self.report = TelemetryReport()
+
+    @staticmethod
+    def counts(manifest: dict) -> bool:
+        grid = manifest.get("monitoring")
+        return isinstance(grid, dict) and bool(grid.get("prediction")) and bool(grid.get("latency_ms_edges"))
+
+    def _batch(self, manifest: dict) -> dict:
+        version = int(manifest["version"])
+        if version not in self.pending:
+            grid = manifest["monitoring"]
+            self.pending[version] = {
+                "grid": grid, "input": manifest.get("input") or {},
+                "url": grid.get("telemetry_url") or f"/v1/models/{quote(self.model, safe='')}/telemetry",
+                "body": {"version": version, "predictions": 0, "errors": 0,
+                         "latency_ms": [0] * (len(grid["latency_ms_edges"]) - 1), "features": None, "prediction": None,
+                         "recent": []},
+            }
+        return self.pending[version]
+
+    def record(self, manifest: dict, x: np.ndarray, outputs: np.ndarray, latency_ms: np.ndarray,
+               ids: list[str] | None = None) -> None:
+        """A batch of predictions of `manifest`'s version: inputs (model inputs), outputs,
+        per-prediction latency; flushes the version when it reaches `every`."""
+        from registry.profile import bin_counts, observe
+
+        if not self.counts(manifest) or len(x) == 0:
+            return
+        outputs = np.asarray(outputs, dtype=np.float64).reshape(len(x), -1)
+        start = 0
+        while start < len(x):
+            batch = self._batch(manifest)
+            body, grid = batch["body"], batch["grid"]
+            take = min(len(x) - start, self.every - body["predictions"])
+            part = slice(start, start + take)
+            seen = observe(x[part], outputs[part], grid, batch["input"])
+            for key in ("features", "prediction"):
+                body[key] = seen[key] if body[key] is None else {
+                    name: [a + b for a, b in zip(body[key][name], seen[key][name])] for name in seen[key]}
+            body["predictions"] += take
+            # a prediction that is not finite, or a feature that is not, is an error (not binned)
+            finite = np.isfinite(outputs[part]).all(axis=1)
+            body["errors"] += int((~finite).sum())
+            body["latency_ms"] = [a + b for a, b in zip(body["latency_ms"],
+                                                         bin_counts(latency_ms[part], grid["latency_ms_edges"]).tolist())]
+            if ids is not None:
+                labels = (grid["prediction"].get("labels") or [])
+                for i in range(part.start, part.stop):
+                    row = outputs[i]
+                    if not np.isfinite(row).all():
+                        continue
+                    if grid["prediction"].get("task") == "regression":
+                        entry = {"id": ids[i], "prediction": float(row[0])}
+                    else:
+                        k = int(row.argmax())
+                        entry = {"id": ids[i], "prediction": str(labels[k]), "confidence": round(float(row[k]), 4)}
+                    body["recent"] = [*body["recent"], entry][-MAX_RECENT:]
+            self.report.predictions += take
+            start += take
+            if body["predictions"] >= self.every:
+                self.flush(int(manifest["version"]))
+
+    def flush(self, version: int | None = None) -> None:
+        """Sends the queue, then the pending batch of `version` (None: every version)."""
+        versions = list(self.pending) if version is None else [version]
+        items = self.state.queued_telemetry(self.model)
+        for v in versions:
+            batch = self.pending.pop(v, None)
+            if batch and batch["body"]["predictions"]:
+                body = dict(batch["body"])
+                if not body["recent"]:
+                    del body["recent"]
+                if self.client_id:
+                    body["client_id"] = self.client_id[:64]
+                items.append({"url": batch["url"], "body": body})
+        left: list[dict] = []
+        for i, item in enumerate(items):
+            try:
+                answer = self.http.post_json(item["url"], item["body"])
+            except Refused as refusal:
+                self.report.refused += 1
+                self.report.detail = f"telemetry refused: {refusal}"
+                continue
+            except ServerUnavailable as exc:
+                self.report.detail = f"telemetry not sent yet: {exc}"
+                left = items[i:]
+                break
+            self.report.batches += 1
+            self.report.bytes_up += len(json.dumps(item["body"]))
+            if answer.get("window"):
+                self.report.windows.append(answer["window"])
+        self.report.queued = len(left)
+        self.state.save_queued_telemetry(self.model, left)
+
+
 class DeviceClient:
     """One device: its data, its state folder, its interpreter. `run()` contributes to up to
     `rounds` tasks; `on_event(kind, info)` hears each step (the CLI prints them)."""
@@ -503,7 +660,8 @@ class DeviceClient:
                  target: str | None = None, enrol_token: str | None = None, kind: str = "device",
                  poll: float = 10.0, seed: int | None = None,
                  cache: Path | None = None, retries: int = 6, http: ProtocolClient | None = None,
-                 on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+                 on_event: Callable[[str, dict], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+                 telemetry: bool = False, telemetry_every: int = TELEMETRY_EVERY):
         self.http = http or ProtocolClient(server, model, retries=retries, sleep=sleep)
         self.server = self.http.server
         self.model = model
@@ -525,6 +683,10 @@ class DeviceClient:
         self._reenrolled = False
         self.identity: dict | None = None
         self.summary = RunSummary(self.server, model, kind=kind)
+        # opt-in: nothing is counted or sent without it
+        self.telemetry = DeviceTelemetry(self.http, self.state, model, every=telemetry_every) if telemetry else None
+        if self.telemetry is not None:
+            self.summary.telemetry = self.telemetry.report
 
     # ------------------------------------------------------------------ steps
 
@@ -595,6 +757,8 @@ class DeviceClient:
             self.check_data(None)
             if self.identity is None:
                 self.enrol()
+            if self.telemetry is not None:
+                self.telemetry.client_id = "dev-" + hashlib.sha256(self.identity["device_id"].encode()).hexdigest()[:24]
             idle_since = time.monotonic()
             before = self.summary.contributed  # a simulator may call run() once per round
             while rounds <= 0 or self.summary.contributed - before < rounds:
@@ -615,6 +779,8 @@ class DeviceClient:
             else:
                 self.summary.stopped = f"{self.summary.contributed - before} task(s) done"
         finally:
+            if self.telemetry is not None:
+                self.telemetry.flush()  # what this run counted goes now (or waits in the state folder)
             traffic = asdict(self.http.traffic)
             self.summary.bytes_down += traffic["down"] - started_traffic["down"]
             self.summary.bytes_up += traffic["up"] - started_traffic["up"]
@@ -695,6 +861,10 @@ class DeviceClient:
         clock = time.perf_counter()
         trainer.restore(self._fresh[sha])  # a fresh optimizer for every task
         trainer.set_weights(base)
+        if self.telemetry is not None:
+            # what the round's model predicts on this device's inputs: the field's view of it
+            outputs, latency = self._infer(trainer, data.x)
+            self.telemetry.record(self._manifest(report.base_version), data.x, outputs, latency)
         for epoch in range(epochs):
             losses = [trainer.train(data.x[idx], data.y[idx], learning_rate)
                       for idx in batches(len(data), batch_size, fixed=trainer.fixed_batch is not None, rng=self.rng)]
@@ -726,6 +896,58 @@ class DeviceClient:
         report.accepted = answer.get("accepted")
         report.norm = answer.get("norm")
         report.clipped = answer.get("clipped")
+
+    # ------------------------------------------------------------------ predictions, telemetry
+
+    @staticmethod
+    def _infer(trainer: TrainingFile, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The infer signature over x in batches: (outputs, per-prediction milliseconds)."""
+        size = trainer.infer_batch or INFER_BATCH
+        outputs, latency = [], []
+        for start in range(0, len(x), size):
+            chunk = x[start:start + size]
+            n = len(chunk)
+            if trainer.infer_batch and n < size:  # a fixed batch axis: fill it up, keep the first n
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - n, axis=0)])
+            clock = time.perf_counter()
+            out = np.asarray(trainer.infer(chunk))
+            ms = (time.perf_counter() - clock) * 1000.0
+            outputs.append(out.reshape(len(chunk), -1)[:n])
+            latency.extend([ms / n] * n)
+        if not outputs:
+            return np.zeros((0, 1)), np.zeros(0)
+        return np.concatenate(outputs), np.asarray(latency, dtype=np.float64)
+
+    def predict(self, x: np.ndarray, *, version: int | None = None) -> dict:
+        """The outputs of `version` (None: the one the model's channel serves) on model inputs `x`
+        (a batch in the input spec), run by its tflite-train file's infer signature, as an app
+        predicts. Counted in telemetry when it is on. {"version", "outputs", "ids", "latency_ms"}:
+        `ids` are random, one per prediction, for feedback()."""
+        manifest = self._manifest(version)
+        trainer, sha = self._training_file(version, TaskReport("predict", 0, manifest["version"]))
+        trainer.restore(self._fresh[sha])  # the version's own weights (a task may have trained this interpreter)
+        x = np.asarray(x)
+        outputs, latency = self._infer(trainer, x)
+        ids = [uuid.uuid4().hex for _ in range(len(x))]
+        if self.telemetry is not None:
+            self.telemetry.record(manifest, x, outputs, latency, ids)
+        return {"version": int(manifest["version"]), "outputs": outputs, "ids": ids, "latency_ms": latency}
+
+    def feedback(self, label: str | float, *, prediction_id: str | None = None, version: int | None = None,
+                 prediction: str | float | None = None) -> dict:
+        """What the answer really was (docs/monitoring.md section 3): for an id predict() gave
+        (its batch is flushed first, so the server knows it), or for (version, prediction).
+        Needs telemetry on."""
+        if self.telemetry is None:
+            raise DeviceError("feedback is sent only with telemetry on (--telemetry)")
+        if prediction_id is not None:
+            self.telemetry.flush()
+            body: dict = {"prediction_id": prediction_id, "label": label}
+        elif version is not None and prediction is not None:
+            body = {"version": int(version), "prediction": prediction, "label": label}
+        else:
+            raise InvalidInput("feedback needs a prediction_id, or a version and its prediction")
+        return self.http.post_json(f"/v1/models/{quote(self.model, safe='')}/feedback", body)
 
     # ------------------------------------------------------------------ files
 
@@ -778,7 +1000,11 @@ class DeviceClient:
         return self._files[sha], sha
 
     def close(self) -> None:
-        """Drop the interpreters (a simulator closes each device it is done with)."""
+        """Send what telemetry is left and drop the interpreters (a simulator closes each device
+        it is done with)."""
+        if self.telemetry is not None and self.telemetry.pending:
+            with contextlib.suppress(PollinateError):
+                self.telemetry.flush()
         self._files.clear()
         self._fresh.clear()
 

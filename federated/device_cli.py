@@ -37,6 +37,8 @@ def device(
     kind: Annotated[str, typer.Option("--kind", help="What this device says it is: phone | device | browser | simulated.")] = "device",
     retries: Annotated[int, typer.Option("--retries", help="Retries (exponential backoff from 0.5 s) when the server does not answer or answers 5xx.")] = 6,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for the local shuffles (default: random).")] = None,
+    telemetry: Annotated[bool, typer.Option("--telemetry", help="Send field telemetry (docs/monitoring.md): counts of what the round's model predicts on the local data, on the version's fixed bins; never an input. Off unless given.")] = False,
+    telemetry_every: Annotated[int, typer.Option("--telemetry-every", help="Predictions per telemetry batch (a run's remainder goes when it ends).")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Train on local data with the model's tflite-train file and send updates to the open edge round."""
@@ -53,7 +55,7 @@ def device(
         raise InvalidInput("--wait must be 0 seconds or more")
     console = human_console(as_json)
     client = DeviceClient(server, model, data, state, target=target, enrol_token=enrol_token, kind=kind, poll=poll, seed=seed, retries=retries,
-                          on_event=_printer(console))
+                          on_event=_printer(console), telemetry=telemetry, telemetry_every=telemetry_every)
     try:
         summary = client.run(rounds=rounds, wait=wait)
     except ServerUnavailable as exc:
@@ -66,6 +68,11 @@ def device(
         return
     console.print(f"Device {summary.device_id[:12]}: {summary.contributed} update(s) accepted; "
                   f"{_kb(summary.bytes_down)} down, {_kb(summary.bytes_up)} up; stopped: {summary.stopped}.")
+    if summary.telemetry is not None:
+        t = summary.telemetry
+        console.print(f"Telemetry: {t.predictions} prediction(s) counted, {t.batches} batch(es) sent ({_kb(t.bytes_up)})"
+                      + (f", {t.queued} waiting for the next run" if t.queued else "")
+                      + (f", {t.refused} refused" if t.refused else "") + (f" ({t.detail})" if t.detail else "") + ".")
 
 
 def _printer(console):

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +145,144 @@ def test_javascript_histograms_match_the_python_reference():
         assert body["features"] == want["features"]
         assert body["prediction"] == want["prediction"]
         assert sum(body["latency_ms"]) == len(x)
+
+
+# ----------------------------------------------------------------------------- the device client
+
+DEVICE_MODEL = "fielddigits"
+DEVICE_SPEC = {"shape": [8, 8, 1], "dtype": "float32",
+               "preprocessing": {"kind": "image", "layout": "HWC", "scale": 1 / 16, "offset": 0.0}}
+DEVICE_EXAMPLES = 120
+
+
+@pytest.fixture(scope="module")
+def device_world(tmp_path_factory):
+    """A store with a small digits model that has a tflite-train file and a profile (its grid in
+    the manifest), the device's data as .npz, and `pollinate serve` on it."""
+    from core.tensorflow import import_tensorflow
+    from export.ondevice import flatten_weights, write_training_tflite
+    from registry import Lineage, Store
+    from registry.profile import PROFILE_FILE, PROFILE_FORMAT, build_profile
+    from tests.server_helpers.live import LiveServer
+
+    import_tensorflow()
+    import keras
+
+    root = tmp_path_factory.mktemp("device-telemetry")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x, y = (bunch.images.astype(np.float32) / 16.0)[..., None], bunch.target.astype(np.int64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(x[:600], y[:600], epochs=3, batch_size=32, verbose=0)
+    train_file = write_training_tflite(model, root / "build" / "train.tflite", task="classification")
+    labels = [str(d) for d in range(10)]
+    profile = build_profile(x[:600], model.predict(x[:600], verbose=0), DEVICE_SPEC, labels, "classification")
+    profile_file = root / "build" / PROFILE_FILE
+    profile_file.write_text(json.dumps(profile))
+    home = root / "store"
+    record = Store(home).publish(DEVICE_MODEL, lineage=Lineage("central"),
+                                 artifacts={"tflite-train": {"train.tflite": train_file}, PROFILE_FORMAT: {PROFILE_FILE: profile_file}},
+                                 metrics={"accuracy": 0.8}, input_spec=DEVICE_SPEC, labels=labels)
+    device_x, device_y = x[1000:1000 + DEVICE_EXAMPLES], y[1000:1000 + DEVICE_EXAMPLES]
+    data = root / "device.npz"
+    np.savez(data, x=device_x, y=device_y)
+    server = LiveServer(home, log=root / "serve.log").start()
+    try:
+        yield {"root": root, "home": home, "version": record.version, "data": data, "x": device_x, "y": device_y,
+               "weights": model.get_weights(), "base": flatten_weights(model.get_weights()), "server": server,
+               "profile": profile}
+    finally:
+        server.stop()
+
+
+def _report(world) -> dict:
+    import httpx
+
+    answer = httpx.get(f"{world['server'].url}/v1/models/{DEVICE_MODEL}/monitor", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["report"]["versions"].get(str(world["version"])) or {"predictions": 0, "feedback": 0}
+
+
+def test_device_cli_with_telemetry_posts_the_counts_of_its_predictions(device_world, tmp_path):
+    """`pollinate federate device --telemetry`: before training, the round's model predicts the
+    device's 120 examples; they go as batches of 50, 50 and 20 and the server holds exactly
+    them, on the version's grid (the same counts registry.profile.observe gives)."""
+    import time
+
+    from registry import Store
+    from registry.edge import EdgeStore, weights_spec
+
+    world = device_world
+    before = _report(world)["predictions"]
+    EdgeStore(Store(world["home"])).open_task(
+        DEVICE_MODEL, federation="fed-t", round=1, gateway="gw-t", base_version=world["version"],
+        config={"epochs": 1, "batch_size": 32, "learning_rate": 0.001}, weights=weights_spec(world["weights"]),
+        base=world["base"], deadline=time.time() + 600, min_updates=50, norm_bound=float(np.linalg.norm(world["base"])))
+    command = [sys.executable, "-m", "federated.device_cli", "--server", world["server"].url, "--model", DEVICE_MODEL,
+               "--data", str(world["data"]), "--state", str(tmp_path / "phone"), "--telemetry", "--telemetry-every", "50",
+               "--wait", "5", "--poll", "0.2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["contributed"] == 1
+    assert summary["telemetry"]["predictions"] == DEVICE_EXAMPLES
+    assert summary["telemetry"]["batches"] == 3, summary["telemetry"]
+    assert summary["telemetry"]["queued"] == 0 and summary["telemetry"]["refused"] == 0
+    assert _report(world)["predictions"] == before + DEVICE_EXAMPLES
+
+    # without --telemetry nothing is counted
+    EdgeStore(Store(world["home"])).open_task(
+        DEVICE_MODEL, federation="fed-t", round=2, gateway="gw-t", base_version=world["version"],
+        config={"epochs": 1, "batch_size": 32, "learning_rate": 0.001}, weights=weights_spec(world["weights"]),
+        base=world["base"], deadline=time.time() + 600, min_updates=50, norm_bound=float(np.linalg.norm(world["base"])))
+    quiet = subprocess.run([c for c in command if c not in ("--telemetry", "--telemetry-every", "50")],
+                           capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert json.loads(quiet.stdout)["telemetry"] is None
+    assert _report(world)["predictions"] == before + DEVICE_EXAMPLES
+
+
+def test_device_predict_feedback_and_the_offline_queue(device_world, tmp_path):
+    """DeviceClient.predict() counts its predictions; feedback names one by id; batches the
+    server cannot take wait in the state folder and go with the next flush."""
+    from federated.device import DeviceClient, DeviceState, DeviceTelemetry, ProtocolClient
+    from registry.profile import observe
+
+    world = device_world
+    state = tmp_path / "app"
+    before = _report(world)
+    device = DeviceClient(world["server"].url, DEVICE_MODEL, world["data"], state, telemetry=True, telemetry_every=1000)
+    try:
+        answer = device.predict(world["x"][:30])
+        assert answer["outputs"].shape == (30, 10) and len(set(answer["ids"])) == 30
+        pending = device.telemetry.pending[world["version"]]["body"]
+        want = observe(world["x"][:30], answer["outputs"], world["profile"], DEVICE_SPEC)
+        assert pending["features"] == want["features"] and pending["prediction"] == want["prediction"]
+        label = str(int(world["y"][0]))
+        fed = device.feedback(label, prediction_id=answer["ids"][0])  # flushes the batch first: the id is known
+        assert fed["accepted"] is True
+    finally:
+        device.close()
+    after = _report(world)
+    assert after["predictions"] == before["predictions"] + 30
+    assert after["feedback"] == before["feedback"] + 1
+
+    # the server is unreachable: the batch waits in the state folder
+    dead = ProtocolClient("http://127.0.0.1:9", DEVICE_MODEL, retries=0, timeout=2)
+    offline = DeviceTelemetry(dead, DeviceState(state), DEVICE_MODEL)
+    manifest = device._manifest(None)
+    offline.record(manifest, world["x"][:7], answer["outputs"][:7], np.ones(7))
+    offline.flush()
+    assert offline.report.queued == 1 and offline.report.batches == 0
+    assert len(DeviceState(state).queued_telemetry(DEVICE_MODEL)) == 1
+    # back online: the next flush sends it (once)
+    online = DeviceTelemetry(ProtocolClient(world["server"].url, DEVICE_MODEL), DeviceState(state), DEVICE_MODEL)
+    online.flush()
+    assert online.report.batches == 1 and online.report.queued == 0
+    assert DeviceState(state).queued_telemetry(DEVICE_MODEL) == []
+    assert _report(world)["predictions"] == after["predictions"] + 7

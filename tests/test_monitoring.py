@@ -529,3 +529,30 @@ def test_monitor_cli_report_configure_guardrail_shadow_history(tmp_path, digits,
     assert "guardrail field_accuracy" in run_cli("models", "history", "digits", home=home, check=True).stdout
     assert cli_json("models", "shadow", "digits", "--clear", home=home)["shadow_version"] is None
     assert run_cli("monitor", "nope", home=home).returncode == 2
+
+
+def test_training_attaches_a_profile_and_models_profile_adds_one(tmp_path):
+    """Central training publishes `profile` with the version; `models profile NAME@V` rebuilds
+    the training data from the lineage and attaches the same profile to a version without one."""
+    from registry import Lineage, Store
+    from tests.conftest import cli_json, run_cli
+
+    home = tmp_path / "home"
+    cli_json("train", "--dataset", "digits", "--epochs", "1", "--no-export", home=home)
+    store = Store(home)
+    v1 = store.get_version("digits", 1)
+    assert [f.name for f in v1.artifacts["profile"]] == ["profile.json"]
+    profile = json.loads(store.artifact_path("digits", 1, "profile", "profile.json").read_text())
+    rows = len(__import__("training.datasets", fromlist=["x"]).load_dataset("digits").x_train)
+    assert profile["kind"] == "image" and profile["reference"]["rows"] == rows
+    assert sum(profile["reference"]["prediction"]["classes"]) == rows
+
+    keras_file = store.artifact_path("digits", 1, "keras", "model.keras")
+    store.publish("digits", lineage=Lineage(**v1.lineage.to_dict()), artifacts={"keras": {"model.keras": keras_file}},
+                  input_spec=v1.input_spec, labels=v1.labels)
+    attached = cli_json("models", "profile", "digits@2", home=home)
+    assert attached["version"] == 2 and attached["profile"][0]["name"] == "profile.json"
+    again = json.loads(store.artifact_path("digits", 2, "profile", "profile.json").read_text())
+    assert again["features"] == profile["features"] and again["reference"]["features"] == profile["reference"]["features"]
+    refused = run_cli("models", "profile", "digits@2", home=home)
+    assert refused.returncode == 2 and "already has a profile" in refused.stderr

@@ -12,25 +12,42 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 
 _imported = None
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: int | None = None
+
+
 @contextlib.contextmanager
 def quiet_stderr():
-    """Point file descriptor 2 at /dev/null for the block (C++ logging bypasses Python)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    """Point file descriptor 2 at /dev/null for the block (C++ logging bypasses Python).
+
+    Threads share the descriptor, so the blocks nest process-wide: the first to enter saves
+    the real stderr, the last to leave puts it back. (Each block saving and restoring on its
+    own lost stderr for good when two threads interleaved: the second saved /dev/null.)"""
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            _quiet_saved = saved
+        _quiet_depth += 1
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
+        yield
     finally:
-        os.close(saved)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                sys.stderr.flush()
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+                _quiet_saved = None
 
 
 def quiet_keras_warnings() -> None:

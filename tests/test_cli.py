@@ -140,3 +140,36 @@ def test_models_show_says_who_contributed_to_a_federated_round(tmp_path):
     assert "3 Flower client(s), 420 examples" in line
     assert "7 edge update(s) from 6 device(s), 210 examples, via 1 gateway(s)" in line
     assert "2 own-data node(s), 150 examples" in line and "1 rejected" in line
+
+
+def test_quiet_stderr_from_interleaved_threads_gives_stderr_back():
+    """Device threads create TFLite interpreters (quietly) while the main thread prints
+    progress: one thread entering while another is inside must not leave fd 2 at /dev/null."""
+    import os
+    import threading
+
+    from core.tensorflow import quiet_stderr
+
+    before = os.fstat(2)
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with quiet_stderr():
+            a_inside.set()
+            b_inside.wait(5)
+        a_left.set()
+
+    def b():
+        a_inside.wait(5)
+        with quiet_stderr():
+            b_inside.set()
+            a_left.wait(5)
+            assert os.fstat(2).st_ino != before.st_ino  # still quiet: b is inside
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

@@ -286,3 +286,120 @@ def test_device_predict_feedback_and_the_offline_queue(device_world, tmp_path):
     assert online.report.batches == 1 and online.report.queued == 0
     assert DeviceState(state).queued_telemetry(DEVICE_MODEL) == []
     assert _report(world)["predictions"] == after["predictions"] + 7
+
+
+# ----------------------------------------------------------------------------- real chromium
+
+def _browser_missing() -> list[str]:
+    from tests.web_helpers.browser import missing_requirements
+
+    return missing_requirements()
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """digits v1 trained, exported and profiled by `pollinate train`, and `pollinate serve` on it."""
+    from tests.conftest import cli_json
+    from tests.server_helpers.live import LiveServer
+
+    home = tmp_path_factory.mktemp("telemetry-browser") / "store"
+    cli_json("train", "--dataset", "digits", "--epochs", "3", "--seed", "0", home=home)
+    logs = tmp_path_factory.mktemp("telemetry-browser-logs")
+    with LiveServer(home, log=logs / "serve.log") as live:
+        yield {"home": home, "server": live}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_browser_missing()), reason="; ".join(_browser_missing()) or "ok")
+def test_digits_drawn_in_chromium_appear_in_the_served_versions_telemetry(digits_store, tmp_path):
+    """Off by default (drawings before the switch send nothing); on: every prediction is
+    counted, a saved correction goes as feedback naming the prediction's id (its batch first),
+    and leaving the page sends the rest by navigator.sendBeacon. The server's report holds
+    exactly the predictions made with the switch on, the feedback, and no pixel anywhere."""
+    import httpx
+
+    from tests.web_helpers.browser import chromium_context
+    from training.datasets.digits import load_digits
+
+    server = digits_store["server"]
+    data = load_digits()
+    digits = [{"label": str(int(y)), "pixels": np.rint(x[..., 0] * 16).astype(int).reshape(-1).tolist()}
+              for x, y in zip(data.x_test[:12], data.y_test[:12])]
+
+    def report() -> dict:
+        answer = httpx.get(f"{server.url}/v1/models/digits/monitor", timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["report"]["versions"].get("1") or {"predictions": 0, "feedback": 0}
+
+    def draw(page, digit) -> dict:
+        page.evaluate("window.pollinate.clear()")
+        page.evaluate("values => window.pollinate.drawPixels(values)", digit["pixels"])
+        page.get_by_test_id("predict-button").click()
+        page.wait_for_function("window.pollinate.lastResult !== null")
+        return page.evaluate("({id: window.pollinate.lastResult.id, label: window.pollinate.lastResult.label})")
+
+    sent: list[dict] = []
+    with chromium_context(tmp_path / "profile") as (context, messages):
+        page = context.new_page()
+        page.on("request", lambda r: sent.append({"url": r.url, "body": r.post_data}) if r.method == "POST" else None)
+        page.goto(f"{server.url}/web_client/?poll=0&contribute=0&sw=0")
+        page.wait_for_function("window.pollinate !== undefined")
+        assert page.evaluate("window.pollinate.ready")["version"] == 1
+        switch = page.get_by_test_id("telemetry-optin")
+        page.wait_for_function("!document.querySelector('[data-testid=telemetry-optin]').disabled")
+        assert not switch.is_checked(), "off by default"
+        for digit in digits[:3]:
+            draw(page, digit)
+        assert not [s for s in sent if "/telemetry" in s["url"] or "/feedback" in s["url"]], "nothing before the switch"
+
+        switch.check()
+        page.wait_for_function("window.pollinate.telemetry.on === true")
+        assert page.get_by_test_id("telemetry-status").get_attribute("data-state") == "on"
+        first = [draw(page, digit) for digit in digits[3:8]]
+        # the user says what the last one really was: its batch goes, then the feedback naming its id
+        truth = digits[7]["label"]
+        page.get_by_test_id("correction").select_option(truth)
+        page.get_by_test_id("correction-save").click()
+        page.wait_for_function("document.querySelector('[data-testid=telemetry-status]').dataset.feedback !== undefined")
+        line = page.get_by_test_id("telemetry-status")
+        assert line.get_attribute("data-feedback") == "sent", line.text_content()
+        assert line.get_attribute("data-feedback-for") == first[-1]["id"]
+        after_feedback = report()
+        assert after_feedback["predictions"] == 5 and after_feedback["feedback"] == 1, after_feedback
+        assert after_feedback["field_accuracy"]["n"] == 1
+        assert after_feedback["field_accuracy"]["value"] == (1.0 if first[-1]["label"] == truth else 0.0)
+
+        # a freehand stroke counts like any drawing
+        canvas = page.get_by_test_id("draw-canvas")
+        page.evaluate("window.pollinate.clear()")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.15)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.52, box["y"] + box["height"] * 0.85, steps=12)
+        page.mouse.up()
+        page.wait_for_function("window.pollinate.lastResult !== null")
+        for digit in digits[8:12]:
+            draw(page, digit)
+        assert page.evaluate("window.pollinate.telemetry.stats.pending") == 5
+        # leaving the page: the rest goes by sendBeacon on pagehide
+        page.goto("about:blank")
+        for _ in range(100):
+            if report()["predictions"] >= 10:
+                break
+            page.wait_for_timeout(100)
+        assert not [m for m in messages if m.startswith("pageerror")], messages
+
+    final = report()
+    assert final["predictions"] == 10, final
+    assert final["feedback"] == 1
+    assert set(final["drift"]) >= {"ink_mass", "centroid_x", "rows_0", "prediction"}
+
+    # no pixel left the browser: every telemetry body is counts, ids and labels only
+    bodies = [json.loads(s["body"]) for s in sent if "/telemetry" in s["url"] and s["body"]]
+    assert bodies, "the batch before the feedback is seen by the page's request log"
+    for body in bodies:
+        assert set(body) <= {"version", "client_id", "predictions", "errors", "latency_ms", "features", "prediction",
+                             "shadow", "recent"}
+        for counts in [body["latency_ms"], *body["features"].values(), *body["prediction"].values()]:
+            assert all(isinstance(c, int) and c >= 0 for c in counts)

@@ -219,6 +219,7 @@ def test_a_flood_gets_429_and_leaves_the_aggregates_intact(served):
     body = batch(served["home"], v1, 200, 10, client_id="flooder")
     before = version_numbers(served, v1).get("predictions", 0)
     statuses, retry = [], []
+    started = time.monotonic()
     with httpx.Client(timeout=30) as client:
         for _ in range(RATE + 20):
             answer = client.post(f"{served['url']}/v1/models/digits/telemetry", json=body)
@@ -226,9 +227,10 @@ def test_a_flood_gets_429_and_leaves_the_aggregates_intact(served):
             if answer.status_code == 429:
                 retry.append(int(answer.headers["Retry-After"]))
                 assert "retry" in answer.json()["detail"]
+    refilled = (time.monotonic() - started) * RATE / 60
     accepted = statuses.count(202)
     assert set(statuses) == {202, 429}
-    assert RATE <= accepted <= RATE + 2  # a minute's burst, and what refilled while sending
+    assert RATE <= accepted <= RATE + 1 + refilled  # a minute's burst, and what refilled while sending
     assert min(retry) >= 1
     assert version_numbers(served, v1)["predictions"] == before + 10 * accepted
     # another client is not held back by the flooder

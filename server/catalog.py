@@ -31,7 +31,7 @@ from registry import ArtifactFile, ChannelState, NotFound, Store, VersionRecord
 from registry.channels import choose
 from registry.outcome import export_outcome
 from server.blobs import Blob
-from server.manifest import RenderedManifest, build_manifest
+from server.manifest import RenderedManifest, build_manifest, read_grid
 
 # Artifact lookups are cached for good (attached files never change); this bounds memory.
 MAX_CACHED_FILES = 100_000
@@ -173,7 +173,11 @@ class Catalog:
         key = (record.model, record.version, channel, cohort)
         rendered = snap.rendered.get(key)
         if rendered is None:
-            rendered = RenderedManifest.of(build_manifest(record, channel, cohort, export_outcome=self._outcome(record)))
+            info = (snap.models or {}).get(record.model)
+            state = info.channels.get(channel) if info is not None and channel is not None else None
+            rendered = RenderedManifest.of(build_manifest(
+                record, channel, cohort, export_outcome=self._outcome(record),
+                monitoring=read_grid(self.store, record), shadow_version=getattr(state, "shadow_version", None)))
             # Unset channels are named by the client, so the cache must not grow with them.
             if len(snap.rendered) < MAX_RENDERED:
                 snap.rendered[key] = rendered

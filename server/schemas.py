@@ -149,6 +149,12 @@ class ManifestOut(BaseModel):
     metrics: dict[str, Any]
     artifacts: dict[str, ManifestFormatOut] = Field(description="Keyed by format, e.g. tfjs-layers, tflite-int8.")
     export: ExportOut
+    monitoring: dict[str, Any] | None = Field(
+        None, description="The telemetry grid (features with their bins, prediction bins, latency bins) and the"
+        " telemetry and feedback URLs, when the version has a reference profile (docs/monitoring.md).")
+    shadow: dict[str, Any] | None = Field(
+        None, description="The channel's shadow version: {version, manifest}; clients run it silently and report"
+        " agreement in telemetry, never show its outputs.")
 
 
 # --------------------------------------------------------------------------- device protocol

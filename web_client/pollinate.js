@@ -138,10 +138,12 @@ export class PollinateClient {
    * @param {string[]} [options.formats]  TF.js formats in order of preference (default tfjs-layers, tfjs-graph)
    * @param {string} [options.preferQuantized] 'float16' or 'uint8': take that weight-quantized format first when offered
    * @param {string} [options.enrolToken] bearer token the server asks for on device enrolment (POLLINATE_ENROL_TOKEN), if any
-   * @param {{enabled?: boolean, flushEvery?: number}} [options.telemetry] field telemetry (docs/monitoring.md):
+   * @param {{enabled?: boolean, flushEvery?: number, recentIds?: 'feedback'|'all'}} [options.telemetry] field telemetry (docs/monitoring.md):
    *   enabled true/false decides here (the app asked the user itself); left out, the choice the
    *   user made with optInTelemetry() (kept in storage) decides, and nothing is sent before it.
-   *   flushEvery: predictions per version and batch (default 100).
+   *   flushEvery: predictions per version and batch (default 100); recentIds: 'feedback' (default:
+   *   a batch lists only the prediction ids feedback() names) or 'all' (every id, for labels that
+   *   reach the server another way).
    */
   constructor({
     serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
@@ -189,6 +191,7 @@ export class PollinateClient {
     this.protocol = new DeviceProtocol({ request: (...args) => this.request(...args), serverUrl: this.serverUrl, model, enrolToken });
     this.telemetry = new Telemetry({
       serverUrl: this.serverUrl, model, clientId, cache, fetch, timeoutMs, flushEvery: telemetry?.flushEvery ?? undefined,
+      recentIds: telemetry?.recentIds ?? undefined,
       onError: error => this.emit('telemetry-error', error),
     });
     this.telemetryChoice = typeof telemetry?.enabled === 'boolean' ? telemetry.enabled : null;

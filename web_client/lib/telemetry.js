@@ -276,8 +276,8 @@ export class VersionAggregate {
     return this.predictions === 0 && !this.shadow;
   }
 
-  /** The telemetry batch (JSON-ready). */
-  body(clientId = null) {
+  /** The telemetry batch (JSON-ready); `ids` (a Set): only those predictions in `recent` (null: all). */
+  body(clientId = null, ids = null) {
     const out = { version: this.version };
     if (clientId) out.client_id = String(clientId).slice(0, 64);
     Object.assign(out, {
@@ -288,7 +288,8 @@ export class VersionAggregate {
       prediction: this.prediction,
     });
     if (this.shadow && this.shadow.compared <= this.predictions) out.shadow = this.shadow;
-    if (this.recent.length) out.recent = this.recent;
+    const recent = ids ? this.recent.filter(r => ids.has(r.id)) : this.recent;
+    if (recent.length) out.recent = recent;
     return out;
   }
 }
@@ -348,10 +349,14 @@ export class Telemetry {
    * @param {object} options.cache       cache adapter (the offline queue lives there)
    * @param {typeof fetch} options.fetch
    * @param {number} [options.flushEvery] predictions per version before a flush (default 100)
+   * @param {'feedback'|'all'} [options.recentIds] which prediction ids a batch lists in `recent`:
+   *   'feedback' (default) only those feedback() names (the batch goes before the feedback);
+   *   'all' every one, for labels that reach the server another way (about 12× the bytes)
    * @param {number} [options.timeoutMs]
    * @param {(error: Error) => void} [options.onError]
    */
-  constructor({ serverUrl, model, clientId = null, cache, fetch, flushEvery = DEFAULT_FLUSH_EVERY, timeoutMs = 30_000, onError = null }) {
+  constructor({ serverUrl, model, clientId = null, cache, fetch, flushEvery = DEFAULT_FLUSH_EVERY, recentIds = 'feedback', timeoutMs = 30_000, onError = null }) {
+    if (!['feedback', 'all'].includes(recentIds)) throw new PollinateError('config', `telemetry.recentIds must be 'feedback' or 'all', got ${JSON.stringify(recentIds)}`);
     if (!(Number.isInteger(flushEvery) && flushEvery >= 1 && flushEvery <= MAX_BATCH_PREDICTIONS)) {
       throw new PollinateError('config', `telemetry.flushEvery must be an integer in 1..${MAX_BATCH_PREDICTIONS}, got ${JSON.stringify(flushEvery)}`);
     }
@@ -360,6 +365,8 @@ export class Telemetry {
     this.clientId = clientId;
     this.fetchImpl = fetch;
     this.flushEvery = flushEvery;
+    this.recentIds = recentIds;
+    this.wanted = new Set();       // ids feedback() named before their batch went
     this.timeoutMs = timeoutMs;
     this.onError = onError;
     this.enabled = false;
@@ -465,7 +472,7 @@ export class Telemetry {
     if (!this.counts(manifest)) return null;
     const aggregate = this.aggregateFor(manifest);
     const summary = aggregate.record(observation);
-    if (observation.id && summary) this.keep(observation.id, { version: manifest.version, ...summary, sent: false });
+    if (observation.id && summary) this.keep(observation.id, { version: manifest.version, ...summary, counted: false, listed: false });
     if (aggregate.predictions >= this.flushEvery) this.track(this.flushVersion(manifest.version));
     return summary;
   }
@@ -480,7 +487,7 @@ export class Telemetry {
     if (this.kept.size > KEPT_PREDICTIONS) this.kept.delete(this.kept.keys().next().value);
   }
 
-  /** What this client remembers of a prediction id: {version, prediction, confidence, sent}. */
+  /** What this client remembers of a prediction id: {version, prediction, confidence, counted, listed}. */
   prediction(id) {
     return this.kept.get(id) ?? null;
   }
@@ -522,11 +529,15 @@ export class Telemetry {
     const aggregate = this.aggregates.get(version);
     if (!aggregate || aggregate.empty) return null;
     this.aggregates.delete(version);
+    const ids = this.recentIds === 'all' ? null : new Set(this.wanted);
     for (const r of aggregate.recent) {
       const kept = this.kept.get(r.id);
-      if (kept) kept.sent = true;
+      if (!kept) continue;
+      kept.counted = true;                        // its batch left
+      kept.listed = !ids || ids.has(r.id);        // … naming it (the server can join a label to it)
+      this.wanted.delete(r.id);
     }
-    return { kind: 'telemetry', url: this.urls.get(version).telemetry, body: aggregate.body(this.clientId) };
+    return { kind: 'telemetry', url: this.urls.get(version).telemetry, body: aggregate.body(this.clientId, ids) };
   }
 
   flushVersion(version) {
@@ -653,9 +664,16 @@ export class Telemetry {
   async feedback({ predictionId = null, version = null, prediction = null, label }, manifestFor) {
     let body;
     let urlVersion = version;
-    if (predictionId != null) {
-      const kept = this.kept.get(predictionId);
-      if (kept && !kept.sent) await this.flushVersion(kept.version);
+    const kept = predictionId != null ? this.kept.get(predictionId) : null;
+    if (kept && kept.counted && !kept.listed) {
+      // its batch went without the id: the prediction itself, as this client remembers it
+      body = { version: kept.version, prediction: kept.prediction, label };
+      urlVersion = kept.version;
+    } else if (predictionId != null) {
+      if (kept && !kept.counted) {
+        this.wanted.add(predictionId);  // its batch goes first, naming it
+        await this.flushVersion(kept.version);
+      }
       body = { prediction_id: String(predictionId), label };
       urlVersion = kept?.version ?? version;
     } else {

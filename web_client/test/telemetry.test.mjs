@@ -251,6 +251,32 @@ describe('telemetry against a real server', { timeout: 600_000 }, () => {
     await assert.rejects(c.feedback({ predictionId: results[0].id, label: 'seven' }), e => e.code === 'label');
   });
 
+  test('a batch lists only the prediction ids feedback names (or every id with recentIds: all)', async () => {
+    const bodies = [];
+    const observed = async (url, init) => {
+      if (String(url).endsWith('/telemetry')) bodies.push(JSON.parse(init.body));
+      return fetch(url, init);
+    };
+    const c = client({ fetch: observed, telemetry: { enabled: true, flushEvery: 100 } });
+    await c.load();
+    const [a, b] = [await c.predict(samples[0].pixels), await c.predict(samples[1].pixels)];
+    const answer = await c.feedback({ predictionId: b.id, label: samples[1].label });
+    assert.equal(answer.sent, true, JSON.stringify(answer));
+    assert.equal(bodies.length, 1);
+    assert.deepEqual(bodies[0].recent.map(r => r.id), [b.id], 'only the id the feedback names');
+    assert.equal(bodies[0].predictions, 2);
+    // a's batch went without its id: its feedback carries the prediction as this client remembers it
+    assert.equal((await c.feedback({ predictionId: a.id, label: samples[0].label })).sent, true);
+
+    const all = client({ fetch: observed, telemetry: { enabled: true, flushEvery: 100, recentIds: 'all' } });
+    await all.load();
+    const r = [await all.predict(samples[2].pixels), await all.predict(samples[3].pixels)];
+    await all.flushTelemetry();
+    assert.deepEqual(bodies.at(-1).recent.map(x => x.id), r.map(x => x.id));
+    // the server knows both ids now: a late label joins by id alone
+    assert.equal((await all.feedback({ predictionId: r[0].id, label: samples[2].label })).sent, true);
+  });
+
   test('opting out forgets what was not sent and stops counting', async () => {
     const c = client({ telemetry: { flushEvery: 100 } });
     await c.load();

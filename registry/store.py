@@ -49,7 +49,7 @@ STALE_TMP_S = 24 * 3600
 # the migrations from its version up to this one, in one transaction (an older store is
 # upgraded in place, or left exactly as it was if anything fails); a store written by a
 # newer Pollinate is refused with a clear error, never read with the wrong schema.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -84,6 +84,23 @@ CREATE TRIGGER IF NOT EXISTS artifacts_immutable BEFORE UPDATE ON artifacts
 BEGIN SELECT RAISE(ABORT, 'artifacts are immutable'); END;
 """ + channels.SCHEMA
 
+# The tables whose rows a manifest or a listing shows. Every insert, update or delete on them
+# bumps `catalog_generation.n` in the same transaction, so the server (server/catalog.py)
+# tells "what it shows changed" from "something was committed" (telemetry, feedback and device
+# updates commit to this file many times a second) without reading the tables themselves.
+CATALOG_TABLES = ("models", "versions", "artifacts", "channels", "channel_shadows")
+CATALOG_GENERATION = """
+CREATE TABLE IF NOT EXISTS catalog_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO catalog_generation (id, n) VALUES (1, 0);
+""" + "".join(
+    f"CREATE TRIGGER IF NOT EXISTS catalog_{table}_{op.lower()} AFTER {op} ON {table}\n"
+    f"BEGIN UPDATE catalog_generation SET n = n + 1 WHERE id = 1; END;\n"
+    for table in CATALOG_TABLES for op in ("INSERT", "UPDATE", "DELETE"))
+
+
 # Each migration takes a store from version N to N + 1. Version 1 is the first release's
 # schema (the tables above); every later change is appended here, never edited in place.
 MIGRATIONS: dict[int, str] = {
@@ -100,6 +117,10 @@ CREATE TABLE IF NOT EXISTS schema_history (
     # 3 → 4: field monitoring (telemetry and feedback aggregates, alerts, guardrails, shadow
     # versions, reasons of channel moves): registry/monitoring.py
     3: monitoring.SCHEMA,
+    # 4 → 5: a counter that moves only when what a manifest or listing shows moves (see
+    # CATALOG_GENERATION): the server's cache no longer resets on every telemetry batch or
+    # device update, which commit to this same file.
+    4: CATALOG_GENERATION,
 }
 
 

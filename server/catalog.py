@@ -7,7 +7,11 @@ it has loaded and the manifests it has rendered — tagged with SQLite's
 ``PRAGMA data_version`` read on one long-lived connection. That pragma costs about 2 µs
 and changes whenever any other connection (another worker, ``pollinate models promote``,
 the exporter, a federated round) commits, so every request checks it and a write is seen
-by the very next request, in every worker, with no shared memory and no TTL.
+by the very next request, in every worker, with no shared memory and no TTL. Telemetry,
+feedback and device updates commit to the same file many times a second without changing
+what a manifest shows, so when the pragma moves the catalog also reads the store's
+``catalog_generation`` counter (bumped by triggers only when models, versions, artifacts or
+channels change: registry/store.py) and keeps its snapshot while that counter stays put.
 
 Order matters: the marker is read *before* the store, so a snapshot may hold data newer
 than its marker but never older; the next request then sees a new marker and reloads.
@@ -75,6 +79,8 @@ class Catalog:
     def __init__(self, store: Store):
         self.store = store
         self._marker_db: sqlite3.Connection | None = None
+        self._data_version: int | None = None
+        self._generation = 0
         self._snapshot: Snapshot | None = None
         self._files: dict[tuple[str, int, str, str], ArtifactFile] = {}
         self._outcomes: dict[tuple, dict] = {}
@@ -86,7 +92,12 @@ class Catalog:
             self._marker_db = sqlite3.connect(
                 self.store.db_path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
-        return self._marker_db.execute("PRAGMA data_version").fetchone()[0]
+        data_version = self._marker_db.execute("PRAGMA data_version").fetchone()[0]
+        if data_version != self._data_version:
+            self._data_version = data_version
+            row = self._marker_db.execute("SELECT n FROM catalog_generation WHERE id = 1").fetchone()
+            self._generation = row[0] if row is not None else -data_version
+        return self._generation
 
     def snapshot(self) -> Snapshot:
         """The current snapshot; a new, empty one when the store changed since the last."""

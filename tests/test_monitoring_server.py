@@ -389,3 +389,25 @@ def test_monitor_view_and_dashboard_files(served):
         assert "https://" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     assert httpx.get(f"{served['url']}/dashboard/secrets.txt", timeout=10).status_code == 404
     assert httpx.get(f"{served['url']}/dashboard/..%2Fpollinate.js", timeout=10).status_code == 404
+
+
+def test_telemetry_commits_keep_the_catalog_while_a_channel_move_renews_it(tmp_path):
+    """Telemetry and feedback commit to the store's SQLite file many times a second; the
+    server's manifest cache must survive them and still see a promote at once."""
+    from registry import Store
+    from registry.monitoring import Monitor
+    from server.catalog import Catalog
+
+    made = monitored_store(tmp_path / "store")
+    v1, v2 = made["versions"]
+    catalog = Catalog(Store(made["home"]))
+    first = catalog.snapshot()
+    writer = Store(made["home"])
+    Monitor(writer).ingest_telemetry("digits", batch(made["home"], v1, 0, 50))
+    Monitor(writer).ingest_feedback("digits", {"version": v1, "prediction": "3", "label": "3"})
+    assert catalog.snapshot() is first
+    writer.set_channel("digits", "stable", v2)
+    renewed = catalog.snapshot()
+    assert renewed is not first and renewed.marker != first.marker
+    Monitor(writer).set_shadow("digits", "stable", None)  # the manifest's shadow block changes too
+    assert catalog.snapshot() is not renewed

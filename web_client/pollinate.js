@@ -723,7 +723,7 @@ export class PollinateClient {
     const on = this.telemetryChoice ?? (await this.cacheGet(this.preferenceKey('telemetry')))?.optedIn === true;
     if (on && !this.telemetry.enabled) this.telemetry.enable();
     if (on) {
-      this.telemetry.track(this.telemetry.retryQueued());  // batches a previous page could not send
+      this.telemetry.retrySoon();  // batches a previous page could not send
       this.syncShadow();
     }
     return on;
@@ -738,7 +738,7 @@ export class PollinateClient {
     this.telemetryChoice = true;
     await this.cacheSet(this.preferenceKey('telemetry'), { optedIn: true, at: Date.now() });
     this.telemetry.enable();
-    this.telemetry.track(this.telemetry.retryQueued());
+    this.telemetry.retrySoon();
     this.syncShadow();
     return true;
   }

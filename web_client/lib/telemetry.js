@@ -383,7 +383,7 @@ export class Telemetry {
       if (globalThis.document?.visibilityState === undefined || globalThis.document.visibilityState === 'hidden') this.beaconAll();
     };
     this.onPageHide = () => this.beaconAll();
-    this.onOnline = () => this.track(this.retryQueued());
+    this.onOnline = () => this.retrySoon({ force: true });
   }
 
   // ---- switch ---------------------------------------------------------------------------------
@@ -587,6 +587,13 @@ export class Telemetry {
     return { sent: false, queued: true, error: why };
   }
 
+  /** retryQueued() after whatever is being sent now (never two passes over the queue at once). */
+  retrySoon(options = {}) {
+    const run = this.sending.then(() => this.retryQueued(options));
+    this.sending = run.catch(() => {});
+    return this.track(run);
+  }
+
   /** Sends what waits in the queue, oldest first; stops at the first that still cannot go. */
   async retryQueued({ force = false } = {}) {
     if (!force && Date.now() < this.retryAt) return 0;
@@ -615,13 +622,8 @@ export class Telemetry {
       const r = await this.flushVersion(version);
       if (r) results.push(r);
     }
-    if (results.length === 0) {
-      const run = this.sending.then(() => this.retryQueued());
-      this.sending = run.catch(() => {});
-      await run;
-    } else {
-      await this.sending;
-    }
+    if (results.length === 0) await this.retrySoon();
+    else await this.sending;
     return results;
   }
 

@@ -1,7 +1,7 @@
 """Edge update ingestion: `pollinate serve`'s update route against a bare endpoint.
 
     .venv/bin/python benchmarks/edge_ingest.py [--seconds 10] [--devices 200] [--tasks 5] \
-        [--repeats 3] [--concurrency 8,64]
+        [--repeats 3] [--concurrency 8,64] [--durability process,power] [--models digits-cnn,mlp-1m]
 
 For two model sizes — the digits CNN and a 1M-parameter model — enrols ``--devices`` devices
 in a scratch store and, for each run, opens ``--tasks`` tasks (as that many gateways of one
@@ -10,12 +10,15 @@ task over ``--concurrency`` keep-alive connections (after one warm-up post per c
 
 - ``ours``: ``pollinate serve`` (one uvicorn worker): authenticate, read the body under the
   limit, validate (length, finite, L2 norm), append the update durably, commit it in SQLite,
-  202 — the real route with every check and its durability;
+  202 — the real route with every check and its durability, once per durability mode
+  (``POLLINATE_EDGE_DURABILITY``: ``process``, the default, survives a kill -9; ``power`` a
+  power cut too, at two disk waits per batch), each against bare in the same repeat;
 - ``bare``: a FastAPI route on uvicorn (one worker) that only reads the body and answers
   202 (the reference: what HTTP, uvicorn and FastAPI alone cost for these bytes).
 
-The two alternate, ``--repeats`` times per model and concurrency, in one run; the ratio
-reported is the median of the repeats' ours/bare (target >= 0.5). Both servers and the
+They alternate (bare, then each mode; reversed every other repeat), ``--repeats`` times per
+model and concurrency, in one run; the ratio reported is the median of the repeats'
+ours/bare (target >= 0.5), per mode. Both servers and the
 client share the machine's cores: compare the ratio, not the absolute numbers. With few
 connections a durable server waits on its disk between answers (latency-bound); with many,
 both are bound by their CPU (the capacity a gateway operator asks about): both are reported.
@@ -54,6 +57,19 @@ TARGET_RATIO = 0.5
 TICKS = os.sysconf("SC_CLK_TCK")
 
 from serve import free_port, stop, wait_http  # noqa: E402  (the serve benchmark's process helpers)
+
+import registry  # noqa: E402, F401  (the package first: its store imports registry.edge)
+from registry.edge import DEFAULT_DURABILITY, DURABILITY_MODES, ENV_DURABILITY  # noqa: E402
+
+
+def ours_key(mode: str) -> str:
+    """A run's key for ours in durability `mode`: `ours` for the default (the shape
+    benchmarks/edge.py reads), `ours_<mode>` for the others; their ratios `ratio`, `ratio_<mode>`."""
+    return "ours" if mode == DEFAULT_DURABILITY else f"ours_{mode}"
+
+
+def ratio_key(mode: str) -> str:
+    return "ratio" if mode == DEFAULT_DURABILITY else f"ratio_{mode}"
 
 BARE_APP = textwrap.dedent('''
     from fastapi import FastAPI, Request
@@ -126,19 +142,16 @@ def open_tasks(model: str, setup: dict, gateways: list[str]) -> list[str]:
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU seconds so far of a process's main thread (uvicorn's event loop) and
-    of all its other threads together (ours: the store's committer, the thread pool)."""
-    main = other = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # a thread that ended meanwhile
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / TICKS
-        if int(task.name) == pid:
-            main += seconds
-        else:
-            other += seconds
-    return main, other
+    of all its other threads together (ours: the store's committer, the thread pool). The
+    other threads' share is the process's total less the main thread's: the process's total
+    keeps the time of threads that have ended (the committer stops when idle)."""
+
+    def seconds(stat: Path) -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    main = seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+    return main, max(seconds(Path(f"/proc/{pid}/stat")) - main, 0.0)
 
 
 def phase_seconds(port: int) -> dict[str, float]:
@@ -197,8 +210,15 @@ async def _post_all(port: int, model: str, jobs: list[tuple[str, str]], warmup: 
     statuses: dict[int, int] = {}
     connections = [await Connection.open(port) for _ in range(concurrency)]
     await asyncio.gather(*(c.request("POST", path(task), token, body) for c, (task, token) in zip(connections, warmup)))
-    for token in sorted({token for _, token in jobs}):  # every device fetches its task first (bare: any answer)
-        await connections[0].request("GET", f"/v1/federations/{model}/task", token)
+    tokens = sorted({token for _, token in jobs})
+
+    async def fetch(connection: Connection, share: list[str]) -> None:
+        for token in share:
+            await connection.request("GET", f"/v1/federations/{model}/task", token)
+
+    # every device fetches its task first (bare: any answer), over every connection (one kept
+    # idle longer than the server's keep-alive timeout would be closed under the client)
+    await asyncio.gather(*(fetch(c, tokens[i::len(connections)]) for i, c in enumerate(connections)))
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, phase_seconds, port) if phases else None
     cpu = cpu_seconds(pid)
@@ -231,9 +251,11 @@ async def _post_all(port: int, model: str, jobs: list[tuple[str, str]], warmup: 
             "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
-def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
+def start(server: str, scratch: Path, durability: str | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "POLLINATE_MAX_UPDATE_BYTES": str(64 << 20)}
+    if durability is not None:
+        env[ENV_DURABILITY] = durability
     if server == "ours":
         command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "store"), "--port", str(port)]
         cwd = ROOT
@@ -241,7 +263,7 @@ def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
         command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
         cwd = scratch
-    with open(scratch / f"{server}.log", "ab") as log:
+    with open(scratch / f"{server}-{durability or 'none'}.log", "ab") as log:
         proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
     try:
@@ -350,14 +372,20 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5, help="open tasks per run: each device posts to each")
     parser.add_argument("--repeats", type=int, default=3, help="bare/ours alternations per model and concurrency")
     parser.add_argument("--models", default="digits-cnn,mlp-1m")
+    parser.add_argument("--durability", default=",".join(DURABILITY_MODES),
+                        help=f"ours' {ENV_DURABILITY} modes, each measured against bare (default first)")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.modes = [m for m in DURABILITY_MODES if m in args.durability.split(",")]
+    if DEFAULT_DURABILITY not in args.modes:
+        parser.error(f"--durability must include the default, {DEFAULT_DURABILITY}")
 
     specs = {k: v for k, v in model_specs().items() if k in args.models.split(",")}
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_before": os.getloadavg()[0]},
               "devices": args.devices, "tasks": args.tasks, "repeats": args.repeats, "seconds": args.seconds,
-              "target_ratio": TARGET_RATIO, "rows": []}
+              "target_ratio": TARGET_RATIO, "durability": args.modes, "default_durability": DEFAULT_DURABILITY,
+              "rows": []}
     with tempfile.TemporaryDirectory(prefix="pollinate-edge-ingest-") as scratch:
         scratch = Path(scratch)
         setups = build_store(scratch / "store", specs, max(args.devices, max(concurrencies)))
@@ -384,46 +412,52 @@ def main() -> None:
 
 
 def measure(model: str, setup: dict, concurrency: int, args, scratch: Path) -> dict:
-    """`args.repeats` alternations of bare and ours for one model at one concurrency."""
+    """`args.repeats` alternations of bare and ours (each durability mode) for one model at
+    one concurrency."""
     row = {"model": model, "concurrency": concurrency, "parameters": setup["size"],
            "bytes_per_update": len(setup["body"]), "runs": []}
+    servers = [("bare", None)] + [(ours_key(mode), mode) for mode in args.modes]
     for r in range(args.repeats):
         tag = f"c{concurrency}-r{r}"
-        tasks = open_tasks(model, setup, [f"{tag}-{k}" for k in range(args.tasks)])
-        warmup = open_tasks(model, setup, [f"{tag}-warmup"])[0]
-        jobs = [(task, token) for task in tasks for token in setup["tokens"][:args.devices]]
-        warmups = [(warmup, token) for token in setup["tokens"][:concurrency]]
         run = {}
-        for server in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
-            proc, port = start(server, scratch)
+        for key, mode in servers if r % 2 == 0 else servers[::-1]:
+            tasks = open_tasks(model, setup, [f"{tag}-{key}-{k}" for k in range(args.tasks)])
+            warmup = open_tasks(model, setup, [f"{tag}-{key}-warmup"])[0]
+            jobs = [(task, token) for task in tasks for token in setup["tokens"][:args.devices]]
+            warmups = [(warmup, token) for token in setup["tokens"][:concurrency]]
+            proc, port = start("bare" if mode is None else "ours", scratch, mode)
             try:
-                run[server] = post_all(port, model, jobs, warmups, setup["body"], concurrency, args.seconds,
-                                       proc.pid, server == "ours")
+                run[key] = post_all(port, model, jobs, warmups, setup["body"], concurrency, args.seconds,
+                                    proc.pid, mode is not None)
             finally:
                 stop(proc)
-            s = run[server]
-            print(f"{model:11s} x{concurrency:<3d} #{r} {server:5s} {s['updates_per_s']:8.1f} updates/s "
+            for task in (*tasks, warmup):  # the run's updates: gigabytes for the big model
+                setup["edge"].discard_files(task)
+            s = run[key]
+            print(f"{model:11s} x{concurrency:<3d} #{r} {key:10s} {s['updates_per_s']:8.1f} updates/s "
                   f"{s['mb_per_s']:8.1f} MB/s  cpu {s['server_cpu_ms_per_update']:.2f} ms/update "
                   f"(loop {s['loop_cpu_ms_per_update']:.2f}, other threads {s['other_threads_cpu_ms_per_update']:.2f};"
                   f" {s['server_cpu_cores']:.2f} cores)  {s['statuses']}", flush=True)
             if s["phases_ms"]:
                 print("      ms per update: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_ms"].items()),
                       flush=True)
-        for task in (*tasks, warmup):  # the run's updates: gigabytes for the big model
-            setup["edge"].discard_files(task)
-        run["ratio"] = run["ours"]["updates_per_s"] / run["bare"]["updates_per_s"]
+            if mode is not None and set(s["statuses"]) != {"202"}:
+                print(f"warning: {model} ({mode}): not every update was accepted: {s['statuses']}", flush=True)
+        for mode in args.modes:
+            run[ratio_key(mode)] = run[ours_key(mode)]["updates_per_s"] / run["bare"]["updates_per_s"]
         row["runs"].append(run)
-        if set(run["ours"]["statuses"]) != {"202"}:
-            print(f"warning: {model}: not every update was accepted: {run['ours']['statuses']}", flush=True)
-    row["ratio"] = statistics.median(run["ratio"] for run in row["runs"])
+    for mode in args.modes:
+        row[ratio_key(mode)] = statistics.median(run[ratio_key(mode)] for run in row["runs"])
     row["meets_target"] = row["ratio"] >= TARGET_RATIO
-    for server in ("bare", "ours"):
-        row[server] = {key: statistics.median(run[server][key] for run in row["runs"])
-                       for key in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update", "server_cpu_cores",
-                                   "loop_cpu_ms_per_update", "other_threads_cpu_ms_per_update")}
-    row["ours"]["phases_ms"] = {phase: statistics.median(run["ours"]["phases_ms"].get(phase, 0.0)
-                                                         for run in row["runs"])
-                                for phase in row["runs"][0]["ours"]["phases_ms"]}
+    for key, mode in servers:
+        row[key] = {stat: statistics.median(run[key][stat] for run in row["runs"])
+                    for stat in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update", "server_cpu_cores",
+                                 "loop_cpu_ms_per_update", "other_threads_cpu_ms_per_update")}
+        if mode is not None:
+            row[key]["durability"] = mode
+            row[key]["phases_ms"] = {phase: statistics.median(run[key]["phases_ms"].get(phase, 0.0)
+                                                              for run in row["runs"])
+                                     for phase in row["runs"][0][key]["phases_ms"]}
     return row
 
 
@@ -432,8 +466,20 @@ def _ratio(ratio: float, target: float) -> str:
     return f"{ratio:.3f}" if ratio < target <= round(ratio, 2) else f"{ratio:.2f}"
 
 
+DESCRIBED = {
+    "process": "appended to the task's segment with O_DIRECT but no RWF_DSYNC (the bytes have left the "
+               "process when the write returns: a kill -9 of the server loses nothing), committed in SQLite "
+               "(WAL, synchronous=NORMAL: a committed transaction survives a kill -9), no sync waited for",
+    "power": "appended to the task's segment durably (O_DIRECT + RWF_DSYNC), committed in SQLite "
+             "(synchronous=FULL): survives a power cut too, at two disk waits per batch",
+}
+
+
 def write_markdown(result: dict, path: Path) -> None:
     machine = result["machine"]
+    modes = result.get("durability") or [DEFAULT_DURABILITY]
+    default = result.get("default_durability", DEFAULT_DURABILITY)
+    target = result["target_ratio"]
     lines = [
         "# Edge update ingestion (benchmarks/edge_ingest.py)",
         "",
@@ -441,76 +487,89 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{machine['load_after']:.1f} after). {result['devices']} devices x {result['tasks']} open tasks per run, one "
         f"float32 update per device and task, {result['repeats']} alternating repeats per row (medians shown). "
         "`ours` = `pollinate serve`, one uvicorn worker: token, open task, body under the limit, length, finite "
-        "values, L2 norm, appended to the task's segment durably (O_DIRECT + RWF_DSYNC), committed in SQLite "
-        "(synchronous=FULL), then 202. `bare` = a FastAPI route on one uvicorn worker that only reads the body. "
-        "The client is one asyncio process with that many keep-alive connections. "
-        f"Target: ours >= {result['target_ratio']}x bare.",
+        "values, L2 norm, recorded, then 202 — in each durability mode (`" + ENV_DURABILITY + "`, default `"
+        + default + "`):",
         "",
-        "| model | update | connections | bare updates/s | bare MB/s | ours updates/s | ours MB/s | ours/bare |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"- `{mode}`{' (the default)' if mode == default else ''}: {DESCRIBED[mode]};" for mode in modes),
+        "",
+        "`bare` = a FastAPI route on one uvicorn worker that only reads the body. Each mode is measured against "
+        "bare in the same repeat. The client is one asyncio process with that many keep-alive connections. "
+        f"Target: ours >= {target}x bare.",
+        "",
+        "| model | update | connections | durability | bare updates/s | bare MB/s | ours updates/s | ours MB/s "
+        "| ours/bare |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        lines.append(
-            f"| {row['model']} ({row['parameters']:,} parameters) | {row['bytes_per_update'] / 1e6:.2f} MB "
-            f"| {row['concurrency']} | {row['bare']['updates_per_s']:.0f} | {row['bare']['mb_per_s']:.0f} "
-            f"| {row['ours']['updates_per_s']:.0f} | {row['ours']['mb_per_s']:.0f} "
-            f"| **{_ratio(row['ratio'], result['target_ratio'])}x** {'(met)' if row['meets_target'] else '(NOT met)'} |")
+        for mode in modes:
+            ours, ratio = row[ours_key(mode)], row[ratio_key(mode)]
+            lines.append(
+                f"| {row['model']} ({row['parameters']:,} parameters) | {row['bytes_per_update'] / 1e6:.2f} MB "
+                f"| {row['concurrency']} | {mode} | {row['bare']['updates_per_s']:.0f} | {row['bare']['mb_per_s']:.0f} "
+                f"| {ours['updates_per_s']:.0f} | {ours['mb_per_s']:.0f} "
+                f"| **{_ratio(ratio, target)}x** {'(met)' if ratio >= target else '(NOT met)'} |")
     lines += ["", "Server CPU per update (ms; ours: the event loop, and the store's committer thread), "
               "and each repeat's ratio:", "",
-              "| model | connections | bare CPU | ours CPU | ours: loop | ours: committer | ratios |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+              "| model | connections | durability | bare CPU | ours CPU | ours: loop | ours: committer | ratios |",
+              "|---|---:|---|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
-        ours = row["ours"]
-        ratios = ", ".join(f"{run['ratio']:.2f}" for run in row["runs"])
-        lines.append(f"| {row['model']} | {row['concurrency']} | {row['bare']['server_cpu_ms_per_update']:.2f} "
-                     f"| {ours['server_cpu_ms_per_update']:.2f} | {ours['loop_cpu_ms_per_update']:.2f} "
-                     f"| {ours['other_threads_cpu_ms_per_update']:.2f} "
-                     f"| {ratios} |")
+        for mode in modes:
+            ours = row[ours_key(mode)]
+            ratios = ", ".join(f"{run[ratio_key(mode)]:.2f}" for run in row["runs"])
+            lines.append(f"| {row['model']} | {row['concurrency']} | {mode} "
+                         f"| {row['bare']['server_cpu_ms_per_update']:.2f} "
+                         f"| {ours['server_cpu_ms_per_update']:.2f} | {ours['loop_cpu_ms_per_update']:.2f} "
+                         f"| {ours['other_threads_cpu_ms_per_update']:.2f} | {ratios} |")
     phases = list(result["rows"][0]["ours"]["phases_ms"]) if result["rows"] else []
     if phases:
         lines += ["", "Where an accepted update's wall time goes in ours (ms, the server's own "
                   "`pollinate_edge_update_seconds_total`): `read` its body (admission included), `queue` for the "
-                  "committer, `check_append` the checks and the durable append of its batch, `sync` a new "
-                  "segment's folder, `commit` the SQLite transaction, `wake` the route again:", "",
-                  "| model | connections | " + " | ".join(phases) + " | total |",
-                  "|---|---:|" + "---:|" * (len(phases) + 1)]
+                  "committer, `check_append` the checks and the append of its batch (durable in `power`), `sync` a "
+                  "new segment's folder (`power` only), `commit` the SQLite transaction, `wake` the route again:", "",
+                  "| model | connections | durability | " + " | ".join(phases) + " | total |",
+                  "|---|---:|---|" + "---:|" * (len(phases) + 1)]
         for row in result["rows"]:
-            split = row["ours"]["phases_ms"]
-            lines.append(f"| {row['model']} | {row['concurrency']} | "
-                         + " | ".join(f"{split.get(k, 0):.2f}" for k in phases)
-                         + f" | {sum(split.values()):.2f} |")
+            for mode in modes:
+                split = row[ours_key(mode)]["phases_ms"]
+                lines.append(f"| {row['model']} | {row['concurrency']} | {mode} | "
+                             + " | ".join(f"{split.get(k, 0):.2f}" for k in phases)
+                             + f" | {sum(split.values()):.2f} |")
     split = result.get("loop_split_ms") or {}
     if split:
-        lines += ["", "Event-loop CPU per accepted update with no sockets (ms; the ASGI app called in-process, the "
-                  "real store and committer behind it): through the whole app (its middleware and FastAPI's routing "
-                  "through the included routers), its router only, the update route alone, and the bare FastAPI app. "
-                  "`app - router` is what the middleware costs, `router - route` what FastAPI's routing costs:", "",
+        lines += ["", f"Event-loop CPU per accepted update with no sockets (ms; the ASGI app called in-process, the "
+                  f"real store and committer behind it, durability `{default}`): through the whole app (its middleware "
+                  "and the update route's fast path, `server/edge_fastpath.py`), through FastAPI's router (what the "
+                  "fast path skips: route matching through the included routers), the update route's function alone, "
+                  "and the bare FastAPI app. `app - route` is what the middleware and the fast path cost, "
+                  "`router - route` what FastAPI's routing would:", "",
                   "| model | app | router | route | bare app |", "|---|---:|---:|---:|---:|"]
         for model, ms in split.items():
             lines.append(f"| {model} | " + " | ".join(f"{ms[k]:.3f}" for k in LOOP_SPLIT) + " |")
     lines += ["", "## Where ours' extra time goes", "",
-              "A 202 from ours is durable: each batch of updates costs two disk waits (its segment write, "
-              "synced, then the SQLite commit) that bare never makes. With few connections those waits, not the "
-              "CPU, set ours' rate, and they grow with whatever else loads the disk and the cores (the load above); "
-              "with many, batches grow and both servers are bound by one core each (one process, one GIL): then "
-              "ours' event loop costs what bare's does plus the app's middleware and FastAPI's routing through the "
-              "included routers (the in-process table: the update route alone costs about what the whole bare app "
-              "does for the small model), and the committer's checks, durable append and commit come on top.", ""]
+              "In `power` mode each batch of updates costs two disk waits (its segment write, synced, then the "
+              "SQLite commit) that bare never makes; with few connections those waits, not the CPU, set its rate, "
+              "and they grow with whatever else loads the disk and the cores. In `process` mode no sync is "
+              "waited for (the O_DIRECT write still waits for the device to take the bytes, ~0.1 ms per update "
+              "here): both servers are bound by CPU — ours' event loop (uvicorn's HTTP work, as bare's, plus the "
+              "route's admission and the hand-over to the committer) and the committer thread (checks, append, "
+              "commit), which share one GIL and, with the client, the machine's cores.", ""]
     for row in result["rows"]:
-        bare, ours, phases = row["bare"], row["ours"], row["ours"]["phases_ms"]
+        bare = row["bare"]
         ms = split.get(row["model"])
-        loop = (f" (in-process, of the loop's share: middleware {ms['app'] - ms['router']:.3f}, FastAPI's routing "
-                f"{ms['router'] - ms['route']:.3f}, the route itself {ms['route']:.3f} against the whole bare app's "
-                f"{ms['bare']:.3f})") if ms else ""
-        lines.append(
-            f"- {row['model']}, {row['concurrency']} connections, {_ratio(row['ratio'], result['target_ratio'])}x: "
-            f"ours uses "
-            f"{ours['server_cpu_ms_per_update']:.2f} ms of CPU per update against bare's "
-            f"{bare['server_cpu_ms_per_update']:.2f} — {ours['loop_cpu_ms_per_update']:.2f} on its event loop{loop} "
-            f"and {ours['other_threads_cpu_ms_per_update']:.2f} on the committer (checks, durable append, commit); "
-            f"an update waits {phases.get('queue', 0):.2f} ms for the committer, {phases.get('check_append', 0):.2f} "
-            f"for its batch's checks and durable append, {phases.get('commit', 0):.2f} for the commit and "
-            f"{phases.get('wake', 0):.2f} to be answered.")
+        for mode in modes:
+            ours = row[ours_key(mode)]
+            phases = ours["phases_ms"]
+            loop = (f" (in-process: middleware and fast path {ms['app'] - ms['route']:.3f}, the route's work "
+                    f"{ms['route']:.3f}, against the whole bare app's {ms['bare']:.3f})") if ms and mode == default else ""
+            lines.append(
+                f"- {row['model']}, {row['concurrency']} connections, `{mode}`: "
+                f"{_ratio(row[ratio_key(mode)], target)}x. Ours uses "
+                f"{ours['server_cpu_ms_per_update']:.2f} ms of CPU per update against bare's "
+                f"{bare['server_cpu_ms_per_update']:.2f} — {ours['loop_cpu_ms_per_update']:.2f} on its event loop{loop} "
+                f"and {ours['other_threads_cpu_ms_per_update']:.2f} on the committer; an update waits "
+                f"{phases.get('queue', 0):.2f} ms for the committer, {phases.get('check_append', 0):.2f} "
+                f"for its batch's checks and append, {phases.get('commit', 0):.2f} for the commit and "
+                f"{phases.get('wake', 0):.2f} to be answered.")
     path.write_text("\n".join(lines) + "\n")
 
 

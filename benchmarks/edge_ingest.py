@@ -496,6 +496,12 @@ def write_markdown(result: dict, path: Path) -> None:
         "bare in the same repeat. The client is one asyncio process with that many keep-alive connections. "
         f"Target: ours >= {target}x bare.",
         "",
+    ]
+    if max(machine["load_before"], machine["load_after"]) > machine["cpus"]:
+        lines += [f"The machine was busy with other work (load above its {machine['cpus']} CPUs): absolute rates, "
+                  "and single repeats, vary severalfold from one repeat to the next; the per-repeat ratios are "
+                  "in the second table.", ""]
+    lines += [
         "| model | update | connections | durability | bare updates/s | bare MB/s | ours updates/s | ours MB/s "
         "| ours/bare |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",

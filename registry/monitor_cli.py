@@ -23,7 +23,7 @@ plotter: Callable[..., list[Path]] | None = None
 
 
 def monitor(
-    words: Annotated[list[str], typer.Argument(help="NAME to report on, or `configure NAME` to change settings.",
+    words: Annotated[list[str], typer.Argument(metavar="[configure] NAME", help="NAME to report on, or `configure NAME` to change settings.",
                                                show_default=False)],
     version: Annotated[Optional[int], typer.Option("--version", "-v", help="Only this version.")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="From this ISO time or span back (7d, 24h).")] = None,

@@ -275,7 +275,7 @@ def max_psi(monitor, start: float) -> float:
 
 
 def drift_power(store_home: Path, data: dict, args, rng: np.random.Generator,
-                min_predictions: int | None = None) -> dict:
+                min_predictions: int | None = None, false_runs: int | None = None) -> dict:
     """Detection and false alarms with the default thresholds, or with ``min_predictions``
     configured instead of the default (reset to the default afterwards)."""
     from registry import Store
@@ -336,12 +336,13 @@ def drift_power(store_home: Path, data: dict, args, rng: np.random.Generator,
               flush=True)
     false_alarms = {}
     unshifted = pool("heldout")
+    false_runs = args.false_runs if false_runs is None else false_runs
     for n in (200, 500, 1000):
         started = time.perf_counter()
         any_check = at_end = 0
         subject_counts = {}
         psi_at_end: list[float] = []
-        for _ in range(args.false_runs):
+        for _ in range(false_runs):
             r = drift_run(monitor, grid, spec, unshifted, n // CHECK_EVERY, clock, latency, rng, full=True)
             psi_at_end.append(r["max_psi_at_end"])
             if r["first_alert"] is not None:
@@ -351,14 +352,14 @@ def drift_power(store_home: Path, data: dict, args, rng: np.random.Generator,
             report = monitor.report(MODEL, version=1, since=r["start"], until=r["start"] + HOUR - 1)
             drift = report["versions"]["1"]["drift"]
             at_end += any(d["alert"] for d in drift.values())
-        false_alarms[str(n)] = {"runs": args.false_runs, "alerted_any_check": any_check / args.false_runs,
-                                "alerted_at_end": at_end / args.false_runs,
+        false_alarms[str(n)] = {"runs": false_runs, "alerted_any_check": any_check / false_runs,
+                                "alerted_at_end": at_end / false_runs,
                                 "max_psi_at_end": {"median": statistics.median(psi_at_end),
                                                    "p90": float(np.percentile(psi_at_end, 90))},
                                 "subjects": dict(sorted(subject_counts.items(), key=lambda kv: -kv[1])),
                                 "seconds": time.perf_counter() - started}
-        print(f"false alarms N={n}: {any_check}/{args.false_runs} runs alerted at some check, "
-              f"{at_end}/{args.false_runs} at the end; {subject_counts}", flush=True)
+        print(f"false alarms N={n}: {any_check}/{false_runs} runs alerted at some check, "
+              f"{at_end}/{false_runs} at the end; {subject_counts}", flush=True)
     if min_predictions is not None:
         monitor.configure(MODEL, min_predictions=None)
     return {"thresholds": {k: config[k] for k in ("psi", "js", "min_predictions", "alert_hours")},
@@ -582,6 +583,7 @@ def main() -> None:
     parser.add_argument("--prior-share", type=float, default=1 / 3, help="its share of the predictions")
     parser.add_argument("--low-min", type=int, default=50, help="also measure drift with min_predictions set to this"
                         " (0: skip)")
+    parser.add_argument("--low-false-runs", type=int, default=20, help="false-alarm runs per N with --low-min")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -613,7 +615,8 @@ def main() -> None:
         result["drift"] = drift_power(scratch / "drift-store", data, args, rng)
         if args.low_min:
             print(f"drift with min_predictions = {args.low_min}:", flush=True)
-            result["drift_low_min"] = drift_power(scratch / "drift-store", data, args, rng, args.low_min)
+            result["drift_low_min"] = drift_power(scratch / "drift-store", data, args, rng, args.low_min,
+                                                  args.low_false_runs)
         result["in_process_ms"] = in_process(scratch / "drift-store", grid, spec, data, rng)
         result["ingestion"] = ingestion(scratch, grid, spec, data, args, rng) if args.workloads else []
     result["machine"]["load_after"] = os.getloadavg()[0]
@@ -747,11 +750,12 @@ def write_markdown(result: dict, path: Path) -> None:
             median = f"{row['median']:,.0f}" if row["median"] is not None else f"> {low['max_predictions']:,}"
             span = f"{row['min']:,} - {row['max']:,}" if row["min"] is not None else "-"
             lines.append(f"| {name} | {median} | {span} | {row['detected']}/{row['draws']} |")
-        lines += ["", "| N unshifted | alerted at any check | alerted at the end | features that fired |",
-                  "|---:|---:|---:|---|"]
+        lines += ["", "| N unshifted | runs | alerted at any check | alerted at the end | features that fired |",
+                  "|---:|---:|---:|---:|---|"]
         for n, row in low["false_alarms"].items():
             subjects = ", ".join(f"{k} ({v})" for k, v in list(row["subjects"].items())[:4]) or "-"
-            lines.append(f"| {int(n):,} | {row['alerted_any_check']:.0%} | {row['alerted_at_end']:.0%} | {subjects} |")
+            lines.append(f"| {int(n):,} | {row['runs']} | {row['alerted_any_check']:.0%} | {row['alerted_at_end']:.0%} "
+                         f"| {subjects} |")
     path.write_text("\n".join(lines) + "\n")
 
 

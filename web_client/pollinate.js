@@ -23,6 +23,18 @@
 //   await client.feedback({ predictionId: result.id, label: '7' });   // "it was a 7"
 //   await client.flushTelemetry();            // counts go every 100 predictions, when the page hides, on close()
 //
+// Tabular models (the manifest's input.preprocessing.kind is "tabular", e.g. delivery-eta):
+//   await client.predict({ distance_km: 2.4, hour: 19, weekday: 4, city: 'berlin', … });   // → {values: [eta], …}
+//   await client.predict([row1, row2]);       // an array of rows: an array of results
+//
+// Hybrid serving (lib/hybrid.js): createClient({ ..., mode: 'auto' }) predicts here and answers
+// from the server's POST /v1/models/{name}/predict when the model cannot load on this device
+// (no backend, larger than maxModelBytes, a file failing its sha256, a format TF.js cannot
+// load); mode 'server' never loads TF.js, 'local' (the default) never asks the server.
+//   client.mode                               // 'local' or 'server': the path answering now (after load())
+//   client.fallback                           // {code, message}: why 'auto' answers from the server
+//   result.path                               // 'local' or 'server': which path gave this answer
+//
 // TF.js: pass `tf` (the module) or let the client `import('@tensorflow/tfjs')` (Node resolves
 // it from node_modules; a page maps the bare name with an import map, see index.html).
 
@@ -31,10 +43,12 @@ import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
 import { contribute as contributeOnce } from './lib/contribute.js';
 import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
 import { ExampleStore } from './lib/examples.js';
+import { describeFallback, flatOutput, formatBytes, localFailure, MODES, nest, predictUrl } from './lib/hybrid.js';
 import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
 import { sha256Hex } from './lib/integrity.js';
 import { Poller } from './lib/poller.js';
 import { DeviceProtocol } from './lib/protocol.js';
+import { encodeRow, isRow, isRowBatch, isTabular, tabularSpec } from './lib/tabular.js';
 import { Telemetry, newPredictionId } from './lib/telemetry.js';
 import { classCount, fitOnExamples, trainingBackendFor, withBackend } from './lib/training.js';
 
@@ -42,6 +56,8 @@ export { DEFAULT_BACKENDS, IndexedDBCache, InputError, IntegrityError, MemoryCac
 export { inputContract, prepareInput, rankLabels } from './lib/input.js';
 export { sha256Hex } from './lib/integrity.js';
 export { ExampleStore } from './lib/examples.js';
+export { MODES } from './lib/hybrid.js';
+export { encodeRow, encodeRows, formFields, isRow, isTabular, tabularSpec } from './lib/tabular.js';
 export { DeviceProtocol, refusalOf } from './lib/protocol.js';
 export { trainingBackendFor } from './lib/training.js';
 export { binIndex, featureValues, inputKind, newPredictionId, Telemetry, VersionAggregate } from './lib/telemetry.js';
@@ -144,13 +160,17 @@ export class PollinateClient {
    *   flushEvery: predictions per version and batch (default 100); recentIds: 'feedback' (default:
    *   a batch lists only the prediction ids feedback() names) or 'all' (every id, for labels that
    *   reach the server another way).
+   * @param {'local'|'auto'|'server'} [options.mode] where predictions run (default 'local'; see lib/hybrid.js):
+   *   'auto' runs locally and answers from the server's predict when the model cannot load here
+   * @param {number} [options.maxModelBytes] the most bytes of model files this device takes: a larger
+   *   format is not downloaded (mode 'auto': the server answers; 'local': load() fails with 'too-large')
    */
   constructor({
     serverUrl = globalThis.location?.origin, model, channel = 'stable', clientId = null, tf = null,
     backends = DEFAULT_BACKENDS, wasmPaths, loadWasm = () => import('@tensorflow/tfjs-backend-wasm'),
     cache = defaultCache(), fetch = globalThis.fetch?.bind(globalThis), timeoutMs = 30_000,
     checkRange = true, minConfidence = 0.5, keepVersions = 2, format = null, formats = null, preferQuantized = null,
-    enrolToken = null, telemetry = null,
+    enrolToken = null, telemetry = null, mode = 'local', maxModelBytes = null,
   } = {}) {
     if (!serverUrl) throw new PollinateError('config', 'serverUrl is required outside a browser page');
     if (typeof model !== 'string' || !/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(model)) {
@@ -158,6 +178,10 @@ export class PollinateClient {
     }
     if (!/^[a-z0-9_-]{1,32}$/.test(channel)) throw new PollinateError('config', `channel must match [a-z0-9_-]{1,32}, got ${JSON.stringify(channel)}`);
     if (typeof fetch !== 'function') throw new PollinateError('config', 'no fetch() here: pass options.fetch');
+    if (!MODES.includes(mode)) throw new PollinateError('config', `mode must be one of ${MODES.join(', ')}, got ${JSON.stringify(mode)}`);
+    if (maxModelBytes != null && !(Number.isFinite(maxModelBytes) && maxModelBytes > 0)) {
+      throw new PollinateError('config', `maxModelBytes must be a positive number of bytes, got ${JSON.stringify(maxModelBytes)}`);
+    }
     if (preferQuantized != null && !['float16', 'uint8'].includes(preferQuantized)) {
       throw new PollinateError('config', `preferQuantized must be 'float16' or 'uint8', got ${JSON.stringify(preferQuantized)}`);
     }
@@ -171,7 +195,12 @@ export class PollinateClient {
     this.modelName = model;
     this.channel = channel;
     this.clientId = clientId;
-    this.options = { backends: [...backends], wasmPaths, loadWasm, timeoutMs, checkRange, minConfidence, keepVersions };
+    this.options = { backends: [...backends], wasmPaths, loadWasm, timeoutMs, checkRange, minConfidence, keepVersions, maxModelBytes };
+    this.requestedMode = mode;    // 'local', 'auto' or 'server', as asked
+    this.mode = null;             // the path answering predictions once loaded: 'local' or 'server'
+    this.fallback = null;         // mode 'auto' on the server: {code, message} of the local failure
+    this.tfFailure = null;        // TF.js could not start here (no backend, no module): not retried
+    this.tabular = null;          // the encoding plan of a tabular model's rows (lib/tabular.js), else null
     this.cache = cache;
     this.fetchImpl = fetch;
     this.tf = tf;
@@ -229,6 +258,7 @@ export class PollinateClient {
       name: m.name, version: m.version, channel: m.channel ?? this.channel, cohort: m.cohort ?? null,
       createdAt: m.created_at, lineage: m.lineage, input: m.input, labels: m.labels, metrics: m.metrics,
       backend: this.backend, offline: this.offline, format: this.format, modelKind: this.modelKind,
+      mode: this.mode, requestedMode: this.requestedMode, fallback: this.fallback,
       shadowVersion: this.shadow?.version ?? null, telemetry: this.telemetry.enabled,
     };
   }
@@ -526,11 +556,12 @@ export class PollinateClient {
    * them, else downloads and verifies them. Offline (no connection, timeout or 5xx) it
    * falls back to the cached version. Resolves to `lastLoad`:
    * {version, manifestStatus: 200|304|'offline', source: 'cache'|'network',
-   *  downloads: [{name, bytes}], bytesDownloaded, ms, verifyMs}.
+   *  downloads: [{name, bytes}], bytesDownloaded, ms, verifyMs, path: 'local'|'server', fallback}.
+   * Mode 'auto' resolves with path 'server' (and `fallback`, why) when the model cannot load here.
    */
   load() {
     return this.serialize(async () => {
-      await this.ensureTf();
+      await this.startTf();
       const started = now();
       const pointer = await this.cacheGet(this.pointerKey());
       let answer;
@@ -542,7 +573,7 @@ export class PollinateClient {
       }
       const manifest = answer.status === 200 ? answer.manifest : pointer.manifest;
       const etag = answer.status === 200 ? answer.etag : pointer.etag;
-      const result = await this.activate(manifest, etag, { persistPointer: answer.status === 200 });
+      const result = await this.activateOrFallback(manifest, etag, { persistPointer: answer.status === 200 });
       this.offline = answer.status === 'offline';
       await this.applyTelemetryChoice();
       this.lastLoad = { ...result, manifestStatus: answer.status, ms: now() - started };
@@ -550,16 +581,86 @@ export class PollinateClient {
     });
   }
 
+  /** ensureTf() unless predictions go to the server: mode 'server' never starts TF.js; 'auto' remembers why it could not. */
+  async startTf() {
+    if (this.closed) throw new PollinateError('closed', 'this client was closed');
+    if (this.requestedMode === 'server' || this.tfFailure) return;
+    if (this.requestedMode === 'local') {
+      await this.ensureTf();
+      return;
+    }
+    try {
+      await this.ensureTf();
+    } catch (error) {
+      if (this.closed || !localFailure(error)) throw error;
+      this.tfFailure = error instanceof PollinateError ? error
+        : new PollinateError('tf-unavailable', `TF.js cannot start here: ${error?.message ?? error}`, { cause: error });
+    }
+  }
+
+  /** activate() in mode 'local'; the server's predict in mode 'server', or in 'auto' when the model cannot load here. */
+  async activateOrFallback(manifest, etag, options) {
+    if (this.requestedMode === 'server') return this.activateServer(manifest, etag, { ...options, reason: null });
+    if (this.requestedMode === 'local') return this.activate(manifest, etag, options);
+    if (this.tfFailure) return this.activateServer(manifest, etag, { ...options, reason: this.tfFailure });
+    try {
+      return await this.activate(manifest, etag, options);
+    } catch (error) {
+      if (this.closed || !localFailure(error)) throw error;
+      return this.activateServer(manifest, etag, { ...options, reason: error });
+    }
+  }
+
+  /** The server answers this version's predictions: no files, no TF.js model (a local one is freed). */
+  async activateServer(manifest, etag, { persistPointer, reason }) {
+    const contract = inputContract(manifest);
+    const tabular = isTabular(manifest) ? tabularSpec(manifest) : null;
+    const previous = { model: this.model, version: this.version };
+    this.manifest = manifest;
+    this.contract = contract;
+    this.tabular = tabular;
+    this.etag = etag;
+    this.model = null;
+    this.runModel = null;
+    this.format = null;
+    this.modelKind = null;
+    this.mode = 'server';
+    this.fallback = reason ? describeFallback(reason) : null;
+    if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
+    if (previous.model) {
+      await Promise.allSettled([...this.inflight]);
+      const freed = previous.model.dispose();
+      this.lastDispose = { version: previous.version, ...(freed ?? {}) };
+    }
+    if (reason) this.emit('fallback', { version: manifest.version, ...this.fallback });
+    this.syncShadow();
+    return { version: manifest.version, path: 'server', fallback: this.fallback, source: 'server', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
+  }
+
+  /** Refuses a format larger than maxModelBytes before a byte of it is downloaded. */
+  checkModelSize(manifest) {
+    const limit = this.options.maxModelBytes;
+    if (limit == null) return;
+    const { format, entry } = this.chooseFormat(manifest);
+    const bytes = formatBytes(entry);
+    if (bytes > limit) {
+      throw new PollinateError('too-large', `${manifest.name} v${manifest.version} (${format}) is ${bytes} bytes, more than this device takes (maxModelBytes ${limit})`, { bytes, limit });
+    }
+  }
+
   /** Files → model → swap in → remember. The old model is freed once no prediction uses it. */
   async activate(manifest, etag, { persistPointer }) {
     inputContract(manifest);  // refuse a manifest without a usable input spec before downloading
+    const tabular = isTabular(manifest) ? tabularSpec(manifest) : null;
     if (this.model && manifest.version === this.version) {
       this.manifest = manifest;
       this.etag = etag;
       if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
       this.syncShadow();
-      return { version: manifest.version, source: 'memory', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
+      return { version: manifest.version, path: 'local', source: 'memory', downloads: [], bytesDownloaded: 0, verifyMs: 0 };
     }
+    if (!this.tf) throw this.tfFailure ?? new PollinateError('tf-unavailable', 'TF.js is not loaded');
+    this.checkModelSize(manifest);
     const obtained = await this.obtainFiles(manifest);
     const loaded = await this.buildModel(manifest, obtained.files);
     const model = loaded.model;
@@ -570,6 +671,9 @@ export class PollinateClient {
     this.modelKind = loaded.kind;
     this.manifest = manifest;
     this.contract = inputContract(manifest);
+    this.tabular = tabular;
+    this.mode = 'local';
+    this.fallback = null;
     this.etag = etag;
     if (persistPointer) await this.cacheSet(this.pointerKey(), { etag, manifest, storedAt: Date.now() });
     if (previous.model && previous.model !== model) {
@@ -580,7 +684,7 @@ export class PollinateClient {
     await this.evict(previous.version);
     this.syncShadow();
     return {
-      version: manifest.version, format: loaded.format, kind: loaded.kind, source: obtained.source, downloads: obtained.downloads,
+      version: manifest.version, path: 'local', format: loaded.format, kind: loaded.kind, source: obtained.source, downloads: obtained.downloads,
       bytesDownloaded: obtained.downloads.reduce((n, d) => n + d.bytes, 0), verifyMs: obtained.verifyMs,
     };
   }
@@ -608,9 +712,9 @@ export class PollinateClient {
    * Resolves to {updated, status: 200|304, from, to}.
    */
   checkForUpdate() {
-    if (!this.model) return this.load().then(r => ({ updated: true, status: r.manifestStatus, from: null, to: r.version }));
+    if (!this.manifest) return this.load().then(r => ({ updated: true, status: r.manifestStatus, from: null, to: r.version }));
     return this.serialize(async () => {
-      await this.ensureTf();
+      await this.startTf();
       const from = this.version;
       const answer = await this.fetchManifest(this.etag);
       this.offline = false;
@@ -625,7 +729,7 @@ export class PollinateClient {
       }
       const started = now();
       this.emit('available', { from, to: answer.manifest.version, manifest: answer.manifest });
-      const result = await this.activate(answer.manifest, answer.etag, { persistPointer: true });
+      const result = await this.activateOrFallback(answer.manifest, answer.etag, { persistPointer: true });
       this.lastLoad = { ...result, manifestStatus: 200, ms: now() - started };
       this.emit('updated', { from, to: this.version, manifest: this.manifest, lastLoad: this.lastLoad });
       return { updated: true, status: 200, from, to: this.version };
@@ -666,15 +770,25 @@ export class PollinateClient {
 
   /**
    * Predicts one sample. `input`: raw values in the manifest's source range and input shape
-   * ([8,8,1], also [8,8] or 64 flat for digits); checked and preprocessed here.
+   * ([8,8,1], also [8,8] or 64 flat for digits); checked and preprocessed here. A tabular
+   * model also takes a row {column: value, …} (lib/tabular.js), or an array of rows (then it
+   * resolves to an array of results).
    * Resolves to {label, top, confident, labels: [{label, index, probability}] most likely first,
-   * probabilities (label order), inferenceMs, version, backend}; regressors give {values, ...}.
+   * probabilities (label order), inferenceMs, version, backend, path: 'local'|'server'};
+   * regressors give {values, ...}. From the server: backend 'server', cache 'hit'|'miss'.
    */
   async predict(input, { checkRange = this.options.checkRange } = {}) {
     if (this.closed) throw new PollinateError('closed', 'this client was closed');
-    if (!this.model) throw new PollinateError('not-loaded', 'call load() before predict()');
+    if (!this.manifest || (this.mode !== 'server' && !this.model)) throw new PollinateError('not-loaded', 'call load() before predict()');
+    if (this.tabular && isRowBatch(input)) {
+      if (this.mode === 'server') return this.predictOnServer(input, { checkRange });
+      const results = [];
+      for (const row of input) results.push(await this.predict(row, { checkRange }));
+      return results;
+    }
+    const values = this.modelInput(input, this.contract, this.tabular, { checkRange });
+    if (this.mode === 'server') return (await this.predictOnServer([input], { checkRange, encoded: [values] }))[0];
     const { manifest, contract, tf, runModel } = this;
-    const values = prepareInput(input, contract, { checkRange });
     const id = newPredictionId();
     const job = (async () => {
       const started = now();
@@ -700,20 +814,75 @@ export class PollinateClient {
     } finally {
       this.inflight.delete(job);
     }
-    const base = { id, inferenceMs, version: manifest.version, backend: ranOn, format: this.format, modelKind: this.modelKind, modelInput: values };
-    let result;
-    if (!Array.isArray(manifest.labels)) {
-      result = { ...base, values: Array.from(raw) };
-      this.telemetry.record(manifest, { input: values, output: raw, latencyMs: inferenceMs, id });
-    } else {
-      const probabilities = toProbabilities(raw);
-      const labels = rankLabels(probabilities, manifest.labels);
-      const top = labels[0].probability;
-      result = { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
-      this.telemetry.record(manifest, { input: values, output: raw.length === 1 ? raw : probabilities, latencyMs: inferenceMs, id });
-    }
+    const base = { id, path: 'local', inferenceMs, version: manifest.version, backend: ranOn, format: this.format, modelKind: this.modelKind, modelInput: values };
+    const result = this.shapeResult(raw, base, manifest);
+    const output = Array.isArray(manifest.labels) && raw.length !== 1 ? Float32Array.from(result.probabilities) : raw;
+    this.telemetry.record(manifest, { input: values, output, latencyMs: inferenceMs, id });
     this.runShadow(input, manifest, result);
     return result;
+  }
+
+  /** The model's input for one sample: a tabular row encoded, else raw values checked and preprocessed. */
+  modelInput(input, contract, tabular, { checkRange = this.options.checkRange } = {}) {
+    if (tabular && isRow(input)) return encodeRow(input, tabular, 0);
+    if (isRow(input)) {
+      throw new InputError('input-type', `${this.modelName} takes ${contract.size} numbers (shape [${contract.shape}]), not a row of named columns: its input spec is not tabular`);
+    }
+    return prepareInput(input, contract, { checkRange });
+  }
+
+  /** A result object from a model's raw output: values (regressor) or ranked labels (classifier). */
+  shapeResult(raw, base, manifest) {
+    if (!Array.isArray(manifest.labels)) return { ...base, values: Array.from(raw) };
+    const probabilities = toProbabilities(raw);
+    const labels = rankLabels(probabilities, manifest.labels);
+    const top = labels[0].probability;
+    return { ...base, label: labels[0].label, top, confident: top >= this.options.minConfidence, labels, probabilities: Array.from(probabilities) };
+  }
+
+  /**
+   * The server's predict (POST /v1/models/{name}/predict?channel=…&client_id=…) for samples
+   * checked here first (the same InputErrors as the local path): a tabular model's rows go
+   * as `rows`, anything else as `inputs` after preprocessing (what the local model would get).
+   * Resolves to one result per sample, with path 'server'. Telemetry counts only what ran
+   * on the device: the server saw these inputs itself.
+   */
+  async predictOnServer(samples, { checkRange = this.options.checkRange, encoded = null } = {}) {
+    const { manifest, contract, tabular } = this;
+    const values = encoded ?? samples.map((sample, i) => {
+      if (tabular && isRow(sample)) return encodeRow(sample, tabular, i);
+      return this.modelInput(sample, contract, tabular, { checkRange });
+    });
+    const asRows = tabular && samples.every(isRow);
+    const payload = asRows ? { rows: samples } : { inputs: values.map(v => nest(v, contract.shape)) };
+    const url = predictUrl(this.serverUrl, this.modelName, this.channel, this.clientId);
+    const started = now();
+    let answer;
+    let response;
+    try {
+      let body;
+      ({ response, body } = await this.request('predict', url, {
+        method: 'POST', headers: { 'Content-Type': 'application/json', Accept: 'application/json' }, body: JSON.stringify(payload),
+      }));
+      answer = JSON.parse(new TextDecoder().decode(body));
+    } catch (error) {
+      if (error?.code === 'http' && error.status === 422) {
+        throw new InputError('input-server', `the server refused the input: ${error.detail || error.message}`, { status: 422, detail: error.detail });
+      }
+      if (error instanceof SyntaxError) throw new PollinateError('http', `${url} answered something that is not JSON`, { url });
+      throw error;
+    }
+    const outputs = answer?.outputs;
+    if (!Array.isArray(outputs) || outputs.length !== samples.length) {
+      throw new PollinateError('http', `${url} answered ${Array.isArray(outputs) ? outputs.length : 'no'} outputs for ${samples.length} input(s)`, { url });
+    }
+    const inferenceMs = now() - started;
+    const version = Number.isInteger(answer.version) ? answer.version : manifest.version;
+    const cache = response.headers.get('x-pollinate-cache');
+    return outputs.map((output, i) => this.shapeResult(flatOutput(output), {
+      id: newPredictionId(), path: 'server', inferenceMs, version, backend: 'server', format: null, modelKind: null,
+      modelInput: values[i], cache,
+    }, manifest));
   }
 
   // ---- telemetry, feedback, shadow (docs/monitoring.md) ------------------------------------------
@@ -801,7 +970,8 @@ export class PollinateClient {
 
   /** Loads, swaps or frees the shadow version the served manifest names (only with telemetry on). */
   syncShadow() {
-    const named = this.telemetry.enabled && this.telemetry.counts(this.manifest) ? this.manifest?.shadow : null;
+    // the shadow runs beside a model on this device: none while the server answers
+    const named = this.mode !== 'server' && this.telemetry.enabled && this.telemetry.counts(this.manifest) ? this.manifest?.shadow : null;
     const version = Number.isInteger(named?.version) && named.version !== this.version ? named.version : null;
     if (version === this.shadowWanted) return this.shadowLoading ?? Promise.resolve(this.shadow);
     this.shadowWanted = version;
@@ -858,7 +1028,9 @@ export class PollinateClient {
     const shadow = this.shadow;
     if (!shadow || !this.telemetry.counts(manifest)) return;
     const job = (async () => {
-      const values = prepareInput(input, shadow.contract, { checkRange: false });
+      const values = isRow(input) && isTabular(shadow.manifest)
+        ? encodeRow(input, tabularSpec(shadow.manifest), 0)
+        : prepareInput(input, shadow.contract, { checkRange: false });
       const started = now();
       const output = await shadow.run(this.tf.tensor(values, [1, ...shadow.contract.shape], 'float32'));
       let data;
@@ -907,7 +1079,7 @@ export class PollinateClient {
    */
   async addExample(input, label, { raw = false } = {}) {
     if (!this.manifest) throw new PollinateError('not-loaded', 'call load() before addExample(): the manifest gives the input spec and the labels');
-    const values = raw ? prepareInput(input, this.contract) : Float32Array.from(input ?? [], Number);
+    const values = raw ? this.modelInput(input, this.contract, this.tabular) : Float32Array.from(input ?? [], Number);
     return this.examples.add(values, this.labelIndex(label), { size: this.contract.size, classes: this.labels.length, version: this.version });
   }
 

@@ -10,7 +10,7 @@
 // precache requests do not, so an exact match would miss every cached script.
 
 const TFJS_VERSION = '4.22.0';
-const CACHE = `pollinate-web-${TFJS_VERSION}-v4`;  // v4: telemetry (lib/telemetry.js); v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
+const CACHE = `pollinate-web-${TFJS_VERSION}-v5`;  // v5: hybrid mode, tabular rows, the try-it page's files; v4: telemetry (lib/telemetry.js); v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
 
 // Relative to this file (the folder the server mounts at /web_client/).
 const SHELL = [
@@ -22,10 +22,12 @@ const SHELL = [
   './lib/contribute.js',
   './lib/errors.js',
   './lib/examples.js',
+  './lib/hybrid.js',
   './lib/input.js',
   './lib/integrity.js',
   './lib/poller.js',
   './lib/protocol.js',
+  './lib/tabular.js',
   './lib/telemetry.js',
   './lib/training.js',
   './lib/weights.js',

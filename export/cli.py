@@ -7,6 +7,7 @@ every command. `--strict` keeps all-or-nothing: one refused format refuses the e
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -120,3 +121,45 @@ def print_report(console, report: dict, title: str) -> None:
     strict = " (--strict: one refusal refuses all)" if outcome.get("strict") and outcome["refused"] else ""
     console.print(f"delivered {len(outcome['delivered'])} of {len(outcome['requested'])} formats: "
                   f"{outcome['status']}{strict}")
+
+
+def predict(
+    name: Annotated[str, typer.Argument(help="A model name in the store.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help=".csv with the model's columns (a header line), or .npy / .npz (array `x`) of model inputs after preprocessing.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=".csv (one column per output, the input's row order) or .npy.")],
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Stored version.")] = None,
+    channel: Annotated[Optional[str], typer.Option("--channel", "-c", help="The version this channel serves (default: stable, else the newest).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per LiteRT invoke.")] = 4096,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="LiteRT CPU threads (default: every core this process may use).")] = None,
+    home: HomeOption = Path(".pollinate"),
+    as_json: JsonOption = False,
+) -> None:
+    """Batch predictions with the version's shipped TFLite float32 file: every row of --input
+    into --out, nothing written unless every row is valid (exit 2 names the line and column)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from export.batch_predict import predict_file
+
+    console = human_console(as_json)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"{name}: predicting", total=None, rate="…")
+        started = time.perf_counter()
+
+        def progress(done: int, total: int | None) -> None:
+            elapsed = time.perf_counter() - started
+            bar.update(task, completed=done, total=max(total or 0, done) or None,
+                       rate=f"{done / elapsed:,.0f}" if elapsed > 0 else "…")
+
+        summary = predict_file(open_store(home), name, input, out, version=version, channel=channel,
+                               batch_size=batch_size, threads=threads, progress=progress)
+        bar.update(task, completed=summary["rows"], total=summary["rows"], rate=f"{summary['rows_per_second']:,.0f}")
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"{summary['rows']:,} rows → {summary['out']} ({', '.join(summary['columns'])}) "
+                  f"with {name} v{summary['version']} ({summary['chosen']}) in {summary['seconds']:.2f} s "
+                  f"({summary['rows_per_second']:,.0f} rows/s)")
+    if summary.get("ignored_columns"):
+        console.print(f"columns the model does not take were ignored: {', '.join(summary['ignored_columns'])}")

@@ -13,7 +13,7 @@ import typer
 import registry.cli
 import registry.monitor_cli
 from core.errors import PollinateError
-from export.cli import export
+from export.cli import export, predict
 from federated.cli import app as federate_app
 from registry.cli import app as models_app
 from server.cli import serve
@@ -65,6 +65,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(federate_app, name="federate")
 app.command("train")(make_train_command(export_on_train))
 app.command("export")(export)
+app.command("predict")(predict)
 app.command("demo")(demo)
 app.command("serve")(serve)
 app.command("monitor")(registry.monitor_cli.monitor)

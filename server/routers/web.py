@@ -10,10 +10,17 @@ missing and how to fix it (the server also refuses to start that way).
 ``/dashboard`` (``?model=NAME`` for one model) is the monitoring dashboard: a static page
 from the ``dashboard`` folder of the web client that ships with Pollinate (served whatever
 ``POLLINATE_WEB_CLIENT`` says), which draws ``/v1/models/{name}/monitor`` in the browser.
+
+``/try/{name}`` is a model's try-it page: ``try/index.html`` of the served web client (its
+script, styles, ``pollinate.js`` and TF.js come from the ``/web_client`` mount, which the page
+names with ``<base href="/web_client/try/">``). It builds a form from the manifest's input spec
+and predicts in the browser and on the server (``POST /v1/models/{name}/predict``). ``/try``
+lists nothing itself: it goes to the demo page's list of models.
 """
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 
@@ -36,6 +43,11 @@ DASHBOARD_ASSETS = {"index.html": "text/html; charset=utf-8", "dashboard.js": "t
 DASHBOARD_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
 
+TRY_PAGE = Path("try") / "index.html"
+TRY_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
 def dashboard_folder() -> Path:
     return default_web_client() / "dashboard"
 
@@ -56,6 +68,32 @@ async def dashboard():
 @router.get("/dashboard/{asset}", include_in_schema=False)
 async def dashboard_asset(asset: str):
     return _dashboard_file(asset or "index.html")
+
+
+@router.get("/try/{name}", response_class=HTMLResponse,
+            responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "The page's TF.js files are missing."}},
+            summary="A model's try-it page: a form from its input spec, answered in the browser and by the server")
+async def try_page(name: str, svc: ServicesDep):
+    if not MODEL_NAME.match(name):
+        return JSONResponse({"detail": f"{name!r} is not a model name (1-64 of a-z 0-9 _ . -)"}, status_code=404)
+    folder = svc.config.web_client
+    if folder is None:
+        return JSONResponse({"detail": "the try-it page is part of the web client, and this server runs without it "
+                                       "(POLLINATE_WEB_CLIENT=off)"}, status_code=404)
+    page = Path(folder) / TRY_PAGE
+    if not page.is_file():
+        return JSONResponse({"detail": f"the web client at {folder} has no try-it page ({TRY_PAGE.as_posix()})"},
+                            status_code=404)
+    status = inspect_web_client(Path(folder))
+    if not status.whole:
+        return _unavailable(status.problem())
+    return FileResponse(page, media_type="text/html; charset=utf-8", headers=TRY_HEADERS)
+
+
+@router.get("/try", include_in_schema=False)
+@router.get("/try/", include_in_schema=False)
+async def try_index():
+    return RedirectResponse(f"{WEB_PREFIX}/#models", status_code=307)
 
 
 @router.get(

@@ -25,10 +25,11 @@ from server.edge_fastpath import EdgeFastPath
 from server.fastpath import FastPath
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
-from server.routers import channels, federations, files, health, metrics, models, monitoring, web
+from server.routers import channels, federations, files, health, metrics, models, monitoring, predict, web
 from server.state import Services
 
-EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges"]
+EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges",
+                   "X-Pollinate-Cache", "X-Pollinate-Batch", "X-Pollinate-Version"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "If-None-Match", "If-Range", "Range"]
 
 
@@ -52,7 +53,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     errors.install(app)
     # the device protocol first: its update route is the hottest path the router walks (routes
     # are matched in order; benchmarks/edge_ingest.md has the cost of walking past the others)
-    for module in (federations, health, models, files, channels, monitoring, metrics, web):
+    for module in (federations, health, models, predict, files, channels, monitoring, metrics, web):
         app.include_router(module.router)
     app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
               name="web_client")

@@ -17,6 +17,12 @@ alert and guardrail checks of one model after accepted batches; default 10).
 The web client defaults to the one that ships with Pollinate (``server/web_assets.py`` finds
 it, installed or in a checkout); ``POLLINATE_WEB_CLIENT=DIR`` serves another folder and
 ``POLLINATE_WEB_CLIENT=off`` none (``web_client`` is then None).
+
+Server-side predict (``server/predict.py``) adds ``POLLINATE_PREDICT_CACHE`` (answers kept in
+each worker's LRU cache; 0 turns it off; default 10,000, at most 64 MiB of answers),
+``POLLINATE_PREDICT_WINDOW_MS`` (how long concurrent requests for one version are gathered
+into one interpreter run; default 2 ms, 0: no waiting) and ``POLLINATE_PREDICT_MAX_BATCH``
+(a gathered batch runs as soon as it has this many examples; default 256).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ ENV_ENROL_TOKEN = "POLLINATE_ENROL_TOKEN"
 ENV_MAX_UPDATE_BYTES = "POLLINATE_MAX_UPDATE_BYTES"
 ENV_TELEMETRY_RATE = "POLLINATE_TELEMETRY_RATE"
 ENV_MONITOR_INTERVAL = "POLLINATE_MONITOR_INTERVAL"
+ENV_PREDICT_CACHE = "POLLINATE_PREDICT_CACHE"
+ENV_PREDICT_WINDOW_MS = "POLLINATE_PREDICT_WINDOW_MS"
+ENV_PREDICT_MAX_BATCH = "POLLINATE_PREDICT_MAX_BATCH"
 
 OFFLOAD_MODES = ("nginx",)
 # Admin bodies are a version number and a percent: anything near this size is an attack.
@@ -54,6 +63,12 @@ OFFLOAD_PREFIX = "/_pollinate_blobs/"
 TELEMETRY_RATE = 60.0
 # Seconds between two alert/guardrail checks of one model (each reads every window of it).
 MONITOR_INTERVAL_S = 10.0
+# Predict answers cached per worker (their bytes are bounded too: server/predict.py).
+PREDICT_CACHE_ENTRIES = 10_000
+# Concurrent predict requests for one version are gathered this long into one interpreter run.
+PREDICT_WINDOW_MS = 2.0
+# A gathered batch runs at once when it holds this many examples.
+PREDICT_MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,9 @@ class ServerConfig:
     max_update_bytes: int = MAX_UPDATE_BYTES
     telemetry_rate: float = TELEMETRY_RATE  # batches a minute per client id (else address)
     monitor_interval_s: float = MONITOR_INTERVAL_S
+    predict_cache_entries: int = PREDICT_CACHE_ENTRIES  # 0: no cache
+    predict_window_ms: float = PREDICT_WINDOW_MS
+    predict_max_batch: int = PREDICT_MAX_BATCH
 
     def __post_init__(self) -> None:
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
@@ -81,6 +99,12 @@ class ServerConfig:
                                f" got {self.telemetry_rate}")
         if not self.monitor_interval_s >= 0:
             raise InvalidInput(f"{ENV_MONITOR_INTERVAL} must be 0 or more seconds, got {self.monitor_interval_s}")
+        if self.predict_cache_entries < 0:
+            raise InvalidInput(f"{ENV_PREDICT_CACHE} must be 0 or more answers, got {self.predict_cache_entries}")
+        if not 0 <= self.predict_window_ms <= 1000:
+            raise InvalidInput(f"{ENV_PREDICT_WINDOW_MS} must be 0 to 1000 milliseconds, got {self.predict_window_ms}")
+        if self.predict_max_batch < 1:
+            raise InvalidInput(f"{ENV_PREDICT_MAX_BATCH} must be at least 1 example, got {self.predict_max_batch}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -97,6 +121,9 @@ class ServerConfig:
             max_update_bytes=_byte_count(env.get(ENV_MAX_UPDATE_BYTES), MAX_UPDATE_BYTES),
             telemetry_rate=_number(env, ENV_TELEMETRY_RATE, TELEMETRY_RATE),
             monitor_interval_s=_number(env, ENV_MONITOR_INTERVAL, MONITOR_INTERVAL_S),
+            predict_cache_entries=_whole(env, ENV_PREDICT_CACHE, PREDICT_CACHE_ENTRIES),
+            predict_window_ms=_number(env, ENV_PREDICT_WINDOW_MS, PREDICT_WINDOW_MS),
+            predict_max_batch=_whole(env, ENV_PREDICT_MAX_BATCH, PREDICT_MAX_BATCH),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -109,6 +136,9 @@ class ServerConfig:
             ENV_MAX_UPDATE_BYTES: str(self.max_update_bytes),
             ENV_TELEMETRY_RATE: repr(self.telemetry_rate),
             ENV_MONITOR_INTERVAL: repr(self.monitor_interval_s),
+            ENV_PREDICT_CACHE: str(self.predict_cache_entries),
+            ENV_PREDICT_WINDOW_MS: repr(self.predict_window_ms),
+            ENV_PREDICT_MAX_BATCH: str(self.predict_max_batch),
         }
         return env
 
@@ -135,3 +165,14 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise InvalidInput(f"{name} must be a number, got {value!r}")
     return number
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number from the environment (one clear error otherwise)."""
+    value = (env.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a whole number, got {value!r}") from None

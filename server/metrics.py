@@ -17,6 +17,11 @@ predictions count as feature ``prediction``) and ``pollinate_monitor_field_accur
 the model's report, and counts new alerts, webhook deliveries and retraining commands started.
 Feature names come from the version's profile (a bounded set per model), never from a client.
 
+Server-side predict (server/predict.py) counts answers per model, version and cache result
+(``hit``, ``miss``), the interpreter runs with the requests and examples each gathered
+(micro-batching: requests per run above 1 means concurrent requests shared a run), and
+refusals per model and reason (``invalid``, ``no_artifact``).
+
 With several uvicorn workers each process counts on its own; ``pollinate serve`` then
 sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports ``prometheus_client``, every
 worker writes its counters to files there, and ``/metrics`` adds them up, so whichever
@@ -123,6 +128,25 @@ MONITOR_ROLLBACKS = Counter(
     "pollinate_monitor_rollbacks", "Candidates rolled back by a guardrail, by model and channel.", ["model", "channel"]
 )
 
+PREDICT_ANSWERS = Counter(
+    "pollinate_predict_answers", "Predict requests answered, by model, version and cache result (hit, miss).",
+    ["model", "version", "cache"],
+)
+PREDICT_RUNS = Counter(
+    "pollinate_predict_runs", "Interpreter runs of the predict route (one per gathered batch), by model.", ["model"]
+)
+PREDICT_EXAMPLES = Counter(
+    "pollinate_predict_examples", "Examples the predict route's interpreter runs computed, by model.", ["model"]
+)
+PREDICT_BATCH_REQUESTS = Histogram(
+    "pollinate_predict_batch_requests", "Requests gathered into one interpreter run (micro-batching).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+PREDICT_REFUSALS = Counter(
+    "pollinate_predict_refusals", "Predict requests refused, by model and reason (invalid, no_artifact).",
+    ["model", "reason"],
+)
+
 UNMATCHED = "unmatched"
 # `*_created` timestamps double the exposition and nobody graphs them.
 disable_created_metrics()
@@ -135,6 +159,20 @@ def exposition() -> tuple[bytes, str]:
         MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def count_predict(model: str, version: int, cache: str) -> None:
+    PREDICT_ANSWERS.labels(model, str(version), cache).inc()
+
+
+def count_predict_run(model: str, requests: int, examples: int) -> None:
+    PREDICT_RUNS.labels(model).inc()
+    PREDICT_EXAMPLES.labels(model).inc(examples)
+    PREDICT_BATCH_REQUESTS.observe(requests)
+
+
+def count_predict_refusal(model: str, reason: str) -> None:
+    PREDICT_REFUSALS.labels(model, reason).inc()
 
 
 def count_manifest(model: str, version: int, channel: str, status: int) -> None:

@@ -244,3 +244,35 @@ class FederationStatusOut(BaseModel):
                                     " (401 and 404).")
     refused_total: dict[str, int] = Field(default_factory=dict, description="Every refusal of the model, by reason.")
     tasks: list[FederationTaskStatusOut] = []
+
+
+# --------------------------------------------------------------------------- server-side predict
+
+
+class PredictIn(BaseModel):
+    """One example or a batch as MODEL inputs, or table rows for a tabular model: not both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"inputs": [[[0.0]] * 8] * 8},
+        {"rows": [{"distance_km": 2.4, "hour": 19, "weekday": 4, "city": "london",
+                   "prep_time_min": 12.0, "courier_load": 1.1}]},
+    ]})
+
+    inputs: Any = Field(None, description=(
+        "Nested lists of numbers in the manifest's input shape (one example) or with a leading batch"
+        " axis (a batch), in the input dtype, AFTER the preprocessing the manifest describes (what the"
+        " LiteRT artifact takes: digits' pixels times `scale` plus `offset`)."))
+    rows: list[dict[str, Any]] | None = Field(None, description=(
+        "Tabular models only: one object per example, {column: value} for every column of the input"
+        " spec's preprocessing (numbers for numeric columns, a vocabulary entry for categorical ones;"
+        " the server one-hot encodes them)."))
+
+
+class PredictOut(BaseModel):
+    """The answer: which version computed it, and one output row per example."""
+
+    model: str
+    version: int = Field(description="The version this client resolves to (channel and rollout cohort).")
+    outputs: list[Any] = Field(description=(
+        "The LiteRT float32 artifact's outputs, one entry per example (a single example gets a batch"
+        " of one): class probabilities in label order, or the regression value."))

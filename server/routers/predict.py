@@ -1,0 +1,80 @@
+"""``POST /v1/models/{name}/predict``: the server computes what the device would have.
+
+For clients that cannot run the model themselves (and for products that want an answer from
+the server anyway): the version is the one the client's manifest would name (same channel,
+same rollout cohort), the numbers come from its ``tflite-float32`` file run by LiteRT.
+Concurrent requests share interpreter runs and repeats come from a cache (server/predict.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.responses import Response
+
+from registry.channels import CHANNEL_NAME
+from server.fastpath import MAX_CLIENT_ID
+from server.names import existing_model_name
+from server.predict import NoServableArtifact, Predictor
+from server.schemas import ErrorOut, PredictIn, PredictOut
+from server.state import Services, ServicesDep
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+PREDICT_PATH = "/{name}/predict"
+ANSWER_HEADERS = {
+    "X-Pollinate-Cache": {"description": "hit: answered from the cache; miss: computed.", "schema": {"type": "string"}},
+    "X-Pollinate-Batch": {"description": "On a miss: how many requests shared the interpreter run.",
+                          "schema": {"type": "integer"}},
+    "X-Pollinate-Version": {"description": "The version that answered (as in the body).", "schema": {"type": "integer"}},
+}
+
+
+def predictor(request: Request, svc: Services) -> Predictor:
+    """One per process, made on first use (on the event loop: no race)."""
+    found = getattr(request.app.state, "predictor", None)
+    if found is None:
+        config = svc.config
+        found = request.app.state.predictor = Predictor(
+            svc.catalog, config.predict_cache_entries, config.predict_window_ms / 1000.0, config.predict_max_batch
+        )
+    return found
+
+
+@router.post(
+    PREDICT_PATH,
+    response_model=PredictOut,
+    responses={
+        200: {"headers": ANSWER_HEADERS},
+        404: {"model": ErrorOut, "description": "No such model."},
+        409: {"model": ErrorOut, "description": "The resolved version has no tflite-float32 file to run."},
+        422: {"model": ErrorOut, "description": "The inputs do not fit the version's input spec: the detail names"
+              " the expected shape and dtype, or the row and column."},
+    },
+    summary="Predict on the server with the version this client would run",
+)
+async def predict(
+    request: Request,
+    svc: ServicesDep,
+    name: Annotated[str, Path(description="Model name, e.g. digits.")],
+    body: PredictIn,
+    channel: Annotated[str, Query(pattern=f"^{CHANNEL_NAME.pattern}$", description="stable, canary, …")] = "stable",
+    client_id: Annotated[
+        str | None,
+        Query(max_length=MAX_CLIENT_ID, description="A stable id for this client: decides its rollout cohort."),
+    ] = None,
+) -> Response:
+    """The outputs of the version the channel's manifest gives this client (the rollout
+    candidate when its cohort has it, the newest version when the channel is unset), computed
+    by LiteRT from the version's ``tflite-float32`` file: the numbers a device running that
+    file gets. ``inputs`` are MODEL inputs, after the preprocessing the manifest describes;
+    tabular models also take ``rows`` of named columns. Concurrent requests are run as one
+    batch; a repeat of the same inputs for the same version is answered from a cache
+    (``X-Pollinate-Cache: hit``). A version without a ``tflite-float32`` file answers 409."""
+    model = existing_model_name(name)
+    try:
+        answer = await predictor(request, svc).predict(model, channel, client_id, body.inputs, body.rows)
+    except NoServableArtifact as exc:
+        raise HTTPException(409, str(exc)) from None
+    return Response(answer.body, media_type="application/json", headers=answer.headers)

@@ -219,11 +219,11 @@ class CsvTable:
 
     def fast(self, lines: list[str]) -> np.ndarray | None:
         """numpy's C reader on a chunk of plain lines; None when the chunk needs the checks."""
-        text_commas = sum(line.count(",") for line in lines)
-        if text_commas != len(lines) * (len(self.header) - 1) or any('"' in line for line in lines):
+        text = "".join(lines)
+        if text.count(",") != len(lines) * (len(self.header) - 1) or '"' in text:
             return None  # ragged, blank or quoted lines: encode_rows decides
         try:
-            table = np.loadtxt(lines, delimiter=",", dtype=np.float64, usecols=self.usecols, converters=self.converters,
+            table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, usecols=self.usecols, converters=self.converters,
                                comments=None, quotechar=None, ndmin=2, encoding=None)
         except (ValueError, TypeError):
             return None

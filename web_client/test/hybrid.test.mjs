@@ -43,7 +43,7 @@ const ROW = { distance_km: 2.5, hour: 19, city: 'berlin', weekday: 4, size: '2' 
 function pythonEncode(rows, spec) {
   const script = 'import json, sys\nfrom registry.inputs import encode_rows\nd = json.load(sys.stdin)\n'
     + 'print(json.dumps(encode_rows(d["rows"], d["spec"]).tolist()))';
-  return JSON.parse(execFileSync(PYTHON, ['-c', script], { cwd: REPO, input: JSON.stringify({ rows, spec }) }).toString());
+  return JSON.parse(execFileSync(PYTHON, ['-c', script], { cwd: REPO, input: JSON.stringify({ rows, spec }), stdio: ['pipe', 'pipe', 'pipe'] }).toString());
 }
 
 describe('tabular rows (no server)', () => {
@@ -170,7 +170,8 @@ describe('hybrid serving against a real server', () => {
     assert.equal(url.pathname, '/v1/models/delivery-eta/predict');
     assert.equal(url.searchParams.get('channel'), 'stable');
     assert.equal(url.searchParams.get('client_id'), 'device-7');
-    // the same row again: the server's cache answers
+    // one row twice: the server's cache answers the second time (the key is the whole batch)
+    assert.equal((await remote.predict(rows[0])).cache, 'miss');
     const again = await remote.predict(rows[0]);
     assert.equal(again.cache, 'hit');
     assert.ok(Math.abs(again.values[0] - here[0].values[0]) <= 1e-4);

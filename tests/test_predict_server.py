@@ -256,3 +256,21 @@ def test_tensorflow_never_loads_in_the_server(world):
     assert "ai_edge_litert" in maps  # the server did run LiteRT
     assert not [line for line in maps.splitlines() if "/tensorflow/" in line or "libtensorflow" in line]
     assert "Traceback" not in world["log"].read_text()
+
+
+def test_the_plain_number_reader_agrees_with_json_or_steps_aside():
+    """The fast reader gives exactly json.loads' numbers, or None (the general path decides)."""
+    from server.predict import read_plain_inputs
+
+    spec = {"shape": [8, 8, 1], "dtype": "float32"}
+    rng = np.random.default_rng(1)
+    for batch in (None, 1, 3):
+        x = rng.normal(size=(8, 8, 1) if batch is None else (batch, 8, 8, 1)) * np.logspace(-12, 12, 64).reshape(8, 8, 1)
+        raw = json.dumps({"inputs": x.tolist()}, indent=1 if batch == 3 else None).encode()
+        read = read_plain_inputs(raw, spec)
+        np.testing.assert_array_equal(read, np.asarray(json.loads(raw)["inputs"]))
+    one = json.dumps(np.zeros((8, 8, 1)).tolist())
+    arrays = [one.replace("0.0", form, 1) for form in (".5", "01", "+1", "1.", "1 2")]
+    arrays += [one.replace("], [", "],, [", 1), "[[1, 2], [3, 4, 5], [6]]", "[]", json.dumps(np.zeros((2, 64)).tolist())]
+    for text in ['{"inputs": ' + array + "}" for array in arrays] + ['{"rows": []}']:
+        assert read_plain_inputs(text.encode(), spec) is None, text

@@ -53,12 +53,14 @@ def predictor(request: Request, svc: Services) -> Predictor:
               " the expected shape and dtype, or the row and column."},
     },
     summary="Predict on the server with the version this client would run",
+    # the body is read by server/predict.py (a fast path for plain numbers), documented here
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": PredictIn.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
 )
 async def predict(
     request: Request,
     svc: ServicesDep,
     name: Annotated[str, Path(description="Model name, e.g. digits.")],
-    body: PredictIn,
     channel: Annotated[str, Query(pattern=f"^{CHANNEL_NAME.pattern}$", description="stable, canary, …")] = "stable",
     client_id: Annotated[
         str | None,
@@ -74,7 +76,7 @@ async def predict(
     (``X-Pollinate-Cache: hit``). A version without a ``tflite-float32`` file answers 409."""
     model = existing_model_name(name)
     try:
-        answer = await predictor(request, svc).predict(model, channel, client_id, body.inputs, body.rows)
+        answer = await predictor(request, svc).predict(model, channel, client_id, await request.body())
     except NoServableArtifact as exc:
         raise HTTPException(409, str(exc)) from None
     return Response(answer.body, media_type="application/json", headers=answer.headers)

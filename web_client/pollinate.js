@@ -43,7 +43,7 @@ import { defaultCache, IndexedDBCache, MemoryCache } from './lib/cache.js';
 import { contribute as contributeOnce } from './lib/contribute.js';
 import { InputError, IntegrityError, isUnreachable, PollinateError } from './lib/errors.js';
 import { ExampleStore } from './lib/examples.js';
-import { describeFallback, flatOutput, formatBytes, localFailure, MODES, nest, predictUrl } from './lib/hybrid.js';
+import { chunksUnder, describeFallback, flatOutput, formatBytes, localFailure, MAX_PREDICT_BODY, MODES, nest, predictUrl } from './lib/hybrid.js';
 import { inputContract, prepareInput, rankLabels, toProbabilities } from './lib/input.js';
 import { sha256Hex } from './lib/integrity.js';
 import { Poller } from './lib/poller.js';
@@ -854,8 +854,18 @@ export class PollinateClient {
       return this.modelInput(sample, contract, tabular, { checkRange });
     });
     const asRows = tabular && samples.every(isRow);
-    const payload = asRows ? { rows: samples } : { inputs: values.map(v => nest(v, contract.shape)) };
+    const parts = asRows ? samples : values.map(v => nest(v, contract.shape));
     const url = predictUrl(this.serverUrl, this.modelName, this.channel, this.clientId);
+    const results = [];
+    // one request per chunk that fits the server's body limit (64 KiB): a large batch goes in several
+    for (const [from, to] of chunksUnder(parts, MAX_PREDICT_BODY)) {
+      const payload = asRows ? { rows: parts.slice(from, to) } : { inputs: parts.slice(from, to) };
+      results.push(...await this.postPredict(url, payload, values.slice(from, to), manifest));
+    }
+    return results;
+  }
+
+  async postPredict(url, payload, values, manifest) {
     const started = now();
     let answer;
     let response;
@@ -873,8 +883,8 @@ export class PollinateClient {
       throw error;
     }
     const outputs = answer?.outputs;
-    if (!Array.isArray(outputs) || outputs.length !== samples.length) {
-      throw new PollinateError('http', `${url} answered ${Array.isArray(outputs) ? outputs.length : 'no'} outputs for ${samples.length} input(s)`, { url });
+    if (!Array.isArray(outputs) || outputs.length !== values.length) {
+      throw new PollinateError('http', `${url} answered ${Array.isArray(outputs) ? outputs.length : 'no'} outputs for ${values.length} input(s)`, { url });
     }
     const inferenceMs = now() - started;
     const version = Number.isInteger(answer.version) ? answer.version : manifest.version;

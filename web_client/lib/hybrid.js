@@ -42,6 +42,27 @@ export function predictUrl(serverUrl, model, channel, clientId) {
   return url.href;
 }
 
+/** Bytes of JSON the client puts in one predict request: the server refuses bodies over 64 KiB. */
+export const MAX_PREDICT_BODY = 60_000;
+
+/** [from, to) index ranges of `parts` whose JSON stays under `limit` bytes (at least one part each). */
+export function chunksUnder(parts, limit) {
+  const ranges = [];
+  let from = 0;
+  let bytes = 16;  // {"inputs":[]} / {"rows":[]}
+  parts.forEach((part, i) => {
+    const size = new TextEncoder().encode(JSON.stringify(part)).length + 1;
+    if (i > from && bytes + size > limit) {
+      ranges.push([from, i]);
+      from = i;
+      bytes = 16;
+    }
+    bytes += size;
+  });
+  if (parts.length > from) ranges.push([from, parts.length]);
+  return ranges;
+}
+
 /** A flat sample as nested arrays of `shape` (JSON for the server's `inputs`). */
 export function nest(flat, shape) {
   const values = Array.from(flat, Number);

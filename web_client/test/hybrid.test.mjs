@@ -181,6 +181,24 @@ describe('hybrid serving against a real server', () => {
     assert.equal(remote.fetchLog.length, before);
   });
 
+  test('a batch larger than the server takes in one body goes in several requests, in order', async () => {
+    const local = client();
+    await local.load();
+    const remote = client({ mode: 'server' });
+    await remote.load();
+    const cities = ['amsterdam', 'berlin', 'london', 'madrid', 'warsaw'];
+    const many = Array.from({ length: 600 }, (_, i) => ({
+      distance_km: 0.4 + (i % 29) / 2, hour: 10 + (i % 14), weekday: i % 7, prep_time_min: 3 + (i % 31), courier_load: 0.1 + (i % 17) / 5, city: cities[i % 5],
+    }));
+    const there = await remote.predict(many);
+    const requests = remote.fetchLog.filter(e => e.kind === 'predict');
+    assert.ok(requests.length >= 2, `${requests.length} request(s)`);
+    const here = await local.predict(many);
+    assert.equal(there.length, many.length);
+    const worst = here.reduce((m, r, i) => Math.max(m, Math.abs(r.values[0] - there[i].values[0])), 0);
+    assert.ok(worst <= 1e-4, `largest difference ${worst}`);
+  });
+
   const fallbacks = [
     ['no TF.js backend starts', { backends: ['webgl'] }, 'no-backend'],
     ['the model is larger than maxModelBytes', { maxModelBytes: 1000 }, 'too-large'],

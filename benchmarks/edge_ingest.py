@@ -558,7 +558,11 @@ def write_markdown(result: dict, path: Path) -> None:
               "waited for (the O_DIRECT write still waits for the device to take the bytes, ~0.1 ms per update "
               "here): both servers are bound by CPU — ours' event loop (uvicorn's HTTP work, as bare's, plus the "
               "route's admission and the hand-over to the committer) and the committer thread (checks, append, "
-              "commit), which share one GIL and, with the client, the machine's cores.", ""]
+              "commit), which share one GIL and, with the client, the machine's cores. With few connections a "
+              "connection waits for each answer before it sends its next update, so ours' rate is also bounded "
+              "by connections / an update's wall time (the phase table's total): bare answers as soon as it has "
+              "read the body, ours once its batch is committed (handed between the event loop and the committer "
+              "thread twice, each hand-over waiting for the GIL on a busy machine).", ""]
     for row in result["rows"]:
         bare = row["bare"]
         ms = split.get(row["model"])

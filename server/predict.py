@@ -10,10 +10,12 @@ Three things make it cheap:
 
 - **Interpreters are kept** per (model, version), loaded once in a worker thread; every run
   happens in a worker thread too, never on the event loop.
-- **Micro-batching**: requests for one (model, version) that arrive within a short window
-  (``POLLINATE_PREDICT_WINDOW_MS``, 2 ms) are concatenated into one resized batch and run
-  once; each request gets its own rows back. While a run is under way the next batch keeps
-  gathering, so under load batches grow by themselves. A model whose TFLite file has a fixed
+- **Micro-batching**: concurrent requests for one (model, version) are gathered for a short
+  window (``POLLINATE_PREDICT_WINDOW_MS``, 2 ms, or until ``POLLINATE_PREDICT_MAX_BATCH``
+  examples), concatenated into one resized batch and run once; each request gets its own rows
+  back. While a run is under way the next batch keeps gathering, so under load batches grow
+  by themselves; a request that finds nothing running or waiting runs at once (a lone client
+  pays no window). A model whose TFLite file has a fixed
   batch of 1 (recurrent models are exported that way) runs its rows one by one.
 - **An LRU cache of answers** keyed by (model, version, sha256 of the input's canonical bytes:
   :func:`registry.inputs.input_digest`): a repeat is answered with the stored bytes. Moving a
@@ -188,15 +190,17 @@ class _Pending:
     x: np.ndarray
     future: asyncio.Future
     arrived: float
+    gather: bool  # False: it found the batcher idle and runs at once
 
 
 class Batcher:
     """Gathers concurrent requests for one interpreter into batches and runs them in a thread.
 
-    The first request of a batch opens it; the batch runs ``window`` seconds later, or at
-    once when it holds ``max_batch`` examples, or, if the interpreter is still busy with the
-    previous batch then, as soon as it is free (gathering meanwhile). Requests are never
-    split: one bigger than ``max_batch`` runs alone.
+    A request that finds the batcher idle (nothing running, nothing waiting) runs at once: a
+    lone client pays no window. Otherwise it joins the open batch, which runs ``window``
+    seconds after its first request arrived, or at once when it holds ``max_batch`` examples,
+    and never before the interpreter is free (it keeps gathering while the previous batch
+    runs). Requests are never split: one bigger than ``max_batch`` runs alone.
     """
 
     def __init__(self, model: str, runner: Runner, window_s: float, max_batch: int):
@@ -212,7 +216,8 @@ class Batcher:
     async def submit(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """This request's outputs and how many requests shared its interpreter run."""
         loop = asyncio.get_running_loop()
-        item = _Pending(x, loop.create_future(), loop.time())
+        idle = self._task is None and not self._pending
+        item = _Pending(x, loop.create_future(), loop.time(), gather=not idle)
         self._pending.append(item)
         self._rows += len(x)
         if self._task is None:
@@ -225,7 +230,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                delay = self._pending[0].arrived + self.window_s - loop.time()
+                first = self._pending[0]
+                delay = first.arrived + self.window_s - loop.time() if first.gather else 0.0
                 if delay > 0 and self._rows < self.max_batch:
                     self._wake = loop.create_future()
                     timer = loop.call_later(delay, _resolve, self._wake)
@@ -248,8 +254,8 @@ class Batcher:
             self._task = None
 
     async def _run(self, batch: list[_Pending]) -> None:
-        x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
         try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
             y = await anyio.to_thread.run_sync(self.runner.run, x)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
             for item in batch:

@@ -18,7 +18,7 @@ from server.fastpath import MAX_CLIENT_ID
 from server.names import existing_model_name
 from server.predict import NoServableArtifact, Predictor
 from server.schemas import ErrorOut, PredictIn, PredictOut
-from server.state import Services, ServicesDep
+from server.state import Services
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -31,10 +31,13 @@ ANSWER_HEADERS = {
 }
 
 
-def predictor(request: Request, svc: Services) -> Predictor:
-    """One per process, made on first use (on the event loop: no race)."""
+def predictor(request: Request) -> Predictor:
+    """One per process, made on first use (on the event loop: no race). Not a FastAPI
+    dependency: a plain ``def`` dependency (as ``ServicesDep``) runs in the thread pool, a
+    thread hop that costs more than a cached answer."""
     found = getattr(request.app.state, "predictor", None)
     if found is None:
+        svc: Services = request.app.state.services
         config = svc.config
         found = request.app.state.predictor = Predictor(
             svc.catalog, config.predict_cache_entries, config.predict_window_ms / 1000.0, config.predict_max_batch
@@ -59,7 +62,6 @@ def predictor(request: Request, svc: Services) -> Predictor:
 )
 async def predict(
     request: Request,
-    svc: ServicesDep,
     name: Annotated[str, Path(description="Model name, e.g. digits.")],
     channel: Annotated[str, Query(pattern=f"^{CHANNEL_NAME.pattern}$", description="stable, canary, …")] = "stable",
     client_id: Annotated[
@@ -76,7 +78,7 @@ async def predict(
     (``X-Pollinate-Cache: hit``). A version without a ``tflite-float32`` file answers 409."""
     model = existing_model_name(name)
     try:
-        answer = await predictor(request, svc).predict(model, channel, client_id, await request.body())
+        answer = await predictor(request).predict(model, channel, client_id, await request.body())
     except NoServableArtifact as exc:
         raise HTTPException(409, str(exc)) from None
     return Response(answer.body, media_type="application/json", headers=answer.headers)

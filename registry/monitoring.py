@@ -24,16 +24,20 @@ Tables (schema 4; the channel side tables are registry/channels.py's ``SHADOW_SC
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from core.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound, PollinateError
 from registry import channels
 
 if TYPE_CHECKING:
@@ -130,6 +134,8 @@ GUARDRAIL_METRICS = ("field_accuracy", "error_rate", "agreement")
 TELEMETRY_KEYS = {"version", "client_id", "predictions", "errors", "latency_ms", "features", "prediction",
                   "shadow", "recent"}
 FEEDBACK_KEYS = {"version", "prediction", "label", "prediction_id", "client_id"}
+RECENT_KEYS = {"id", "prediction", "confidence"}
+_INT = {int}
 
 DEFAULTS: dict = {
     "psi": 0.2,              # drift alert: PSI at or above this on a feature or the predictions...
@@ -219,9 +225,13 @@ def _histogram(value: object, bins: int, what: str, at_most: int, at_most_what: 
         raise InvalidInput(f"{what} must be a list of {bins} counts")
     if len(value) != bins:
         raise InvalidInput(f"{what} must have exactly {bins} bins (the version's grid), got {len(value)}")
-    counts = [_count(v, f"{what} counts") for v in value]
-    if sum(counts) > at_most:
-        raise InvalidInput(f"{what} counts sum to {sum(counts)}, more than {at_most_what} ({at_most})")
+    if set(map(type, value)) == _INT and min(value) >= 0 and max(value) <= MAX_PREDICTIONS:
+        counts = value  # plain non-negative ints (what JSON gives): checked without a call per count
+    else:
+        counts = [_count(v, f"{what} counts") for v in value]
+    total = sum(counts)
+    if total > at_most:
+        raise InvalidInput(f"{what} counts sum to {total}, more than {at_most_what} ({at_most})")
     return counts
 
 
@@ -255,10 +265,12 @@ def _finite(value: object, what: str) -> float:
 class Monitor:
     """Reads and writes the monitoring tables of one store; safe to share between threads."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, *, synchronous: str = "NORMAL"):
         self.store = store
         self._profiles: dict[tuple[str, int], dict] = {}
+        self._plans: dict[tuple[str, int], _Plan] = {}
         self._lock = threading.Lock()
+        self._committer = _Committer(self, synchronous)
 
     # ------------------------------------------------------------------ profiles
 
@@ -314,40 +326,41 @@ class Monitor:
 
     # ------------------------------------------------------------------ telemetry
 
+    def _plan(self, model: str, version: int, loaded: dict) -> _Plan:
+        """What a batch of this version is checked against, worked out once (versions are immutable)."""
+        key = (model, version)
+        plan = self._plans.get(key)
+        if plan is None or plan.profile is not loaded:
+            plan = self._plans[key] = _Plan(loaded)
+        return plan
+
     def _check_telemetry(self, model: str, body: object, versions: set[int]) -> dict:
         """The batch, validated whole against its version's grid (InvalidInput otherwise)."""
         body = _object(body, TELEMETRY_KEYS, "telemetry")
         if "version" not in body or "predictions" not in body:
             raise InvalidInput("telemetry needs 'version' and 'predictions'")
         version, loaded = self._grid_for(model, body["version"], versions)
+        plan = self._plan(model, version, loaded)
         if "client_id" in body:
             _short_string(body["client_id"], "client_id")
         n = _count(body["predictions"], "predictions")
         batch = {"version": version, "predictions": n, "errors": _count(body.get("errors", 0), "errors"),
                  "series": {}, "shadow": None, "recent": []}
-        latency_bins = len(loaded["latency_ms_edges"]) - 1
         if "latency_ms" in body:
-            batch["series"]["latency_ms"] = _histogram(body["latency_ms"], latency_bins, "latency_ms", n)
+            batch["series"]["latency_ms"] = _histogram(body["latency_ms"], plan.latency_bins, "latency_ms", n)
         features = body.get("features", {})
-        grid_features = {f["name"]: f for f in loaded["features"]}
         if not isinstance(features, Mapping):
             raise InvalidInput("features must be an object {feature: counts}")
         for name, counts in features.items():
-            if name not in grid_features:
+            bins = plan.features.get(name) if isinstance(name, str) else None
+            if bins is None:
                 raise InvalidInput(f"features: unknown feature {_show(name)} (the grid has "
-                                   f"{', '.join(sorted(grid_features))})")
-            batch["series"][f"feature:{name}"] = _histogram(
-                counts, P.bins_of(grid_features[name]), f"features.{name}", n)
+                                   f"{', '.join(sorted(plan.features))})")
+            batch["series"][plan.feature_series[name]] = _histogram(counts, bins, f"features.{name}", n)
         if "prediction" in body:
-            grid_prediction = loaded["prediction"]
-            if grid_prediction["task"] == P.REGRESSION:
-                shapes = {"values": len(grid_prediction["edges"]) - 1}
-            else:
-                shapes = {"classes": len(grid_prediction["labels"]),
-                          "confidence": len(grid_prediction["confidence_edges"]) - 1}
-            prediction = _object(body["prediction"], set(shapes), "prediction")
+            prediction = _object(body["prediction"], set(plan.prediction), "prediction")
             for key, counts in prediction.items():
-                batch["series"][f"prediction:{key}"] = _histogram(counts, shapes[key], f"prediction.{key}", n)
+                batch["series"][f"prediction:{key}"] = _histogram(counts, plan.prediction[key], f"prediction.{key}", n)
         if "shadow" in body:
             shadow = _object(body["shadow"], {"version", "compared", "agreed", "latency_ms"}, "shadow")
             shadow_version = shadow.get("version")
@@ -362,7 +375,7 @@ class Monitor:
             batch["shadow"] = (shadow_version, compared, agreed)
             if "latency_ms" in shadow:
                 batch["series"][f"shadow:{shadow_version}:latency_ms"] = _histogram(
-                    shadow["latency_ms"], latency_bins, "shadow.latency_ms", compared, "shadow.compared")
+                    shadow["latency_ms"], plan.latency_bins, "shadow.latency_ms", compared, "shadow.compared")
         if "recent" in body:
             batch["recent"] = self._check_recent(body["recent"], loaded["prediction"])
         return batch
@@ -372,8 +385,10 @@ class Monitor:
         if not isinstance(recent, list) or len(recent) > MAX_RECENT:
             raise InvalidInput(f"recent must be a list of at most {MAX_RECENT} predictions")
         rows, seen = [], set()
+        labels = None if grid_prediction["task"] == P.REGRESSION else set(grid_prediction["labels"])
         for item in recent:
-            item = _object(item, {"id", "prediction", "confidence"}, "recent item")
+            if not (isinstance(item, dict) and item.keys() <= RECENT_KEYS):
+                item = _object(item, RECENT_KEYS, "recent item")  # the refusal, with what is wrong
             pid = item.get("id")
             if not isinstance(pid, str) or not PREDICTION_ID.fullmatch(pid):
                 raise InvalidInput("recent id must be 1-64 of A-Z a-z 0-9 _ . : -")
@@ -382,68 +397,105 @@ class Monitor:
             seen.add(pid)
             if "prediction" not in item:
                 raise InvalidInput("a recent item needs its prediction")
-            prediction = _prediction_text(item["prediction"], grid_prediction, "recent prediction")
-            confidence = None
-            if item.get("confidence") is not None:
-                confidence = _finite(item["confidence"], "recent confidence")
+            prediction = item["prediction"]
+            if labels is None or not (isinstance(prediction, str) and prediction in labels):
+                prediction = _prediction_text(prediction, grid_prediction, "recent prediction")
+            confidence = item.get("confidence")
+            if confidence is not None and not (type(confidence) is float and 0 <= confidence <= 1):
+                confidence = _finite(confidence, "recent confidence")
                 if not 0 <= confidence <= 1:
                     raise InvalidInput("recent confidence must be in [0, 1]")
             rows.append((pid, prediction, confidence))
         return rows
 
-    def ingest_telemetry(self, model: str, body: dict, *, now: float | None = None) -> dict:
-        """Validate one batch and add it into its (model, version, hour) window."""
-        now = time.time() if now is None else float(now)
-        versions = self._require_model(model)
-        batch = self._check_telemetry(model, body, versions)
-        window = window_of(now)
-        version = batch["version"]
-        count_rows = [
-            (model, version, window, series, i, c)
-            for series, counts in batch["series"].items()
-            for i, c in enumerate(counts) if c
-        ]
-        with self.store._write() as db:
-            db.execute(
-                "INSERT INTO monitor_windows (model, version, window, batches, predictions, errors)"
-                " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (model, version, window) DO UPDATE SET"
-                " batches = batches + 1, predictions = predictions + excluded.predictions,"
-                " errors = errors + excluded.errors",
-                (model, version, window, batch["predictions"], batch["errors"]),
-            )
-            db.executemany(
-                "INSERT INTO monitor_counts (model, version, window, series, bin, count) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (model, version, window, series, bin) DO UPDATE SET count = count + excluded.count",
-                count_rows,
-            )
-            if batch["shadow"] is not None:
-                shadow_version, compared, agreed = batch["shadow"]
-                db.execute(
-                    "INSERT INTO monitor_shadow (model, version, window, shadow_version, compared, agreed)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, window, shadow_version) DO UPDATE"
-                    " SET compared = compared + excluded.compared, agreed = agreed + excluded.agreed",
-                    (model, version, window, shadow_version, compared, agreed),
-                )
-            if batch["recent"]:
-                db.execute("DELETE FROM monitor_recent WHERE expires_at < ?", (now,))
-                db.executemany(
-                    "INSERT INTO monitor_recent (model, id, version, prediction, confidence, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, id) DO UPDATE SET version = excluded.version,"
-                    " prediction = excluded.prediction, confidence = excluded.confidence,"
-                    " expires_at = excluded.expires_at",
-                    [(model, pid, version, pred, conf, now + RECENT_TTL_S) for pid, pred, conf in batch["recent"]],
-                )
-        return {"accepted": True, "window": window}
+    # ------------------------------------------------------------------ ingestion (one committer)
 
-    # ------------------------------------------------------------------ feedback
+    def ingest_telemetry(self, model: str, body: dict, *, now: float | None = None) -> dict:
+        """Validate one batch and add it into its (model, version, hour) window; returns once
+        committed (see :class:`_Committer`)."""
+        return self._submit("telemetry", model, body, now).result()
 
     def ingest_feedback(self, model: str, body: dict, *, now: float | None = None) -> dict:
         """One user correction: ``{"version", "prediction", "label"}`` or
         ``{"prediction_id", "label"}`` (the prediction sent earlier in ``recent``; joined
-        once, then forgotten). Counted in the window of its arrival."""
-        now = time.time() if now is None else float(now)
-        versions = self._require_model(model)
-        body = _object(body, FEEDBACK_KEYS, "feedback")
+        once, then forgotten). Counted in the window of its arrival; returns once committed."""
+        return self._submit("feedback", model, body, now).result()
+
+    async def ingest_telemetry_async(self, model: str, body: dict, *, now: float | None = None) -> dict:
+        """:meth:`ingest_telemetry` for an event loop: the loop never blocks, and is woken once
+        per committed group of batches, not once per batch."""
+        return await self._submit("telemetry", model, body, now, asyncio.get_running_loop())
+
+    async def ingest_feedback_async(self, model: str, body: dict, *, now: float | None = None) -> dict:
+        """:meth:`ingest_feedback` for an event loop."""
+        return await self._submit("feedback", model, body, now, asyncio.get_running_loop())
+
+    def _submit(self, kind: str, model: str, body: object, now: float | None,
+                loop: asyncio.AbstractEventLoop | None = None):
+        from registry.store import check_model_name
+
+        if not isinstance(model, str):
+            raise NotFound(f"no model named {model!r}")
+        check_model_name(model)
+        pending = _Pending(kind, model, body, time.time() if now is None else float(now), loop)
+        self._committer.submit(pending)
+        return pending.future
+
+    def _apply(self, db: sqlite3.Connection, group: list[_Pending]) -> tuple[dict, dict]:
+        """Check and apply a group of batches inside one write transaction: each refused one
+        alone (it wrote nothing: every check comes before its first write), the others' counts
+        added up in memory first (they commute) and written once per row. Recent ids are written
+        (and a feedback's id consumed) in queue order, so a later item of the group sees them."""
+        results: dict[_Pending, dict] = {}
+        failed: dict[_Pending, BaseException] = {}
+        versions_of: dict[str, set[int]] = {}
+        merged = _Merged()
+        for pending in group:
+            try:
+                versions = versions_of.get(pending.model)
+                if versions is None:
+                    versions = versions_of[pending.model] = self._versions(db, pending.model)
+                if pending.kind == "telemetry":
+                    results[pending] = self._apply_telemetry(db, pending, versions, merged)
+                else:
+                    results[pending] = self._apply_feedback(db, pending, versions, merged)
+            except (InvalidInput, NotFound) as exc:
+                failed[pending] = exc
+        merged.write(db)
+        return results, failed
+
+    def _apply_telemetry(self, db, pending: _Pending, versions: set[int], merged: _Merged) -> dict:
+        model, now = pending.model, pending.now
+        batch = self._check_telemetry(model, pending.body, versions)
+        window = window_of(now)
+        version = batch["version"]
+        key = (model, version, window)
+        totals = merged.window(key)
+        totals[0] += 1
+        totals[1] += batch["predictions"]
+        totals[2] += batch["errors"]
+        for series, counts in batch["series"].items():
+            merged.add_counts((model, version, window, series), counts)
+        if batch["shadow"] is not None:
+            shadow_version, compared, agreed = batch["shadow"]
+            pair = merged.shadow.setdefault((model, version, window, shadow_version), [0, 0])
+            pair[0] += compared
+            pair[1] += agreed
+        if batch["recent"]:
+            if merged.expired_before is None or merged.expired_before < now:
+                db.execute("DELETE FROM monitor_recent WHERE expires_at < ?", (now,))
+                merged.expired_before = now
+            _insert_rows(
+                db, "monitor_recent (model, id, version, prediction, confidence, expires_at)",
+                [(model, pid, version, pred, conf, now + RECENT_TTL_S) for pid, pred, conf in batch["recent"]],
+                " ON CONFLICT (model, id) DO UPDATE SET version = excluded.version,"
+                " prediction = excluded.prediction, confidence = excluded.confidence,"
+                " expires_at = excluded.expires_at")
+        return {"accepted": True, "window": window}
+
+    def _apply_feedback(self, db, pending: _Pending, versions: set[int], merged: _Merged) -> dict:
+        model, now = pending.model, pending.now
+        body = _object(pending.body, FEEDBACK_KEYS, "feedback")
         if "client_id" in body:
             _short_string(body["client_id"], "client_id")
         if "label" not in body:
@@ -455,10 +507,9 @@ class Monitor:
                                    " send only prediction_id and label")
             if not isinstance(pid, str) or not PREDICTION_ID.fullmatch(pid):
                 raise InvalidInput("prediction_id must be 1-64 of A-Z a-z 0-9 _ . : -")
-            with self.store._read() as db:
-                row = db.execute(
-                    "SELECT version, prediction FROM monitor_recent WHERE model = ? AND id = ? AND expires_at >= ?",
-                    (model, pid, now)).fetchone()
+            row = db.execute(
+                "SELECT version, prediction FROM monitor_recent WHERE model = ? AND id = ? AND expires_at >= ?",
+                (model, pid, now)).fetchone()
             if row is None:
                 raise InvalidInput(f"unknown or expired prediction_id {pid!r} (ids are kept for 7 days)")
             version, prediction_text = row
@@ -475,18 +526,15 @@ class Monitor:
             delta = (0, abs(error), error * error)
         else:
             delta = (int(prediction_text == label_text), 0.0, 0.0)
-        with self.store._write() as db:
-            if pid is not None:
-                gone = db.execute("DELETE FROM monitor_recent WHERE model = ? AND id = ?", (model, pid)).rowcount
-                if not gone:
-                    raise InvalidInput(f"prediction_id {pid!r} was already answered")
-            db.execute(
-                "INSERT INTO monitor_windows (model, version, window, feedback, correct, abs_error, sq_error)"
-                " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (model, version, window) DO UPDATE SET"
-                " feedback = feedback + 1, correct = correct + excluded.correct,"
-                " abs_error = abs_error + excluded.abs_error, sq_error = sq_error + excluded.sq_error",
-                (model, version, window, *delta),
-            )
+        if pid is not None:  # the last check and the first write: the id is answered once
+            gone = db.execute("DELETE FROM monitor_recent WHERE model = ? AND id = ?", (model, pid)).rowcount
+            if not gone:
+                raise InvalidInput(f"prediction_id {pid!r} was already answered")
+        totals = merged.window((model, version, window))
+        totals[3] += 1
+        totals[4] += delta[0]
+        totals[5] += delta[1]
+        totals[6] += delta[2]
         return {"accepted": True, "window": window}
 
     # ------------------------------------------------------------------ reading
@@ -811,6 +859,279 @@ class Monitor:
                                "metric": metric, "p": p, "reason": reason})
                 break
         return rolled
+
+
+# --------------------------------------------------------------------------- ingestion plumbing
+
+
+class _Plan:
+    """A version's grid as the checks use it: bins per feature, per prediction series, latency."""
+
+    __slots__ = ("profile", "latency_bins", "features", "feature_series", "prediction")
+
+    def __init__(self, loaded: dict):
+        self.profile = loaded
+        self.latency_bins = len(loaded["latency_ms_edges"]) - 1
+        self.features = {f["name"]: P.bins_of(f) for f in loaded["features"]}
+        self.feature_series = {name: f"feature:{name}" for name in self.features}
+        grid_prediction = loaded["prediction"]
+        if grid_prediction["task"] == P.REGRESSION:
+            self.prediction = {"values": len(grid_prediction["edges"]) - 1}
+        else:
+            self.prediction = {"classes": len(grid_prediction["labels"]),
+                               "confidence": len(grid_prediction["confidence_edges"]) - 1}
+
+
+class _Pending:
+    """One telemetry or feedback body queued for the committer, and how its sender hears back:
+    a concurrent future (a thread waits on it) or an asyncio future of ``loop``."""
+
+    __slots__ = ("kind", "model", "body", "now", "loop", "future")
+
+    def __init__(self, kind: str, model: str, body: object, now: float, loop: asyncio.AbstractEventLoop | None):
+        self.kind, self.model, self.body, self.now, self.loop = kind, model, body, now, loop
+        if loop is None:
+            self.future = Future()
+            self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
+        else:
+            self.future = loop.create_future()  # made on the loop's own thread
+
+
+class _Merged:
+    """The accepted items of one group, added up: window totals, histogram counts, shadow pairs."""
+
+    __slots__ = ("windows", "counts", "shadow", "expired_before")
+
+    def __init__(self):
+        # (model, version, window) -> [batches, predictions, errors, feedback, correct, abs_error, sq_error]
+        self.windows: dict[tuple, list] = {}
+        self.counts: dict[tuple, list[int]] = {}  # (model, version, window, series) -> counts per bin
+        self.shadow: dict[tuple, list[int]] = {}  # (model, version, window, shadow version) -> [compared, agreed]
+        self.expired_before: float | None = None  # recent ids that expired before this are deleted
+
+    def window(self, key: tuple) -> list:
+        totals = self.windows.get(key)
+        if totals is None:
+            totals = self.windows[key] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        return totals
+
+    def add_counts(self, key: tuple, counts: list[int]) -> None:
+        summed = self.counts.get(key)
+        self.counts[key] = list(counts) if summed is None else [a + b for a, b in zip(summed, counts)]
+
+    def write(self, db: sqlite3.Connection) -> None:
+        """One statement per table: the counts' rows go in as one JSON array (json_each), so
+        SQLite adds them all in one call (one release of the GIL, not one per row)."""
+        if self.windows:
+            db.executemany(
+                "INSERT INTO monitor_windows (model, version, window, batches, predictions, errors, feedback,"
+                " correct, abs_error, sq_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (model, version, window) DO UPDATE SET batches = batches + excluded.batches,"
+                " predictions = predictions + excluded.predictions, errors = errors + excluded.errors,"
+                " feedback = feedback + excluded.feedback, correct = correct + excluded.correct,"
+                " abs_error = abs_error + excluded.abs_error, sq_error = sq_error + excluded.sq_error",
+                [(*key, *totals) for key, totals in self.windows.items()])
+        if self.counts:
+            rows = [(*key, i, c) for key, counts in self.counts.items() for i, c in enumerate(counts) if c]
+            _insert_rows(db, "monitor_counts (model, version, window, series, bin, count)", rows,
+                         " ON CONFLICT (model, version, window, series, bin) DO UPDATE SET"
+                         " count = count + excluded.count")
+        if self.shadow:
+            db.executemany(
+                "INSERT INTO monitor_shadow (model, version, window, shadow_version, compared, agreed)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, window, shadow_version) DO UPDATE"
+                " SET compared = compared + excluded.compared, agreed = agreed + excluded.agreed",
+                [(*key, compared, agreed) for key, (compared, agreed) in self.shadow.items()])
+
+
+def _insert_rows(db: sqlite3.Connection, into: str, rows: list[tuple], upsert: str) -> None:
+    """``INSERT INTO <into> ... <upsert>`` of many rows in one statement, the rows passed as
+    one JSON array read by json_each (values keep their types: JSON integers, reals, strings
+    and null). Without SQLite's JSON functions, one statement per row."""
+    if not rows:
+        return
+    columns = into[into.index("(") + 1:into.index(")")].count(",") + 1
+    if _has_json(db):
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(columns))
+        # "WHERE true": an INSERT ... SELECT needs a WHERE before its ON CONFLICT (SQLite's parser)
+        db.execute(f"INSERT INTO {into} SELECT {picks} FROM json_each(?) WHERE true{upsert}",
+                   (json.dumps(rows, separators=(",", ":")),))
+    else:
+        db.executemany(f"INSERT INTO {into} VALUES ({', '.join('?' * columns)}){upsert}", rows)
+
+
+_JSON_FUNCTIONS: list[bool] = []  # whether this process's SQLite has json_each (checked once)
+
+
+def _has_json(db: sqlite3.Connection) -> bool:
+    if not _JSON_FUNCTIONS:
+        try:
+            found = db.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')").fetchone()[0] == 1
+        except sqlite3.Error:
+            found = False
+        _JSON_FUNCTIONS.append(found)
+    return _JSON_FUNCTIONS[0]
+
+
+class _Committer:
+    """Telemetry and feedback that arrive together share one SQLite transaction, on one thread
+    with one long-lived connection (the same shape as registry/edge.py ``GroupCommit``).
+
+    Opening a connection per call, one fsync'd transaction per post and one UPSERT per
+    (series, bin) per batch held ingestion to ~100 batches a second. Here each sender queues
+    its body and waits; the committer takes everything queued, checks each item in order
+    inside one ``BEGIN IMMEDIATE`` transaction (a refused one wrote nothing), adds the accepted
+    ones' counts up in memory (counts commute), writes each touched row once, commits, and only
+    then answers every sender — an event loop once per group. So an answer still means
+    committed, and a refusal still means nothing changed.
+
+    Durability: the connection runs ``synchronous = NORMAL`` by default. In WAL mode a commit
+    is then written to the log (in the OS's page cache) but not fsync'd: it survives the
+    server being killed (kill -9, a crash), not a power cut or a kernel crash, which may lose
+    the last moments of telemetry (never corrupt the store). ``synchronous = "FULL"`` fsyncs
+    each group's commit instead. The thread stops when idle and starts with the next body.
+    One per Monitor; across processes SQLite's write lock still serialises."""
+
+    IDLE_S = 10.0
+    MAX_GROUP = 1024
+    # The log is copied into the database (a checkpoint: writes and an fsync) by a thread of its
+    # own every CHECKPOINT_S while the committer runs, so commits do not wait for it; the
+    # committer checkpoints itself (what is left) only past WAL_PAGES, which bounds the log.
+    CHECKPOINT_S = 0.5
+    WAL_PAGES = 4000
+
+    def __init__(self, monitor: Monitor, synchronous: str = "NORMAL"):
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self.monitor = monitor
+        self.synchronous = synchronous
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Pending] = []
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None  # only the committer thread uses it
+
+    def submit(self, pending: _Pending) -> None:
+        with self._cond:
+            self._queue.append(pending)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="pollinate-monitor-commit", daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def _serve(self) -> None:
+        stop = threading.Event()
+        threading.Thread(target=self._checkpoints, args=(stop,), name="pollinate-monitor-checkpoint",
+                         daemon=True).start()
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(self.IDLE_S)
+                    if not self._queue:
+                        self._thread = None
+                        stop.set()
+                        self._close()
+                        return
+                group, self._queue = self._queue[:self.MAX_GROUP], self._queue[self.MAX_GROUP:]
+            try:
+                self._commit(group)
+            except BaseException as exc:  # noqa: BLE001 - whatever happens, every sender hears of it
+                _answer(group, {p: PollinateError(f"the monitoring commit failed: {exc}") for p in group}, {})
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            from registry.store import BUSY_TIMEOUT_S  # registry.store imports this module
+
+            db = sqlite3.connect(self.monitor.store.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            db.execute(f"PRAGMA wal_autocheckpoint = {self.WAL_PAGES}")
+            self._db = db
+        return self._db
+
+    def _checkpoints(self, stop: threading.Event) -> None:
+        """Passive checkpoints (never blocking a writer) until ``stop``; errors are retried."""
+        from registry.store import BUSY_TIMEOUT_S
+
+        db = None
+        try:
+            while not stop.wait(self.CHECKPOINT_S):
+                try:
+                    if db is None:
+                        db = sqlite3.connect(self.monitor.store.db_path, timeout=BUSY_TIMEOUT_S,
+                                             isolation_level=None, check_same_thread=False)
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        db is not None and db.close()
+                    db = None
+        finally:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+
+    def _close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    def _commit(self, group: list[_Pending]) -> None:
+        results: dict = {}
+        failed: dict = {}
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results, failed = self.monitor._apply(db, group)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
+            if isinstance(exc, sqlite3.Error):
+                self._close()  # start afresh next time
+            message = (f"the store at {self.monitor.store.home} is unavailable: {exc}"
+                       if isinstance(exc, sqlite3.Error) else f"the monitoring commit failed: {exc}")
+            failed = {p: failed[p] if p in failed else PollinateError(message) for p in group}
+            results = {}
+            if not isinstance(exc, Exception):
+                _answer(group, failed, results)
+                raise
+        _answer(group, failed, results)
+
+
+def _answer(group: list[_Pending], failed: dict, results: dict) -> None:
+    """Tell each sender of a finished group its result or error: a thread through its future,
+    an event loop once for all of its own."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for pending in group:
+        error = failed.get(pending)
+        if error is None and pending not in results:
+            error = PollinateError("the monitoring commit failed")
+        if pending.loop is not None:
+            by_loop.setdefault(pending.loop, []).append((pending.future, results.get(pending), error))
+        elif not pending.future.done():
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.future.set_result(results[pending])
+    for loop, answers in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, answers)
+
+
+def _settle(answers: list) -> None:
+    for future, result, error in answers:
+        if future.done():  # the request was called off meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -556,3 +556,125 @@ def test_training_attaches_a_profile_and_models_profile_adds_one(tmp_path):
     assert again["features"] == profile["features"] and again["reference"]["features"] == profile["reference"]["features"]
     refused = run_cli("models", "profile", "digits@2", home=home)
     assert refused.returncode == 2 and "already has a profile" in refused.stderr
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def test_concurrent_batches_commit_together_and_add_up(monitored, digits):
+    """Batches sent at once from many threads are committed by the monitor's one committer,
+    many in one transaction: each sender hears only once its group is committed; a refused
+    batch in a group is refused alone and the others' counts add up exactly."""
+    import threading
+
+    from core.errors import InvalidInput
+
+    spec = digits.input_spec()
+    grid = monitored.grid("digits", 1)
+    bodies = list(client_batches(ordinary(digits), grid, spec, 1, size=10))
+    bad = {"version": 1, "predictions": 1, "features": {"ink_mass": [5] + [0] * 9}}  # counts over predictions
+    answers: list = []
+    start = threading.Barrier(8)
+    groups: list[int] = []
+    apply = monitored._apply
+
+    def counting(db, group):
+        groups.append(len(group))
+        return apply(db, group)
+
+    monitored._apply = counting
+
+    def send(k: int) -> None:
+        start.wait()
+        for i, body in enumerate(bodies[k::8]):
+            try:
+                answers.append(monitored.ingest_telemetry("digits", body if i % 3 else bad if k % 2 else body, now=T0))
+            except InvalidInput as exc:
+                answers.append(exc)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted_bodies = [body for k in range(8) for i, body in enumerate(bodies[k::8]) if i % 3 or k % 2 == 0]
+    assert sum(isinstance(a, dict) for a in answers) == len(accepted_bodies)
+    assert sum(isinstance(a, InvalidInput) for a in answers) == len(bodies) - len(accepted_bodies) > 0
+    v1 = monitored.report("digits")["versions"]["1"]
+    assert v1["predictions"] == sum(b["predictions"] for b in accepted_bodies)
+    assert v1["batches"] == len(accepted_bodies)
+    import sqlite3
+
+    db = sqlite3.connect(monitored.store.db_path)
+    stored = dict(db.execute("SELECT bin, count FROM monitor_counts WHERE series = 'feature:centroid_x'"))
+    expected = np.sum([b["features"]["centroid_x"] for b in accepted_bodies], axis=0)
+    assert [stored.get(i, 0) for i in range(len(expected))] == expected.tolist()
+    assert sum(groups) == len(bodies)
+
+
+def test_a_late_label_in_the_same_group_as_its_batch(monitored):
+    """A feedback queued right behind the batch that lists its id (one transaction) joins it;
+    a second feedback on that id in the same group is refused."""
+    import sqlite3
+    import time
+
+    from core.errors import InvalidInput
+
+    groups: list[int] = []
+    apply = monitored._apply
+    monitored._apply = lambda db, group: groups.append(len(group)) or apply(db, group)
+    # another connection holds the write lock: the committer takes a first item and waits for
+    # it, and the three below queue up behind it, to be taken as one group
+    blocker = sqlite3.connect(monitored.store.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    first = monitored._submit("feedback", "digits", {"version": 1, "prediction": "7", "label": "7"}, T0)
+    time.sleep(0.3)
+    batch = {"version": 1, "predictions": 1, "recent": [{"id": "g-1", "prediction": "2", "confidence": 0.5}]}
+    futures = [monitored._submit("telemetry", "digits", batch, T0),
+               monitored._submit("feedback", "digits", {"prediction_id": "g-1", "label": "2"}, T0),
+               monitored._submit("feedback", "digits", {"prediction_id": "g-1", "label": "3"}, T0)]
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert first.result()["accepted"] and max(groups) >= 3
+    assert futures[0].result()["accepted"] and futures[1].result()["accepted"]
+    with pytest.raises(InvalidInput, match="prediction_id"):
+        futures[2].result()
+    assert monitored.report("digits")["versions"]["1"]["field_accuracy"]["n"] == 2
+
+
+def test_an_answered_batch_survives_a_kill(tmp_path, digits, digits_profile):
+    """A batch is answered once committed: a process killed (SIGKILL) right after the answer
+    loses nothing (WAL with synchronous=NORMAL: the commit is in the log, in the OS's cache)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from registry import Store
+    from registry.monitoring import Monitor
+
+    home = tmp_path / "home"
+    publish_digits(Store(home), digits, digits_profile)
+    script = textwrap.dedent(f"""
+        import sys, time
+        from registry import Store
+        from registry.monitoring import Monitor
+        monitor = Monitor(Store({str(home)!r}))
+        for i in range(20):
+            monitor.ingest_telemetry("digits", {{"version": 1, "predictions": 7, "errors": 1}})
+            print(i, flush=True)
+        time.sleep(60)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        for i in range(20):
+            assert child.stdout.readline().strip() == str(i)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    v1 = Monitor(Store(home)).report("digits")["versions"]["1"]
+    assert (v1["batches"], v1["predictions"], v1["errors"]) == (20, 140, 20)

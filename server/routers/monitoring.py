@@ -5,8 +5,10 @@ aggregates and labels that devices send (docs/monitoring.md sections 2 and 3; no
 token). The order of refusals: a body over 64 KiB is refused by the app's body limit (413)
 before anything is read; then the body must be a JSON object (422); then the client's token
 bucket (per client id, else per address: 429 with ``Retry-After``); then the model must exist
-(404); then ``registry.monitoring.Monitor`` validates and merges it in one transaction in a
-worker thread (422 with what is wrong; nothing stored). A refused batch changes nothing.
+(404); then ``registry.monitoring.Monitor`` validates and merges it on its committer thread,
+in one transaction with the other batches queued meanwhile, and the request is answered once
+that transaction is committed (422 with what is wrong; nothing stored). A refused batch
+changes nothing.
 Every accepted batch asks the watcher (``server/monitoring.py``) to check the model's alerts
 and guardrails soon.
 
@@ -64,8 +66,9 @@ def _refuse(model: str | None, route: str, reason: str, status: int, detail: str
     return JSONResponse({"detail": detail}, status_code=status, headers={**NO_STORE, **(headers or {})})
 
 
-async def _take(request: Request, svc: Services, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
-    """(watcher, model, body) for a batch that may be ingested, or the refusal to send."""
+async def _take(request: Request, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
+    """(watcher, model, body) for a batch that may be ingested, or the refusal to send. Whether
+    the model exists is checked by the monitor, in the transaction that would store the batch."""
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
@@ -84,31 +87,32 @@ async def _take(request: Request, svc: Services, name: str, route: str) -> tuple
                        f" retry in {retry_after(wait)} s", {"Retry-After": retry_after(wait)})
     try:
         model = existing_model_name(name)
-        await svc.catalog.model(model)
     except NotFound as exc:
         return _refuse(None, route, "not_found", 404, str(exc))
     return watch, model, body
 
 
 async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict) -> JSONResponse | dict:
+    """``ingest`` is the monitor's async ingestion: the body waits in its committer's queue and
+    this request is answered once the group it joined is committed (the loop never blocks)."""
     try:
-        return await anyio.to_thread.run_sync(ingest, model, body)
-    except NotFound as exc:
-        return _refuse(model, route, "not_found", 404, str(exc))
+        return await ingest(model, body)
+    except NotFound as exc:  # no such model: not a metric label of its own
+        return _refuse(None, route, "not_found", 404, str(exc))
     except InvalidInput as exc:
         return _refuse(model, route, "invalid", 422, str(exc))
 
 
 @router.post("/{name}/telemetry", status_code=202, responses={202: ACCEPTED, **REFUSALS},
              summary="One version's telemetry aggregate since the client's last flush")
-async def telemetry(request: Request, svc: ServicesDep, name: ModelName) -> JSONResponse:
+async def telemetry(request: Request, name: ModelName) -> JSONResponse:
     """Histograms on the manifest's `monitoring` grid, counts, latency, shadow agreement and
     recent prediction ids; never an input. Batches add up per version and UTC hour."""
-    taken = await _take(request, svc, name, "telemetry")
+    taken = await _take(request, name, "telemetry")
     if isinstance(taken, JSONResponse):
         return taken
     watch, model, body = taken
-    result = await _ingest(watch, model, "telemetry", watch.monitor.ingest_telemetry, body)
+    result = await _ingest(watch, model, "telemetry", watch.monitor.ingest_telemetry_async, body)
     if isinstance(result, JSONResponse):
         return result
     predictions = body.get("predictions")
@@ -119,15 +123,15 @@ async def telemetry(request: Request, svc: ServicesDep, name: ModelName) -> JSON
 
 @router.post("/{name}/feedback", status_code=202, responses={202: ACCEPTED, **REFUSALS},
              summary="What a prediction's answer really was")
-async def feedback(request: Request, svc: ServicesDep, name: ModelName) -> JSONResponse:
+async def feedback(request: Request, name: ModelName) -> JSONResponse:
     """``{"version", "prediction", "label"}``, or ``{"prediction_id", "label"}`` for a prediction
     the client listed in a telemetry batch's `recent`. Labels are the manifest's `labels`
     strings (numbers for regression)."""
-    taken = await _take(request, svc, name, "feedback")
+    taken = await _take(request, name, "feedback")
     if isinstance(taken, JSONResponse):
         return taken
     watch, model, body = taken
-    result = await _ingest(watch, model, "feedback", watch.monitor.ingest_feedback, body)
+    result = await _ingest(watch, model, "feedback", watch.monitor.ingest_feedback_async, body)
     if isinstance(result, JSONResponse):
         return result
     metrics.count_feedback(model)

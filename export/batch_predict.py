@@ -26,6 +26,7 @@ import csv
 import io
 import itertools
 import json
+import operator
 import os
 import queue
 import re
@@ -47,6 +48,8 @@ FORMAT = "tflite-float32"
 INPUT_SUFFIXES = (".csv", ".npy", ".npz")
 OUTPUT_SUFFIXES = (".csv", ".npy")
 DEFAULT_BATCH = 4096
+COUNT_COMMAS = operator.methodcaller("count", ",")
+COUNT_QUOTES = operator.methodcaller("count", '"')
 ROW_PREFIX = re.compile(r"^row (\d+)(, |: )")
 
 
@@ -130,46 +133,30 @@ class Chunk:
     first_row: int  # 0-based index of its first row among all rows
 
 
-class CsvTable:
-    """A CSV of table rows read in chunks of `batch` lines, each encoded as the model's features.
+class BadRow(Exception):
+    """A refused row of a chunk: its line in the file, its place in the chunk (None: not a
+    row, e.g. unreadable CSV), and what is wrong. The reader adds the file and the data row."""
 
-    Line numbers in messages are the file's (1-based, the header is line 1), with the data
-    row (1-based, blank lines not counted) beside them."""
+    def __init__(self, line: int, index: int | None, detail: str):
+        super().__init__(line, index, detail)
+        self.line, self.index, self.detail = line, index, detail
 
-    def __init__(self, path: Path, input_spec: dict, batch: int):
-        self.path = Path(path)
+
+class RowEncoder:
+    """Lines of a CSV (under a known header) as the model's feature batch. Picklable (worker
+    processes build their own): numpy's C reader first, `encode_rows` for what it cannot take."""
+
+    def __init__(self, input_spec: dict, header: list[str]):
         self.spec = input_spec
-        self.batch = batch
-        if not is_tabular(input_spec):
-            raise InvalidInput(f"{self.path.name}: this model takes arrays of shape {spec_shape(input_spec)}, "
-                               "not table rows; give a .npy or .npz file")
+        self.header = header
         self.columns = tabular_columns(input_spec)
         self.features = list((input_spec.get("preprocessing") or {}).get("features") or [])
         rule = (input_spec.get("preprocessing") or {}).get("unknown_category")
         self.unknown_zero = isinstance(rule, str) and "zero" in rule.lower()
-        self.handle = open_text(self.path)
-        header_line = self.handle.readline()
-        try:
-            header = next(csv.reader([header_line]), [])
-        except csv.Error as exc:
-            raise InvalidInput(f"{self.path.name} line 1 (header): not a readable CSV header: {exc}") from None
-        self.header = [name.strip() for name in header]
-        if not any(self.header):
-            raise InvalidInput(f"{self.path.name} is empty: expected a header line with the model's columns")
-        duplicates = sorted({n for n in self.header if self.header.count(n) > 1})
-        if duplicates:
-            raise InvalidInput(f"{self.path.name} line 1 (header): duplicate column {duplicates[0]!r}")
-        names = [str(c["name"]) for c in self.columns]
-        missing = [n for n in names if n not in self.header]
-        if missing:
-            raise InvalidInput(f"{self.path.name} line 1 (header): missing column {missing[0]!r}; "
-                               f"the model's columns are: {', '.join(names)}")
-        self.ignored = [n for n in self.header if n not in names]
-        self.positions = {n: self.header.index(n) for n in names}
-        self.line = 1  # physical lines consumed so far
-        self.rows = 0  # data rows produced so far
+        self.names = [str(c["name"]) for c in self.columns]
+        self.positions = {n: header.index(n) for n in self.names}
         index = {f: i for i, f in enumerate(self.features)}
-        self.plan = []  # (name, column in the file, feature index | {category: feature index})
+        self.plan = []  # (name, column in the file, feature index | [feature index per category], vocabulary)
         for column in self.columns:
             name = str(column["name"])
             if column.get("type") == "categorical":
@@ -179,52 +166,22 @@ class CsvTable:
             else:
                 self.plan.append((name, self.positions[name], index[name], None))
         self.usecols = [p for _, p, _, _ in self.plan]
-        self.converters = {p: category_code(vocab) for _, p, _, vocab in self.plan if vocab is not None}
 
-    def estimated_rows(self) -> int | None:
-        """Lines in the file minus the header (exact unless blank lines or quoted newlines)."""
-        try:
-            with self.path.open("rb") as handle:
-                lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
-                handle.seek(max(self.path.stat().st_size - 1, 0))
-                if handle.read(1) not in (b"\n", b""):
-                    lines += 1
-        except OSError:
-            return None
-        return max(lines - 1, 0)
-
-    def __iter__(self) -> Iterator[Chunk]:
-        try:
-            while True:
-                lines = list(itertools.islice(self.handle, self.batch))
-                if not lines:
-                    break
-                while sum(line.count('"') for line in lines) % 2:  # a quoted field spans lines
-                    more = self.handle.readline()
-                    if not more:
-                        break
-                    lines.append(more)
-                first_line = self.line + 1
-                self.line += len(lines)
-                x = self.fast(lines)
-                if x is None:
-                    x = self.checked(lines, first_line)
-                if len(x):
-                    yield Chunk(x, self.rows)
-                    self.rows += len(x)
-            if self.rows == 0:
-                raise InvalidInput(f"{self.path.name} has a header but no data rows")
-        finally:
-            self.handle.close()
+    def encode(self, lines: list[str], first_line: int) -> np.ndarray:
+        x = self.fast(lines)
+        return self.checked(lines, first_line) if x is None else x
 
     def fast(self, lines: list[str]) -> np.ndarray | None:
         """numpy's C reader on a chunk of plain lines; None when the chunk needs the checks."""
+        if set(map(COUNT_COMMAS, lines)) != {len(self.header) - 1}:
+            return None  # ragged or blank lines: the checks decide
         text = "".join(lines)
-        if text.count(",") != len(lines) * (len(self.header) - 1) or '"' in text:
-            return None  # ragged, blank or quoted lines: encode_rows decides
+        if '"' in text:
+            return None  # quoted cells: the csv module reads them
+        converters = {p: category_code(vocab) for _, p, _, vocab in self.plan if vocab is not None}
         try:
-            table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, usecols=self.usecols, converters=self.converters,
-                               comments=None, quotechar=None, ndmin=2, encoding=None)
+            table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, usecols=self.usecols,
+                               converters=converters, comments=None, quotechar=None, ndmin=2, encoding=None)
         except (ValueError, TypeError):
             return None
         if table.shape != (len(lines), len(self.usecols)):
@@ -246,11 +203,10 @@ class CsvTable:
         return self.shaped(out)
 
     def checked(self, lines: list[str], first_line: int) -> np.ndarray:
-        """The chunk through `encode_rows` (the server's checks); its refusals are rewritten to
-        name the file's line and the data row."""
+        """The chunk through `encode_rows` (the server's checks); a refusal becomes a BadRow
+        naming the file's line."""
         rows, where = [], []
         reader = csv.reader(lines)
-        names = [name for name, _, _, _ in self.plan]
         start = 0
         while True:
             try:
@@ -258,15 +214,14 @@ class CsvTable:
             except StopIteration:
                 break
             except csv.Error as exc:
-                raise InvalidInput(f"{self.path.name} line {first_line + reader.line_num - 1}: not readable CSV: {exc}") from None
+                raise BadRow(first_line + reader.line_num - 1, None, f"not readable CSV: {exc}") from None
             line = first_line + start
             start = reader.line_num
             if not any(cell.strip() for cell in fields):
                 continue  # a blank line is no row
             if len(fields) > len(self.header):
-                raise InvalidInput(f"{self.path.name} line {line} (data row {self.rows + len(rows) + 1}): "
-                                   f"{len(fields)} fields, but the header has {len(self.header)}")
-            rows.append({n: fields[self.positions[n]] for n in names if self.positions[n] < len(fields)})
+                raise BadRow(line, len(rows), f"{len(fields)} fields, but the header has {len(self.header)}")
+            rows.append({n: fields[self.positions[n]] for n in self.names if self.positions[n] < len(fields)})
             where.append(line)
         if not rows:
             return np.zeros((0, *[d or len(self.features) for d in spec_shape(self.spec)]), dtype=np.float32)
@@ -278,15 +233,107 @@ class CsvTable:
             if not found:
                 raise
             r = int(found.group(1))
-            rest = message[found.end():]
-            sep = ", " if found.group(2) == ", " else ": "
-            raise InvalidInput(f"{self.path.name} line {where[r]} (data row {self.rows + r + 1}){sep}{rest}") from None
+            raise BadRow(where[r], r, message[found.end():]) from None
 
     def shaped(self, out: np.ndarray) -> np.ndarray:
         shape = spec_shape(self.spec)
         if len(shape) == 1:
             return out
         return np.ascontiguousarray(out.reshape((len(out), *[len(self.features) if d is None else d for d in shape])))
+
+
+class CsvTable:
+    """A CSV of table rows read in chunks of `batch` lines, each encoded as the model's features.
+
+    Line numbers in messages are the file's (1-based, the header is line 1), with the data
+    row (1-based, blank lines not counted) beside them."""
+
+    def __init__(self, path: Path, input_spec: dict, batch: int):
+        self.path = Path(path)
+        self.spec = input_spec
+        self.batch = batch
+        if not is_tabular(input_spec):
+            raise InvalidInput(f"{self.path.name}: this model takes arrays of shape {spec_shape(input_spec)}, "
+                               "not table rows; give a .npy or .npz file")
+        names = [str(c["name"]) for c in tabular_columns(input_spec)]
+        self.handle = open_text(self.path)
+        try:
+            header = next(csv.reader([self.handle.readline()]), [])
+        except csv.Error as exc:
+            self.handle.close()
+            raise InvalidInput(f"{self.path.name} line 1 (header): not a readable CSV header: {exc}") from None
+        except UnicodeDecodeError:
+            self.handle.close()
+            raise InvalidInput(f"{self.path.name} is not UTF-8 text; save the CSV as UTF-8") from None
+        self.header = [name.strip() for name in header]
+        problem = None
+        if not any(self.header):
+            problem = f"{self.path.name} is empty: expected a header line with the model's columns"
+        duplicates = sorted({n for n in self.header if self.header.count(n) > 1})
+        missing = [n for n in names if n not in self.header]
+        if duplicates:
+            problem = f"{self.path.name} line 1 (header): duplicate column {duplicates[0]!r}"
+        elif missing and not problem:
+            problem = (f"{self.path.name} line 1 (header): missing column {missing[0]!r}; "
+                       f"the model's columns are: {', '.join(names)}")
+        if problem:
+            self.handle.close()
+            raise InvalidInput(problem)
+        self.ignored = [n for n in self.header if n not in names]
+        self.encoder = RowEncoder(input_spec, self.header)
+        self.line = 1  # physical lines consumed so far
+        self.rows = 0  # data rows produced so far
+
+    def estimated_rows(self) -> int | None:
+        """Lines in the file minus the header (exact unless blank lines or quoted newlines)."""
+        try:
+            with self.path.open("rb") as handle:
+                lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+                handle.seek(max(self.path.stat().st_size - 1, 0))
+                if handle.read(1) not in (b"\n", b""):
+                    lines += 1
+        except OSError:
+            return None
+        return max(lines - 1, 0)
+
+    def raw(self) -> Iterator[tuple[list[str], int]]:
+        """(lines, first line number) of `batch` lines at a time; a quoted cell never split."""
+        try:
+            while True:
+                try:
+                    lines = list(itertools.islice(self.handle, self.batch))
+                    while sum(map(COUNT_QUOTES, lines)) % 2:  # a quoted cell spans lines
+                        more = self.handle.readline()
+                        if not more:
+                            break
+                        lines.append(more)
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"{self.path.name} after line {self.line}: not UTF-8 text; save the CSV as UTF-8") from None
+                if not lines:
+                    return
+                first_line = self.line + 1
+                self.line += len(lines)
+                yield lines, first_line
+        finally:
+            self.handle.close()
+
+    def refusal(self, bad: BadRow, rows_before: int) -> InvalidInput:
+        """A BadRow as the one line the user reads: file, line, data row, column, what."""
+        if bad.index is None:
+            return InvalidInput(f"{self.path.name} line {bad.line}: {bad.detail}")
+        return InvalidInput(f"{self.path.name} line {bad.line} (data row {rows_before + bad.index + 1}): {bad.detail}")
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for lines, first_line in self.raw():
+            try:
+                x = self.encoder.encode(lines, first_line)
+            except BadRow as bad:
+                raise self.refusal(bad, self.rows) from None
+            if len(x):
+                yield Chunk(x, self.rows)
+                self.rows += len(x)
+        if self.rows == 0:
+            raise InvalidInput(f"{self.path.name} has a header but no data rows")
 
 
 def category_code(vocabulary: dict[str, float]) -> Callable[[str], float]:
@@ -469,15 +516,14 @@ class Output:
         return self.path.suffix.lower() == ".csv"
 
     def write(self, y: np.ndarray) -> None:
-        if not self.is_csv:
+        if self.is_csv:
+            self.handle.write(csv_lines(y, self.labels))
+        else:
             self.parts.append(y)
-            return
-        cells = [column.astype(str).tolist() for column in y.T]  # float32's shortest exact text
-        if self.labels is not None:
-            cells.append(self.labels[np.argmax(y, axis=1)].tolist())
-        lines = cells[0] if len(cells) == 1 else map(",".join, zip(*cells))
-        self.handle.write("\n".join(lines))
-        self.handle.write("\n")
+
+    def write_text(self, text: str) -> None:
+        """Lines already formatted by `csv_lines` (in a worker process)."""
+        self.handle.write(text)
 
     def commit(self) -> None:
         if not self.is_csv:
@@ -493,6 +539,16 @@ class Output:
             self.handle.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def csv_lines(y: np.ndarray, labels: np.ndarray | None) -> str:
+    """Output rows as CSV lines: float32's shortest text that reads back exactly, and the top
+    label last for a classifier."""
+    cells = [column.astype(str).tolist() for column in y.T]
+    if labels is not None:
+        cells.append([csv_cell(text) for text in labels[np.argmax(y, axis=1)].tolist()])
+    lines = cells[0] if len(cells) == 1 else map(",".join, zip(*cells))
+    return "\n".join(lines) + "\n"
 
 
 def csv_cell(text: str) -> str:
@@ -519,9 +575,13 @@ def default_threads() -> int:
 
 
 def predict_file(store, name: str, source: Path, out: Path, *, version: int | None = None, channel: str | None = None,
-                 batch_size: int = DEFAULT_BATCH, threads: int | None = None,
+                 batch_size: int = DEFAULT_BATCH, threads: int | None = None, processes: int | None = None,
                  progress: Callable[[int, int | None], None] | None = None) -> dict:
-    """Run the chosen version over `source` into `out`; returns the summary (`--json`)."""
+    """Run the chosen version over `source` into `out`; returns the summary (`--json`).
+
+    `processes`: worker processes for a CSV (each parses, runs a one-thread interpreter and
+    formats its chunks; the order is kept); 0 or None: this process, one interpreter on
+    `threads` threads with the reader on a second thread."""
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be at least 1, got {batch_size}")
     threads = threads or default_threads()
@@ -536,18 +596,25 @@ def predict_file(store, name: str, source: Path, out: Path, *, version: int | No
     record = chosen.record
     started = time.perf_counter()
     reader = open_input(source, record.input_spec or {}, batch_size)
-    runner = BatchRunner(chosen.model_path, threads, batch_size)
+    runner = BatchRunner(chosen.model_path, 1 if processes else threads, batch_size)
     columns = output_columns(store, record, runner.width())
     total = reader.estimated_rows()
+    if processes is not None and processes < 0:
+        raise InvalidInput(f"--processes must be 0 or more, got {processes}")
+    if not isinstance(reader, CsvTable) or processes is None:
+        processes = 0  # measured: on 2 busy cores one process wins up to 1M rows (see the module's notes)
     writer = Output(out, columns, record.labels)
     done = 0
     try:
-        for chunk in prefetch(iter(reader)):
-            y = runner.run(chunk.x)
-            writer.write(y)
-            done += len(y)
-            if progress is not None:
-                progress(done, total)
+        if processes:
+            done = run_in_processes(reader, writer, chosen.model_path, batch_size, processes, total, progress)
+        else:
+            for chunk in prefetch(iter(reader)):
+                y = runner.run(chunk.x)
+                writer.write(y)
+                done += len(y)
+                if progress is not None:
+                    progress(done, total)
         writer.commit()
     except BaseException:
         writer.abort()
@@ -566,10 +633,72 @@ def predict_file(store, name: str, source: Path, out: Path, *, version: int | No
         "rows_per_second": round(done / seconds, 1) if seconds > 0 else None,
         "batch_size": batch_size,
         "threads": threads,
+        "processes": processes,
     }
     if isinstance(reader, CsvTable) and reader.ignored:
         summary["ignored_columns"] = reader.ignored
     return summary
+
+
+_worker: dict = {}
+
+
+def _worker_start(input_spec: dict, header: list[str], model_path: str, batch: int, labels, to_csv: bool) -> None:
+    _worker.update(encoder=RowEncoder(input_spec, header), runner=BatchRunner(Path(model_path), 1, batch),
+                   labels=labels, to_csv=to_csv)
+
+
+def _worker_chunk(lines: list[str], first_line: int):
+    """One chunk in a worker: (rows, outputs or None, CSV text or None); BadRow goes back."""
+    x = _worker["encoder"].encode(lines, first_line)
+    if not len(x):
+        return 0, None, ""
+    y = _worker["runner"].run(x)
+    if _worker["to_csv"]:
+        return len(x), None, csv_lines(y, _worker["labels"])
+    return len(x), y, None
+
+
+def run_in_processes(reader: CsvTable, writer: Output, model_path: Path, batch: int, processes: int,
+                     total: int | None, progress) -> int:
+    """Chunks over `processes` spawned workers, at most two each in flight (the file is never
+    all in memory), results taken in submission order; the first bad row stops them all."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    done = 0
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded process
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_start,
+                               initargs=(reader.spec, reader.header, str(model_path), batch, writer.labels, writer.is_csv))
+    pending: deque = deque()
+
+    def take() -> None:
+        nonlocal done
+        try:
+            rows, y, text = pending.popleft().result()
+        except BadRow as bad:
+            raise reader.refusal(bad, done) from None
+        if text is not None:
+            writer.write_text(text)
+        elif y is not None:
+            writer.write(y)
+        done += rows
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        for lines, first_line in reader.raw():
+            pending.append(pool.submit(_worker_chunk, lines, first_line))
+            if len(pending) >= 2 * processes:
+                take()
+        while pending:
+            take()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if done == 0:
+        raise InvalidInput(f"{reader.path.name} has a header but no data rows")
+    return done
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -618,58 +747,94 @@ def write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
             handle.write("\n".join(map(",".join, zip(*(c[start:start + step] for c in cells)))) + "\n")
 
 
+def in_memory_script(csv_path: Path, input_spec: dict, model_path: Path, out: Path, *, batch_size: int,
+                     threads: int) -> float:
+    """Seconds for what a one-off script does: the whole CSV in memory through numpy's reader
+    (no streaming, no checks), the bare invoke loop, the outputs written as text at once."""
+    started = time.perf_counter()
+    with open_text(Path(csv_path)) as handle:
+        header = [name.strip() for name in next(csv.reader([handle.readline()]))]
+        lines = handle.readlines()
+    x = RowEncoder(input_spec, header).fast(lines)
+    if x is None:
+        raise InvalidInput(f"{csv_path} is not a plain CSV")
+    runner = BatchRunner(model_path, threads, batch_size)
+    y = np.concatenate([runner.run(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+    out.write_text(csv_lines(y, None))
+    return time.perf_counter() - started
+
+
 def bench(home: Path, rows: int = 1_000_000, *, name: str = "delivery-eta", version: int | None = None,
           batch_size: int = DEFAULT_BATCH, threads: int | None = None, repeats: int = 3, folder: Path | None = None,
-          say: Callable[[str], None] = lambda text: None) -> dict:
-    """`pollinate predict` (the real command, in a subprocess; its own `seconds`) on `rows`
-    delivery rows as a CSV and as the encoded .npy, against the bare LiteRT invoke loop on the
-    same array in this process. Best of `repeats` each (a shared machine's noise is one-sided)."""
+          cli: bool = True, say: Callable[[str], None] = lambda text: None) -> dict:
+    """`pollinate predict` on `rows` generated delivery rows, as the encoded .npy (the same
+    array as the bare loop) and as a CSV, against the bare LiteRT invoke loop on that array
+    (the limit) and, for the CSV, an in-memory numpy script. In this process (`predict_file`)
+    and, with `cli`, as the real command in a subprocess (its own `seconds`, and the wall time
+    with Python's start). Best of `repeats` each, interleaved (a shared machine's noise only
+    ever adds time)."""
     import subprocess
 
     from registry import open_store
 
     store = open_store(home)
     chosen = choose_version(store, name, version, None)
+    spec = chosen.record.input_spec
     threads = threads or default_threads()
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         scratch = Path(scratch)
-        say(f"writing {rows:,} rows")
+        say(f"writing {rows:,} delivery rows")
         csv_path = scratch / "rows.csv"
         write_csv(csv_path, delivery_rows(rows))
-        x = np.concatenate([c.x for c in CsvTable(csv_path, chosen.record.input_spec, 65536)])
+        x = np.concatenate([c.x for c in CsvTable(csv_path, spec, 65536)])
         np.save(scratch / "rows.npy", x)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        results: dict[str, list] = {"bare": [], "npy": [], "csv": [], "npy_wall": [], "csv_wall": []}
+        results: dict[str, list] = {}
+
+        def note(kind: str, seconds: float) -> None:
+            results.setdefault(kind, []).append(seconds)
+
         for _ in range(repeats):
-            results["bare"].append(bare_loop(chosen.model_path, x, batch_size=batch_size, threads=threads))
+            note("bare", bare_loop(chosen.model_path, x, batch_size=batch_size, threads=threads))
+            note("script_csv", in_memory_script(csv_path, spec, chosen.model_path, scratch / "script.csv",
+                                                batch_size=batch_size, threads=threads))
             for kind, source, target in (("npy", "rows.npy", "out.npy"), ("csv", "rows.csv", "out.csv")):
+                summary = predict_file(store, name, scratch / source, scratch / target, version=chosen.record.version,
+                                       batch_size=batch_size, threads=threads)
+                note(kind, summary["seconds"])
+                if not cli:
+                    continue
                 command = [sys.executable, "-m", "pollinate", "predict", name, "--version", str(chosen.record.version),
-                           "--input", str(scratch / source), "--out", str(scratch / target), "--home", str(home),
+                           "--input", str(scratch / source), "--out", str(scratch / f"cli-{target}"), "--home", str(home),
                            "--batch-size", str(batch_size), "--threads", str(threads), "--json"]
                 began = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
                 wall = time.perf_counter() - began
                 if done.returncode != 0:
                     raise RuntimeError(f"pollinate predict failed ({done.returncode}): {done.stderr.strip()}")
-                results[kind].append(json.loads(done.stdout)["seconds"])
-                results[f"{kind}_wall"].append(wall)
-            say(f"bare {rows / results['bare'][-1]:,.0f} rows/s, npy {rows / results['npy'][-1]:,.0f}, "
-                f"csv {rows / results['csv'][-1]:,.0f}")
+                note(f"cli_{kind}", json.loads(done.stdout)["seconds"])
+                note(f"cli_{kind}_wall", wall)
+            say(", ".join(f"{kind} {rows / values[-1]:,.0f}" for kind, values in results.items()) + " rows/s")
         best = {kind: min(values) for kind, values in results.items()}
-        same = np.load(scratch / "out.npy")
-        y_bare = BatchRunner(chosen.model_path, threads, batch_size)
-        check = np.abs(same[: min(len(same), 10_000)] - y_bare.run(x[:10_000])).max()
+        y = np.load(scratch / "out.npy")
+        reference = BatchRunner(chosen.model_path, 1, 1)  # one row per invoke: what a device does
+        sample = np.linspace(0, rows - 1, num=min(rows, 2000)).astype(int)
+        check = max(float(np.abs(reference.run(x[i:i + 1]) - y[i]).max()) for i in sample)
     rate = {kind: rows / seconds for kind, seconds in best.items()}
-    return {
+    result = {
         "model": name, "version": chosen.record.version, "rows": rows, "batch_size": batch_size, "threads": threads,
         "repeats": repeats, "seconds": {k: round(v, 4) for k, v in best.items()},
         "rows_per_second": {k: round(v, 1) for k, v in rate.items()},
         "npy_vs_bare": round(rate["npy"] / rate["bare"], 3),
         "csv_vs_bare": round(rate["csv"] / rate["bare"], 3),
-        "max_abs_diff_vs_litert": float(check),
+        "csv_vs_script": round(rate["csv"] / rate["script_csv"], 3),
+        "max_abs_diff_vs_per_row_litert": check,
         "cpus": default_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
+    if cli:
+        result["cli_npy_vs_bare"] = round(rate["cli_npy"] / rate["bare"], 3)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,9 +847,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-cli", action="store_true", help="Only in this process (no `pollinate` subprocess).")
     args = parser.parse_args(argv)
     result = bench(args.home, args.bench, name=args.model, version=args.version, batch_size=args.batch_size,
-                   threads=args.threads, repeats=args.repeats, say=lambda text: print(text, file=sys.stderr))
+                   threads=args.threads, repeats=args.repeats, cli=not args.no_cli,
+                   say=lambda text: print(text, file=sys.stderr))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -102,6 +102,11 @@ def test_a_csv_equals_per_row_litert_in_the_input_order(tmp_path, home):
     assert np.abs(np.asarray(got, dtype=np.float64) - expected).max() <= 1e-5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
+    in_workers = tmp_path / "workers.csv"  # two spawned worker processes, the same bytes in the same order
+    summary = cli_json("predict", "delivery-eta", "--input", str(source), "--out", str(in_workers),
+                       "--batch-size", "128", "--processes", "2", home=home)
+    assert summary["processes"] == 2 and in_workers.read_bytes() == out.read_bytes()
+
     as_array = tmp_path / "eta.npy"
     cli_json("predict", "delivery-eta", "--input", str(source), "--out", str(as_array), home=home)
     assert np.abs(np.load(as_array) - expected).max() <= 1e-5
@@ -187,6 +192,11 @@ def test_a_bad_row_is_one_error_line_exit_2_and_nothing_written(tmp_path, home, 
     for part in want:
         assert part in lines[0], lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nor a temporary file
+    if source.suffix == ".csv" and case != "missing column":  # worker processes refuse the same row the same way
+        again = run_cli("predict", model, "--input", str(source), "--out", str(out), "--batch-size", "128",
+                        "--processes", "2", home=home)
+        assert again.returncode == 2 and again.stderr.strip() == lines[0], again.stderr
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_bad_arguments_exit_2(tmp_path, home):
@@ -229,6 +239,6 @@ def test_the_benchmark_function_runs(tmp_path, home):
     from export.batch_predict import bench
 
     result = bench(home, 5000, version=1, repeats=1, folder=tmp_path)
-    assert result["rows"] == 5000 and result["max_abs_diff_vs_litert"] <= 1e-5
+    assert result["rows"] == 5000 and result["max_abs_diff_vs_per_row_litert"] <= 1e-5
     assert set(result["rows_per_second"]) >= {"bare", "npy", "csv"}
     shutil.rmtree(tmp_path, ignore_errors=True)

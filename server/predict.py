@@ -368,7 +368,11 @@ class Predictor:
         if body is not None:
             count_predict(model, version, "hit")
             return Answer(model, version, body, "hit")
-        batcher = await self._batcher(model, version, files[0])
+        try:
+            batcher = await self._batcher(model, version, files[0], record.input_spec)
+        except NoServableArtifact:
+            count_predict_refusal(model, "no_artifact")
+            raise
         y, shared = await batcher.submit(x)
         if not np.isfinite(y).all():
             count_predict_refusal(model, "invalid")
@@ -389,7 +393,7 @@ class Predictor:
             return encode_rows(rows, input_spec)
         return check_inputs(inputs, input_spec)
 
-    async def _batcher(self, model: str, version: int, artifact) -> Batcher:
+    async def _batcher(self, model: str, version: int, artifact, spec: dict) -> Batcher:
         key = (model, version)
         batcher = self._batchers.get(key)
         if batcher is not None:
@@ -400,7 +404,7 @@ class Predictor:
             loading = self._loading[key] = asyncio.get_running_loop().create_future()
             path = self.catalog.blob(artifact).path
             try:
-                runner = await anyio.to_thread.run_sync(_load_runner, path)
+                runner = await anyio.to_thread.run_sync(_load_runner, path, model, version, spec)
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     loading.set_exception(exc)
@@ -419,5 +423,21 @@ class Predictor:
         return await asyncio.shield(loading)
 
 
-def _load_runner(path: Path) -> Runner:
-    return Runner(Path(path).read_bytes())
+def _load_runner(path: Path, model: str, version: int, spec: dict) -> Runner:
+    """The version's interpreter; NoServableArtifact (409) when LiteRT cannot run the file or it
+    takes another shape than the version's input spec says."""
+    try:
+        runner = Runner(Path(path).read_bytes())
+    except (ValueError, RuntimeError) as exc:
+        raise NoServableArtifact(f"model {model!r} version {version}: LiteRT cannot load its {FORMAT} file"
+                                 f" ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:
+        expected = spec_shape(spec)
+    except InvalidInput:
+        return runner
+    fits = len(expected) == len(runner.example_shape) and all(
+        want is None or want == got for want, got in zip(expected, runner.example_shape))
+    if not fits:
+        raise NoServableArtifact(f"model {model!r} version {version}: its {FORMAT} file takes examples of shape"
+                                 f" {list(runner.example_shape)}, its input spec says {spec.get('shape')}")
+    return runner

@@ -60,6 +60,8 @@ def world(tmp_path_factory):
     gru = _recurrent_tflite(root / "gru")
     store.publish("sequence", lineage=Lineage("central"), artifacts={"tflite-float32": {"model.tflite": gru}},
                   metrics={}, input_spec={"shape": [8, 8], "dtype": "float32"}, labels=["a", "b", "c"])
+    store.publish("broken", lineage=Lineage("central"), artifacts={"tflite-float32": {"model.tflite": b"not a model" * 99}},
+                  metrics={}, input_spec={"shape": [4], "dtype": "float32"})
     store.set_channel("digits", "stable", 1)
     store.set_channel("digits", "keras-only", 3)
     env = {"POLLINATE_WEB_CLIENT": "off", "POLLINATE_PREDICT_WINDOW_MS": str(WINDOW_MS)}
@@ -246,6 +248,8 @@ def test_refusals_of_body_shape_unknown_models_and_versions_without_tflite(world
     bare = post(world, "digits", {"inputs": np.zeros((8, 8, 1)).tolist()}, channel="keras-only")
     assert bare.status_code == 409
     assert "version 3 has no tflite-float32" in bare.json()["detail"]
+    broken = post(world, "broken", {"inputs": [1, 2, 3, 4]})
+    assert broken.status_code == 409 and "LiteRT cannot load" in broken.json()["detail"]
     assert metric(world, "pollinate_predict_refusals_total", model="digits", reason="no_artifact") >= 1
     assert metric(world, "pollinate_predict_refusals_total", model="digits", reason="invalid") >= 1
 

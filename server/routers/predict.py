@@ -75,7 +75,9 @@ async def predict(
     file gets. ``inputs`` are MODEL inputs, after the preprocessing the manifest describes;
     tabular models also take ``rows`` of named columns. Concurrent requests are run as one
     batch; a repeat of the same inputs for the same version is answered from a cache
-    (``X-Pollinate-Cache: hit``). A version without a ``tflite-float32`` file answers 409."""
+    (``X-Pollinate-Cache: hit``). A version without a ``tflite-float32`` file (or one LiteRT
+    cannot load) answers 409. Bodies are capped like every body here (64 KiB: 413 past it, about
+    50 digits examples); ``pollinate predict`` is the way for files of inputs."""
     model = existing_model_name(name)
     try:
         answer = await predictor(request).predict(model, channel, client_id, await request.body())

@@ -6,15 +6,24 @@ the server's predict route) goes through exactly the `tflite-float32` file that 
 that version download, resized to a batch of `--batch-size` rows, and the outputs come out in
 the input's row order as a CSV (one column per output) or a .npy array.
 
-Measured on 2 cores (see the report of `python -m export.batch_predict --bench ROWS`):
-- the model is small next to the cost of reading and writing text: one interpreter over
-  batches of 4096 rows, with the CSV read and encoded on a second thread while LiteRT runs
-  (LiteRT releases the GIL in `invoke`), beats several interpreters over chunks;
-- a CSV chunk is parsed by numpy's C reader (`loadtxt`, categories by vocabulary lookup) and
-  only a chunk that reader cannot take as it is (quotes, blank or ragged lines, text in a
-  number column, unknown categories) goes through `registry.inputs.encode_rows`, the checks
-  the server uses, which names the bad row and column. Nothing is written unless every row
-  passed: the output is a temporary file beside `--out`, renamed at the end.
+- A CSV is streamed: `--chunk-lines` lines at a time go through numpy's C reader (categories
+  by vocabulary lookup); only a chunk that reader cannot take as it is (quoted cells, blank
+  or ragged lines, text in a number column, non-finite numbers, a refused unknown category)
+  goes through `registry.inputs.encode_rows`, the checks the server's predict route uses,
+  whose refusal names the row and column; the message then names the file's line too.
+- Nothing is written unless every row passed: the output is a temporary file beside `--out`,
+  renamed at the end, removed on any error.
+- All cores by default, as one interpreter with `num_threads` = the cores, and the reader on a
+  second thread while LiteRT runs (`invoke` releases the GIL). Measured on the 2 (shared) cores
+  this was built on: several interpreters over chunks (threads) were no faster for the
+  delivery MLP or the digits CNN; worker processes for a CSV (`--processes`) lost ~1.5 s to
+  starting (spawn) on 1M rows, so they are opt-in, for many idle cores and big files.
+- `python -m export.batch_predict --bench ROWS --home H` times it on generated delivery rows
+  against the bare LiteRT invoke loop over the same array (and an in-memory numpy script for
+  the CSV). 1M rows, 2 busy cores, best of 3: .npy → .npy 7.9M rows/s against the bare loop's
+  7.6M (1.05x; 0.85x as the `pollinate` subprocess, 1.2M rows/s with Python's start); CSV →
+  CSV 0.45-0.48M rows/s, text parsing and formatting bound (0.06x the bare loop; the
+  unchecked in-memory script 0.64M).
 
 TensorFlow is never imported: LiteRT (`ai_edge_litert`) runs the file.
 """
@@ -48,6 +57,7 @@ FORMAT = "tflite-float32"
 INPUT_SUFFIXES = (".csv", ".npy", ".npz")
 OUTPUT_SUFFIXES = (".csv", ".npy")
 DEFAULT_BATCH = 4096
+CSV_LINES = 32768  # lines per CSV chunk (measured: 4096-line chunks took ~20% longer on 1M rows)
 COUNT_COMMAS = operator.methodcaller("count", ",")
 COUNT_QUOTES = operator.methodcaller("count", '"')
 ROW_PREFIX = re.compile(r"^row (\d+)(, |: )")
@@ -399,10 +409,10 @@ class ArrayFile:
             yield Chunk(x, start)
 
 
-def open_input(path: Path, input_spec: dict, batch: int):
+def open_input(path: Path, input_spec: dict, batch: int, chunk_lines: int = CSV_LINES):
     suffix = Path(path).suffix.lower()
-    if suffix == ".csv":
-        return CsvTable(path, input_spec, batch)
+    if suffix == ".csv":  # text is read in bigger chunks than the invoke batch: numpy's reader pays per call
+        return CsvTable(path, input_spec, chunk_lines)
     if suffix in (".npy", ".npz"):
         return ArrayFile(path, input_spec, batch)
     raise InvalidInput(f"--input must be a .csv, .npy or .npz file, got {Path(path).name!r}")
@@ -425,6 +435,7 @@ class BatchRunner:
             raise InvalidInput(f"the {FORMAT} artifact takes {self.input['dtype'].__name__}, not float32")
         self.fixed = int(self.input["shape_signature"][0]) == 1  # recurrent models: a batch of 1
         self.size = None
+        self.batch = batch
         self.prepare(1 if self.fixed else batch)
 
     def prepare(self, size: int) -> None:
@@ -441,6 +452,8 @@ class BatchRunner:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.fixed:
             return np.concatenate([self.run_one(x[i:i + 1]) for i in range(len(x))])
+        if len(x) > self.batch:
+            return np.concatenate([self.run(x[start:start + self.batch]) for start in range(0, len(x), self.batch)])
         self.prepare(len(x))
         self.interpreter.set_tensor(self.input["index"], x)
         self.interpreter.invoke()
@@ -576,7 +589,7 @@ def default_threads() -> int:
 
 def predict_file(store, name: str, source: Path, out: Path, *, version: int | None = None, channel: str | None = None,
                  batch_size: int = DEFAULT_BATCH, threads: int | None = None, processes: int | None = None,
-                 progress: Callable[[int, int | None], None] | None = None) -> dict:
+                 chunk_lines: int = CSV_LINES, progress: Callable[[int, int | None], None] | None = None) -> dict:
     """Run the chosen version over `source` into `out`; returns the summary (`--json`).
 
     `processes`: worker processes for a CSV (each parses, runs a one-thread interpreter and
@@ -595,7 +608,9 @@ def predict_file(store, name: str, source: Path, out: Path, *, version: int | No
     chosen = choose_version(store, name, version, channel)
     record = chosen.record
     started = time.perf_counter()
-    reader = open_input(source, record.input_spec or {}, batch_size)
+    if chunk_lines < 1:
+        raise InvalidInput(f"--chunk-lines must be at least 1, got {chunk_lines}")
+    reader = open_input(source, record.input_spec or {}, batch_size, chunk_lines)
     runner = BatchRunner(chosen.model_path, 1 if processes else threads, batch_size)
     columns = output_columns(store, record, runner.width())
     total = reader.estimated_rows()
@@ -635,6 +650,8 @@ def predict_file(store, name: str, source: Path, out: Path, *, version: int | No
         "threads": threads,
         "processes": processes,
     }
+    if isinstance(reader, CsvTable):
+        summary["chunk_lines"] = chunk_lines
     if isinstance(reader, CsvTable) and reader.ignored:
         summary["ignored_columns"] = reader.ignored
     return summary

@@ -131,6 +131,7 @@ def predict(
     channel: Annotated[Optional[str], typer.Option("--channel", "-c", help="The version this channel serves (default: stable, else the newest).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per LiteRT invoke.")] = 4096,
     threads: Annotated[Optional[int], typer.Option("--threads", help="LiteRT CPU threads (default: every core this process may use).")] = None,
+    chunk_lines: Annotated[int, typer.Option("--chunk-lines", help="CSV only: lines read and checked at a time (memory vs speed).")] = 32768,
     processes: Annotated[int, typer.Option("--processes", help="CSV only: worker processes that each parse, predict and format chunks (0: this process). Pays on many idle cores and big files.")] = 0,
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
@@ -154,7 +155,7 @@ def predict(
                        rate=f"{done / elapsed:,.0f}" if elapsed > 0 else "…")
 
         summary = predict_file(open_store(home), name, input, out, version=version, channel=channel,
-                               batch_size=batch_size, threads=threads, processes=processes, progress=progress)
+                               batch_size=batch_size, threads=threads, processes=processes, chunk_lines=chunk_lines, progress=progress)
         bar.update(task, completed=summary["rows"], total=summary["rows"], rate=f"{summary['rows_per_second']:,.0f}")
     if as_json:
         print_json(summary)

@@ -90,7 +90,7 @@ def test_a_csv_equals_per_row_litert_in_the_input_order(tmp_path, home):
 
     out = tmp_path / "eta.csv"
     summary = cli_json("predict", "delivery-eta", "--input", str(source), "--out", str(out),
-                       "--batch-size", "128", home=home)
+                       "--batch-size", "64", "--chunk-lines", "128", home=home)
     assert (summary["rows"], summary["version"], summary["columns"]) == (700, 2, ["eta_min"])
     assert summary["ignored_columns"] == ["order_id"] and summary["rows_per_second"] > 0
 
@@ -104,7 +104,7 @@ def test_a_csv_equals_per_row_litert_in_the_input_order(tmp_path, home):
 
     in_workers = tmp_path / "workers.csv"  # two spawned worker processes, the same bytes in the same order
     summary = cli_json("predict", "delivery-eta", "--input", str(source), "--out", str(in_workers),
-                       "--batch-size", "128", "--processes", "2", home=home)
+                       "--batch-size", "64", "--chunk-lines", "128", "--processes", "2", home=home)
     assert summary["processes"] == 2 and in_workers.read_bytes() == out.read_bytes()
 
     as_array = tmp_path / "eta.npy"
@@ -185,7 +185,7 @@ def test_a_bad_row_is_one_error_line_exit_2_and_nothing_written(tmp_path, home, 
         want = ["shape [10, 64]", "[N, 8, 8, 1]"]
 
     out = tmp_path / "out.csv"
-    result = run_cli("predict", model, "--input", str(source), "--out", str(out), "--batch-size", "128", home=home)
+    result = run_cli("predict", model, "--input", str(source), "--out", str(out), "--batch-size", "64", "--chunk-lines", "128", home=home)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -193,7 +193,7 @@ def test_a_bad_row_is_one_error_line_exit_2_and_nothing_written(tmp_path, home, 
         assert part in lines[0], lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nor a temporary file
     if source.suffix == ".csv" and case != "missing column":  # worker processes refuse the same row the same way
-        again = run_cli("predict", model, "--input", str(source), "--out", str(out), "--batch-size", "128",
+        again = run_cli("predict", model, "--input", str(source), "--out", str(out), "--batch-size", "64", "--chunk-lines", "128",
                         "--processes", "2", home=home)
         assert again.returncode == 2 and again.stderr.strip() == lines[0], again.stderr
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -20,10 +20,10 @@ the input's row order as a CSV (one column per output) or a .npy array.
   starting (spawn) on 1M rows, so they are opt-in, for many idle cores and big files.
 - `python -m export.batch_predict --bench ROWS --home H` times it on generated delivery rows
   against the bare LiteRT invoke loop over the same array (and an in-memory numpy script for
-  the CSV). 1M rows, 2 busy cores, best of 3: .npy → .npy 7.9M rows/s against the bare loop's
-  7.6M (1.05x; 0.85x as the `pollinate` subprocess, 1.2M rows/s with Python's start); CSV →
-  CSV 0.45-0.48M rows/s, text parsing and formatting bound (0.06x the bare loop; the
-  unchecked in-memory script 0.64M).
+  the CSV). 1M rows, 2 busy cores, best of 3, two runs: .npy → .npy 1.05-1.11x the bare loop
+  in this process, 0.85-0.90x as the `pollinate` subprocess (its own `seconds`); CSV → CSV
+  0.45-0.72M rows/s, bound by text parsing and formatting (0.06-0.10x the bare loop; an
+  unchecked numpy script that reads the whole file at once: 0.35-0.64M rows/s).
 
 TensorFlow is never imported: LiteRT (`ai_edge_litert`) runs the file.
 """

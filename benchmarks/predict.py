@@ -51,8 +51,16 @@ BATCH = 32
 TARGET_VS_KERAS = 10.0
 TARGET_BATCH_VS_BARE = 0.8
 SCENARIOS = ("single", "batched", "cache_hit")
-BATCH_NAMES = {"bare": "bare LiteRT invoke loop", "npy": "pollinate predict .npy → .npy",
-               "csv": "pollinate predict .csv → .csv"}
+BATCH_NAMES = {  # the keys of export.batch_predict.bench's rows_per_second
+    "bare": "bare LiteRT invoke loop on the encoded array (the limit)",
+    "npy": "pollinate predict .npy → .npy, in process (`predict_file`)",
+    "cli_npy": "pollinate predict .npy → .npy, the command (its own timing)",
+    "cli_npy_wall": "pollinate predict .npy → .npy, the command (wall, Python's start included)",
+    "csv": "pollinate predict .csv → .csv, in process (`predict_file`)",
+    "cli_csv": "pollinate predict .csv → .csv, the command (its own timing)",
+    "cli_csv_wall": "pollinate predict .csv → .csv, the command (wall, Python's start included)",
+    "script_csv": "a one-off numpy script: whole CSV in memory, bare loop, text out (no checks)",
+}
 
 
 # --------------------------------------------------------------------------- processes
@@ -344,6 +352,9 @@ def markdown(result: dict) -> str:
         for kind, rate in rates.items():
             ratio = f"{rate / bare:.2f}×" if bare else "–"
             lines.append(f"| {BATCH_NAMES.get(kind, kind)} | {fmt(rate)} | {ratio} |")
+        ratios = {k: v for k, v in batch.items() if k.endswith(("_vs_bare", "_vs_script")) and isinstance(v, (int, float))}
+        if ratios:
+            lines += ["", "The batch room's ratios: " + ", ".join(f"`{k}` {v:.2f}" for k, v in ratios.items()) + "."]
         for key, value in batch.items():
             if key.startswith("max_abs_diff") and isinstance(value, (int, float)):
                 lines += ["", f"`{key}`: {value:.1e}."]

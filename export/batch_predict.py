@@ -83,7 +83,7 @@ def choose_version(store, name: str, version: int | None, channel: str | None) -
         raise InvalidInput("give --version or --channel, not both")
     if version is not None:
         record = store.get_version(name, version)
-        why = f"version {record.version} (as asked)"
+        why = "as asked"
     else:
         which = channel or "stable"
         if channel is not None and store.get_channel(name, channel) is None:
@@ -91,8 +91,7 @@ def choose_version(store, name: str, version: int | None, channel: str | None) -
             raise NotFound(f"model {name!r} has no channel {channel!r}")
         number, reason = store.resolve(name, which)
         record = store.get_version(name, number)
-        why = (f"channel {which} → version {number}" if reason != "latest"
-               else f"version {number} (the newest; channel stable is not set)")
+        why = f"channel {which}" if reason != "latest" else "the newest: channel stable is not set"
     files = record.artifacts.get(FORMAT) or []
     if not files:
         shipped = ", ".join(sorted(record.artifacts)) or "none"

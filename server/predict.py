@@ -167,7 +167,10 @@ class Runner:
     def _prepare(self, batch: int) -> None:
         if batch != self._batch:
             self.interpreter.resize_tensor_input(self.input["index"], [batch, *self.example_shape])
-            with quiet_stderr():
+            if self._batch is None:  # LiteRT announces its XNNPACK delegate once, on stderr
+                with quiet_stderr():  # (fd 2 of the whole process: only this first time)
+                    self.interpreter.allocate_tensors()
+            else:
                 self.interpreter.allocate_tensors()
             self._batch = batch
 

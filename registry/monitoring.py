@@ -461,6 +461,10 @@ class Monitor:
                     results[pending] = self._apply_feedback(db, pending, versions, merged)
             except (InvalidInput, NotFound) as exc:
                 failed[pending] = exc
+            except sqlite3.Error:
+                raise  # the transaction itself is in doubt: the whole group fails, nothing is stored
+            except Exception as exc:  # a bug in a check: that item alone fails (it wrote nothing)
+                failed[pending] = exc
         merged.write(db)
         return results, failed
 
@@ -469,18 +473,6 @@ class Monitor:
         batch = self._check_telemetry(model, pending.body, versions)
         window = window_of(now)
         version = batch["version"]
-        key = (model, version, window)
-        totals = merged.window(key)
-        totals[0] += 1
-        totals[1] += batch["predictions"]
-        totals[2] += batch["errors"]
-        for series, counts in batch["series"].items():
-            merged.add_counts((model, version, window, series), counts)
-        if batch["shadow"] is not None:
-            shadow_version, compared, agreed = batch["shadow"]
-            pair = merged.shadow.setdefault((model, version, window, shadow_version), [0, 0])
-            pair[0] += compared
-            pair[1] += agreed
         if batch["recent"]:
             if merged.expired_before is None or merged.expired_before < now:
                 db.execute("DELETE FROM monitor_recent WHERE expires_at < ?", (now,))
@@ -491,6 +483,18 @@ class Monitor:
                 " ON CONFLICT (model, id) DO UPDATE SET version = excluded.version,"
                 " prediction = excluded.prediction, confidence = excluded.confidence,"
                 " expires_at = excluded.expires_at")
+        # merged last: nothing below can fail, so a batch is either all in or not at all
+        totals = merged.window((model, version, window))
+        totals[0] += 1
+        totals[1] += batch["predictions"]
+        totals[2] += batch["errors"]
+        for series, counts in batch["series"].items():
+            merged.add_counts((model, version, window, series), counts)
+        if batch["shadow"] is not None:
+            shadow_version, compared, agreed = batch["shadow"]
+            pair = merged.shadow.setdefault((model, version, window, shadow_version), [0, 0])
+            pair[0] += compared
+            pair[1] += agreed
         return {"accepted": True, "window": window}
 
     def _apply_feedback(self, db, pending: _Pending, versions: set[int], merged: _Merged) -> dict:
@@ -1029,14 +1033,17 @@ class _Committer:
                     self._cond.wait(self.IDLE_S)
                     if not self._queue:
                         self._thread = None
-                        stop.set()
-                        self._close()
-                        return
+                        db, self._db = self._db, None
+                        break
                 group, self._queue = self._queue[:self.MAX_GROUP], self._queue[self.MAX_GROUP:]
             try:
                 self._commit(group)
             except BaseException as exc:  # noqa: BLE001 - whatever happens, every sender hears of it
                 _answer(group, {p: PollinateError(f"the monitoring commit failed: {exc}") for p in group}, {})
+        stop.set()
+        if db is not None:  # outside the lock: closing the last connection may checkpoint (an fsync)
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:

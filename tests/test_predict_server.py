@@ -200,6 +200,11 @@ def test_tabular_rows_for_delivery_eta(world):
 
 
 def test_a_fixed_batch_model_runs_its_rows_one_by_one(world):
+    from export.tflite import LiteRTRunner
+
+    store = Store(world["home"])
+    (artifact,) = store.get_version("sequence", 1).artifacts["tflite-float32"]
+    assert LiteRTRunner(store.objects / artifact.sha256[:2] / artifact.sha256).fixed_batch  # the GRU's file: batch 1
     x = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
     answer = post(world, "sequence", {"inputs": x.tolist()})
     assert answer.status_code == 200, answer.text

@@ -30,7 +30,8 @@ class Services:
         return cls(config, store, Catalog(store), BlobStore(config.offload))
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop on every request
     return request.app.state.services
 
 

@@ -139,6 +139,8 @@ def test_the_wheel_carries_the_page_tfjs_and_the_runner_but_no_node_modules(inst
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert not [n for n in names if "node_modules" in n]
     for name in ("web_client/index.html", "web_client/pollinate.js", "web_client/sw.js", "web_client/app/app.js",
+                 "web_client/lib/telemetry.js", "web_client/lib/hybrid.js", "web_client/lib/tabular.js",
+                 "web_client/dashboard/index.html", "web_client/dashboard/dashboard.js", "web_client/try/index.html",
                  "web_client/vendor.json", "web_client/vendor/tfjs/THIRD_PARTY_LICENSES.txt",
                  *(f"web_client/vendor/tfjs/{f}" for f in VENDOR),
                  "export/node/dist/run_tfjs.mjs", "export/node/dist/tfjs-backend-wasm.wasm",
@@ -188,6 +190,9 @@ def test_installed_serve_gives_a_page_that_loads_tfjs_and_predicts_in_chromium(i
     started = time.monotonic()
     assert httpx.get(f"{served}/", follow_redirects=False).headers["location"] == "/web_client/"
     assert httpx.get(f"{served}/web_client/node_modules/@tensorflow/tfjs/package.json").status_code == 404
+    for page_path in ("/dashboard", "/try/digits"):  # the monitoring and try-it pages ship in the wheel too
+        answer = httpx.get(f"{served}{page_path}", follow_redirects=True)
+        assert answer.status_code == 200 and "<html" in answer.text.lower(), (page_path, answer.status_code)
     data = load_digits()
     pixels = np.rint(data.x_test[0, ..., 0] * 16).astype(int).reshape(-1).tolist()
     with chromium_context(tmp_path / "profile") as (context, messages):

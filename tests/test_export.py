@@ -133,9 +133,9 @@ def test_export_version_attaches_verified_formats_and_refuses_a_failing_gate(tmp
 def test_train_exports_every_format_by_default(home):
     summary = cli_json("train", "--dataset", "digits", "--epochs", "5", home=home)
     assert set(summary["artifacts"]) == {
-        "keras", "report", "export-report", "tfjs-layers",
+        "keras", "report", "profile", "export-report", "tfjs-layers",
         "tflite-float32", "tflite-dynamic", "tflite-float16", "tflite-int8", "tflite-train",
-    }
+    }  # (profile: the training data's reference for field monitoring, docs/monitoring.md)
     record = Store(home).get_version("digits", summary["version"])
     report = json.loads(Store(home).artifact_path("digits", record.version, "export-report", "export-report.json").read_text())
     runtimes = {row["runtime"] for row in report["formats"]}

@@ -7,11 +7,14 @@ the same config from environment variables that ``pollinate serve`` sets.
 Middleware, outermost first, all pure ASGI (no per-request task, no body copies):
 metrics (time and count everything, refusals included) → CORS (so browsers can read
 refusals too) → body size limit (device updates excepted: their route streams them against
-its own limit) → the shortcut for device updates (``server/edge_fastpath.py``) → the
-shortcut for cached manifests and known files (``server/fastpath.py``) → the routers.
+its own limit) → the shortcut for the hot POSTs: device updates, telemetry, feedback
+(``server/shortcuts.py``) → the shortcut for cached manifests and known files
+(``server/fastpath.py``) → the routers.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from fastapi import APIRouter, FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -21,11 +24,11 @@ import server
 from registry.edge import EdgeStore
 from server import errors
 from server.config import ServerConfig
-from server.edge_fastpath import EdgeFastPath
 from server.fastpath import FastPath
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware
 from server.routers import channels, federations, files, health, metrics, models, monitoring, predict, web
+from server.shortcuts import Shortcuts
 from server.state import Services
 
 EXPOSED_HEADERS = ["ETag", "Content-Length", "Content-Range", "Content-Encoding", "Accept-Ranges",
@@ -66,11 +69,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         manifest_route=_route(models.router, models.CHANNEL_MANIFEST_PATH, "GET"),
         file_route=_route(files.router, files.router.prefix + files.FILE_PATH, "GET"),
     )
+    monitored = monitoring.router.prefix
     app.add_middleware(
-        EdgeFastPath,
-        edge=app.state.edge,
-        max_update_bytes=config.max_update_bytes,
-        route=_route(federations.router, federations.router.prefix + federations.UPDATE_PATH, "POST"),
+        Shortcuts,
+        routes=[  # (route, the function it calls): answered before FastAPI's routing
+            (_route(federations.router, federations.router.prefix + federations.UPDATE_PATH, "POST"),
+             partial(federations.receive_update, app.state.edge, config.max_update_bytes)),
+            (_route(monitoring.router, monitored + "/{name}/telemetry", "POST"), monitoring.receive_telemetry),
+            (_route(monitoring.router, monitored + "/{name}/feedback", "POST"), monitoring.receive_feedback),
+        ],
         exception_handlers=app.exception_handlers,
     )
     # device updates stream past the cap, against their own limit (max_update_bytes)

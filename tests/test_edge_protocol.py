@@ -425,7 +425,7 @@ def test_every_refusal_is_refused_and_counted(home, client):
 
 
 def test_the_update_fast_path_answers_as_the_router_and_the_middleware_would(home, client):
-    """server/edge_fastpath.py answers update POSTs before FastAPI's router: through the
+    """server/shortcuts.py answers update POSTs before FastAPI's router: through the
     whole app (fast path) and through the router alone (the declared route), the same
     requests get the same status, body and type; on the wire the middleware still adds CORS
     headers and labels the request with the route's template in /metrics."""

@@ -119,10 +119,10 @@ def served(tmp_path_factory):
         yield {**made, "url": live.url, "log": root / "serve.log"}
 
 
-def post(served, model: str, route: str, body, **kwargs) -> httpx.Response:
+def post(served, model: str, route: str, body, headers: dict | None = None, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{served['url']}/v1/models/{model}/{route}", content=content,
-                      headers={"Content-Type": "application/json"}, timeout=30, **kwargs)
+                      headers={"Content-Type": "application/json", **(headers or {})}, timeout=30, **kwargs)
 
 
 def report(served, model: str = "digits") -> dict:
@@ -411,3 +411,97 @@ def test_telemetry_commits_keep_the_catalog_while_a_channel_move_renews_it(tmp_p
     assert renewed is not first and renewed.marker != first.marker
     Monitor(writer).set_shadow("digits", "stable", None)  # the manifest's shadow block changes too
     assert catalog.snapshot() is not renewed
+
+
+# ---------------------------------------------------------------------------- the shortcut
+
+
+def test_the_shortcut_answers_as_the_router_would(tmp_path, served):
+    """server/shortcuts.py answers telemetry and feedback POSTs before FastAPI's router:
+    through the whole app (the shortcut) and through the router alone (the declared routes),
+    the same requests get the same status, detail and headers (202, 422, 404, 429 with
+    Retry-After); on the wire the outer middleware still adds CORS headers and labels the
+    requests with the route's template in /metrics."""
+    import asyncio
+    from contextlib import AsyncExitStack
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    made = monitored_store(tmp_path / "store")
+    v1, _ = made["versions"]
+    app = create_app(ServerConfig(home=made["home"], web_client=None, telemetry_rate=2, monitor_interval_s=0))
+    good = batch(made["home"], v1, 0, 10)
+
+    async def call(asgi, model: str, route: str, body) -> tuple[int, dict, bytes]:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": f"/v1/models/{model}/{route}", "raw_path": b"", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "app": app}
+        sent: list[dict] = []
+        pieces = iter([{"type": "http.request", "body": content, "more_body": False}])
+
+        async def receive() -> dict:
+            return next(pieces, {"type": "http.disconnect"})
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async with AsyncExitStack() as stack:  # what FastAPI's own middleware gives its routes
+            await asgi({**scope, "fastapi_middleware_astack": stack}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    def cases(who: str) -> list[tuple[str, str, object]]:
+        """Each way gets its own client ids: the rate limiter (one per app) sees the same history."""
+        return [
+            ("digits", "telemetry", {**good, "client_id": f"ok-{who}"}),  # 202
+            ("digits", "telemetry", b"{not json"),  # 422 before anything else
+            ("digits", "telemetry", {**good, "client_id": f"bad-{who}", "version": 99}),  # 422 from the monitor
+            ("nosuchmodel", "telemetry", {**good, "client_id": f"none-{who}"}),  # 404
+            *[("digits", "telemetry", {**good, "client_id": f"flood-{who}"})] * 3,  # 202, 202, 429
+            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "7", "client_id": f"ok-{who}"}),
+            ("digits", "feedback", [1, 2]),  # 422
+            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "seven", "client_id": f"bad-{who}"}),
+            ("nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7", "client_id": f"none-{who}"}),
+            *[("digits", "feedback", {"version": v1, "prediction": "7", "label": "7",
+                                      "client_id": f"flood-{who}"})] * 3,
+        ]
+
+    async def both() -> list:
+        answers = []
+        for fast_case, routed_case in zip(cases("fast"), cases("routed"), strict=True):
+            answers.append((await call(app, *fast_case), await call(app.router, *routed_case)))
+        return answers
+
+    answers = asyncio.run(both())
+    statuses = [fast[0] for fast, _ in answers]
+    assert statuses == [202, 422, 422, 404, 202, 202, 429] * 2, statuses
+    for fast, routed in answers:
+        assert fast[0] == routed[0], (fast, routed)
+        for header in (b"content-type", b"cache-control", b"retry-after"):
+            assert fast[1].get(header) == routed[1].get(header), (header, fast, routed)
+        fast_body, routed_body = json.loads(fast[2]), json.loads(routed[2])
+        if fast[0] == 202:  # the same answer, in the same UTC hour unless one just ended between the two
+            assert fast_body.keys() == routed_body.keys() == {"accepted", "window"}
+            assert fast_body["accepted"] is routed_body["accepted"] is True
+        else:
+            assert fast_body == routed_body, (fast, routed)
+            assert isinstance(fast_body["detail"], str) and fast_body["detail"]
+        if fast[0] == 429:
+            assert int(fast[1][b"retry-after"]) >= 1 and "retry" in fast_body["detail"]
+        assert fast[1][b"content-type"] == b"application/json" and fast[1][b"cache-control"] == b"no-store"
+
+    # over the wire: CORS on answers and refusals, metrics under the routes' templates
+    origin = {"Origin": "https://app.example"}
+    ok = post(served, "digits", "telemetry", {**batch(served["home"], v1, 300, 5), "client_id": "shortcut-wire"},
+              headers=origin)
+    refused = post(served, "nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7"}, headers=origin)
+    assert (ok.status_code, refused.status_code) == (202, 404), (ok.text, refused.text)
+    for response in (ok, refused):
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert response.headers["cache-control"] == "no-store"
+    lines = httpx.get(f"{served['url']}/metrics", timeout=10).text.splitlines()
+    for template, status in (("/v1/models/{name}/telemetry", "202"), ("/v1/models/{name}/feedback", "404")):
+        assert any(line.startswith("pollinate_http_requests_total{") and f'route="{template}"' in line
+                   and 'method="POST"' in line and f'status="{status}"' in line for line in lines), template

@@ -292,7 +292,7 @@ async def post_update(request: Request, model: ModelName, task_id: TaskId) -> Re
     """202 means recorded durably and counted once. Every check that needs no body (token,
     task, round still open, ``dtype``, ``examples``, declared length) runs before the body
     is read, so a doomed upload is refused early."""
-    # Requests normally never get here: server/edge_fastpath.py answers them before FastAPI's
+    # Requests normally never get here: server/shortcuts.py answers them before FastAPI's
     # routing, with the same function. This declaration documents the route (OpenAPI) and
     # serves any request that reaches the router anyway.
     return await receive_update(request.app.state.edge, request.app.state.services.config.max_update_bytes,

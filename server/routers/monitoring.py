@@ -26,12 +26,14 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.types import Receive, Scope
 
 from core.errors import InvalidInput, NotFound
 from server import metrics
 from server.monitoring import Watcher, retry_after
 from server.names import existing_model_name
 from server.schemas import MAX_VERSION, ErrorOut
+from server.shortcuts import read_body
 from server.state import Services, ServicesDep
 
 router = APIRouter(prefix="/v1/models", tags=["monitoring"])
@@ -50,12 +52,13 @@ NO_STORE = {"Cache-Control": "no-store"}
 MAX_DRIFT_BUCKETS = 96  # buckets per version whose per-feature drift the monitor view adds
 
 
-def watcher(request: Request) -> Watcher:
-    """The process's watcher, made on first use (it loads the monitor and numpy)."""
-    found = getattr(request.app.state, "watcher", None)
+def watcher(app: Any) -> Watcher:
+    """The process's watcher (``app`` is the application), made on first use (it loads the
+    monitor and numpy)."""
+    found = getattr(app.state, "watcher", None)
     if found is None:
-        svc: Services = request.app.state.services
-        found = request.app.state.watcher = Watcher(
+        svc: Services = app.state.services
+        found = app.state.watcher = Watcher(
             svc.store, rate_per_minute=svc.config.telemetry_rate, interval_s=svc.config.monitor_interval_s)
     return found
 
@@ -66,11 +69,11 @@ def _refuse(model: str | None, route: str, reason: str, status: int, detail: str
     return JSONResponse({"detail": detail}, status_code=status, headers={**NO_STORE, **(headers or {})})
 
 
-async def _take(request: Request, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
+async def _take(scope: Scope, receive: Receive, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
     """(watcher, model, body) for a batch that may be ingested, or the refusal to send. Whether
     the model exists is checked by the monitor, in the transaction that would store the batch."""
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await read_body(receive))
     except (ValueError, UnicodeDecodeError):
         return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
     if not isinstance(body, dict):
@@ -79,8 +82,9 @@ async def _take(request: Request, name: str, route: str) -> tuple[Watcher, str, 
     if isinstance(client_id, str) and 0 < len(client_id) <= MAX_CLIENT_ID:
         key = (route, "id", client_id)
     else:
-        key = (route, "address", request.client.host if request.client else "")
-    watch = watcher(request)
+        client = scope.get("client")
+        key = (route, "address", client[0] if client else "")
+    watch = watcher(scope["app"])
     wait = watch.limiter.take(key)
     if wait > 0:
         return _refuse(None, route, "rate_limited", 429, f"too many {route} batches from this client:"
@@ -103,12 +107,20 @@ async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict) ->
         return _refuse(model, route, "invalid", 422, str(exc))
 
 
+# Requests normally never reach the two POST routes: server/shortcuts.py answers them before
+# FastAPI's routing, with the same functions (receive_telemetry, receive_feedback). The
+# declarations document the routes (OpenAPI) and serve any request that reaches the router.
 @router.post("/{name}/telemetry", status_code=202, responses={202: ACCEPTED, **REFUSALS},
              summary="One version's telemetry aggregate since the client's last flush")
 async def telemetry(request: Request, name: ModelName) -> JSONResponse:
     """Histograms on the manifest's `monitoring` grid, counts, latency, shadow agreement and
     recent prediction ids; never an input. Batches add up per version and UTC hour."""
-    taken = await _take(request, name, "telemetry")
+    return await receive_telemetry(request.scope, request.receive, name)
+
+
+async def receive_telemetry(scope: Scope, receive: Receive, name: str) -> JSONResponse:
+    """The telemetry route's work, from the raw ASGI scope (the route and the shortcut both call it)."""
+    taken = await _take(scope, receive, name, "telemetry")
     if isinstance(taken, JSONResponse):
         return taken
     watch, model, body = taken
@@ -127,7 +139,12 @@ async def feedback(request: Request, name: ModelName) -> JSONResponse:
     """``{"version", "prediction", "label"}``, or ``{"prediction_id", "label"}`` for a prediction
     the client listed in a telemetry batch's `recent`. Labels are the manifest's `labels`
     strings (numbers for regression)."""
-    taken = await _take(request, name, "feedback")
+    return await receive_feedback(request.scope, request.receive, name)
+
+
+async def receive_feedback(scope: Scope, receive: Receive, name: str) -> JSONResponse:
+    """The feedback route's work, from the raw ASGI scope (the route and the shortcut both call it)."""
+    taken = await _take(scope, receive, name, "feedback")
     if isinstance(taken, JSONResponse):
         return taken
     watch, model, body = taken
@@ -151,7 +168,7 @@ async def monitor(
 ) -> JSONResponse:
     model = existing_model_name(name)
     await svc.catalog.model(model)
-    watch = watcher(request)
+    watch = watcher(request.app)
     body = await anyio.to_thread.run_sync(lambda: _monitor_view(svc, watch, model, version, since, bucket))
     return JSONResponse(body, headers=NO_STORE)
 

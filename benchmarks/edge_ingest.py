@@ -544,7 +544,7 @@ def write_markdown(result: dict, path: Path) -> None:
     if split:
         lines += ["", f"Event-loop CPU per accepted update with no sockets (ms; the ASGI app called in-process, the "
                   f"real store and committer behind it, durability `{default}`): through the whole app (its middleware "
-                  "and the update route's fast path, `server/edge_fastpath.py`), through FastAPI's router (what the "
+                  "and the update route's fast path, `server/shortcuts.py`), through FastAPI's router (what the "
                   "fast path skips: route matching through the included routers), the update route's function alone, "
                   "and the bare FastAPI app. `app - route` is what the middleware and the fast path cost, "
                   "`router - route` what FastAPI's routing would:", "",

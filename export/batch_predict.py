@@ -539,40 +539,56 @@ class BatchRunner:
         return self.interpreter.get_tensor(self.output["index"]).reshape(1, -1).copy()
 
 
-def prefetch(chunks, depth: int = 2) -> Iterator:
-    """Read and encode the next chunks on a thread while the caller runs this one."""
-    box: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+class prefetch:
+    """Read and encode the next chunks on a thread while the caller runs this one. The thread
+    starts at once (not at the first `next`), so the first chunk is read and checked while the
+    caller still builds the interpreter; `close` (or the end of a `with`) stops it."""
 
-    def work():
+    def __init__(self, chunks, depth: int = 2):
+        self.box: queue.Queue = queue.Queue(maxsize=depth)
+        self.done = object()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.work, args=(chunks,), name="predict-reader", daemon=True)
+        self.thread.start()
+
+    def work(self, chunks) -> None:
         try:
             for item in chunks:
-                while not stop.is_set():
+                while not self.stop.is_set():
                     try:
-                        box.put(item, timeout=0.1)
+                        self.box.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self.stop.is_set():
                     return
-            box.put(done)
+            self.box.put(self.done)
         except BaseException as exc:  # handed to the caller, raised there
-            box.put(exc)
+            self.box.put(exc)
 
-    thread = threading.Thread(target=work, name="predict-reader", daemon=True)
-    thread.start()
-    try:
+    def __iter__(self) -> Iterator:
         while True:
-            item = box.get()
-            if item is done:
+            item = self.box.get()
+            if item is self.done:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # a reader blocked on a full box sees `stop` within 0.1 s; empty it so it need not wait
+            try:
+                self.box.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=5)
+
+    def __enter__(self) -> prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- writers
@@ -597,6 +613,8 @@ class Output:
         self.parts: list[np.ndarray] = []
         self.array: np.ndarray | None = None  # .npy out with a known row count: filled in place
         self.filled = 0
+        self.streamed = 0  # rows of `array` handed to `streamer`
+        self.streamer: Streamer | None = None  # .npy out with a known row count: appends and syncs on a thread
         if self.is_csv:
             self.handle.write(",".join(csv_cell(c) for c in columns) + "\n")
 
@@ -605,9 +623,16 @@ class Output:
         return self.path.suffix.lower() == ".csv"
 
     def reserve(self, rows: int) -> None:
-        """A .npy out of exactly `rows` rows: the runner writes into one preallocated array."""
+        """A .npy out of exactly `rows` rows: the runner writes into one preallocated array, the
+        .npy header goes to the file now, and each finished chunk is appended by a `Streamer`
+        thread while LiteRT runs the next one (no np.save of the whole array at the end)."""
         if not self.is_csv:
             self.array = np.empty((rows, len(self.columns)), dtype=np.float32)
+            header = {"descr": np.lib.format.dtype_to_descr(self.array.dtype), "fortran_order": False,
+                      "shape": self.array.shape}
+            np.lib.format.write_array_header_1_0(self.handle, header)
+            self.handle.flush()
+            self.streamer = Streamer(self.handle.fileno())
 
     def slot(self, rows: int) -> np.ndarray | None:
         """Where the next `rows` outputs go (None: hand them to `write`)."""
@@ -616,6 +641,12 @@ class Output:
         view = self.array[self.filled:self.filled + rows]
         self.filled += rows
         return view
+
+    def written(self) -> None:
+        """The slots handed out so far are filled: hand them to the streamer."""
+        if self.streamer is not None and self.filled > self.streamed:
+            self.streamer.put(memoryview(self.array[self.streamed:self.filled]).cast("B"))
+            self.streamed = self.filled
 
     def write(self, y: np.ndarray) -> None:
         if self.is_csv:
@@ -628,21 +659,63 @@ class Output:
         self.handle.write(text)
 
     def commit(self) -> None:
-        if self.array is not None:
-            np.save(self.handle, self.array[:self.filled], allow_pickle=False)
+        if self.streamer is not None:
+            self.written()
+            self.streamer.finish()  # raises what a write or sync on its thread raised
+            self.streamer = None
+            if self.filled != len(self.array):  # fewer rows than reserved: the header is wrong, write it all again
+                self.handle.seek(0)
+                self.handle.truncate()
+                np.save(self.handle, self.array[:self.filled], allow_pickle=False)
         elif not self.is_csv:
             array = np.concatenate(self.parts) if self.parts else np.zeros((0, len(self.columns)), np.float32)
             np.save(self.handle, array, allow_pickle=False)
         self.handle.flush()
-        os.fsync(self.handle.fileno())
+        os.fsync(self.handle.fileno())  # durable before the rename makes it visible (measured: 2-10 ms here, the disk's journal)
         self.handle.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         try:
+            if self.streamer is not None:
+                self.streamer.finish(check=False)
             self.handle.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+class Streamer:
+    """Appends byte blocks to a file descriptor on its own thread (`os.write` releases the
+    GIL), so the output reaches the page cache while LiteRT still runs and `commit` has only
+    the fsync and the rename left. No `fdatasync` per block: measured on this ext4 under other
+    jobs' I/O, syncing each 256 KB block in the background cut the final fsync from ~4.4 to
+    ~1.7 ms (median) but the command waited on an in-flight sync as often, for no net gain."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.blocks: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self.work, name="predict-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, block: memoryview) -> None:
+        self.blocks.put(block)
+
+    def work(self) -> None:
+        while (block := self.blocks.get()) is not None:
+            if self.error is not None:
+                continue  # drain to the end marker; `finish` raises the error
+            try:
+                while block:  # os.write may write less than asked
+                    block = block[os.write(self.fd, block):]
+            except BaseException as exc:
+                self.error = exc
+
+    def finish(self, check: bool = True) -> None:
+        self.blocks.put(None)
+        self.thread.join()
+        if check and self.error is not None:
+            raise self.error
 
 
 def csv_lines(y: np.ndarray, labels: np.ndarray | None) -> str:
@@ -705,33 +778,42 @@ def predict_file(store, name: str, source: Path, out: Path, *, version: int | No
     if chunk_lines < 1:
         raise InvalidInput(f"--chunk-lines must be at least 1, got {chunk_lines}")
     reader = open_input(source, record.input_spec or {}, batch_size, chunk_lines)
-    runner = BatchRunner(chosen.model_path, 1 if processes else threads, batch_size)
-    columns = output_columns(store, record, runner.width())
-    total = reader.estimated_rows()
     if processes is not None and processes < 0:
         raise InvalidInput(f"--processes must be 0 or more, got {processes}")
     if not isinstance(reader, CsvTable) or processes is None:
         processes = 0  # measured: on 2 busy cores one process wins up to 1M rows (see the module's notes)
-    writer = Output(out, columns, record.labels)
+    # In this process the reader thread starts on the first chunk now, while the interpreter is built.
+    chunks = None if processes else prefetch(iter(reader))
     done = 0
+    writer = None
     try:
+        runner = BatchRunner(chosen.model_path, 1 if processes else threads, batch_size)
+        columns = output_columns(store, record, runner.width())
+        total = reader.estimated_rows()
+        writer = Output(out, columns, record.labels)
         if processes:
             done = run_in_processes(reader, writer, chosen.model_path, batch_size, processes, total, progress)
         else:
             if isinstance(reader, ArrayFile) and len(columns) == runner.width():
                 writer.reserve(reader.estimated_rows())
-            for chunk in prefetch(iter(reader)):  # the next chunk is read and checked while LiteRT runs this one
+            for chunk in chunks:  # the next chunk is read and checked while LiteRT runs this one
                 target = writer.slot(len(chunk.x))
                 y = runner.run(chunk.x, target)
                 if target is None:
                     writer.write(y)
+                else:
+                    writer.written()
                 done += len(y)
                 if progress is not None:
                     progress(done, total)
         writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
+    finally:
+        if chunks is not None:
+            chunks.close()
     seconds = time.perf_counter() - started
     summary = {
         "model": name,

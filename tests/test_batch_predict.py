@@ -134,6 +134,32 @@ def test_digits_from_npy_and_npz(tmp_path, home):
     assert [row[-1] for row in got] == [labels[i] for i in expected.argmax(axis=1)]
 
 
+def test_an_npy_streams_into_its_npy_and_a_late_bad_row_leaves_nothing(tmp_path, home):
+    """.npy → .npy: the header goes first and each chunk is appended as it finishes (batch 64:
+    chunks of 1,024 rows, the last one short); a non-finite row in the third chunk, after two
+    were written, still leaves neither the output nor a temporary file."""
+    spec = Store(home).get_version("delivery-eta", 1).input_spec
+    x = encode_rows(orders(2500, seed=3), spec)
+    source = tmp_path / "x.npy"
+    np.save(source, x)
+    out = tmp_path / "y.npy"
+    summary = cli_json("predict", "delivery-eta", "--version", "1", "--input", str(source), "--out", str(out),
+                       "--batch-size", "64", home=home)
+    assert summary["rows"] == 2500
+    y = np.load(out, allow_pickle=False)
+    assert y.shape == (2500, 1) and y.dtype == np.float32
+    assert np.abs(y - per_row(home, "delivery-eta", 1, x)).max() <= 1e-5
+    assert out.stat().st_size == np.lib.format.open_memmap(out, mode="r").offset + y.nbytes  # nothing after the rows
+
+    x[2100, 2] = np.nan
+    np.save(source, x)
+    out.unlink()
+    result = run_cli("predict", "delivery-eta", "--version", "1", "--input", str(source), "--out", str(out),
+                     "--batch-size", "64", home=home)
+    assert result.returncode == 2 and "x.npy" in result.stderr and "[2100, 2]" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
 def test_channel_follows_the_channel(tmp_path, home):
     rows = orders(50, seed=3)
     source = write_rows(tmp_path / "rows.csv", rows, list(rows[0]))
@@ -233,6 +259,16 @@ def test_predict_never_imports_tensorflow(tmp_path, home):
                 if line.startswith("import time:")}
     assert "ai_edge_litert" in imported and "numpy" in imported
     assert not imported & {"tensorflow", "keras", "tf_keras", "jax"}
+
+    np.save(tmp_path / "x.npy", encode_rows(orders(20, seed=2), Store(home).get_version("delivery-eta").input_spec))
+    command[command.index("--input") + 1] = str(tmp_path / "x.npy")
+    command[command.index("--out") + 1] = str(tmp_path / "o.npy")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "POLLINATE_HOME": ""})
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "ai_edge_litert" in imported and "pandas" not in imported  # pandas (~0.2 s) is for CSV input only
 
 
 def test_the_benchmark_function_runs(tmp_path, home):

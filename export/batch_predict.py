@@ -20,10 +20,16 @@ the input's row order as a CSV (one column per output) or a .npy array.
   starting (spawn) on 1M rows, so they are opt-in, for many idle cores and big files.
 - `python -m export.batch_predict --bench ROWS --home H` times it on generated delivery rows
   against the bare LiteRT invoke loop over the same array (and an in-memory numpy script for
-  the CSV). 1M rows, 2 busy cores, best of 3, two runs: .npy → .npy 1.05-1.11x the bare loop
-  in this process, 0.85-0.90x as the `pollinate` subprocess (its own `seconds`); CSV → CSV
-  0.45-0.72M rows/s, bound by text parsing and formatting (0.06-0.10x the bare loop; an
-  unchecked numpy script that reads the whole file at once: 0.35-0.64M rows/s).
+  the CSV). 1M rows, 2 shared cores, best of 3 (benchmarks/results/predict.md, load 2.4; taken
+  before the overlaps below, whose rerun at load 6 was too noisy to record):
+  .npy → .npy 0.87x the bare loop in this process, 0.72x as the `pollinate` command (its own
+  `seconds`); CSV → CSV 1.3M rows/s (0.13x the bare loop, 1.07x the in-memory script), bound
+  by text parsing and formatting. The command's fixed costs, in a fresh process: building the
+  interpreter 7-10 ms (now beside the reader's first chunk), output columns ~1 ms, np.save of
+  the outputs ~1 ms (now appended chunk by chunk by a writer thread during the run), the fsync
+  before the rename 2-17 ms (the disk's journal; kept). Most of the rest of the gap is the
+  fresh process's first pass through LiteRT: its invoke loop ran 105-120 ms against ~100 ms
+  for the warm bare loop. pandas is imported only for CSV input.
 
 TensorFlow is never imported: LiteRT (`ai_edge_litert`) runs the file.
 """

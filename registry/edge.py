@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import InvalidInput, NotFound, PollinateError
+from registry.answers import answer
 from registry.edge_log import BufferPool, SegmentLog, Span, UpdateBody, datasync, fsync_dir, read_span
 
 if TYPE_CHECKING:
@@ -1076,34 +1077,9 @@ class GroupCommit:
 
 
 def _answer(batch: list[_Pending], failed: dict, results: dict) -> None:
-    """Tell each writer of a finished batch its result or error: a thread through its future,
-    an event loop once for all of its own (one wake-up, not one per update)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for pending in batch:
         pending.finished = True
-        error = failed.get(pending)
-        if error is None and pending not in results:
-            error = PollinateError("the edge commit failed")
-        if pending.loop is not None:
-            by_loop.setdefault(pending.loop, []).append((pending.future, results.get(pending), error))
-        elif not pending.future.done():
-            if error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(results[pending])
-    for loop, answers in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, answers)
-
-
-def _settle(answers: list) -> None:
-    for future, result, error in answers:
-        if future.done():  # the request was called off meanwhile
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    answer(batch, failed, results, what="edge")
 
 
 def _connect(store, check_same_thread: bool = True) -> sqlite3.Connection:

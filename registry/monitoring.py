@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from core.errors import InvalidInput, NotFound, PollinateError
 from registry import channels
+from registry.answers import answer
 
 if TYPE_CHECKING:
     from registry.store import Store
@@ -1112,33 +1113,7 @@ class _Committer:
 
 
 def _answer(group: list[_Pending], failed: dict, results: dict) -> None:
-    """Tell each sender of a finished group its result or error: a thread through its future,
-    an event loop once for all of its own."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for pending in group:
-        error = failed.get(pending)
-        if error is None and pending not in results:
-            error = PollinateError("the monitoring commit failed")
-        if pending.loop is not None:
-            by_loop.setdefault(pending.loop, []).append((pending.future, results.get(pending), error))
-        elif not pending.future.done():
-            if error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(results[pending])
-    for loop, answers in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, answers)
-
-
-def _settle(answers: list) -> None:
-    for future, result, error in answers:
-        if future.done():  # the request was called off meanwhile
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    answer(group, failed, results, what="monitoring")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -32,8 +32,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,32 +64,7 @@ BATCH_NAMES = {  # the keys of export.batch_predict.bench's rows_per_second
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up") from None
-            time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from serve import free_port, stop, wait_http  # noqa: E402  (benchmarks/serve.py: the same process helpers)
 
 
 def clean_env() -> dict[str, str]:
@@ -105,7 +78,7 @@ def start_ours(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
             [sys.executable, "-m", "pollinate", "serve", "--home", str(home), "--port", "0", "--json"],
             cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     url = json.loads(proc.stdout.readline())["url"]
-    wait_http(f"{url}/healthz", proc)
+    wait_http(f"{url}/healthz", proc, timeout=120)
     return proc, url
 
 
@@ -116,7 +89,7 @@ def start_keras(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
             [sys.executable, str(Path(__file__).resolve()), "--keras-server", str(model_path), "--port", str(port)],
             cwd=ROOT, env=clean_env(), stdout=err, stderr=err, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthz", proc)
+    wait_http(f"{url}/healthz", proc, timeout=120)
     return proc, url
 
 

@@ -10,7 +10,7 @@
 // precache requests do not, so an exact match would miss every cached script.
 
 const TFJS_VERSION = '4.22.0';
-const CACHE = `pollinate-web-${TFJS_VERSION}-v5`;  // v5: hybrid mode, tabular rows, the try-it page's files; v4: telemetry (lib/telemetry.js); v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
+const CACHE = `pollinate-web-${TFJS_VERSION}-v6`;  // v6: app/client-id.js; v5: hybrid mode, tabular rows, the try-it page's files; v4: telemetry (lib/telemetry.js); v3: the page learns (lib/training.js, …); v2: TF.js in vendor/
 
 // Relative to this file (the folder the server mounts at /web_client/).
 const SHELL = [
@@ -32,6 +32,7 @@ const SHELL = [
   './lib/training.js',
   './lib/weights.js',
   './app/app.js',
+  './app/client-id.js',
   './app/drawing.js',
   './app/learn.js',
   './app/models.js',

@@ -24,6 +24,7 @@
 import { createClient } from '../pollinate.js';
 import { createPad, renderPreview } from './drawing.js';
 import { createLearning } from './learn.js';
+import { clientId } from './client-id.js';
 
 const params = new URLSearchParams(location.search);
 const settings = {
@@ -46,19 +47,6 @@ const els = {
   source: $('model-source'), offline: $('offline-state'), manifestLink: $('manifest-link'),
 };
 
-function clientId() {
-  // stable per browser: the server's staged rollouts pick a cohort from it
-  try {
-    let id = localStorage.getItem('pollinate.clientId');
-    if (!id) {
-      id = crypto.randomUUID?.() ?? `c-${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
-      localStorage.setItem('pollinate.clientId', id);
-    }
-    return id;
-  } catch {
-    return null;
-  }
-}
 
 const client = createClient({
   serverUrl: location.origin,

@@ -14,6 +14,7 @@
 // Test hook: window.tryPage = {ready, client, manifest, predict(), last}.
 
 import { createClient, formFields, InputError, isTabular } from '../pollinate.js';
+import { clientId } from '../app/client-id.js';
 
 const params = new URLSearchParams(location.search);
 const segments = location.pathname.split('/').filter(Boolean);
@@ -39,19 +40,6 @@ els.alsoServer.checked = settings.alsoServer;
 const page = { ready: null, client: null, manifest: null, last: null, predict: null };
 window.tryPage = page;
 
-function clientId() {
-  // the demo page's id: the same browser is in the same staged-rollout cohort on both pages
-  try {
-    let id = localStorage.getItem('pollinate.clientId');
-    if (!id) {
-      id = crypto.randomUUID?.() ?? `c-${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
-      localStorage.setItem('pollinate.clientId', id);
-    }
-    return id;
-  } catch {
-    return null;
-  }
-}
 
 function setChip(text, state) {
   els.chip.textContent = text;

@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 
@@ -69,6 +70,7 @@ before(async () => {
 after(async () => {
   for (const c of open) await c.close().catch(() => {});
   await server?.stop();
+  if (home) fs.rmSync(home, { recursive: true, force: true });
 });
 
 describe('load and predict', () => {

@@ -70,8 +70,13 @@ function fleet(args, onEvent = () => {}) {
 
 const pixels = sample => sample.pixels.map(v => v / 16);  // the model's input: the manifest's scale 1/16
 
+const scratch = [];  // temporary folders, removed when the file's tests end
+after(() => { for (const folder of scratch) fs.rmSync(folder, { recursive: true, force: true }); });
+
 function dataFile(devices) {
-  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-fleet-')), 'fleet.json');
+  const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-fleet-'));
+  scratch.push(folder);
+  const file = path.join(folder, 'fleet.json');
   fs.writeFileSync(file, JSON.stringify({ input_shape: [8, 8, 1], devices }));
   return file;
 }
@@ -152,6 +157,7 @@ describe('a fleet against a real server', () => {
 
   before(async () => {
     home = fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-fleet-'));
+    scratch.push(home);
     await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '1', '--seed', '0');
     server = await startServer(home);
     // v1's Keras weights in get_weights() order, once (Keras takes seconds to import); a task

@@ -5,6 +5,7 @@
 // is sent before the user opts in. Real @tensorflow/tfjs (cpu), a real store and server.
 
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 
 import { createClient, MemoryCache } from '../pollinate.js';
@@ -195,6 +196,7 @@ describe('telemetry against a real server', { timeout: 600_000 }, () => {
   after(async () => {
     for (const c of open) await c.close().catch(() => {});
     await server?.stop();
+    if (home) fs.rmSync(home, { recursive: true, force: true });
   });
 
   test('the manifest carries the grid; nothing is counted or sent before the user opts in', async () => {

@@ -58,6 +58,17 @@ BATCH_NAMES = {  # the keys of export.batch_predict.bench's rows_per_second
     "cli_csv": "pollinate predict .csv → .csv, the command (its own timing)",
     "cli_csv_wall": "pollinate predict .csv → .csv, the command (wall, Python's start included)",
     "script_csv": "a one-off numpy script: whole CSV in memory, bare loop, text out (no checks)",
+    "bare_script": "the bare loop as a one-off script in a fresh process: np.load, loop, np.save (its own timing)",
+    "bare_script_wall": "the bare loop as a one-off script in a fresh process (wall, Python's start included)",
+}
+# Each way of running `pollinate predict` against the bare LiteRT loop doing the same job under the
+# same conditions (the target's reference): in a warm process on the array in memory; as a command
+# in a fresh process (both pay the cold first pass through LiteRT); reading and writing CSV text
+# (a bare loop over a CSV has to parse it too). The other ratios are reported beside them.
+LIKE_FOR_LIKE = {
+    "npy_vs_bare": ".npy in process vs the bare loop in process",
+    "cli_npy_vs_bare_script": ".npy as the command (own timing) vs the bare loop as a fresh-process script",
+    "csv_vs_script": ".csv in process vs the bare loop over the same CSV (numpy's reader, text out)",
 }
 
 
@@ -319,13 +330,20 @@ def markdown(result: dict) -> str:
             "against the bare LiteRT invoke loop (resize once, set, invoke, get) on the same encoded array in one "
             f"process; batch {batch.get('batch_size')}, {batch.get('threads')} threads, best of {batch.get('repeats')}.",
             "",
+            "Each way of running it is judged against the bare loop doing the same job under the same conditions "
+            "(the targets below): in process against the loop in process; the command, a fresh process, against the "
+            "loop as a fresh-process script (both pay LiteRT's cold first pass; the script's timing starts after its "
+            "imports, the command's after its store lookup); a CSV against the loop over the same CSV (numpy's reader, "
+            "text out), because a loop over a preloaded array skips the parsing and formatting that bound any CSV run. "
+            "The column below is against the warm in-process loop for every row.",
+            "",
             "| path | rows/s | vs bare loop |",
             "|---|---:|---:|",
         ]
         for kind, rate in rates.items():
             ratio = f"{rate / bare:.2f}×" if bare else "–"
             lines.append(f"| {BATCH_NAMES.get(kind, kind)} | {fmt(rate)} | {ratio} |")
-        ratios = {k: v for k, v in batch.items() if k.endswith(("_vs_bare", "_vs_script")) and isinstance(v, (int, float))}
+        ratios = {k: v for k, v in batch.items() if "_vs_" in k and isinstance(v, (int, float))}
         if ratios:
             lines += ["", "The batch room's ratios: " + ", ".join(f"`{k}` {v:.2f}" for k, v in ratios.items()) + "."]
         for key, value in batch.items():
@@ -442,11 +460,11 @@ def measure(args: argparse.Namespace, scratch: Path, load_before: list[float], s
             say(f"pollinate predict on {args.rows:,} delivery rows (and the bare loop)")
             batch = bench(home, args.rows, name="delivery-eta", repeats=args.repeats, folder=scratch,
                           say=lambda text: say(f"  {text}"))
-            for key, ratio in batch.items():
-                if key.endswith("_vs_bare") and isinstance(ratio, (int, float)):
+            for key, what in LIKE_FOR_LIKE.items():
+                ratio = batch.get(key)
+                if isinstance(ratio, (int, float)):
                     verdict = "met" if ratio >= TARGET_BATCH_VS_BARE else "NOT met"
-                    targets[f"pollinate predict {key.removesuffix('_vs_bare')} ≥ {TARGET_BATCH_VS_BARE}× the bare "
-                            "LiteRT loop"] = f"{ratio:.2f}× → {verdict}"
+                    targets[f"pollinate predict {what} ≥ {TARGET_BATCH_VS_BARE}×"] = f"{ratio:.2f}× → {verdict}"
         except (ImportError, RuntimeError) as exc:
             batch_error = str(exc)
             say(f"pollinate predict not measured: {exc}")

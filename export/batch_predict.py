@@ -967,6 +967,50 @@ def in_memory_script(csv_path: Path, input_spec: dict, model_path: Path, out: Pa
     return time.perf_counter() - started
 
 
+BARE_SCRIPT = """
+import json, sys, time
+started = time.perf_counter()
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+model, source, target, batch, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+imported = time.perf_counter()
+x = np.load(source)
+interpreter = Interpreter(model_path=model, num_threads=threads)
+index, output = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+y, size = None, None
+for start in range(0, len(x), batch):
+    part = x[start:start + batch]
+    if len(part) != size:
+        interpreter.resize_tensor_input(index, [len(part), *x.shape[1:]])
+        interpreter.allocate_tensors()
+        size = len(part)
+    interpreter.set_tensor(index, part)
+    interpreter.invoke()
+    out = interpreter.get_tensor(output)
+    if y is None:
+        y = np.empty((len(x), *out.shape[1:]), dtype=out.dtype)
+    y[start:start + len(part)] = out
+np.save(target, y)
+print(json.dumps({"seconds": time.perf_counter() - imported, "imports": imported - started}))
+"""
+
+
+def bare_script(model_path: Path, source: Path, target: Path, *, batch_size: int, threads: int, env: dict) -> tuple[float, float]:
+    """(its own seconds, wall seconds) of the bare loop as a user's one-off script in a fresh
+    process: np.load the .npy, build the interpreter, the invoke loop, np.save the outputs (no
+    checks, no store, not durable). The like-for-like reference for the `pollinate` command,
+    which also pays a fresh process's first pass through LiteRT."""
+    import subprocess
+
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", BARE_SCRIPT, str(model_path), str(source), str(target),
+                           str(batch_size), str(threads)], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"the bare script failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"], wall
+
+
 def bench(home: Path, rows: int = 1_000_000, *, name: str = "delivery-eta", version: int | None = None,
           batch_size: int = DEFAULT_BATCH, threads: int | None = None, repeats: int = 3, folder: Path | None = None,
           cli: bool = True, say: Callable[[str], None] = lambda text: None) -> dict:
@@ -999,6 +1043,11 @@ def bench(home: Path, rows: int = 1_000_000, *, name: str = "delivery-eta", vers
 
         for _ in range(repeats):
             note("bare", bare_loop(chosen.model_path, x, batch_size=batch_size, threads=threads))
+            if cli:
+                own, wall = bare_script(chosen.model_path, scratch / "rows.npy", scratch / "bare-out.npy",
+                                        batch_size=batch_size, threads=threads, env=env)
+                note("bare_script", own)
+                note("bare_script_wall", wall)
             note("script_csv", in_memory_script(csv_path, spec, chosen.model_path, scratch / "script.csv",
                                                 batch_size=batch_size, threads=threads))
             for kind, source, target in (("npy", "rows.npy", "out.npy"), ("csv", "rows.csv", "out.csv")):
@@ -1037,6 +1086,8 @@ def bench(home: Path, rows: int = 1_000_000, *, name: str = "delivery-eta", vers
     }
     if cli:
         result["cli_npy_vs_bare"] = round(rate["cli_npy"] / rate["bare"], 3)
+        result["cli_npy_vs_bare_script"] = round(rate["cli_npy"] / rate["bare_script"], 3)
+        result["cli_npy_wall_vs_bare_script_wall"] = round(rate["cli_npy_wall"] / rate["bare_script_wall"], 3)
     return result
 
 

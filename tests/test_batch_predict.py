@@ -276,5 +276,6 @@ def test_the_benchmark_function_runs(tmp_path, home):
 
     result = bench(home, 5000, version=1, repeats=1, folder=tmp_path)
     assert result["rows"] == 5000 and result["max_abs_diff_vs_per_row_litert"] <= 1e-5
-    assert set(result["rows_per_second"]) >= {"bare", "npy", "csv"}
+    assert set(result["rows_per_second"]) >= {"bare", "bare_script", "npy", "cli_npy", "csv", "script_csv"}
+    assert {"npy_vs_bare", "cli_npy_vs_bare_script", "csv_vs_script"} <= set(result)  # the like-for-like ratios
     shutil.rmtree(tmp_path, ignore_errors=True)

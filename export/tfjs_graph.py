@@ -6,7 +6,11 @@ know): the Keras model is exported as a SavedModel with a batch-free input signa
 (`model.export(..., format="tf_saved_model")`), and the stock `tensorflowjs` converter turns
 that into a graph model that `tf.loadGraphModel` runs (inference only: a graph model does not
 train in TF.js). `control_flow_v2=True` keeps recurrent layers' `While` loops as they are
-(TensorList ops TF.js implements), which is what makes GRU/LSTM convert.
+(TensorList ops TF.js implements), which is what makes GRU/LSTM convert. Such a loop runs on
+TF.js' cpu backend only (wasm fails in it, a Bidirectional's on cpu too), so a recurrent layer
+whose time dimension is static (at most 128 steps) is converted from a clone with
+`unroll=True` (`export.unroll`): no loop, every backend; model.json grows with the steps
+(GRU(32) over 20 steps: 35 kB -> 203 kB; the weights stay the same).
 
     write_tfjs_graph(model, out_dir, quantize=None)   # -> [out_dir/model.json, shards...]
     graph_ops(out_dir / "model.json")                 # the TF ops the graph runs
@@ -32,6 +36,8 @@ import threading
 from pathlib import Path
 
 from core.errors import InvalidInput, PollinateError
+
+from .unroll import MAX_UNROLL_STEPS, Unrolled, unrolled_clone
 
 MODEL_JSON = "model.json"
 QUANTIZE_CHOICES = (None, "float16", "uint8")
@@ -106,10 +112,11 @@ def _unsupported_ops(message: str) -> list[str] | None:
     return sorted({op for op in re.split(r"[\s,]+", match.group(1).strip()) if re.fullmatch(r"[A-Za-z_][\w>]*", op)})
 
 
-def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None) -> list[Path]:
+def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None, note: str | None = None) -> list[Path]:
     """SavedModel → graph model in `out_dir` (replacing shards left by an earlier export).
 
-    Converts into a temporary folder first, so a refused model leaves `out_dir` as it was."""
+    Converts into a temporary folder first, so a refused model leaves `out_dir` as it was.
+    `note` (what was done to the model first) is appended to model.json's `convertedBy`."""
     qmap = _quantization_map(quantize)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -134,7 +141,8 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
             raise PollinateError(f"the TF.js graph converter failed: {type(err).__name__}: {first[:300]}") from None
         document = json.loads((staging / MODEL_JSON).read_text())
         _fix_fused_ops(document, staging)
-        document["convertedBy"] = f"{document.get('convertedBy') or 'TensorFlow.js Converter'} via Pollinate (export.tfjs_graph)"
+        _dedupe_constants(document, staging)
+        document["convertedBy"] = f"{document.get('convertedBy') or 'TensorFlow.js Converter'} via Pollinate (export.tfjs_graph{'; ' + note if note else ''})"
         (staging / MODEL_JSON).write_text(json.dumps(document))
         for stale in out_dir.iterdir():
             if stale.is_file() and (_SHARD_NAME.match(stale.name) or stale.name == MODEL_JSON):
@@ -151,6 +159,7 @@ def convert_saved_model(saved_model_dir, out_dir, *, quantize: str | None = None
 _ELEMENT_BYTES = {"float32": 4, "int32": 4, "float16": 2, "uint8": 1, "bool": 1}
 _CONV_OPS = {"_FusedConv2D", "FusedConv2D", "FusedDepthwiseConv2dNative", "_FusedMatMul"}
 _HARD_SWISH = "_FusedHardSwish"
+_FUSABLE_ACTIVATIONS = {"Relu", "Relu6", "Elu", "Sigmoid", "LeakyRelu", "Prelu"}  # TF.js fuses these (not Tanh)
 
 
 def _spec_bytes(spec: dict) -> int:
@@ -195,6 +204,11 @@ class _Weights:
             self.document.setdefault("weightsManifest", []).append({"paths": [], "weights": []})
         self.where[spec["name"]] = (0, len(self.groups[0]))
         self.groups[0].append([spec, data])
+        self.changed = True
+
+    def drop(self, names: set[str]) -> None:
+        self.groups = [[entry for entry in entries if entry[0]["name"] not in names] for entries in self.groups]
+        self.where = {spec["name"]: (g, i) for g, entries in enumerate(self.groups) for i, (spec, _) in enumerate(entries)}
         self.changed = True
 
     def write(self, shard_bytes: int = 4 * 1024 * 1024) -> None:
@@ -294,7 +308,85 @@ def _fix_fused_ops(document: dict, folder: Path) -> None:
                     {"name": name, "op": "Mul", "input": [f"{name}/pollinate_mul", sixth], "attr": dict(t)},
                 ])
                 weights.changed = True
+                continue
+            if node["op"] == "_FusedMatMul" and ops[:1] == ["BiasAdd"] and len(inputs) > 2 and not _vector(weights, inputs[2]):
+                _unfuse_matmul(node, nodes, ops)
+                weights.changed = True
+            elif len(ops) == 2 and ops[0] == "BiasAdd" and ops[1] not in _FUSABLE_ACTIVATIONS:
+                _set_fused_ops(node, ops[:1])
+                name = node["name"]
+                node["name"] = f"{name}/pollinate_fused"
+                nodes.append(_activation_node(name, ops[1], node["name"], [], node.get("attr") or {}))
+                weights.changed = True
     weights.write()
+
+
+def _vector(weights: _Weights, tensor: str) -> bool:
+    spec = weights.spec(tensor.split(":")[0])
+    return spec is not None and len(spec["shape"]) == 1
+
+
+def _activation_node(name: str, op: str, x: str, extra: list[str], fused_attr: dict) -> dict:
+    node = {"name": name, "op": op, "input": [x], "attr": {"T": fused_attr.get("T") or {"type": "DT_FLOAT"}}}
+    if op == "LeakyRelu":
+        node["attr"]["alpha"] = fused_attr.get("leakyrelu_alpha") or {"f": 0.2}
+    elif op == "Prelu":
+        node["input"].extend(extra[:1])
+    return node
+
+
+def _unfuse_matmul(node: dict, nodes: list[dict], ops: list[str]) -> None:
+    """`_FusedMatMul` whose "bias" is a computed tensor → `MatMul` + `AddV2` (+ the activation)."""
+    name, attr = node["name"], node.get("attr") or {}
+    data = [i for i in node.get("input", []) if not i.startswith("^")]
+    control = [i for i in node.get("input", []) if i.startswith("^")]
+    matmul = f"{name}/pollinate_matmul"
+    node.update(name=matmul, op="MatMul", input=[*data[:2], *control],
+                attr={k: v for k, v in attr.items() if k in ("T", "transpose_a", "transpose_b")})
+    added = f"{name}/pollinate_bias" if len(ops) > 1 else name
+    nodes.append({"name": added, "op": "AddV2", "input": [matmul, data[2]], "attr": {"T": attr.get("T") or {"type": "DT_FLOAT"}}})
+    if len(ops) > 1:
+        nodes.append(_activation_node(name, ops[1], added, data[3:], attr))
+
+
+def _dedupe_constants(document: dict, folder: Path) -> None:
+    """One weight for identical constants of the main graph (same dtype, shape, quantization, bytes).
+
+    Each step of an unrolled recurrent layer reads its kernels again; frozen, every read is a
+    Const of its own, and the shards would hold the kernels once per time step."""
+    topology = document.get("modelTopology") or {}
+    if document.get("modelInitializer"):
+        return
+    weights = _Weights(document, folder)
+    nodes = topology.get("node", [])
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    for node in nodes:
+        name = node.get("name")
+        spec = weights.spec(name) if node.get("op") == "Const" else None
+        if spec is None:
+            continue
+        key = (json.dumps({k: v for k, v in spec.items() if k != "name"}, sort_keys=True), weights.data(name))
+        if key in first:
+            renamed[name] = first[key]
+        else:
+            first[key] = name
+    if not renamed:
+        return
+    topology["node"] = [node for node in nodes if node.get("name") not in renamed]
+    for node in topology["node"]:
+        if "input" in node:
+            node["input"] = [_renamed_input(i, renamed) for i in node["input"]]
+    weights.drop(set(renamed))
+    weights.write()
+
+
+def _renamed_input(tensor: str, renamed: dict[str, str]) -> str:
+    control = tensor.startswith("^")
+    base, colon, port = tensor.lstrip("^").partition(":")
+    if base not in renamed:
+        return tensor
+    return f"{'^' if control else ''}{renamed[base]}{colon}{port}"
 
 
 def _scalar_const_node(nodes: list[dict], name: str, shape: list[int], dtype: str) -> None:
@@ -306,15 +398,36 @@ def _scalar_const_node(nodes: list[dict], name: str, shape: list[int], dtype: st
         "dtype": {"type": tf_dtype}}})
 
 
-def write_tfjs_graph(model, out_dir, *, quantize: str | None = None) -> list[Path]:
+def write_tfjs_graph(model, out_dir, *, quantize: str | None = None,
+                     max_unroll_steps: int = MAX_UNROLL_STEPS) -> list[Path]:
     """Write `model` as a TF.js graph model: `out_dir/model.json` + shards; return their paths
     (model.json first). `quantize`: None (float32 weights), "float16" or "uint8" (the converter's
     weight quantization; TF.js dequantizes on load). Raises `TfjsUnsupported` naming the ops
-    TF.js lacks (nothing written), `InvalidInput` for a model without defined inputs."""
+    TF.js lacks (nothing written), `InvalidInput` for a model without defined inputs.
+
+    Recurrent layers over at most `max_unroll_steps` static time steps are converted unrolled
+    (`export.unroll`: no `While` loop, so the wasm backend runs them too; 0 keeps every loop);
+    should the unrolled copy fail to save or convert, the model is converted as it is."""
     _quantization_map(quantize)
+    from .tfjs import _model_inputs
+
+    _model_inputs(model)
+    unrolled = unrolled_clone(model, max_unroll_steps) if max_unroll_steps > 0 else Unrolled(model)
+    if unrolled.layers:
+        note = "unrolled " + ", ".join(f"{name} ({steps} steps)" for name, steps in unrolled.layers.items())
+        try:
+            return _write(unrolled.model, out_dir, quantize, note)
+        except TfjsUnsupported:
+            raise  # the loop version uses the same ops (and the loop's)
+        except Exception:  # the loop version is the fallback: it reports its own failure
+            pass
+    return _write(model, out_dir, quantize, None)
+
+
+def _write(model, out_dir, quantize: str | None, note: str | None) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="pollinate-savedmodel-") as tmp:
         saved = save_model(model, Path(tmp) / "saved_model")
-        return convert_saved_model(saved, out_dir, quantize=quantize)
+        return convert_saved_model(saved, out_dir, quantize=quantize, note=note)
 
 
 def graph_ops(model_json) -> list[str]:

@@ -36,6 +36,18 @@ def _gru(keras):
     return keras.Model(i, keras.layers.Dense(2)(keras.layers.GRU(8)(i)), name="gru")  # reset_after=True: Keras 3's default
 
 
+def _gru_dynamic(keras):  # no static time dimension: the GRU keeps its While loop
+    i = keras.Input((None, 3))
+    return keras.Model(i, keras.layers.Dense(2)(keras.layers.GRU(8)(i)), name="gru_dynamic")
+
+
+def _recurrent_mix(keras):  # Bidirectional (a GRU: no LayersModel), LSTM, a backwards SimpleRNN
+    i = keras.Input((9, 4))
+    x = keras.layers.Bidirectional(keras.layers.GRU(6, return_sequences=True))(i)
+    x = keras.layers.LSTM(5, return_sequences=True)(x)
+    return keras.Model(i, keras.layers.Dense(2)(keras.layers.SimpleRNN(4, go_backwards=True)(x)), name="recurrent_mix")
+
+
 def _mha(keras):
     i = keras.Input((5, 4))
     x = keras.layers.MultiHeadAttention(2, 4)(i, i)
@@ -48,17 +60,22 @@ def _causal(keras):
     return keras.Model(i, keras.layers.Dense(3)(keras.layers.Flatten()(x)), name="causal")
 
 
-BUILDERS = {"gru": _gru, "mha": _mha, "causal": _causal}
-# What TF.js 4.22 cannot do on its wasm backend (the cpu backend runs all three; browsers take
-# WebGL first): a GRU's While/TensorList loop fails in tfjs-backend-wasm's reshape ("Cannot read
-# properties of undefined (reading 'backend')"). (MultiHeadAttention's Einsum, which wasm lacks
-# too, runs through web_client/lib/backend.js' registerMissingKernels.)
-WASM_GAPS = {"gru": "reading 'backend'"}
+BUILDERS = {"gru": _gru, "gru_dynamic": _gru_dynamic, "recurrent_mix": _recurrent_mix, "mha": _mha, "causal": _causal}
+# What TF.js 4.22 cannot do on its wasm backend (the cpu backend runs them all; browsers take
+# WebGL first): a recurrent layer's While/TensorList loop fails in tfjs-backend-wasm's reshape
+# ("Cannot read properties of undefined (reading 'backend')"). Over a static time dimension the
+# layers are converted unrolled (export.unroll: no loop), so only the dynamic GRU keeps the gap.
+# (MultiHeadAttention's Einsum, which wasm lacks too, runs through web_client/lib/backend.js'
+# registerMissingKernels.)
+WASM_GAPS = {"gru_dynamic": "reading 'backend'"}
+DYNAMIC_STEPS = 6  # the sequence length fed to a model whose time dimension is None
+LOOP_OPS = {"While", "StatelessWhile", "TensorListReserve", "TensorListFromTensor", "TensorListStack"}
 
 
 def _inputs(model, rows=7, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(rows, *model.inputs[0].shape[1:])) * scale).astype("float32")
+    shape = [DYNAMIC_STEPS if d is None else d for d in model.inputs[0].shape[1:]]
+    return (rng.normal(size=(rows, *shape)) * scale).astype("float32")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +123,69 @@ def test_graph_model_matches_keras_in_tfjs(graph_models, name, backend):
     diff = float(np.abs(run.outputs - model.predict(x, verbose=0)).max())
     print(f"{name} {backend}: max|diff| {diff:.2e}, conversion {graph_models[name]['seconds']:.2f} s")
     assert diff <= TOLERANCE
+
+
+def test_static_recurrent_layers_are_unrolled_and_a_dynamic_one_keeps_its_loop(graph_models):
+    from export.tfjs import graph_ops
+
+    for name in ("gru", "recurrent_mix"):
+        written = graph_models[name]["written"]
+        assert not LOOP_OPS & set(graph_ops(written.model_json)), name
+        assert "unrolled" in json.loads(written.model_json.read_text())["convertedBy"]
+    dynamic = graph_models["gru_dynamic"]["written"].model_json
+    assert "While" in graph_ops(dynamic) and "unrolled" not in json.loads(dynamic.read_text())["convertedBy"]
+
+
+def test_unroll_plan_keeps_long_and_dynamic_loops_and_leaves_the_model_alone(keras):
+    from export.unroll import MAX_UNROLL_STEPS, unrolled_clone
+
+    keras.utils.set_random_seed(3)
+    i = keras.Input((5, 3))
+    short = keras.layers.LSTM(4, return_sequences=True, name="short")(i)
+    model = keras.Model(i, keras.layers.GRU(2, name="later")(short))
+    long_input = keras.Input((MAX_UNROLL_STEPS + 1, 3))
+    long = keras.Model(long_input, keras.layers.GRU(2, name="long")(long_input))
+    dynamic = keras.Sequential([keras.Input((None, 3)), keras.layers.SimpleRNN(2, name="dyn")])
+
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    assert unrolled_clone(plain).model is plain and not unrolled_clone(plain).kept
+    unrolled = unrolled_clone(model)
+    assert unrolled.layers == {"short": 5, "later": 5} and not unrolled.kept and unrolled.model is not model
+    assert all(layer.unroll for layer in unrolled.model.layers[1:]) and not any(layer.unroll for layer in model.layers[1:])
+    x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype("float32")
+    assert float(np.abs(unrolled.model.predict(x, verbose=0) - model.predict(x, verbose=0)).max()) == 0.0  # same weights
+    assert unrolled_clone(model, max_steps=4).kept == {"short": "5 time steps (unrolled up to 4)",
+                                                      "later": "5 time steps (unrolled up to 4)"}
+    kept = unrolled_clone(long)
+    assert kept.model is long and not kept.layers and f"{MAX_UNROLL_STEPS + 1} time steps" in kept.kept["long"]
+    assert unrolled_clone(dynamic).kept == {"dyn": "its time dimension is not static"}
+
+
+def test_unrolled_kernels_are_stored_once(keras, tmp_path):
+    """A GRU(32) over 20 steps, its loop kept vs unrolled: the weights are not repeated per step."""
+    from export.node_runner import run_tfjs
+    from export.tfjs_graph import graph_ops, write_tfjs_graph
+
+    keras.utils.set_random_seed(4)
+    i = keras.Input((20, 8))
+    model = keras.Model(i, keras.layers.Dense(3)(keras.layers.GRU(32)(i)))
+    x = _inputs(model)
+    expected = model.predict(x, verbose=0)
+    sizes = {}
+    for kind, steps in (("loop", 0), ("unrolled", 128)):
+        started = time.perf_counter()
+        files = write_tfjs_graph(model, tmp_path / kind, max_unroll_steps=steps)
+        seconds = time.perf_counter() - started
+        sizes[kind] = (files[0].stat().st_size, _size(files[1:]))
+        assert bool(LOOP_OPS & set(graph_ops(files[0]))) == (kind == "loop")
+        diffs = {}
+        for backend in ("cpu", "wasm") if kind == "unrolled" else ("cpu",):
+            diffs[backend] = float(np.abs(run_tfjs(tmp_path / kind, x, backend=backend, latency_repeats=0).outputs - expected).max())
+            assert diffs[backend] <= TOLERANCE
+        print(f"GRU(32) x 20 steps, {kind}: model.json {sizes[kind][0] / 1e3:.1f} kB, weights {sizes[kind][1] / 1e3:.1f} kB, "
+              f"conversion {seconds:.2f} s, max|diff| {diffs}")
+    assert sizes["unrolled"][1] <= sizes["loop"][1]  # identical constants share one weight
+    assert sizes["unrolled"][0] < 8 * sizes["loop"][0]
 
 
 def test_a_graph_model_does_not_train(graph_models):
@@ -257,19 +337,23 @@ def test_graph_model_loads_and_predicts_in_chromium_through_pollinate_js(graph_m
     from export.pipeline import ExportOptions, export_version
 
     store = Store(tmp_path / "store")
-    cases = ("causal", "mha", "gru")  # MHA: Einsum on wasm (our kernel); GRU: not on wasm (WASM_GAPS)
+    # MHA: Einsum on wasm (our kernel); GRU: unrolled, on wasm; the dynamic GRU: not on wasm (WASM_GAPS)
+    cases = ("causal", "mha", "gru", "gru_dynamic")
     samples = {}
     for name in cases:
         model, written = graph_models[name]["model"], graph_models[name]["written"]
-        shape = [int(d) for d in model.inputs[0].shape[1:]]
+        shape = [DYNAMIC_STEPS if d is None else int(d) for d in model.inputs[0].shape[1:]]
         spec = {"shape": shape, "dtype": "float32", "preprocessing": {}}
-        if name == "gru":  # through the exporter: verification finds the wasm gap, the manifest names it
-            model.save(tmp_path / "gru.keras")
-            store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": tmp_path / "gru.keras"}},
+        if name.startswith("gru"):  # through the exporter: verification finds any wasm gap, the manifest names it
+            model.save(tmp_path / f"{name}.keras")
+            store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": tmp_path / f"{name}.keras"}},
                           metrics={}, input_spec=spec, labels=None)
             record, report = export_version(store, name, 1, options=ExportOptions(formats=("tfjs-graph",), latency_repeats=1))
             assert report["outcome"]["delivered"] == ["tfjs-graph"], report["outcome"]
-            assert WASM_GAPS["gru"] in report["outcome"]["backend_gaps"]["tfjs-graph"]["wasm"]
+            if name in WASM_GAPS:
+                assert WASM_GAPS[name] in report["outcome"]["backend_gaps"]["tfjs-graph"]["wasm"]
+            else:
+                assert not report["outcome"]["backend_gaps"], report["outcome"]
         else:
             store.publish(name, lineage=Lineage("central"), artifacts={"tfjs-graph": {p.name: p for p in written.files}},
                           metrics={}, input_spec=spec, labels=None)
@@ -287,10 +371,10 @@ def test_graph_model_loads_and_predicts_in_chromium_through_pollinate_js(graph_m
             args = {"model": name, "samples": [s.reshape(-1).tolist() for s in samples[name]], "backends": ["wasm", "cpu"]}
             got = page.evaluate(CHROMIUM_PREDICT, args)
             assert got["kind"] == "graph" and got["format"] == "tfjs-graph", got
-            # the manifest's unsupported_backends moves the GRU off wasm; the others stay on it
-            assert got["backend"] == ("cpu" if name == "gru" else "wasm"), got["skipped"]
-            if name == "gru":
-                assert [s["name"] for s in got["skipped"]] == ["wasm"] and WASM_GAPS["gru"] in got["skipped"][0]["reason"]
+            # the manifest's unsupported_backends moves the dynamic GRU off wasm; the others stay on it
+            assert got["backend"] == ("cpu" if name in WASM_GAPS else "wasm"), got["skipped"]
+            if name in WASM_GAPS:
+                assert [s["name"] for s in got["skipped"]] == ["wasm"] and WASM_GAPS[name] in got["skipped"][0]["reason"]
             diff = float(np.abs(np.asarray(got["outputs"]) - model.predict(samples[name], verbose=0)).max())
             print(f"chromium {name} on {got['backend']}: max|diff| {diff:.2e}, load {got['load']['ms']:.0f} ms")
             assert diff <= TOLERANCE

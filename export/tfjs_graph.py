@@ -10,7 +10,8 @@ train in TF.js). `control_flow_v2=True` keeps recurrent layers' `While` loops as
 TF.js' cpu backend only (wasm fails in it, a Bidirectional's on cpu too), so a recurrent layer
 whose time dimension is static (at most 128 steps) is converted from a clone with
 `unroll=True` (`export.unroll`): no loop, every backend; model.json grows with the steps
-(GRU(32) over 20 steps: 35 kB -> 203 kB; the weights stay the same).
+(GRU(32) over 20 steps, measured: 37 -> 121 kB, conversion 0.5 -> 1.8 s, the weights stay
+16 kB as identical constants share one weight; TF.js cpu 14.5 -> 7.4 ms a batch of 16).
 
     write_tfjs_graph(model, out_dir, quantize=None)   # -> [out_dir/model.json, shards...]
     graph_ops(out_dir / "model.json")                 # the TF ops the graph runs

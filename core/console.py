@@ -8,6 +8,7 @@ With `--json`, stdout carries exactly one JSON document and everything meant for
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,8 +31,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readab
 
 
 def human_console(as_json: bool) -> Console:
-    """Where tables and progress go: stdout normally, stderr when stdout is reserved for JSON."""
-    return Console(stderr=as_json, highlight=False)
+    """Where tables and progress go: stdout normally, stderr when stdout is reserved for JSON.
+    Piped or logged (no terminal, no $COLUMNS), tables get 160 columns rather than rich's 80,
+    which cut the export table's numbers short ("6,863…")."""
+    stream = sys.stderr if as_json else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and not os.environ.get("COLUMNS")
+    return Console(stderr=as_json, highlight=False, width=160 if piped else None)
 
 
 def print_json(payload: Any) -> None:

@@ -62,12 +62,12 @@ def gru_model():
                              keras.layers.Dense(3, activation="softmax")], name="gru")
 
 
-def export(model, x, tmp_path, formats=None, **options):
+def export(model, x, tmp_path, formats=None, *, y=None, calibration=None, **options):
     from export.pipeline import ALL_FORMATS, ExportOptions, export_model, infer_task
 
     opts = ExportOptions(formats=formats or ALL_FORMATS, tfjs_backends=("cpu",), latency_repeats=2, **options)
-    return export_model(model, tmp_path, task=infer_task(model, x), x_eval=x, y_eval=None, calibration=x,
-                        options=opts, title=model.name)
+    return export_model(model, tmp_path, task=infer_task(model, x), x_eval=x, y_eval=y,
+                        calibration=x if calibration is None else calibration, options=opts, title=model.name)
 
 
 def test_near_uniform_classifier_gets_every_format_int8_gated_on_confident_rows(tmp_path):
@@ -217,60 +217,86 @@ def test_stored_version_carries_only_verified_formats_and_says_what_was_refused(
     ManifestOut.model_validate(served)
 
 
-def mobilenet(arch: str, size: int):
-    """keras.applications' MobileNetV2 (alpha 0.35) or MobileNetV3Small, weights=None, with
-    batch-norm statistics taken from a batch and scales randomized, so the outputs depend on
-    the input (a fresh one's saturate to a constant: every format would match it trivially)."""
-    keras = _keras()
-    keras.utils.set_random_seed(0)
-    kwargs = {"alpha": 0.35} if arch == "MobileNetV2" else {}
-    model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None, classes=10, **kwargs)
-    rng = np.random.default_rng(0)
-    x = rng.random((32, size, size, 3), dtype=np.float32) * (255 if arch == "MobileNetV3Small" else 1)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in norms:
-        gamma, beta, _, _ = layer.get_weights()
-        layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                           *layer.get_weights()[2:]])
-        layer.momentum = 0.0  # the next training-mode call sets the moving statistics to the batch's
-    model(x, training=True)
-    for layer in norms:
-        layer.momentum = 0.99
-    return model, x  # V3 rescales [0, 255] itself; V2 takes [-1, 1]-ish inputs
+def digits_images(x: np.ndarray, size: int, arch: str) -> np.ndarray:
+    """8×8 digits in [0, 1] as a MobileNet input: nearest-neighbour repeat to size×size and 3
+    channels; V2 takes [-1, 1], V3Small rescales [0, 255] itself."""
+    factor = size // 8
+    x = np.repeat(np.repeat(np.repeat(x, factor, axis=1), factor, axis=2), 3, axis=3)
+    return x * 255 if arch == "MobileNetV3Small" else x * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def trained_mobilenet():
+    """keras.applications' MobileNetV2 (α=0.35) or MobileNetV3Small at 32×32, weights=None,
+    trained 8 epochs with Adam on the digits (≈ 45 s each on 2 cores, most of it tracing; no
+    pretrained weights offline): quantized formats are judged on a model that has learned
+    something, not on random weights that amplify rounding. Built once per architecture."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            from training.datasets import load_dataset
+
+            keras = _keras()
+            data = load_dataset("digits")
+            keras.utils.set_random_seed(0)
+            kwargs = {"alpha": 0.35} if arch == "MobileNetV2" else {}
+            model = getattr(keras.applications, arch)(input_shape=(32, 32, 3), weights=None, classes=10, **kwargs)
+            for layer in model.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = 0.9  # moving statistics that catch up within 200 steps
+            x_train = digits_images(data.x_train, 32, arch)
+            steps = 8 * -(-len(x_train) // 32)
+            model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
+                          loss="sparse_categorical_crossentropy")
+            model.fit(x_train, data.y_train, epochs=8, batch_size=32, verbose=0)
+            cache[arch] = model, digits_images(data.x_test, 32, arch), data.y_test, x_train, data.y_train
+        return cache[arch]
+
+    return get
 
 
 @pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
-def test_mobilenets_every_tflite_variant_converts_and_is_judged_in_litert(tmp_path, arch):
-    """Every variant converts and runs in LiteRT; float32 matches Keras. The quantized ones
-    are delivered or withheld by their gate alone: with random weights (no pretrained ones
-    offline) these deep nets amplify rounding (measured max |Δp| 0.05-0.3 for dynamic/int8 at
-    32×32), so they may well be refused, with the numbers, while float32 is delivered."""
-    model, x = mobilenet(arch, 32)
-    reference = model.predict(x, verbose=0)
-    assert np.ptp(reference, axis=0).max() > 0.1  # outputs depend on the input
-    result = export(model, x, tmp_path, formats=TFLITE)
+def test_trained_mobilenets_every_tflite_variant_keeps_keras_accuracy(tmp_path, arch, trained_mobilenet):
+    """Every variant converts (int8 calibrated on training digits), runs in LiteRT on the held-out
+    digits and keeps Keras' accuracy within 2 points; float32, float16 and dynamic are delivered.
+
+    int8 keeps accuracy and ≥ 98% top-1 agreement on confident rows too, but its gate's other
+    half, max |Δp| ≤ 0.1 over every row, refuses it (measured: V2 91.1% Keras, int8 90.3%,
+    agreement 98.9%, max |Δp| 0.42; V3Small 94.8%, 94.1%, 99.3%, 0.19). Rounding accumulated over
+    ~50 layers moves a few borderline rows: the quantization debugger shows no layer off by more
+    than ~1 step; 1,259 calibration rows instead of 200, or per-tensor weights, do not help, and
+    16×8 activations still give 0.18. So int8 is asserted delivered, or refused by that clause
+    alone (dynamic: 0.066 and 0.032)."""
+    model, x, y, x_train, _ = trained_mobilenet(arch)
+    result = export(model, x, tmp_path, formats=TFLITE, y=y, calibration=x_train)
     outcome = result.outcome
     rows = {r["format"]: r for r in result.report["formats"]}
     assert set(rows) == set(TFLITE) and all(r["runtime"] == "LiteRT" for r in rows.values())  # all made, all ran
-    assert rows["tflite-float32"]["max_abs_diff"] <= 1e-4 and "tflite-float32" in outcome["delivered"]
+    keras_accuracy = result.report["keras"]["metric"]["accuracy"]
+    assert keras_accuracy > 0.75  # it learned the digits (chance: 0.1)
     for fmt in TFLITE:
-        if fmt in outcome["refused"]:
-            why = outcome["refused"][fmt]
-            assert why["stage"] == "verify" and "max |Δp|" in why["reason"] and not rows[fmt]["passed"]
-        else:
-            assert rows[fmt]["passed"] and result.folders[fmt].is_file()
+        assert abs(rows[fmt]["metric"]["accuracy"] - keras_accuracy) <= 0.02, (fmt, rows[fmt]["metric"])
+    assert rows["tflite-float32"]["max_abs_diff"] <= 1e-4
+    for fmt in ("tflite-float32", "tflite-float16", "tflite-dynamic"):
+        assert fmt in outcome["delivered"] and rows[fmt]["passed"] and result.folders[fmt].is_file(), rows[fmt]["gate"]
+    int8 = rows["tflite-int8"]
+    assert int8["confident_agreement"] >= 0.98
+    if "tflite-int8" not in outcome["delivered"]:
+        why = outcome["refused"]["tflite-int8"]
+        assert why["stage"] == "verify" and "≥ 98%" in why["reason"] and "max |Δp|" in why["reason"], why
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
-def test_mobilenets_on_device_training_file(tmp_path, arch):
+def test_mobilenets_on_device_training_file(tmp_path, arch, trained_mobilenet):
     """≈ 80 s each on 2 cores: the training graph of 50+ batch-norm layers is big to convert."""
     from export.ondevice import OnDeviceTrainer
 
-    model, x = mobilenet(arch, 32)
-    result = export(model, x, tmp_path, formats=("tflite-train",))
+    model, x, y, x_train, y_train = trained_mobilenet(arch)
+    result = export(model, x[:32], tmp_path, formats=("tflite-train",), y=y[:32], calibration=x_train)
     assert result.outcome["status"] == "all", result.outcome["refused"]
     assert result.report["formats"][0]["max_abs_diff"] <= 1e-4
     trainer = OnDeviceTrainer(result.folders["tflite-train"])
-    losses = [trainer.train(x[:8], np.arange(8) % 10) for _ in range(3)]
+    losses = [trainer.train(x_train[:8], y_train[:8]) for _ in range(3)]
     assert np.isfinite(losses).all()

@@ -10,10 +10,18 @@ latency. Each format is judged on its own (a format that fails is refused, the o
   `FLOAT_TOLERANCE`;
 - a quantized classifier must (1) agree with Keras' top-1 on at least
   `MIN_CONFIDENT_AGREEMENT` of the rows where Keras is confident (top-1 probability ahead of
-  the runner-up by ≥ `CONFIDENT_MARGIN`; all but one row when there are few), and (2) move no
-  probability by more than `QUANTIZED_MAX_PROB_DIFF`. Rows where Keras itself hesitates between
-  two classes say nothing about quantization (a near-uniform model flips them by rounding), so
-  they count only through (2). Accuracy (against labels when given) is reported, not gated.
+  the runner-up by ≥ `CONFIDENT_MARGIN`; all but one row when there are few), and (2) with
+  labels, keep its accuracy within `QUANTIZED_ACCURACY_DROP` of Keras' (or one example, if
+  that is more); without labels, move no probability by more than `QUANTIZED_MAX_PROB_DIFF`.
+  Rows where Keras itself hesitates between two classes say nothing about quantization (a
+  near-uniform model flips them by rounding), so they count only through (2). Why labels
+  replace the |Δp| bound when there are any: int8 rounding piles up over a deep net's ~50
+  layers and moves a few borderline rows' probabilities by 0.2-0.4 while accuracy stays level
+  (measured on MobileNetV2/V3Small trained on the digits: int8 within 1 point of Keras, 99% of
+  the confident rows agreeing, max |Δp| 0.19-0.42; no single layer at fault in TensorFlow's
+  quantization debugger, neither calibration size nor per-tensor weights helped). Labels show
+  whether that drift costs anything; without them the strict bound stays. The max |Δp| is
+  always reported.
 - a quantized regression is reported, not gated.
 A format that cannot even run (the runtime refuses the file) fails with the runtime's message.
 """
@@ -31,6 +39,7 @@ FLOAT_TOLERANCE = 1e-4
 CONFIDENT_MARGIN = 0.1
 MIN_CONFIDENT_AGREEMENT = 0.98
 QUANTIZED_MAX_PROB_DIFF = 0.1
+QUANTIZED_ACCURACY_DROP = 0.02  # 2 points, the budget the int8 targets are stated in
 LATENCY_REPEATS = 50
 FLOAT_FORMATS = ("tflite-float32", "tflite-train", "tfjs-layers")
 
@@ -102,8 +111,9 @@ def confident_rows(reference: np.ndarray) -> np.ndarray:
     return (top2[:, 1] - top2[:, 0]) >= CONFIDENT_MARGIN
 
 
-def quantized_classifier_gate(outputs: np.ndarray, reference: np.ndarray) -> tuple[bool, str, float | None]:
-    """(passed, why, confident agreement): see the module docstring."""
+def quantized_classifier_gate(outputs: np.ndarray, reference: np.ndarray,
+                              y: np.ndarray | None = None) -> tuple[bool, str, float | None]:
+    """(passed, why, confident agreement): see the module docstring. `y`: labels (class ids)."""
     max_diff = float(np.abs(outputs - reference).max())
     confident = confident_rows(reference)
     count = int(confident.sum())
@@ -119,9 +129,20 @@ def quantized_classifier_gate(outputs: np.ndarray, reference: np.ndarray) -> tup
                      f"{'≥' if ok else '<'} {100 * (1 - allowed):.3g}%")
     else:
         parts.append(f"no confident rows (Keras' top-2 margin < {CONFIDENT_MARGIN:g} everywhere)")
-    ok = max_diff <= QUANTIZED_MAX_PROB_DIFF
-    passed &= ok
-    parts.append(f"max |Δp| {max_diff:.3f} {'≤' if ok else '>'} {QUANTIZED_MAX_PROB_DIFF:g}")
+    if y is not None and len(y):
+        labels = np.asarray(y).reshape(-1)
+        keras_accuracy = float((reference.argmax(axis=1) == labels).mean())
+        accuracy = float((outputs.argmax(axis=1) == labels).mean())
+        allowed = max(QUANTIZED_ACCURACY_DROP, 1.0 / len(labels))
+        ok = keras_accuracy - accuracy <= allowed + 1e-12
+        passed &= ok
+        parts.append(f"accuracy {100 * accuracy:.1f}% vs Keras {100 * keras_accuracy:.1f}% "
+                     f"({'within' if ok else 'more than'} {100 * allowed:.3g} points)")
+        parts.append(f"max |Δp| {max_diff:.3f} (reported)")
+    else:
+        ok = max_diff <= QUANTIZED_MAX_PROB_DIFF
+        passed &= ok
+        parts.append(f"max |Δp| {max_diff:.3f} {'≤' if ok else '>'} {QUANTIZED_MAX_PROB_DIFF:g} (no labels)")
     return passed, "; ".join(parts), agreement
 
 
@@ -173,7 +194,7 @@ def verify_export(
             check.passed = check.max_abs_diff <= FLOAT_TOLERANCE
             check.gate = f"max abs diff {check.max_abs_diff:.2e} {'≤' if check.passed else '>'} {FLOAT_TOLERANCE:g}"
         elif task == "classification":
-            check.passed, check.gate, check.confident_agreement = quantized_classifier_gate(outputs, reference)
+            check.passed, check.gate, check.confident_agreement = quantized_classifier_gate(outputs, reference, y)
         else:
             check.gate = "quantized regression: reported, not gated"
 
@@ -243,7 +264,8 @@ def verify_export(
         "labelled": y is not None,
         "thresholds": {"float_max_abs_diff": FLOAT_TOLERANCE, "confident_margin": CONFIDENT_MARGIN,
                        "min_confident_agreement": MIN_CONFIDENT_AGREEMENT,
-                       "quantized_max_prob_diff": QUANTIZED_MAX_PROB_DIFF},
+                       "quantized_max_prob_diff": QUANTIZED_MAX_PROB_DIFF,
+                       "quantized_accuracy_drop": QUANTIZED_ACCURACY_DROP},
         "keras": keras_row,
         "formats": [c.to_dict() for c in checks],
         "refused": refused,
@@ -256,7 +278,9 @@ def verify_export(
 def gates_sentence(thresholds: dict) -> str:
     return (f"float formats max |diff| ≤ {thresholds['float_max_abs_diff']:g}; quantized classifiers agree on top-1 "
             f"for ≥ {100 * thresholds['min_confident_agreement']:g}% of the rows where Keras is confident (margin ≥ "
-            f"{thresholds['confident_margin']:g}) and move no probability by more than {thresholds['quantized_max_prob_diff']:g}")
+            f"{thresholds['confident_margin']:g}) and, with labels, lose at most "
+            f"{100 * thresholds.get('quantized_accuracy_drop', 0.02):g} points of accuracy (without: move no probability "
+            f"by more than {thresholds['quantized_max_prob_diff']:g})")
 
 
 def report_markdown(report: dict, *, title: str) -> str:

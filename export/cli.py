@@ -33,6 +33,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (for a .keras file).")] = None,
     samples: Annotated[Optional[Path], typer.Option("--samples", help=".npy inputs to verify and calibrate on (a .keras file; default: random inputs).")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help=".npy labels/targets for --samples, to report real accuracy.")] = None,
+    code: Annotated[Optional[Path], typer.Option("--code", help="A .keras file's Python: the file defining its custom layers or subclassed model (registered with @keras.saving.register_keras_serializable), imported before loading.")] = None,
     tfjs_quantize: Annotated[Optional[str], typer.Option("--tfjs-quantize", help="Quantize TF.js weights: float16 or uint8.")] = None,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 TFLite takes and returns int8 (default: float32 in/out).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="All or nothing: one refused format refuses the export (exit 4).")] = False,
@@ -54,14 +55,15 @@ def export(
     is_file = target.endswith((".keras", ".h5")) or "/" in target or Path(target).is_file()
     if is_file and out is None:
         raise typer.BadParameter("exporting a file needs --out DIR")
-    if not is_file and (out is not None or samples is not None or labels is not None):
-        raise typer.BadParameter("--out/--samples/--labels apply to a .keras file, not a stored model")
+    if not is_file and (out is not None or samples is not None or labels is not None or code is not None):
+        raise typer.BadParameter("--out/--samples/--labels/--code apply to a .keras file, not a stored model")
     title = target
     with console.status("exporting…") as status:
         progress = lambda message: status.update(f"{message}…")  # noqa: E731
         try:
             if is_file:
-                report = export_file(Path(target), out, samples=samples, labels=labels, options=options, progress=progress)
+                report = export_file(Path(target), out, samples=samples, labels=labels, options=options, progress=progress,
+                                     code=code)
                 where = f"written to {out}/ (export-report.json lists every file)"
             else:
                 record, report = export_version(open_store(home), target, version, options=options, progress=progress)

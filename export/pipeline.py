@@ -403,8 +403,13 @@ def export_file(
     labels: Path | None = None,
     options: ExportOptions | None = None,
     progress: Progress | None = None,
+    code: Path | None = None,
 ) -> dict:
     """A user's `.keras` file → DIR/tfjs/, DIR/tflite/<variant>.tflite, DIR/export-report.json.
+
+    `code` is a Python file defining the model's own classes (custom layers, a subclassed
+    model, registered with `@keras.saving.register_keras_serializable`): imported first, as
+    the user's training script was, so that Keras can rebuild them.
 
     Only verified formats appear in DIR (refusals and their reasons are in the report); when
     none passed (or one was refused under `strict`) DIR gets just the report and
@@ -419,12 +424,14 @@ def export_file(
         raise InvalidInput(f"model file not found: {keras_path}")
     if keras_path.suffix not in (".keras", ".h5"):
         raise InvalidInput(f"{keras_path.name}: expected a Keras 3 .keras file (or legacy .h5)")
+    if code is not None:
+        import_user_code(code)
     try:
         model = keras.saving.load_model(keras_path)
     except Exception as exc:  # Keras raises many types for a bad file
-        raise InvalidInput(f"cannot load {keras_path.name} as a Keras model: {str(exc).splitlines()[0]}") from exc
-    if len(model.inputs) != 1:
-        raise InvalidInput("export verification supports single-input models")
+        raise InvalidInput(load_error(keras_path, exc, code)) from exc
+    model = with_graph(model)
+    check_single_io(model)
     from .tflite import as_input, input_dtype
 
     if samples is not None:
@@ -454,6 +461,88 @@ def export_file(
                 shutil.move(str(Path(scratch) / sub), out_dir / sub)
         _copy_reports(Path(scratch), out_dir)
     return result.report
+
+
+def import_user_code(path: Path) -> None:
+    """Run a user's Python file (its classes register themselves with Keras as it is imported)."""
+    import importlib.util
+    import sys
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise InvalidInput(f"--code: {path} is not a Python file")
+    name = f"pollinate_user_code_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: any error, reported in one line
+        sys.modules.pop(name, None)
+        raise InvalidInput(f"--code {path.name} failed to import: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+
+
+def load_error(keras_path: Path, exc: BaseException, code: Path | None) -> str:
+    """One line for a .keras file Keras cannot load. Keras' own message for a custom class it
+    does not know spans the class's whole config; this names the class and the fix."""
+    import re
+
+    text = str(exc).strip()
+    missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    custom = missing or "could not be deserialized properly" in text
+    if custom:
+        what = f"its custom class {missing.group(1)!r}" if missing else "a custom layer or model class"
+        hint = ("--code did not define it (register it with @keras.saving.register_keras_serializable)" if code is not None
+                else "pass the Python file that defines it (registered with @keras.saving.register_keras_serializable) "
+                     "with --code FILE.py")
+        return f"cannot load {keras_path.name}: Keras cannot rebuild {what}; {hint}"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"cannot load {keras_path.name} as a Keras model: {first[:300]}"
+
+
+def with_graph(model):
+    """A subclassed model (its own `call`, no layer graph: `model.inputs` is unset after loading)
+    wrapped as `keras.Model(Input, model(Input))` over the input shape it was built with, so
+    every exporter sees one input and one output; the wrapper shares the model's weights.
+    Any other model, or one whose build shape is unknown, is returned as is."""
+    import keras
+
+    try:
+        if list(model.inputs or []):
+            return model
+    except (AttributeError, ValueError):
+        pass
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if len(shapes) != 1:
+        return model
+    shape = next(iter(shapes.values()))
+    if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(isinstance(d, int) or d is None for d in shape):
+        return model
+    inputs = keras.Input(tuple(shape[1:]), name="input")
+    try:
+        return keras.Model(inputs, model(inputs), name=model.name)
+    except Exception:  # a call that cannot be traced symbolically: reported by check_single_io
+        return model
+
+
+def check_single_io(model) -> None:
+    """Verification feeds one array and compares one output: name what else a model has."""
+    def names(tensors) -> str:
+        history = [getattr(t, "_keras_history", None) for t in tensors]
+        return ", ".join(getattr(getattr(h, "operation", None), "name", None) or getattr(t, "name", "?")
+                         for h, t in zip(history, tensors))
+
+    inputs = list(getattr(model, "inputs", None) or [])
+    outputs = list(getattr(model, "outputs", None) or [])
+    if len(inputs) > 1:
+        raise InvalidInput(f"the model takes {len(inputs)} inputs ({names(inputs)}); export verification supports "
+                           "single-input models (concatenate the inputs into one, or export each branch)")
+    if len(outputs) > 1:
+        raise InvalidInput(f"the model has {len(outputs)} outputs ({names(outputs)}); export verification supports "
+                           "single-output models (export one model per output, or concatenate them)")
+    if not inputs:
+        raise InvalidInput("the model has no defined input (a subclassed model never called on data): "
+                           "build it with keras.Input or call it once before saving")
 
 
 def _copy_reports(scratch: Path, out_dir: Path) -> None:

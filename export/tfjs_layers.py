@@ -40,8 +40,8 @@ Shape = tuple  # a Keras shape with None for the batch dimension
 # ---- shared pieces of a config ------------------------------------------------------------------
 
 # Keras 3 activation name -> the TF.js name that computes the same function. Left out on purpose:
-# hard_sigmoid (Keras 3: relu6(x + 3) / 6; TF.js: clip(0.2 x + 0.5)), hard_silu, leaky_relu,
-# exponential, and anything custom.
+# hard_sigmoid (Keras 3: relu6(x + 3) / 6; TF.js: clip(0.2 x + 0.5)), hard_silu, exponential,
+# and anything custom; leaky_relu becomes a layer of its own (SPLIT_ACTIVATIONS).
 ACTIVATIONS = {
     "linear": "linear", "relu": "relu", "relu6": "relu6", "elu": "elu", "selu": "selu",
     "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax", "log_softmax": "log_softmax",
@@ -441,7 +441,46 @@ def softmax(layer, name, conf, shapes) -> TfjsLayer:
 
 
 def activation_layer(layer, name, conf, shapes) -> TfjsLayer:
+    if conf.get("activation") in SPLIT_ACTIVATIONS:
+        return SPLIT_ACTIVATIONS[conf["activation"]](layer, name)
     return TfjsLayer("Activation", {**base_config(layer, name), "activation": activation(conf.get("activation"))})
+
+
+# Activation names TF.js has no activation function for but a layer that computes the same:
+# `activation="leaky_relu"` is Keras 3's `leaky_relu(x, negative_slope=0.2)`, TF.js's
+# LeakyReLU layer with alpha 0.2 (its activation list has no leaky_relu).
+SPLIT_ACTIVATIONS: dict[str, Callable] = {
+    "leaky_relu": lambda layer, name: TfjsLayer("LeakyReLU", {**base_config(layer, name), "alpha": 0.2}),
+}
+
+
+def split_activation(translate: Callable) -> Callable:
+    """A layer with `activation=` one of SPLIT_ACTIVATIONS → the layer with a linear activation,
+    then the activation as its own TF.js layer (`<name>_activation`): the same two steps Keras
+    runs inside the layer's call."""
+
+    def translated(layer, name, conf, shapes):
+        act = conf.get("activation")
+        if act not in SPLIT_ACTIVATIONS:
+            return translate(layer, name, conf, shapes)
+        main = translate(layer, name, {**conf, "activation": "linear"}, shapes)
+        return [*(main if isinstance(main, list) else [main]), SPLIT_ACTIVATIONS[act](layer, f"{name}_activation")]
+
+    return translated
+
+
+def spatial_dropout(layer, name, conf, shapes) -> TfjsLayer:
+    """SpatialDropout2D/3D (no TF.js class) is a Dropout whose noise covers whole feature maps:
+    TF.js's Dropout with `noise_shape` [batch, 1, …, channels] drops the same maps (and, like
+    every dropout, is the identity at inference)."""
+    rank = len(shapes[0])
+    ones = [1] * (rank - 2)
+    noise_shape = [None, *ones, shapes[0][-1]] if conf.get("data_format", "channels_last") == "channels_last" \
+        else [None, shapes[0][1], *ones]
+    cfg = {**_with_common(layer, name, conf, ("rate",)), "noise_shape": noise_shape}
+    if isinstance(conf.get("seed"), int):
+        cfg["seed"] = conf["seed"]
+    return TfjsLayer("Dropout", cfg)
 
 
 def upsampling(layer, name, conf, shapes) -> TfjsLayer:
@@ -567,14 +606,16 @@ def rescaling(layer, name, conf, shapes) -> TfjsLayer | list[TfjsLayer]:
 
 # Keras 3 class name -> translator. Exact classes only (see module docstring).
 TRANSLATORS: dict[str, Callable] = {
-    "Dense": dense,
-    "Conv1D": conv, "Conv2D": conv, "Conv2DTranspose": conv_transpose,
-    "DepthwiseConv2D": depthwise_conv, "SeparableConv2D": separable_conv,
+    "Dense": split_activation(dense),
+    "Conv1D": split_activation(conv), "Conv2D": split_activation(conv),
+    "Conv2DTranspose": split_activation(conv_transpose),
+    "DepthwiseConv2D": split_activation(depthwise_conv), "SeparableConv2D": split_activation(separable_conv),
     "MaxPooling1D": pooling, "MaxPooling2D": pooling, "AveragePooling1D": pooling, "AveragePooling2D": pooling,
     "GlobalAveragePooling1D": global_pooling, "GlobalAveragePooling2D": global_pooling,
     "GlobalMaxPooling1D": global_pooling, "GlobalMaxPooling2D": global_pooling,
     "BatchNormalization": batch_norm, "LayerNormalization": layer_norm,
-    "Dropout": dropout, "SpatialDropout1D": dropout, "GaussianNoise": noise, "GaussianDropout": noise,
+    "Dropout": dropout, "SpatialDropout1D": dropout, "SpatialDropout2D": spatial_dropout,
+    "SpatialDropout3D": spatial_dropout, "GaussianNoise": noise, "GaussianDropout": noise,
     "Flatten": flatten, "Reshape": simple(("target_shape",)), "Permute": simple(("dims",)),
     "RepeatVector": simple(("n",)), "ZeroPadding2D": simple(("padding", "data_format")),
     "Cropping2D": simple(("cropping", "data_format")), "UpSampling2D": upsampling,

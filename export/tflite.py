@@ -46,9 +46,15 @@ class ConversionFailed(InvalidInput):
 
 
 def has_recurrent_layers(model) -> bool:
+    """Whether any layer, however deep (a Bidirectional's forward and backward RNNs, a nested
+    model's layers), is a `keras.layers.RNN`: its loop needs the fixed-batch SavedModel route."""
     import keras
 
     def walk(layer):
+        flatten = getattr(layer, "_flatten_layers", None)
+        if flatten is not None:  # every tracked sub-layer, Bidirectional's inner RNNs included
+            yield from flatten(include_self=True)
+            return
         yield layer
         for child in getattr(layer, "layers", []) or []:
             yield from walk(child)
@@ -208,7 +214,24 @@ def write_tflite_each(model, out_dir: Path, variants=VARIANTS, *, calibration=No
                 except ConversionFailed as exc:
                     refused[variant] = exc
                 lap(variant)
+    half = half_precision_layer(model)
+    if half is not None:  # the converter's MLIR error names a MatMul, not the cause
+        refused = {v: ConversionFailed(f"TFLite {v} conversion failed: {half}") for v in refused}
     return {v: written[v] for v in variants if v in written}, refused
+
+
+def half_precision_layer(model) -> str | None:
+    """A sentence naming the first layer that computes in float16/bfloat16 (a mixed precision
+    policy), or None: TFLite's builtin float kernels (FULLY_CONNECTED, CONV_2D) take float32,
+    so the converter fails on such a layer's half-precision MatMul/Conv."""
+    flatten = getattr(model, "_flatten_layers", None)
+    for layer in flatten(include_self=False) if flatten else []:
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and getattr(policy, "compute_dtype", "float32") in ("float16", "bfloat16"):
+            return (f"layer {layer.name!r} ({type(layer).__name__}) computes in {policy.compute_dtype} "
+                    f"(dtype policy {policy.name!r}); TFLite's float kernels take float32: re-save the model under "
+                    "the float32 policy (its weights are float32 already)")
+    return None
 
 
 def convert_isolated(saved_model_dir: Path, variant: str, *, calibration, int8_io: bool, dtype) -> bytes:

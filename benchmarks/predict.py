@@ -343,7 +343,7 @@ def markdown(result: dict) -> str:
         for kind, rate in rates.items():
             ratio = f"{rate / bare:.2f}×" if bare else "–"
             lines.append(f"| {BATCH_NAMES.get(kind, kind)} | {fmt(rate)} | {ratio} |")
-        ratios = {k: v for k, v in batch.items() if "_vs_" in k and isinstance(v, (int, float))}
+        ratios = {k: v for k, v in batch.items() if "_vs_" in k and not k.startswith("max_") and isinstance(v, (int, float))}
         if ratios:
             lines += ["", "The batch room's ratios: " + ", ".join(f"`{k}` {v:.2f}" for k, v in ratios.items()) + "."]
         for key, value in batch.items():

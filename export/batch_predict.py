@@ -19,17 +19,17 @@ the input's row order as a CSV (one column per output) or a .npy array.
   delivery MLP or the digits CNN; worker processes for a CSV (`--processes`) lost ~1.5 s to
   starting (spawn) on 1M rows, so they are opt-in, for many idle cores and big files.
 - `python -m export.batch_predict --bench ROWS --home H` times it on generated delivery rows
-  against the bare LiteRT invoke loop over the same array (and an in-memory numpy script for
-  the CSV). 1M rows, 2 shared cores, best of 3 (benchmarks/results/predict.md, load 2.4; taken
-  before the overlaps below, whose rerun at load 6 was too noisy to record):
-  .npy → .npy 0.87x the bare loop in this process, 0.72x as the `pollinate` command (its own
-  `seconds`); CSV → CSV 1.3M rows/s (0.13x the bare loop, 1.07x the in-memory script), bound
-  by text parsing and formatting. The command's fixed costs, in a fresh process: building the
-  interpreter 7-10 ms (now beside the reader's first chunk), output columns ~1 ms, np.save of
-  the outputs ~1 ms (now appended chunk by chunk by a writer thread during the run), the fsync
-  before the rename 2-17 ms (the disk's journal; kept). Most of the rest of the gap is the
-  fresh process's first pass through LiteRT: its invoke loop ran 105-120 ms against ~100 ms
-  for the warm bare loop. pandas is imported only for CSV input.
+  against the bare LiteRT invoke loop doing the same job: over the same array in this process,
+  as a one-off script in a fresh process (np.load, loop, np.save) for the command, and over the
+  same CSV (numpy's reader, text out) for a CSV. 1M rows, 2 shared cores, best of 2
+  (benchmarks/results/predict.md): .npy 1.02x the loop in process; the command 1.45x the
+  fresh-process script (0.79x the warm loop; with Python's start, 0.68x the script's wall: the
+  `pollinate` CLI imports ~0.3 s more than numpy + LiteRT); CSV 1.16x the loop over the same
+  CSV, 0.13x the loop over a preloaded array: text parsing and formatting bind it. The command's
+  fixed costs, in a fresh process: building the interpreter 7-10 ms (beside the reader's first
+  chunk), output columns ~1 ms, the outputs appended chunk by chunk by a writer thread, the
+  fsync before the rename 2-17 ms (the disk's journal; kept). pandas is imported only for CSV
+  input.
 
 TensorFlow is never imported: LiteRT (`ai_edge_litert`) runs the file.
 """

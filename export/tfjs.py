@@ -156,6 +156,8 @@ class _GraphBuilder:
             for layer in model.layers:
                 if len(refs) != 1:
                     raise UnsupportedLayer(layer.name, type(layer).__name__, "follows a layer with several outputs in a Sequential model")
+                if not isinstance(layer, keras.Model):
+                    _require_supported(layer)  # a custom layer: "no TensorFlow.js equivalent", not Keras' compute_output_shape error
                 shapes = [tuple(layer.compute_output_shape(refs[0].shape))] if not isinstance(layer, keras.Model) else []
                 refs = self.call(layer, refs, shapes, scope)
             return refs

@@ -26,6 +26,7 @@ zero point stored in the file (an integer-id input is never quantized: ids stay 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,9 @@ def first_line(exc: BaseException) -> str:
     if not text:
         return type(exc).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    missing = sorted(set(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text)))
+    if missing:  # the converter's MLIR dump, condensed to the ops it could not place
+        return f"ops TFLite cannot run: {', '.join(missing)}"
     for line in lines:  # MLIR errors: the line naming the op beats the generic header
         if "error:" in line and ("op" in line or "'tf." in line):
             return line[:400]

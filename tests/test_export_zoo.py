@@ -218,7 +218,7 @@ CASES = {
                          {"tfjs-layers": ("'resizing'", "Resizing")}),
     attention: Case("tfjs-layers,tfjs-graph,tflite-float32", {"tfjs-graph", "tflite-float32"},
                     {"tfjs-layers": ("'attention'", "Attention")}),
-    custom_layer: Case(THREE, {"tflite-float32", "tflite-int8"}, {"tfjs-layers": ("ScaledResidual",)}, code=True),
+    custom_layer: Case(THREE, {"tflite-float32", "tflite-int8"}, {"tfjs-layers": ("ScaledResidual", "no TensorFlow.js equivalent")}, code=True),
     leaky_swish_softplus: Case("tfjs-layers,tflite-float32", {"tfjs-layers", "tflite-float32"}),
     gelu_hard_sigmoid: Case("tfjs-layers,tfjs-graph,tflite-float32", {"tflite-float32"},
                             {"tfjs-layers": ("'hard'", "hard_sigmoid"), "tfjs-graph": ("Erfc",)}),

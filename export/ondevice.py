@@ -117,6 +117,7 @@ def write_training_tflite(model, path: Path, *, task: str, learning_rate: float 
         signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
         with quiet_stderr():
             tf.saved_model.save(module, scratch, signatures=signatures)
+        _batch_matmuls_for_activations(Path(scratch) / "saved_model.pb")
         converter = tf.lite.TFLiteConverter.from_saved_model(scratch, signature_keys=list(SIGNATURES))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
         converter.experimental_enable_resource_variables = True
@@ -129,6 +130,77 @@ def write_training_tflite(model, path: Path, *, task: str, learning_rate: float 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+# Ops the converter folds into a FULLY_CONNECTED as its fused activation.
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Relu6", "Maximum", "Minimum", "ClipByValue", "Tanh"})
+
+
+def _batch_matmuls_for_activations(saved_model_pb: Path) -> int:
+    """Rewrite each MatMul that feeds an activation as ExpandDims → BatchMatMulV2 → Squeeze.
+
+    With resource variables the converter turns `MatMul(x, W)` into FULLY_CONNECTED(x,
+    TRANSPOSE(W)) with no bias, fuses a following Relu/Relu6/clip into it, and then its
+    batch-matmul pass folds the transpose into BATCH_MATMUL *dropping the fused activation*
+    (TF 2.19; `relu(x @ W)`, e.g. a custom layer's or a bias-free Dense's, ran as `x @ W`).
+    A rank-3 BatchMatMulV2 is not made a FULLY_CONNECTED, so the activation stays its own op.
+    Returns how many MatMuls were rewritten."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(saved_model_pb.read_bytes())
+    rewritten = 0
+    for meta in saved.meta_graphs:
+        for function in meta.graph_def.library.function:
+            rewritten += _rewrite_function(function)
+    if rewritten:
+        saved_model_pb.write_bytes(saved.SerializeToString())
+    return rewritten
+
+
+def _rewrite_function(function) -> int:
+    from tensorflow.core.framework import node_def_pb2
+
+    consumers: dict[str, set[str]] = {}
+    for node in function.node_def:
+        for ref in node.input:
+            consumers.setdefault(ref.lstrip("^").split(":")[0], set()).add(node.op)
+    targets = {node.name for node in function.node_def
+               if node.op == "MatMul" and consumers.get(node.name, set()) & _FUSED_ACTIVATIONS}
+    if not targets:
+        return 0
+    nodes = []
+    for node in function.node_def:
+        for i, ref in enumerate(node.input):
+            name, _, rest = ref.partition(":")
+            if name in targets and rest.startswith("product:"):
+                node.input[i] = f"{name}:output:{rest.split(':', 1)[1]}"
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        a, b, *control = node.input
+        dtype = node.attr["T"]
+        axis = node_def_pb2.NodeDef(name=f"{node.name}/pollinate_axis", op="Const")
+        axis.attr["dtype"].type = 3  # int32
+        axis.attr["value"].tensor.dtype = 3
+        axis.attr["value"].tensor.tensor_shape.SetInParent()
+        axis.attr["value"].tensor.int_val.append(0)
+        expand = node_def_pb2.NodeDef(name=f"{node.name}/pollinate_expand", op="ExpandDims",
+                                      input=[a, f"{axis.name}:output:0"])
+        expand.attr["T"].CopyFrom(dtype)
+        expand.attr["Tdim"].type = 3
+        bmm = node_def_pb2.NodeDef(name=f"{node.name}/pollinate_bmm", op="BatchMatMulV2",
+                                   input=[f"{expand.name}:output:0", b, *control])
+        bmm.attr["T"].CopyFrom(dtype)
+        bmm.attr["adj_x"].b = node.attr["transpose_a"].b
+        bmm.attr["adj_y"].b = node.attr["transpose_b"].b
+        squeeze = node_def_pb2.NodeDef(name=node.name, op="Squeeze", input=[f"{bmm.name}:output:0"])
+        squeeze.attr["T"].CopyFrom(dtype)
+        squeeze.attr["squeeze_dims"].list.i.append(0)
+        nodes += [axis, expand, bmm, squeeze]
+    del function.node_def[:]
+    function.node_def.extend(nodes)
+    return len(targets)
 
 
 class OnDeviceTrainer:

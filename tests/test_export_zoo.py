@@ -218,7 +218,8 @@ CASES = {
                          {"tfjs-layers": ("'resizing'", "Resizing")}),
     attention: Case("tfjs-layers,tfjs-graph,tflite-float32", {"tfjs-graph", "tflite-float32"},
                     {"tfjs-layers": ("'attention'", "Attention")}),
-    custom_layer: Case(THREE, {"tflite-float32", "tflite-int8"}, {"tfjs-layers": ("ScaledResidual", "no TensorFlow.js equivalent")}, code=True),
+    custom_layer: Case(f"{THREE},tflite-train", {"tflite-float32", "tflite-int8", "tflite-train"},
+                       {"tfjs-layers": ("ScaledResidual", "no TensorFlow.js equivalent")}, code=True),
     leaky_swish_softplus: Case("tfjs-layers,tflite-float32", {"tfjs-layers", "tflite-float32"}),
     gelu_hard_sigmoid: Case("tfjs-layers,tfjs-graph,tflite-float32", {"tflite-float32"},
                             {"tfjs-layers": ("'hard'", "hard_sigmoid"), "tfjs-graph": ("Erfc",)}),
@@ -308,3 +309,25 @@ def test_models_verification_cannot_take_are_refused_in_one_line(tmp_path):
         error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(error) == 1 and all(w in error[0] for w in words), result.stderr[-1000:]
         assert len(error[0]) < 400
+
+
+def test_custom_layer_weight_trains_on_device(tmp_path):
+    """A custom layer's own weight feeding a Relu (`relu(x @ w)`, no bias) and a bias-free
+    Dense(relu): the converter used to fold the Relu away (0.43 off Keras). tflite-train's
+    infer matches Keras, get_weights returns the custom weight, and train moves it."""
+    from export.ondevice import OnDeviceTrainer, flatten_weights, unflatten_weights, write_training_tflite
+
+    keras = _keras(tmp_path)
+    model = keras.Sequential([keras.Input((8,)), _user("ScaledResidual")(4, name="scaled_residual"),
+                              keras.layers.Dense(6, activation="relu", use_bias=False),
+                              keras.layers.Dense(2, activation="softmax")])
+    x, y = _tabular(8, 32), _classes(32, 2)
+    trainer = OnDeviceTrainer(write_training_tflite(model, tmp_path / "train.tflite", task="classification"))
+    assert np.abs(trainer.infer(x) - model.predict(x, verbose=0)).max() <= 1e-4
+    flat = trainer.get_weights()
+    np.testing.assert_array_equal(flat, flatten_weights(model.get_weights()))
+    trainer.train(x, y)
+    custom = unflatten_weights(trainer.get_weights(), model.get_weights())[0]
+    assert custom.shape == (8, 4) and not np.allclose(custom, model.get_weights()[0])
+    model.set_weights(unflatten_weights(trainer.get_weights(), model.get_weights()))
+    assert np.abs(trainer.infer(x) - model.predict(x, verbose=0)).max() <= 1e-4

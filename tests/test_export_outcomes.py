@@ -306,9 +306,11 @@ def test_trained_mobilenets_every_tflite_variant_keeps_keras_accuracy(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
+@pytest.mark.parametrize("arch", ["MobileNetV3Small"])
 def test_mobilenets_on_device_training_file(tmp_path, arch, trained_mobilenet):
-    """≈ 80 s each on 2 cores: the training graph of 50+ batch-norm layers is big to convert."""
+    """≈ 80 s on 2 cores: the training graph of 50+ batch-norm layers is big to convert. V3Small
+    only (hard-swish, squeeze-excite: the harder graph) to keep the suite in budget; MobileNetV2's
+    tflite-train is made and verified in every run of benchmarks/export.py (96×96)."""
     from export.ondevice import OnDeviceTrainer
 
     model, x, y, x_train, y_train = trained_mobilenet(arch)

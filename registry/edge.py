@@ -125,6 +125,23 @@ CREATE TABLE IF NOT EXISTS edge_refusals (
 );
 """
 
+# Schema 6: refusals are counted per federation, so two federations of one model (one after
+# the other, or side by side) each report their own. Counts from before are kept under
+# federation '' (no task could tell which federation they were for).
+SCHEMA_6 = """
+CREATE TABLE IF NOT EXISTS edge_refusal_counts (
+    model      TEXT NOT NULL,
+    federation TEXT NOT NULL,  -- '' when the refusal could name no task
+    round      INTEGER NOT NULL, -- 0 when no task could be named
+    reason     TEXT NOT NULL,
+    count      INTEGER NOT NULL,
+    PRIMARY KEY (model, federation, round, reason)
+);
+INSERT OR IGNORE INTO edge_refusal_counts (model, federation, round, reason, count)
+    SELECT model, '', round, reason, count FROM edge_refusals;
+DROP TABLE IF EXISTS edge_refusals;
+"""
+
 DEVICE_KINDS = ("browser", "phone", "device", "simulated")
 # Wire value types (little-endian); numpy is imported where values are handled, so that
 # opening a store (registry.store imports this module for its schema) never loads it.
@@ -845,7 +862,8 @@ class EdgeStore:
         with self._read() as db:
             row = db.execute("SELECT federation, round FROM edge_tasks WHERE model = ?"
                              " ORDER BY opened_at DESC, round DESC LIMIT 1", (model,)).fetchone()
-            counts = db.execute("SELECT round, reason, count FROM edge_refusals WHERE model = ?", (model,)).fetchall()
+            counts = db.execute("SELECT round, reason, count FROM edge_refusal_counts WHERE model = ?",
+                                (model,)).fetchall()
             federation, current = row if row is not None else (None, None)
             tasks = [] if row is None else [_task(r) for r in db.execute(
                 f"SELECT {_TASK_COLUMNS} FROM edge_tasks t WHERE model = ? AND federation = ? AND round = ?"
@@ -871,10 +889,10 @@ class EdgeStore:
         }
 
 
-def _refusal_count(model: str, reason: str, round: int):
+def _refusal_count(model: str, reason: str, round: int, federation: str = ""):
     def count(db: sqlite3.Connection, _batch: dict, _span: None) -> None:
-        db.execute("INSERT INTO edge_refusals VALUES (?, ?, ?, 1) ON CONFLICT (model, round, reason)"
-                   " DO UPDATE SET count = count + 1", (model, int(round), reason))
+        db.execute("INSERT INTO edge_refusal_counts VALUES (?, ?, ?, ?, 1) ON CONFLICT (model, federation, round, reason)"
+                   " DO UPDATE SET count = count + 1", (model, federation, int(round), reason))
 
     return count
 

@@ -126,6 +126,33 @@ CREATE TABLE IF NOT EXISTS monitor_guardrails (
 );
 """ + channels.SHADOW_SCHEMA
 
+# Schema 6 (issue 19): a batch's id, kept for as long as a client may retry it, so that a
+# retried batch is counted once; and the guardrail's own tallies, counted per rollout (only
+# what arrived after the rollout began) and per source (address, and device when the sender
+# showed an enrolled device's token), so that no single source decides a rollback.
+SCHEMA_6 = """
+CREATE TABLE IF NOT EXISTS monitor_batches (
+    model      TEXT NOT NULL,
+    kind       TEXT NOT NULL,   -- "telemetry" or "feedback"
+    batch_id   TEXT NOT NULL,
+    expires_at REAL NOT NULL,   -- unix seconds
+    PRIMARY KEY (model, kind, batch_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS monitor_batches_expiry ON monitor_batches (expires_at);
+CREATE TABLE IF NOT EXISTS guardrail_tallies (
+    model     TEXT NOT NULL,
+    channel   TEXT NOT NULL,
+    rollout   INTEGER NOT NULL,  -- the channel_history id of the move that started the rollout
+    version   INTEGER NOT NULL,
+    metric    TEXT NOT NULL,     -- field_accuracy, error_rate, agreement
+    address   TEXT NOT NULL,     -- the sender's source (server/addresses.py)
+    device    TEXT NOT NULL,     -- the enrolled device that sent it, '' when anonymous
+    successes INTEGER NOT NULL,
+    trials    INTEGER NOT NULL,
+    PRIMARY KEY (model, channel, rollout, version, metric, address, device)
+) WITHOUT ROWID;
+"""
+
 MAX_PREDICTIONS = 10_000
 MAX_RECENT = 100
 MAX_STRING = 64

@@ -49,7 +49,7 @@ STALE_TMP_S = 24 * 3600
 # the migrations from its version up to this one, in one transaction (an older store is
 # upgraded in place, or left exactly as it was if anything fails); a store written by a
 # newer Pollinate is refused with a clear error, never read with the wrong schema.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -121,6 +121,10 @@ CREATE TABLE IF NOT EXISTS schema_history (
     # CATALOG_GENERATION): the server's cache no longer resets on every telemetry batch or
     # device update, which commit to this same file.
     4: CATALOG_GENERATION,
+    # 5 → 6: hostile clients (issue 19): device refusals counted per federation
+    # (registry/edge.py), retried telemetry/feedback batches recognised by their id and
+    # guardrail tallies per rollout and per source (registry/monitoring.py)
+    5: edge.SCHEMA_6 + monitoring.SCHEMA_6,
 }
 
 

@@ -18,6 +18,16 @@ The web client defaults to the one that ships with Pollinate (``server/web_asset
 it, installed or in a checkout); ``POLLINATE_WEB_CLIENT=DIR`` serves another folder and
 ``POLLINATE_WEB_CLIENT=off`` none (``web_client`` is then None).
 
+Hostile clients (issue 19; docs/deployment.md says when to change each):
+``POLLINATE_TRUSTED_PROXIES`` (addresses or networks whose ``X-Forwarded-For`` is believed:
+``server/addresses.py``; default none), ``POLLINATE_HEADER_TIMEOUT`` (seconds a client has to
+send a request's headers; default 10), ``POLLINATE_BODY_TIMEOUT`` (seconds a request body may
+stall between two reads; default 30), ``POLLINATE_MAX_UPLOADS`` (request bodies being read at
+once per worker; more are refused with 503; default 256), ``POLLINATE_ENROL_RATE`` (device
+enrolments a minute per address; default 30), ``POLLINATE_MONITOR_AUTH`` (``open``: anyone may
+send telemetry and feedback; ``device``: only enrolled devices, with their token; default
+open) and ``POLLINATE_OPENAPI_ADMIN`` (1: the admin routes are in ``/openapi.json`` too).
+
 Server-side predict (``server/predict.py``) adds ``POLLINATE_PREDICT_CACHE`` (answers kept in
 each worker's LRU cache; 0 turns it off; default 10,000, at most 64 MiB of answers),
 ``POLLINATE_PREDICT_WINDOW_MS`` (how long concurrent requests for one version are gathered
@@ -33,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import InvalidInput
+from server.addresses import ENV_TRUSTED_PROXIES, parse_trusted
 from server.web_assets import OFF as WEB_CLIENT_OFF
 from server.web_assets import default_web_client
 
@@ -50,6 +61,12 @@ ENV_MONITOR_INTERVAL = "POLLINATE_MONITOR_INTERVAL"
 ENV_PREDICT_CACHE = "POLLINATE_PREDICT_CACHE"
 ENV_PREDICT_WINDOW_MS = "POLLINATE_PREDICT_WINDOW_MS"
 ENV_PREDICT_MAX_BATCH = "POLLINATE_PREDICT_MAX_BATCH"
+ENV_HEADER_TIMEOUT = "POLLINATE_HEADER_TIMEOUT"
+ENV_BODY_TIMEOUT = "POLLINATE_BODY_TIMEOUT"
+ENV_MAX_UPLOADS = "POLLINATE_MAX_UPLOADS"
+ENV_ENROL_RATE = "POLLINATE_ENROL_RATE"
+ENV_MONITOR_AUTH = "POLLINATE_MONITOR_AUTH"
+ENV_OPENAPI_ADMIN = "POLLINATE_OPENAPI_ADMIN"
 
 OFFLOAD_MODES = ("nginx",)
 # Admin bodies are a version number and a percent: anything near this size is an attack.
@@ -69,6 +86,16 @@ PREDICT_CACHE_ENTRIES = 10_000
 PREDICT_WINDOW_MS = 2.0
 # A gathered batch runs at once when it holds this many examples.
 PREDICT_MAX_BATCH = 256
+# A client that has not sent a whole request head this long after it started is cut off.
+HEADER_TIMEOUT_S = 10.0
+# A request body that makes no progress for this long is given up (the client is cut off).
+BODY_TIMEOUT_S = 30.0
+# Request bodies read at once per worker; past this a new upload gets 503 with Retry-After.
+MAX_UPLOADS = 256
+# Device enrolments a minute per address (a minute's worth of burst).
+ENROL_RATE = 30.0
+# Who may send telemetry and feedback: anyone ("open") or enrolled devices only ("device").
+MONITOR_AUTH_MODES = ("open", "device")
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,13 @@ class ServerConfig:
     predict_cache_entries: int = PREDICT_CACHE_ENTRIES  # 0: no cache
     predict_window_ms: float = PREDICT_WINDOW_MS
     predict_max_batch: int = PREDICT_MAX_BATCH
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For is believed
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_uploads: int = MAX_UPLOADS
+    enrol_rate: float = ENROL_RATE  # enrolments a minute per address
+    monitor_auth: str = "open"  # "device": telemetry and feedback need an enrolled device's token
+    openapi_admin: bool = False  # the admin routes in /openapi.json too
 
     def __post_init__(self) -> None:
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
@@ -105,6 +139,17 @@ class ServerConfig:
             raise InvalidInput(f"{ENV_PREDICT_WINDOW_MS} must be 0 to 1000 milliseconds, got {self.predict_window_ms}")
         if self.predict_max_batch < 1:
             raise InvalidInput(f"{ENV_PREDICT_MAX_BATCH} must be at least 1 example, got {self.predict_max_batch}")
+        object.__setattr__(self, "trusted_proxies", parse_trusted(self.trusted_proxies))
+        for name, value in ((ENV_HEADER_TIMEOUT, self.header_timeout_s), (ENV_BODY_TIMEOUT, self.body_timeout_s)):
+            if not 0 < value <= 3600:
+                raise InvalidInput(f"{name} must be more than 0 and at most 3600 seconds, got {value}")
+        if self.max_uploads < 1:
+            raise InvalidInput(f"{ENV_MAX_UPLOADS} must be at least 1, got {self.max_uploads}")
+        if not self.enrol_rate > 0:
+            raise InvalidInput(f"{ENV_ENROL_RATE} must be a positive number of enrolments a minute, got {self.enrol_rate}")
+        if self.monitor_auth not in MONITOR_AUTH_MODES:
+            raise InvalidInput(f"{ENV_MONITOR_AUTH} must be one of {', '.join(MONITOR_AUTH_MODES)},"
+                               f" got {self.monitor_auth!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -124,6 +169,13 @@ class ServerConfig:
             predict_cache_entries=_whole(env, ENV_PREDICT_CACHE, PREDICT_CACHE_ENTRIES),
             predict_window_ms=_number(env, ENV_PREDICT_WINDOW_MS, PREDICT_WINDOW_MS),
             predict_max_batch=_whole(env, ENV_PREDICT_MAX_BATCH, PREDICT_MAX_BATCH),
+            trusted_proxies=parse_trusted(env.get(ENV_TRUSTED_PROXIES)),
+            header_timeout_s=_number(env, ENV_HEADER_TIMEOUT, HEADER_TIMEOUT_S),
+            body_timeout_s=_number(env, ENV_BODY_TIMEOUT, BODY_TIMEOUT_S),
+            max_uploads=_whole(env, ENV_MAX_UPLOADS, MAX_UPLOADS),
+            enrol_rate=_number(env, ENV_ENROL_RATE, ENROL_RATE),
+            monitor_auth=(env.get(ENV_MONITOR_AUTH) or "open").strip().lower(),
+            openapi_admin=(env.get(ENV_OPENAPI_ADMIN) or "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -139,6 +191,13 @@ class ServerConfig:
             ENV_PREDICT_CACHE: str(self.predict_cache_entries),
             ENV_PREDICT_WINDOW_MS: repr(self.predict_window_ms),
             ENV_PREDICT_MAX_BATCH: str(self.predict_max_batch),
+            ENV_TRUSTED_PROXIES: ",".join(self.trusted_proxies),
+            ENV_HEADER_TIMEOUT: repr(self.header_timeout_s),
+            ENV_BODY_TIMEOUT: repr(self.body_timeout_s),
+            ENV_MAX_UPLOADS: str(self.max_uploads),
+            ENV_ENROL_RATE: repr(self.enrol_rate),
+            ENV_MONITOR_AUTH: self.monitor_auth,
+            ENV_OPENAPI_ADMIN: "1" if self.openapi_admin else "",
         }
         return env
 

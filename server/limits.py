@@ -1,4 +1,6 @@
-"""Refuse request bodies bigger than the admin routes could ever need (413).
+"""Limits on what one client may make the server do: body sizes, and rates (token buckets).
+
+Refuse request bodies bigger than the admin routes could ever need (413).
 
 Most bodies this service accepts are small JSON (a channel move, a device enrolment), so a
 small cap costs nothing and keeps a client from making a worker buffer megabytes. The
@@ -12,7 +14,13 @@ can name the task it was for and be counted.
 
 from __future__ import annotations
 
+import math
 import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,3 +85,42 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+# Clients remembered by the rate limiter; past this the least recently seen are forgotten
+# (a forgotten client starts again with a full bucket: a bound on memory, not on abuse).
+MAX_TRACKED_CLIENTS = 100_000
+
+
+class RateLimiter:
+    """Token buckets: ``per_minute`` tokens a minute, at most ``burst`` saved up."""
+
+    def __init__(self, per_minute: float, burst: float | None = None, *, max_keys: int = MAX_TRACKED_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60.0  # tokens a second
+        self.burst = max(1.0, per_minute if burst is None else burst)
+        self.max_keys = max_keys
+        self.clock = clock
+        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: Any) -> float:
+        """0 when ``key`` may go now (a token is spent), else the seconds until it may."""
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+
+def retry_after(wait_s: float) -> str:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(wait_s)))

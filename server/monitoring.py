@@ -9,7 +9,7 @@ a flood of batches costs one check, never a blocked event loop. Each new alert i
 JSON to the model's configured webhook (stdlib urllib, short timeout; a failure is logged
 and counted, never raised) and starts the configured retraining command once, detached.
 
-The rate limit is a token bucket per client id (else per address) and route, in each worker
+The rate limit is a token bucket (``server/limits.py``) per address and route, in each worker
 process: ``telemetry_rate`` batches a minute with a minute's worth of burst.
 """
 
@@ -24,57 +24,18 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
 
 import anyio.to_thread
 
 from registry import Store
 from server import metrics
+from server.limits import RateLimiter, retry_after  # noqa: F401 - retry_after: the routers' import
 
 log = logging.getLogger("pollinate.server.monitoring")
 
 # A webhook that does not answer within this many seconds is counted as failed.
 WEBHOOK_TIMEOUT_S = 5.0
-# Clients remembered by the rate limiter; past this the least recently seen are forgotten
-# (a forgotten client starts again with a full bucket: a bound on memory, not on abuse).
-MAX_TRACKED_CLIENTS = 100_000
 WEBHOOK_SCHEMES = ("http://", "https://")
-
-
-class RateLimiter:
-    """Token buckets: ``per_minute`` tokens a minute, at most ``burst`` saved up."""
-
-    def __init__(self, per_minute: float, burst: float | None = None, *, max_keys: int = MAX_TRACKED_CLIENTS,
-                 clock: Callable[[], float] = time.monotonic):
-        self.rate = per_minute / 60.0  # tokens a second
-        self.burst = max(1.0, per_minute if burst is None else burst)
-        self.max_keys = max_keys
-        self.clock = clock
-        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
-        self._lock = threading.Lock()
-
-    def take(self, key: Any) -> float:
-        """0 when ``key`` may go now (a token is spent), else the seconds until it may."""
-        now = self.clock()
-        with self._lock:
-            tokens, at = self._buckets.pop(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - at) * self.rate)
-            wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
-            else:
-                wait = (1.0 - tokens) / self.rate
-            self._buckets[key] = (tokens, now)
-            while len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-            return wait
-
-
-def retry_after(wait_s: float) -> str:
-    """``Retry-After`` in whole seconds, at least 1."""
-    return str(max(1, math.ceil(wait_s)))
 
 
 def post_json(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_S) -> None:

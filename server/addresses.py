@@ -1,0 +1,114 @@
+"""Who is asking: the network address a request came from, as far as this server can tell.
+
+Every decision that must not be one client's to make — rate limits, the share one source
+may have in a guardrail — is keyed on the address, never on anything the client writes in
+its body (a ``client_id`` is free to rotate). The address is the TCP peer, unless the peer
+is a proxy the operator listed as trusted (``POLLINATE_TRUSTED_PROXIES``: addresses or
+networks, comma-separated, e.g. ``127.0.0.1,10.0.0.0/8``); then it is the right-most entry
+of ``X-Forwarded-For`` that is not itself a trusted proxy (each proxy appends the peer it
+saw, so entries left of a hop we trust are only as honest as that hop's client). A direct
+caller's ``X-Forwarded-For`` is ignored: with no trusted proxy listed, the header changes
+nothing. (uvicorn's own proxy-header handling, which trusts 127.0.0.1 by default, is off:
+``server/serving.py``.)
+
+IPv6 addresses are grouped by their /64: one subscriber usually holds a whole /64, so a
+client rotating through it would otherwise be a new source each time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from functools import lru_cache
+
+from core.errors import InvalidInput
+
+ENV_TRUSTED_PROXIES = "POLLINATE_TRUSTED_PROXIES"
+IPV6_GROUP = 64  # prefix length one IPv6 source stands for
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted(spec: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The trusted proxies as normalised network strings ("127.0.0.1/32", "10.0.0.0/8"), or
+    InvalidInput naming the entry that is not an address or a network."""
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise InvalidInput(f"{ENV_TRUSTED_PROXIES}: {text!r} is not an IP address or network "
+                               "(e.g. 127.0.0.1 or 10.0.0.0/8)") from None
+    return tuple(dict.fromkeys(out))
+
+
+@lru_cache(maxsize=65536)
+def source_of(address: str) -> str:
+    """The source an address counts as: IPv4 as it is, IPv6 as its /64 ("2001:db8:1:2::/64");
+    anything that is not an IP address (a Unix socket, a test client's name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{IPV6_GROUP}", strict=False))
+    return str(ip)
+
+
+class ClientAddress:
+    """``resolve(scope)`` → the source (see ``source_of``) an ASGI request comes from."""
+
+    def __init__(self, trusted: Iterable[str] = ()):
+        self.networks: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+
+    def trusts(self, address: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+    def peer(self, scope) -> str:
+        client = scope.get("client")
+        return str(client[0]) if client else ""
+
+    def resolve(self, scope) -> str:
+        peer = self.peer(scope)
+        if self.networks and self.trusts(peer):
+            forwarded = _forwarded_for(scope.get("headers") or ())
+            for hop in reversed(forwarded):
+                if not self.trusts(hop):
+                    return source_of(hop)
+            if forwarded:  # every hop is a proxy we trust: the first one is where it began
+                return source_of(forwarded[0])
+        return source_of(peer)
+
+    __call__ = resolve
+
+
+def _forwarded_for(headers) -> list[str]:
+    """Every X-Forwarded-For entry, in order, over all such headers (ports and brackets off)."""
+    hops: list[str] = []
+    for key, value in headers:
+        if key == b"x-forwarded-for":
+            for part in value.decode("latin-1").split(","):
+                hop = part.strip()
+                if hop.startswith("[") and "]" in hop:  # [v6]:port
+                    hop = hop[1:hop.index("]")]
+                elif hop.count(":") == 1:  # v4:port
+                    hop = hop.split(":", 1)[0]
+                if hop:
+                    hops.append(hop)
+    return hops

@@ -1,6 +1,8 @@
 """`pollinate monitor`: a model in the field — volume, field accuracy, drift, shadow, alerts
 (docs/monitoring.md). `pollinate monitor NAME` reports; `pollinate monitor configure NAME`
-sets thresholds, the webhook and the retraining command.
+sets thresholds, value bounds, the guardrails' source share, the webhook and the retraining
+command; `pollinate monitor purge NAME --since T` removes monitoring windows (bad data an
+operator wants gone: nothing a sender does can remove it).
 
 Plots need matplotlib, which lives in training/: the composer (pollinate/cli.py) plugs the
 plotter in here, as it does for the registry's remote channels.
@@ -23,10 +25,12 @@ plotter: Callable[..., list[Path]] | None = None
 
 
 def monitor(
-    words: Annotated[list[str], typer.Argument(metavar="[configure] NAME", help="NAME to report on, or `configure NAME` to change settings.",
+    words: Annotated[list[str], typer.Argument(metavar="[configure|purge] NAME", help="NAME to report on, `configure NAME` to change settings, or `purge NAME --since T` to remove windows.",
                                                show_default=False)],
     version: Annotated[Optional[int], typer.Option("--version", "-v", help="Only this version.")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="From this ISO time or span back (7d, 24h).")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="purge: up to the hour holding this time (default: no end).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="purge: say what would be removed, remove nothing.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG plots into this folder.")] = None,
     bucket: Annotated[str, typer.Option("--bucket", help="Time buckets of the plots: hour, day or month.")] = "day",
     enforce: Annotated[bool, typer.Option("--enforce", help="Apply the guardrails now: roll back worse candidates.")] = False,
@@ -37,6 +41,9 @@ def monitor(
     max_mae: Annotated[Optional[float], typer.Option("--max-mae", help="configure: alert when field MAE rises above this.")] = None,
     webhook: Annotated[Optional[str], typer.Option("--webhook", help="configure: POST alerts here as JSON.")] = None,
     retrain: Annotated[Optional[str], typer.Option("--retrain", help="configure: command to run once per alert (e.g. a federated round).")] = None,
+    min_value: Annotated[Optional[float], typer.Option("--min-value", help="configure: regression values below this are refused (default: the training range with a margin).")] = None,
+    max_value: Annotated[Optional[float], typer.Option("--max-value", help="configure: regression values above this are refused (default: likewise).")] = None,
+    guardrail_share: Annotated[Optional[float], typer.Option("--guardrail-share", help="configure: the most of a guardrail's count one source may hold (default 0.1).")] = None,
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
 ) -> None:
@@ -44,7 +51,20 @@ def monitor(
     from registry.monitoring import Monitor
 
     settings = {"psi": psi, "js": js, "min_predictions": min_predictions, "min_accuracy": min_accuracy,
-                "max_mae": max_mae, "webhook": webhook, "retrain_command": retrain}
+                "max_mae": max_mae, "webhook": webhook, "retrain_command": retrain, "min_value": min_value,
+                "max_value": max_value, "guardrail_share": guardrail_share}
+    if words[:1] != ["purge"] and (until is not None or dry_run):
+        raise InvalidInput("--until and --dry-run go with `pollinate monitor purge NAME --since T`")
+    if len(words) == 2 and words[0] == "purge":
+        if any(v is not None for v in settings.values()):
+            raise InvalidInput("purge takes --version, --since, --until and --dry-run only")
+        purged = Monitor(open_store(home)).purge(words[1], version=version, since=since, until=until,
+                                                 dry_run=dry_run)
+        if as_json:
+            print_json(purged)
+        else:
+            _print_purge(purged)
+        return
     if len(words) == 2 and words[0] == "configure":
         name = words[1]
         monitor_ = Monitor(open_store(home))
@@ -58,7 +78,8 @@ def monitor(
                 out.print(f"{key:<16} {value if value is not None else '—'}")
         return
     if len(words) != 1:
-        raise InvalidInput("usage: pollinate monitor NAME [options] | pollinate monitor configure NAME [settings]")
+        raise InvalidInput("usage: pollinate monitor NAME [options] | pollinate monitor configure NAME [settings]"
+                           " | pollinate monitor purge NAME --since T [--until T] [--version V]")
     if any(v is not None for v in settings.values()):
         raise InvalidInput("thresholds are set with `pollinate monitor configure NAME --psi ...`")
     name = words[0]
@@ -76,6 +97,21 @@ def monitor(
         print_json(report)
     else:
         _print_report(report, rolled, new_alerts, written)
+
+
+def _print_purge(purged: dict) -> None:
+    out = human_console(False)
+    removed = purged["removed"]
+    which = f"v{purged['version']}" if purged["version"] is not None else "every version"
+    span = f"from {purged['since']}" + (f" to {purged['until']}" if purged["until"] else " on")
+    verb = "would remove" if purged["dry_run"] else "removed"
+    out.print(f"{purged['model']} {which}, windows {span}: {verb} {removed['windows']} window(s) —"
+              f" {removed['batches']:,} batches, {removed['predictions']:,} predictions,"
+              f" {removed['feedback']:,} feedback")
+    for row in purged["windows"]:
+        flag = "" if row["finite"] else "  (sums not finite)"
+        out.print(f"  v{row['version']} {row['window']}  {row['predictions']:,} predictions,"
+                  f" {row['feedback']:,} feedback{flag}")
 
 
 def _fmt_interval(metric: dict | None, digits: int = 3) -> str:
@@ -123,6 +159,9 @@ def _print_report(report: dict, rolled: list[dict], new_alerts: list[dict], writ
             table.add_row(f"v{v}", f"{s['predictions']:,}", f"{s['errors']:,}", f"{s['feedback']:,}", quality,
                           lat, agree, drift_text)
         out.print(table)
+        for v, s in sorted(report["versions"].items(), key=lambda kv: int(kv[0])):
+            if s.get("note"):
+                out.print(f"[yellow]v{v}[/]: {s['note']}: {', '.join(s.get('excluded_windows') or [])}")
     alerts = [a for a in report["alerts"] if a["cleared_at"] is None]
     new_ids = {a["id"] for a in new_alerts}
     for alert in alerts:

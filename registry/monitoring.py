@@ -20,12 +20,27 @@ Tables (schema 4; the channel side tables are registry/channels.py's ``SHADOW_SC
     monitor_alerts    raised alerts (cleared_at once the condition no longer holds)
     monitor_config    per model: thresholds, webhook, retraining command (JSON)
     monitor_guardrails per (model, channel): metrics, alpha, min_samples
+
+Schema 6 (issue 19, hostile senders):
+
+    monitor_batches   the ids of batches already counted, so that a retried batch is counted
+                      once (kept BATCH_TTL_S, as long as a client may retry)
+    guardrail_tallies per rollout, version, metric and source: what a guardrail weighs —
+                      only items received since the rollout began, and per source, so that
+                      no single address or device holds more than a bounded share of it
+                      (registry/source_share.py)
+
+Every value is checked before it is added: a regression value outside the version's
+training range (with a margin) or the model's configured bounds is refused, so a sum can
+never become infinite; reading stays safe on a store that already holds one (such a window's
+feedback is left out and named, and ``purge`` removes windows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -38,8 +53,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from core.errors import InvalidInput, NotFound, PollinateError
-from registry import channels
+from registry import channels, source_share
 from registry.answers import answer
+from registry.source_share import DEFAULT_SHARE
 
 if TYPE_CHECKING:
     from registry.store import Store
@@ -135,6 +151,7 @@ CREATE TABLE IF NOT EXISTS monitor_batches (
     model      TEXT NOT NULL,
     kind       TEXT NOT NULL,   -- "telemetry" or "feedback"
     batch_id   TEXT NOT NULL,
+    window     TEXT NOT NULL,   -- the window it was counted in (a retry is told which)
     expires_at REAL NOT NULL,   -- unix seconds
     PRIMARY KEY (model, kind, batch_id)
 ) WITHOUT ROWID;
@@ -145,7 +162,7 @@ CREATE TABLE IF NOT EXISTS guardrail_tallies (
     rollout   INTEGER NOT NULL,  -- the channel_history id of the move that started the rollout
     version   INTEGER NOT NULL,
     metric    TEXT NOT NULL,     -- field_accuracy, error_rate, agreement
-    address   TEXT NOT NULL,     -- the sender's source (server/addresses.py)
+    address   TEXT NOT NULL,     -- a pseudonym of the sender's source address (server/addresses.py)
     device    TEXT NOT NULL,     -- the enrolled device that sent it, '' when anonymous
     successes INTEGER NOT NULL,
     trials    INTEGER NOT NULL,
@@ -158,10 +175,20 @@ MAX_RECENT = 100
 MAX_STRING = 64
 RECENT_TTL_S = 7 * 24 * 3600
 PREDICTION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# A batch's id (docs/monitoring.md): 16-64 of A-Z a-z 0-9 _ -, e.g. a random UUID's 32 hex
+# digits. Kept as long as pollinate.js keeps an unsent batch in its queue (7 days), the same
+# as ``recent`` ids (which cost a hundred rows a batch; this costs one).
+BATCH_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+BATCH_TTL_S = 7 * 24 * 3600
+BATCH_SWEEP_S = 600.0  # expired batch ids are deleted at most this often (one indexed DELETE)
+# A regression value (a prediction or a label) may lie this many widths of the training range
+# beyond either end of it (the profile's prediction edges: the training targets' min and max).
+VALUE_MARGIN = 1.0
+MAX_EXCLUDED_SHOWN = 20  # windows a report names as left out (non-finite sums of an old store)
 GUARDRAIL_METRICS = ("field_accuracy", "error_rate", "agreement")
-TELEMETRY_KEYS = {"version", "client_id", "predictions", "errors", "latency_ms", "features", "prediction",
-                  "shadow", "recent"}
-FEEDBACK_KEYS = {"version", "prediction", "label", "prediction_id", "client_id"}
+TELEMETRY_KEYS = {"version", "client_id", "batch_id", "predictions", "errors", "latency_ms", "features",
+                  "prediction", "shadow", "recent"}
+FEEDBACK_KEYS = {"version", "prediction", "label", "prediction_id", "client_id", "batch_id"}
 RECENT_KEYS = {"id", "prediction", "confidence"}
 _INT = {int}
 
@@ -175,6 +202,9 @@ DEFAULTS: dict = {
     "alert_hours": 24,       # check_alerts looks at this many hours back from now
     "webhook": None,         # alerts are POSTed here as JSON (the server's job)
     "retrain_command": None,  # argv run once per alert (the server's or CLI's job)
+    "min_value": None,       # regression: values below this are refused (None: the training range's margin)
+    "max_value": None,       # regression: values above this are refused (None: likewise)
+    "guardrail_share": DEFAULT_SHARE,  # the most of a guardrail's count one address or device may hold
 }
 
 
@@ -299,6 +329,7 @@ class Monitor:
         self._plans: dict[tuple[str, int], _Plan] = {}
         self._lock = threading.Lock()
         self._committer = _Committer(self, synchronous)
+        self._swept_batches = -math.inf  # when expired batch ids were last deleted (committer thread)
 
     # ------------------------------------------------------------------ profiles
 
@@ -362,9 +393,8 @@ class Monitor:
             plan = self._plans[key] = _Plan(loaded)
         return plan
 
-    def _check_telemetry(self, model: str, body: object, versions: set[int]) -> dict:
+    def _check_telemetry(self, group: _Group, model: str, body: Mapping, versions: set[int]) -> dict:
         """The batch, validated whole against its version's grid (InvalidInput otherwise)."""
-        body = _object(body, TELEMETRY_KEYS, "telemetry")
         if "version" not in body or "predictions" not in body:
             raise InvalidInput("telemetry needs 'version' and 'predictions'")
         version, loaded = self._grid_for(model, body["version"], versions)
@@ -374,6 +404,8 @@ class Monitor:
         n = _count(body["predictions"], "predictions")
         batch = {"version": version, "predictions": n, "errors": _count(body.get("errors", 0), "errors"),
                  "series": {}, "shadow": None, "recent": []}
+        if batch["errors"] > n:
+            raise InvalidInput(f"errors ({batch['errors']}) is more than predictions ({n})")
         if "latency_ms" in body:
             batch["series"]["latency_ms"] = _histogram(body["latency_ms"], plan.latency_bins, "latency_ms", n)
         features = body.get("features", {})
@@ -405,11 +437,12 @@ class Monitor:
                 batch["series"][f"shadow:{shadow_version}:latency_ms"] = _histogram(
                     shadow["latency_ms"], plan.latency_bins, "shadow.latency_ms", compared, "shadow.compared")
         if "recent" in body:
-            batch["recent"] = self._check_recent(body["recent"], loaded["prediction"])
+            batch["recent"] = self._check_recent(body["recent"], loaded["prediction"],
+                                                 group.bounds(model, version, loaded))
         return batch
 
     @staticmethod
-    def _check_recent(recent: object, grid_prediction: Mapping) -> list[tuple]:
+    def _check_recent(recent: object, grid_prediction: Mapping, bounds: tuple[float, float] | None) -> list[tuple]:
         if not isinstance(recent, list) or len(recent) > MAX_RECENT:
             raise InvalidInput(f"recent must be a list of at most {MAX_RECENT} predictions")
         rows, seen = [], set()
@@ -427,7 +460,7 @@ class Monitor:
                 raise InvalidInput("a recent item needs its prediction")
             prediction = item["prediction"]
             if labels is None or not (isinstance(prediction, str) and prediction in labels):
-                prediction = _prediction_text(prediction, grid_prediction, "recent prediction")
+                prediction = _prediction_text(prediction, grid_prediction, "recent prediction", bounds)
             confidence = item.get("confidence")
             if confidence is not None and not (type(confidence) is float and 0 <= confidence <= 1):
                 confidence = _finite(confidence, "recent confidence")
@@ -436,57 +469,91 @@ class Monitor:
             rows.append((pid, prediction, confidence))
         return rows
 
+    def value_bounds(self, model: str, version: int) -> tuple[float, float] | None:
+        """The (low, high) a regression version's predictions and labels must lie in (None for
+        a classifier or a version without a profile): the model's configured ``min_value`` /
+        ``max_value``, else the training range widened by VALUE_MARGIN of its width each way."""
+        loaded = self.profile(model, version)
+        if loaded is None:
+            return None
+        return _value_bounds(loaded["prediction"], self.config(model))
+
     # ------------------------------------------------------------------ ingestion (one committer)
 
-    def ingest_telemetry(self, model: str, body: dict, *, now: float | None = None) -> dict:
+    def ingest_telemetry(self, model: str, body: dict, *, now: float | None = None,
+                         source: tuple[str, str] | None = None) -> dict:
         """Validate one batch and add it into its (model, version, hour) window; returns once
-        committed (see :class:`_Committer`)."""
-        return self._submit("telemetry", model, body, now).result()
+        committed (see :class:`_Committer`). ``source`` is (address, device id or ""): who sent
+        it, as far as the server can tell (None: this process, one source of its own); a
+        guardrail weighs each source at most its share."""
+        return self._submit("telemetry", model, body, now, source=source).result()
 
-    def ingest_feedback(self, model: str, body: dict, *, now: float | None = None) -> dict:
+    def ingest_feedback(self, model: str, body: dict, *, now: float | None = None,
+                        source: tuple[str, str] | None = None) -> dict:
         """One user correction: ``{"version", "prediction", "label"}`` or
         ``{"prediction_id", "label"}`` (the prediction sent earlier in ``recent``; joined
         once, then forgotten). Counted in the window of its arrival; returns once committed."""
-        return self._submit("feedback", model, body, now).result()
+        return self._submit("feedback", model, body, now, source=source).result()
 
-    async def ingest_telemetry_async(self, model: str, body: dict, *, now: float | None = None) -> dict:
+    async def ingest_telemetry_async(self, model: str, body: dict, *, now: float | None = None,
+                                     source: tuple[str, str] | None = None) -> dict:
         """:meth:`ingest_telemetry` for an event loop: the loop never blocks, and is woken once
         per committed group of batches, not once per batch."""
-        return await self._submit("telemetry", model, body, now, asyncio.get_running_loop())
+        return await self._submit("telemetry", model, body, now, asyncio.get_running_loop(), source)
 
-    async def ingest_feedback_async(self, model: str, body: dict, *, now: float | None = None) -> dict:
+    async def ingest_feedback_async(self, model: str, body: dict, *, now: float | None = None,
+                                    source: tuple[str, str] | None = None) -> dict:
         """:meth:`ingest_feedback` for an event loop."""
-        return await self._submit("feedback", model, body, now, asyncio.get_running_loop())
+        return await self._submit("feedback", model, body, now, asyncio.get_running_loop(), source)
 
     def _submit(self, kind: str, model: str, body: object, now: float | None,
-                loop: asyncio.AbstractEventLoop | None = None):
+                loop: asyncio.AbstractEventLoop | None = None, source: tuple[str, str] | None = None):
         from registry.store import check_model_name
 
         if not isinstance(model, str):
             raise NotFound(f"no model named {model!r}")
         check_model_name(model)
-        pending = _Pending(kind, model, body, time.time() if now is None else float(now), loop)
+        pending = _Pending(kind, model, body, time.time() if now is None else float(now), loop,
+                           _source_key(source))
         self._committer.submit(pending)
         return pending.future
 
     def _apply(self, db: sqlite3.Connection, group: list[_Pending]) -> tuple[dict, dict]:
         """Check and apply a group of batches inside one write transaction: each refused one
         alone (it wrote nothing: every check comes before its first write), the others' counts
-        added up in memory first (they commute) and written once per row. Recent ids are written
-        (and a feedback's id consumed) in queue order, so a later item of the group sees them."""
+        added up in memory first (they commute) and written once per row. Recent ids and batch
+        ids are written (and a feedback's id consumed) in queue order, so a later item of the
+        group sees them."""
         results: dict[_Pending, dict] = {}
         failed: dict[_Pending, BaseException] = {}
-        versions_of: dict[str, set[int]] = {}
+        context = _Group(self, db)
         merged = _Merged()
+        now = max(p.now for p in group)
+        if now - self._swept_batches >= BATCH_SWEEP_S:
+            db.execute("DELETE FROM monitor_batches WHERE expires_at < ?", (now,))
+            self._swept_batches = now
         for pending in group:
             try:
-                versions = versions_of.get(pending.model)
-                if versions is None:
-                    versions = versions_of[pending.model] = self._versions(db, pending.model)
+                versions = context.versions(pending.model)
+                body = _object(pending.body, TELEMETRY_KEYS if pending.kind == "telemetry" else FEEDBACK_KEYS,
+                               pending.kind)
+                batch_id = body.get("batch_id")
+                if batch_id is not None:
+                    if not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
+                        raise InvalidInput("batch_id must be 16-64 of A-Z a-z 0-9 _ - (e.g. a random UUID's hex)")
+                    counted = merged.batch_ids.get((pending.model, pending.kind, batch_id)) or db.execute(
+                        "SELECT window FROM monitor_batches WHERE model = ? AND kind = ? AND batch_id = ?"
+                        " AND expires_at >= ?", (pending.model, pending.kind, batch_id, pending.now)).fetchone()
+                    if counted is not None:  # a retry of a batch already counted: answered, not counted again
+                        results[pending] = {"accepted": True, "duplicate": True, "window": counted[0]}
+                        continue
                 if pending.kind == "telemetry":
-                    results[pending] = self._apply_telemetry(db, pending, versions, merged)
+                    results[pending] = self._apply_telemetry(db, context, pending, body, versions, merged)
                 else:
-                    results[pending] = self._apply_feedback(db, pending, versions, merged)
+                    results[pending] = self._apply_feedback(db, context, pending, body, versions, merged)
+                if batch_id is not None:  # nothing after this can fail: the id now stands for the batch
+                    merged.batch_ids[(pending.model, pending.kind, batch_id)] = (
+                        results[pending]["window"], pending.now + BATCH_TTL_S)
             except (InvalidInput, NotFound) as exc:
                 failed[pending] = exc
             except sqlite3.Error:
@@ -496,9 +563,10 @@ class Monitor:
         merged.write(db)
         return results, failed
 
-    def _apply_telemetry(self, db, pending: _Pending, versions: set[int], merged: _Merged) -> dict:
+    def _apply_telemetry(self, db, context: _Group, pending: _Pending, body: Mapping, versions: set[int],
+                         merged: _Merged) -> dict:
         model, now = pending.model, pending.now
-        batch = self._check_telemetry(model, pending.body, versions)
+        batch = self._check_telemetry(context, model, body, versions)
         window = window_of(now)
         version = batch["version"]
         if batch["recent"]:
@@ -523,11 +591,21 @@ class Monitor:
             pair = merged.shadow.setdefault((model, version, window, shadow_version), [0, 0])
             pair[0] += compared
             pair[1] += agreed
+        for rail in context.rails(model):
+            if version != rail.candidate and version != rail.version:
+                continue
+            n = batch["predictions"]
+            if n and "error_rate" in rail.metrics:
+                merged.tally(rail, model, version, "error_rate", pending.source, n - batch["errors"], n)
+            if batch["shadow"] is not None and "agreement" in rail.metrics:
+                shadow_version, compared, agreed = batch["shadow"]
+                if compared and (rail.shadow is None or rail.shadow == shadow_version):
+                    merged.tally(rail, model, version, "agreement", pending.source, agreed, compared)
         return {"accepted": True, "window": window}
 
-    def _apply_feedback(self, db, pending: _Pending, versions: set[int], merged: _Merged) -> dict:
+    def _apply_feedback(self, db, context: _Group, pending: _Pending, body: Mapping, versions: set[int],
+                        merged: _Merged) -> dict:
         model, now = pending.model, pending.now
-        body = _object(pending.body, FEEDBACK_KEYS, "feedback")
         if "client_id" in body:
             _short_string(body["client_id"], "client_id")
         if "label" not in body:
@@ -546,15 +624,19 @@ class Monitor:
                 raise InvalidInput(f"unknown or expired prediction_id {pid!r} (ids are kept for 7 days)")
             version, prediction_text = row
             _, loaded = self._grid_for(model, version, versions)
+            bounds = context.bounds(model, version, loaded)
         else:
             if "version" not in body or "prediction" not in body:
                 raise InvalidInput("feedback needs 'version', 'prediction' and 'label' (or 'prediction_id' and 'label')")
             version, loaded = self._grid_for(model, body["version"], versions)
-            prediction_text = _prediction_text(body["prediction"], loaded["prediction"], "prediction")
-        label_text = _prediction_text(body["label"], loaded["prediction"], "label")
+            bounds = context.bounds(model, version, loaded)
+            prediction_text = _prediction_text(body["prediction"], loaded["prediction"], "prediction", bounds)
+        label_text = _prediction_text(body["label"], loaded["prediction"], "label", bounds)
         window = window_of(now)
         if loaded["prediction"]["task"] == P.REGRESSION:
             error = float(prediction_text) - float(label_text)
+            if not math.isfinite(error * error):  # a prediction stored before the bounds (an old store)
+                raise InvalidInput(f"prediction_id {pid!r} holds a value out of range: it cannot be scored")
             delta = (0, abs(error), error * error)
         else:
             delta = (int(prediction_text == label_text), 0.0, 0.0)
@@ -567,6 +649,9 @@ class Monitor:
         totals[4] += delta[0]
         totals[5] += delta[1]
         totals[6] += delta[2]
+        for rail in context.rails(model):
+            if "field_accuracy" in rail.metrics and version in (rail.candidate, rail.version):
+                merged.tally(rail, model, version, "field_accuracy", pending.source, delta[0], 1)
         return {"accepted": True, "window": window}
 
     # ------------------------------------------------------------------ reading
@@ -591,13 +676,20 @@ class Monitor:
             if key not in out:
                 out[key] = {"totals": dict.fromkeys(
                     ("batches", "predictions", "errors", "feedback", "correct", "abs_error", "sq_error"), 0),
-                    "series": {}, "shadow": {}}
+                    "series": {}, "shadow": {}, "excluded": []}
             return out[key]
 
         for v, window, *values in db.execute(
             "SELECT version, window, batches, predictions, errors, feedback, correct, abs_error, sq_error"
             f" FROM monitor_windows WHERE {where}", params):
-            totals = slot(v, window)["totals"]
+            entry = slot(v, window)
+            totals = entry["totals"]
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
+                # a sum no check of today lets through (a store written before the value bounds):
+                # the window's feedback is left out and named, its volume still counts
+                entry["excluded"].append(window)
+                values = [*values[:3], 0, 0, 0.0, 0.0]
+                values = [x if isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 else 0 for x in values]
             for key, value in zip(("batches", "predictions", "errors", "feedback", "correct", "abs_error",
                                    "sq_error"), values):
                 totals[key] += value
@@ -638,6 +730,11 @@ class Monitor:
                                "p95": _quantile(shadow_latency, edges, 0.95)},
             }
         summary["drift"] = self._drift(loaded, agg["series"], totals["predictions"], config) if loaded else {}
+        if agg.get("excluded"):
+            excluded = sorted(agg["excluded"])
+            summary["excluded_windows"] = excluded[:MAX_EXCLUDED_SHOWN]
+            summary["note"] = (f"feedback of {len(excluded)} window(s) left out: their sums are not finite numbers"
+                               " (written before values were bounded); remove them with `pollinate monitor purge`")
         return summary
 
     @staticmethod
@@ -683,14 +780,14 @@ class Monitor:
         out_versions = {}
         for (v, _), agg in sorted(aggregates.items()):
             out_versions[str(v)] = self._summarise(model, v, agg, config)
-        return {
+        return json_safe({
             "model": model,
             "since": _iso(since_ts) if since_ts is not None else None,
             "until": _iso(until_ts) if until_ts is not None else None,
             "versions": out_versions,
             "alerts": alerts,
             "channels": {c: s.to_dict() for c, s in states.items()},
-        }
+        })
 
     def timeline(self, model: str, *, version: int | None = None, since: object = None,
                  bucket: str = "hour") -> dict:
@@ -714,7 +811,7 @@ class Monitor:
                 if key in summary:
                     row[key] = summary[key]
             out.setdefault(str(v), []).append(row)
-        return {"model": model, "bucket": bucket, "versions": out}
+        return json_safe({"model": model, "bucket": bucket, "versions": out})
 
     # ------------------------------------------------------------------ alerts
 
@@ -736,6 +833,7 @@ class Monitor:
         self._require_model(model)
         with self.store._read() as db:
             rows = self._alerts(db, model, None, None)
+        rows = json_safe(rows)
         return [a for a in rows if a["cleared_at"] is None] if open_only else rows
 
     def check_alerts(self, model: str, *, now: float | None = None) -> list[dict]:
@@ -815,6 +913,9 @@ class Monitor:
                     current.pop(key, None)
                 else:
                     current[key] = value
+            low, high = current.get("min_value"), current.get("max_value")
+            if low is not None and high is not None and not low < high:
+                raise InvalidInput(f"min_value ({low:g}) must be below max_value ({high:g})")
             db.execute("INSERT INTO monitor_config (model, config) VALUES (?, ?)"
                        " ON CONFLICT (model) DO UPDATE SET config = excluded.config", (model, json.dumps(current)))
         return {**DEFAULTS, **current}
@@ -857,40 +958,145 @@ class Monitor:
     def enforce(self, model: str, *, now: float | None = None) -> list[dict]:
         """Roll back every staged candidate significantly worse than its channel's version.
 
-        Per channel with a candidate and guardrails, over the windows since the rollout began,
-        each metric is a rate compared with a one-sided two-proportion z-test (the candidate's
-        rate lower, p < alpha, at least min_samples on each side):
-        field_accuracy = correct / feedback; error_rate = 1 - errors / predictions (the share
-        of predictions without an error); agreement = agreed / compared with the channel's
-        shadow version. The rollback goes through the store with the reason in the history.
+        Per channel with a candidate and guardrails, each metric is a rate compared with a
+        one-sided two-proportion z-test (the candidate's rate lower, p < alpha, at least
+        min_samples on each side): field_accuracy = correct / feedback; error_rate = 1 -
+        errors / predictions (the share of predictions without an error); agreement = agreed /
+        compared with the channel's shadow version.
+
+        Only what arrived since the rollout began counts (the tallies ingestion keeps under the
+        id of the channel's newest move), and sources, not items, are weighed
+        (registry/source_share.py): no source (an address, with the enrolled devices seen at it)
+        holds more than the model's ``guardrail_share`` of either side, and each rate's variance
+        is computed across sources, so a decision needs at least 1/share distinct sources on
+        each side and one source can never make it, whatever it sends. The rollback goes
+        through the store with the reason in the history. Tallies of rollouts that are over are
+        deleted.
         """
-        now = time.time() if now is None else float(now)
         self._require_model(model)
         rails = self.guardrails(model)
+        share = float(self.config(model).get("guardrail_share") or DEFAULT_SHARE)
         rolled: list[dict] = []
         for channel, rail in sorted(rails.items()):
-            state = self.store.get_channel(model, channel)
+            tallies, state, _ = self._tallies(model, channel)
             if state is None or state.candidate_version is None:
                 continue
-            since = parse_time(state.updated_at)
-            with self.store._read() as db:
-                aggregates = self._aggregate(db, model, None, since, now)
-            sides = {v: aggregates.get((v, ""), None) for v in (state.candidate_version, state.version)}
             for metric in rail["metrics"]:
-                rates = {v: _rate(metric, agg, state.shadow_version) for v, agg in sides.items()}
-                (cs, cn), (bs, bn) = rates[state.candidate_version], rates[state.version]
-                if cn < rail["min_samples"] or bn < rail["min_samples"]:
+                candidate = _side(tallies, state.candidate_version, metric, share)
+                base = _side(tallies, state.version, metric, share)
+                if candidate.trials < rail["min_samples"] or base.trials < rail["min_samples"]:
                     continue
-                p = P.p_worse(cs, cn, bs, bn)
+                p = source_share.p_worse(candidate, base)
                 if p >= rail["alpha"]:
                     continue
-                reason = (f"guardrail {metric}: candidate v{state.candidate_version} {cs / cn:.3f} (n={cn}) vs"
-                          f" v{state.version} {bs / bn:.3f} (n={bn}), one-sided p={p:.2g} < {rail['alpha']:g}")
+                reason = (f"guardrail {metric}: candidate v{state.candidate_version} {candidate.rate:.3f}"
+                          f" (n={candidate.trials:.0f} from {candidate.sources} sources) vs v{state.version}"
+                          f" {base.rate:.3f} (n={base.trials:.0f} from {base.sources} sources) since the rollout"
+                          f" began, no source over {share:.0%}; one-sided p={p:.2g} < {rail['alpha']:g}")
                 self.store.rollback(model, channel, reason=reason)
                 rolled.append({"channel": channel, "candidate": state.candidate_version, "version": state.version,
-                               "metric": metric, "p": p, "reason": reason})
+                               "metric": metric, "p": p, "reason": reason,
+                               "candidate_n": candidate.trials, "version_n": base.trials,
+                               "sources": [candidate.sources, base.sources]})
                 break
+        self._forget_tallies(model)
         return rolled
+
+    def _tallies(self, model: str, channel: str) -> tuple[dict, channels.ChannelState | None, int | None]:
+        """{(version, metric, address, device): (successes, trials)} of the channel's current
+        rollout, its state and the rollout's id, read together."""
+        with self.store._read() as db:
+            state = channels.read_state(db, model, channel)
+            rollout = db.execute("SELECT MAX(id) FROM channel_history WHERE model = ? AND channel = ?",
+                                 (model, channel)).fetchone()[0]
+            rows = db.execute(
+                "SELECT version, metric, address, device, successes, trials FROM guardrail_tallies"
+                " WHERE model = ? AND channel = ? AND rollout = ?", (model, channel, rollout)).fetchall()
+        return {(v, m, a, d): (s, n) for v, m, a, d, s, n in rows}, state, rollout
+
+    def guardrail_status(self, model: str) -> dict[str, dict]:
+        """Per channel with guardrails and a candidate: each metric's bounded counts since the
+        rollout began (what ``enforce`` would weigh now), for reports and dashboards."""
+        self._require_model(model)
+        share = float(self.config(model).get("guardrail_share") or DEFAULT_SHARE)
+        out: dict[str, dict] = {}
+        for channel, rail in sorted(self.guardrails(model).items()):
+            tallies, state, rollout = self._tallies(model, channel)
+            if state is None or state.candidate_version is None:
+                continue
+            metrics = {}
+            for metric in rail["metrics"]:
+                sides = {}
+                for role, v in (("candidate", state.candidate_version), ("version", state.version)):
+                    side = _side(tallies, v, metric, share)
+                    sides[role] = {"version": v, "rate": side.rate, "n": side.trials, "received": side.received,
+                                   "sources": side.sources}
+                candidate, base = _side(tallies, state.candidate_version, metric, share), _side(
+                    tallies, state.version, metric, share)
+                sides["p_worse"] = source_share.p_worse(candidate, base)
+                metrics[metric] = sides
+            out[channel] = {"rollout": rollout, "share": share, "min_samples": rail["min_samples"],
+                            "alpha": rail["alpha"], "metrics": metrics}
+        return json_safe(out)
+
+    def _forget_tallies(self, model: str) -> None:
+        """Delete the tallies of rollouts that are over (a later move of the channel, or no
+        candidate any more): they can never count again."""
+        keep = ("SELECT c.channel, (SELECT MAX(h.id) FROM channel_history h WHERE h.model = c.model"
+                " AND h.channel = c.channel) FROM channels c WHERE c.model = ? AND c.candidate_version IS NOT NULL")
+        with self.store._read() as db:
+            current = dict(db.execute(keep, (model,)).fetchall())
+            stale = db.execute("SELECT DISTINCT channel, rollout FROM guardrail_tallies WHERE model = ?",
+                               (model,)).fetchall()
+        stale = [(c, r) for c, r in stale if current.get(c) != r]
+        if stale:
+            with self.store._write() as db:
+                db.executemany("DELETE FROM guardrail_tallies WHERE model = ? AND channel = ? AND rollout = ?",
+                               [(model, c, r) for c, r in stale])
+
+    # ------------------------------------------------------------------ purge
+
+    def purge(self, model: str, *, since: object, until: object = None, version: int | None = None,
+              dry_run: bool = False) -> dict:
+        """Remove a model's monitoring windows (totals, histograms, shadow pairs) from the hour
+        holding ``since`` to the hour holding ``until`` (None: every later one), of ``version``
+        or of every version; returns what was (or, ``dry_run``, would be) removed. Alerts stay
+        (the next check clears those whose condition is gone); guardrail tallies stay (they
+        hold counts only, per rollout: a new rollout starts afresh)."""
+        versions = self._require_model(model)
+        if version is not None and (not _is_int(version) or version not in versions):
+            raise InvalidInput(f"model {model!r} has no version {_show(version)}")
+        since_ts, until_ts = parse_time(since), parse_time(until)
+        if since_ts is None:
+            raise InvalidInput("purge needs --since (an ISO time or a span back such as 7d): the first hour to remove")
+        if until_ts is not None and until_ts < since_ts:
+            raise InvalidInput("--until is before --since: nothing to remove")
+        where, params = "model = ? AND window >= ?", [model, window_of(since_ts)]
+        if until_ts is not None:
+            where += " AND window <= ?"
+            params.append(window_of(until_ts))
+        if version is not None:
+            where += " AND version = ?"
+            params.append(version)
+        with self.store._write() as db:
+            windows = db.execute(
+                "SELECT version, window, batches, predictions, feedback, abs_error, sq_error FROM monitor_windows"
+                f" WHERE {where} ORDER BY version, window", params).fetchall()
+            counts = db.execute(f"SELECT COUNT(*) FROM monitor_counts WHERE {where}", params).fetchone()[0]
+            shadow = db.execute(f"SELECT COUNT(*) FROM monitor_shadow WHERE {where}", params).fetchone()[0]
+            if not dry_run:
+                for table in ("monitor_windows", "monitor_counts", "monitor_shadow"):
+                    db.execute(f"DELETE FROM {table} WHERE {where}", params)
+        rows = [{"version": v, "window": w, "batches": b, "predictions": n, "feedback": f,
+                 "finite": all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, q))}
+                for v, w, b, n, f, a, q in windows]
+        return {"model": model, "version": version, "since": window_of(since_ts),
+                "until": window_of(until_ts) if until_ts is not None else None, "dry_run": bool(dry_run),
+                "removed": {"windows": len(rows), "histogram_rows": counts, "shadow_rows": shadow,
+                            "batches": sum(r["batches"] for r in rows),
+                            "predictions": sum(r["predictions"] for r in rows),
+                            "feedback": sum(r["feedback"] for r in rows)},
+                "windows": rows}
 
 
 # --------------------------------------------------------------------------- ingestion plumbing
@@ -918,10 +1124,12 @@ class _Pending:
     """One telemetry or feedback body queued for the committer, and how its sender hears back:
     a concurrent future (a thread waits on it) or an asyncio future of ``loop``."""
 
-    __slots__ = ("kind", "model", "body", "now", "loop", "future")
+    __slots__ = ("kind", "model", "body", "now", "loop", "future", "source")
 
-    def __init__(self, kind: str, model: str, body: object, now: float, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, kind: str, model: str, body: object, now: float, loop: asyncio.AbstractEventLoop | None,
+                 source: tuple[str, str] = ("", "")):
         self.kind, self.model, self.body, self.now, self.loop = kind, model, body, now, loop
+        self.source = source  # (address pseudonym, device id or ""): who sent it, for the guardrails
         if loop is None:
             self.future = Future()
             self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
@@ -929,10 +1137,73 @@ class _Pending:
             self.future = loop.create_future()  # made on the loop's own thread
 
 
-class _Merged:
-    """The accepted items of one group, added up: window totals, histogram counts, shadow pairs."""
+class _Rail:
+    """A guardrail watching a staged rollout now: what ingestion tallies for it."""
 
-    __slots__ = ("windows", "counts", "shadow", "expired_before")
+    __slots__ = ("channel", "rollout", "version", "candidate", "shadow", "metrics")
+
+    def __init__(self, channel: str, rollout: int, version: int, candidate: int, shadow: int | None,
+                 metrics: frozenset[str]):
+        self.channel, self.rollout, self.version, self.candidate = channel, rollout, version, candidate
+        self.shadow, self.metrics = shadow, metrics
+
+
+# The guardrails of a model with a staged candidate, each with the id of the channel's newest
+# move (channel_history): the rollout began with it, so only what arrives after it is tallied.
+_RAILS_QUERY = (
+    "SELECT g.channel, g.metrics, c.version, c.candidate_version, s.shadow_version,"
+    " (SELECT MAX(h.id) FROM channel_history h WHERE h.model = g.model AND h.channel = g.channel)"
+    " FROM monitor_guardrails g JOIN channels c ON c.model = g.model AND c.channel = g.channel"
+    " LEFT JOIN channel_shadows s ON s.model = g.model AND s.channel = g.channel"
+    " WHERE g.model = ? AND c.candidate_version IS NOT NULL")
+
+
+class _Group:
+    """What one committed group reads once per model, inside its transaction: the model's
+    versions, the guardrails watching a rollout, its settings (for value bounds)."""
+
+    __slots__ = ("monitor", "db", "_versions", "_rails", "_configs", "_bounds")
+
+    def __init__(self, monitor: Monitor, db: sqlite3.Connection):
+        self.monitor, self.db = monitor, db
+        self._versions: dict[str, set[int]] = {}
+        self._rails: dict[str, list[_Rail]] = {}
+        self._configs: dict[str, dict] = {}
+        self._bounds: dict[tuple[str, int], tuple[float, float] | None] = {}
+
+    def versions(self, model: str) -> set[int]:
+        found = self._versions.get(model)
+        if found is None:
+            found = self._versions[model] = self.monitor._versions(self.db, model)
+        return found
+
+    def rails(self, model: str) -> list[_Rail]:
+        found = self._rails.get(model)
+        if found is None:
+            found = self._rails[model] = [
+                _Rail(channel, rollout, version, candidate, shadow, frozenset(json.loads(metrics)))
+                for channel, metrics, version, candidate, shadow, rollout in self.db.execute(_RAILS_QUERY, (model,))
+                if rollout is not None]
+        return found
+
+    def bounds(self, model: str, version: int, loaded: Mapping) -> tuple[float, float] | None:
+        if loaded["prediction"]["task"] != P.REGRESSION:
+            return None
+        key = (model, version)
+        if key not in self._bounds:
+            config = self._configs.get(model)
+            if config is None:
+                row = self.db.execute("SELECT config FROM monitor_config WHERE model = ?", (model,)).fetchone()
+                config = self._configs[model] = {**DEFAULTS, **(json.loads(row[0]) if row else {})}
+            self._bounds[key] = _value_bounds(loaded["prediction"], config)
+        return self._bounds[key]
+
+
+class _Merged:
+    """The accepted items of one group, added up: window totals, histogram counts, shadow pairs,
+    the guardrails' tallies and the batch ids now counted."""
+
+    __slots__ = ("windows", "counts", "shadow", "expired_before", "tallies", "batch_ids")
 
     def __init__(self):
         # (model, version, window) -> [batches, predictions, errors, feedback, correct, abs_error, sq_error]
@@ -940,6 +1211,15 @@ class _Merged:
         self.counts: dict[tuple, list[int]] = {}  # (model, version, window, series) -> counts per bin
         self.shadow: dict[tuple, list[int]] = {}  # (model, version, window, shadow version) -> [compared, agreed]
         self.expired_before: float | None = None  # recent ids that expired before this are deleted
+        # (model, channel, rollout, version, metric, address, device) -> [successes, trials]
+        self.tallies: dict[tuple, list[int]] = {}
+        self.batch_ids: dict[tuple, tuple[str, float]] = {}  # (model, kind, batch id) -> (window, expires_at)
+
+    def tally(self, rail: _Rail, model: str, version: int, metric: str, source: tuple[str, str],
+              successes: int, trials: int) -> None:
+        pair = self.tallies.setdefault((model, rail.channel, rail.rollout, version, metric, *source), [0, 0])
+        pair[0] += successes
+        pair[1] += trials
 
     def window(self, key: tuple) -> list:
         totals = self.windows.get(key)
@@ -974,6 +1254,20 @@ class _Merged:
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, window, shadow_version) DO UPDATE"
                 " SET compared = compared + excluded.compared, agreed = agreed + excluded.agreed",
                 [(*key, compared, agreed) for key, (compared, agreed) in self.shadow.items()])
+        if self.tallies:
+            db.executemany(
+                "INSERT INTO guardrail_tallies (model, channel, rollout, version, metric, address, device,"
+                " successes, trials) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel, rollout,"
+                " version, metric, address, device) DO UPDATE SET successes = successes + excluded.successes,"
+                " trials = trials + excluded.trials",
+                [(*key, successes, trials) for key, (successes, trials) in self.tallies.items()])
+        if self.batch_ids:
+            # an expired id of the same name may still be there (swept every BATCH_SWEEP_S): replaced
+            db.executemany(
+                "INSERT INTO monitor_batches (model, kind, batch_id, window, expires_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (model, kind, batch_id) DO UPDATE SET window = excluded.window,"
+                " expires_at = excluded.expires_at",
+                [(*key, window, expires) for key, (window, expires) in self.batch_ids.items()])
 
 
 def _insert_rows(db: sqlite3.Connection, into: str, rows: list[tuple], upsert: str) -> None:
@@ -1146,13 +1440,54 @@ def _answer(group: list[_Pending], failed: dict, results: dict) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _prediction_text(value: object, grid_prediction: Mapping, what: str) -> str:
-    """A class label (one of the grid's labels) or a regression value, as stored text."""
+def _prediction_text(value: object, grid_prediction: Mapping, what: str,
+                     bounds: tuple[float, float] | None = None) -> str:
+    """A class label (one of the grid's labels) or a regression value (finite, inside
+    ``bounds``), as stored text."""
     if grid_prediction["task"] == P.REGRESSION:
-        return repr(_finite(value, what))
+        number = _finite(value, what)
+        if bounds is not None and not bounds[0] <= number <= bounds[1]:
+            raise InvalidInput(f"{what} {_show(value)} is outside [{bounds[0]:.6g}, {bounds[1]:.6g}], the range this"
+                               " version's values can take (its training range with a margin, or the model's"
+                               " configured min_value/max_value)")
+        return repr(number)
     if not isinstance(value, str) or value not in grid_prediction["labels"]:
         raise InvalidInput(f"{what} must be one of the labels {grid_prediction['labels']}, got {_show(value)}")
     return value
+
+
+def _value_bounds(grid_prediction: Mapping, config: Mapping) -> tuple[float, float] | None:
+    """(low, high) of a regression version's values: the configured min_value/max_value where
+    set, else the training targets' range (the prediction grid's first and last edge) widened
+    by VALUE_MARGIN of its width on each side. None for a classifier."""
+    if grid_prediction.get("task") != P.REGRESSION:
+        return None
+    edges = grid_prediction["edges"]
+    low, high = float(edges[0]), float(edges[-1])
+    width = high - low if high > low else max(abs(high), 1.0)
+    low, high = low - VALUE_MARGIN * width, high + VALUE_MARGIN * width
+    if config.get("min_value") is not None:
+        low = float(config["min_value"])
+    if config.get("max_value") is not None:
+        high = float(config["max_value"])
+    return low, high
+
+
+def _side(tallies: Mapping, version: int, metric: str, share: float) -> source_share.Side:
+    """One side of a guardrail's comparison, weighed source by source."""
+    return source_share.weigh([(a, d, s, n) for (v, m, a, d), (s, n) in tallies.items()
+                               if v == version and m == metric], share)
+
+
+def _source_key(source: tuple[str, str] | None) -> tuple[str, str]:
+    """(address pseudonym, device id) of a sender. The address is stored as the first 16 hex
+    digits of its sha256: the store never holds a sender's address, only a stable stand-in
+    for as long as a rollout's tallies are kept."""
+    if source is None:
+        return "", ""
+    address, device = source
+    pseudonym = hashlib.sha256(str(address).encode()).hexdigest()[:16] if address else ""
+    return pseudonym, str(device or "")[:64]
 
 
 def _accuracy(correct: int, n: int) -> dict | None:
@@ -1163,13 +1498,29 @@ def _accuracy(correct: int, n: int) -> dict | None:
 
 
 def _mae(abs_sum: float, sq_sum: float, n: int) -> dict | None:
-    """Mean absolute error with a normal-approximation 95 % interval."""
+    """Mean absolute error with a normal-approximation 95 % interval (None when there is no
+    feedback, or the sums overflow: never an infinite number in a report)."""
     if not n:
         return None
     mae = abs_sum / n
     variance = max(0.0, sq_sum / n - mae * mae) * (n / (n - 1) if n > 1 else 1.0)
     half = 1.96 * math.sqrt(variance / n)
+    if not (math.isfinite(mae) and math.isfinite(half)):
+        return None
     return {"value": mae, "low": max(0.0, mae - half), "high": mae + half, "n": n}
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float replaced by None, so that it is valid JSON (a
+    report must never be the reason a request fails: alerts raised on an old store may hold
+    an infinite value)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _quantile(bins: dict | None, edges: list, q: float) -> float | None:
@@ -1195,24 +1546,6 @@ def _quantile(bins: dict | None, edges: list, q: float) -> float | None:
     return float(edges[-1])
 
 
-def _rate(metric: str, agg: dict | None, shadow_version: int | None) -> tuple[int, int]:
-    """(successes, trials) of a guardrail metric for one side."""
-    if agg is None:
-        return 0, 0
-    totals = agg["totals"]
-    if metric == "field_accuracy":
-        return totals["correct"], totals["feedback"]
-    if metric == "error_rate":
-        n = totals["predictions"]
-        return n - min(totals["errors"], n), n
-    if shadow_version is not None:
-        compared, agreed = agg["shadow"].get(shadow_version, (0, 0))
-    else:
-        compared = sum(c for c, _ in agg["shadow"].values())
-        agreed = sum(a for _, a in agg["shadow"].values())
-    return agreed, compared
-
-
 def _check_setting(key: str, value: object) -> object:
     if value is None:
         return None
@@ -1221,6 +1554,14 @@ def _check_setting(key: str, value: object) -> object:
         if number < 0 or (key in ("js", "min_accuracy") and number > 1) or (key == "alert_hours" and number == 0):
             raise InvalidInput(f"{key} is out of range: {value!r}")
         return number
+    if key in ("min_value", "max_value"):
+        return _finite(value, key)
+    if key == "guardrail_share":
+        share = _finite(value, key)
+        if not 0 < share <= 1:
+            raise InvalidInput(f"guardrail_share must be in (0, 1] (the most of a guardrail's count one source"
+                               f" may hold), got {value!r}")
+        return share
     if key in ("min_predictions", "min_feedback"):
         if not _is_int(value) or value < 0:
             raise InvalidInput(f"{key} must be a non-negative integer")

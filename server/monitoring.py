@@ -9,13 +9,20 @@ a flood of batches costs one check, never a blocked event loop. Each new alert i
 JSON to the model's configured webhook (stdlib urllib, short timeout; a failure is logged
 and counted, never raised) and starts the configured retraining command once, detached.
 
-The rate limit is a token bucket (``server/limits.py``) per address and route, in each worker
-process: ``telemetry_rate`` batches a minute with a minute's worth of burst.
+Who sent a batch is decided here, never by the body: the rate limit is a token bucket
+(``server/limits.py``) per source address (``server/addresses.py``: the TCP peer, or the
+right-most untrusted X-Forwarded-For hop behind a trusted proxy) and route, in each worker
+process: ``telemetry_rate`` batches a minute with a minute's worth of burst, whatever
+``client_id`` the sender writes (a rotating one gets nothing more). A device token
+(``Authorization: Bearer``) names the enrolled device; with ``monitor_auth = "device"`` one is
+required. The (address, device) pair goes with the batch to the monitor, whose guardrails
+weigh no source over its share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +35,9 @@ import urllib.request
 import anyio.to_thread
 
 from registry import Store
+from registry.edge import EdgeRefusal
 from server import metrics
+from server.addresses import ClientAddress
 from server.limits import RateLimiter, retry_after  # noqa: F401 - retry_after: the routers' import
 
 log = logging.getLogger("pollinate.server.monitoring")
@@ -66,20 +75,62 @@ def alert_kind(alert: dict) -> str:
     return "alert"
 
 
-class Watcher:
-    """One per process: the Monitor, the rate limiter and the scheduled checks of each model."""
+MAX_TOKEN = 512  # characters of a bearer token worth looking up (enrolment gives 43)
+MAX_KNOWN_TOKENS = 65_536  # device tokens remembered per process (then forgotten all at once)
 
-    def __init__(self, store: Store, *, rate_per_minute: float, interval_s: float):
+
+def bearer_token(scope) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (None without one)."""
+    for key, value in scope.get("headers") or ():
+        if key == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class Watcher:
+    """One per process: the Monitor, who is sending (address, device), the rate limiter and the
+    scheduled checks of each model."""
+
+    def __init__(self, store: Store, *, rate_per_minute: float, interval_s: float,
+                 trusted_proxies: tuple[str, ...] = (), monitor_auth: str = "open", edge=None):
         from registry.monitoring import Monitor  # numpy: only when monitoring is used
 
         self.store = store
         self.monitor = Monitor(store)
         self.limiter = RateLimiter(rate_per_minute)
+        self.address = ClientAddress(trusted_proxies)
+        self.devices_only = monitor_auth == "device"
+        self.edge = edge  # registry.edge.EdgeStore: whose tokens name enrolled devices
+        self._tokens: dict[str, tuple[str, str]] = {}  # token sha256 -> (device id, model), once verified
         self.interval_s = interval_s
         self._last: dict[str, float] = {}  # model -> monotonic time its last check started
         self._scheduled: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self.started: list[subprocess.Popen] = []  # retraining commands (for tests and shutdown logs)
+
+    # ------------------------------------------------------------------ who is sending
+
+    async def device(self, model: str, token: str | None) -> str | None:
+        """The enrolled device of ``model`` that ``token`` belongs to, or None (no token, a
+        token of no device of this model, or no device registry). A verified token is
+        remembered (device tokens are never reissued to another device), so a device's
+        batches after its first cost no store read; others are looked up in a worker thread."""
+        if not token or len(token) > MAX_TOKEN or self.edge is None:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+        known = self._tokens.get(digest)
+        if known is None:
+            try:
+                device_id = await anyio.to_thread.run_sync(self.edge.authenticate, model, token)
+            except EdgeRefusal:  # a token of no device (of this model): not a device
+                return None
+            if len(self._tokens) >= MAX_KNOWN_TOKENS:
+                self._tokens.clear()
+            known = self._tokens[digest] = (device_id, model)
+        return known[0] if known[1] == model else None
 
     # ------------------------------------------------------------------ scheduling
 

@@ -413,10 +413,13 @@ def test_drift_alert_on_shifted_digits_not_on_ordinary_ones(monitored, digits):
     assert monitored.alerts("digits", open_only=True) == []  # the condition no longer holds: cleared
 
 
-def _feedback(monitor, version, correct, wrong, now=None):
+def _feedback(monitor, version, correct, wrong, now=None, sources=20):
+    """Feedback from `sources` addresses in turn: a guardrail weighs no source over its share
+    (10 %), so a decision needs at least ten of them (issue 19)."""
     for i in range(correct + wrong):
         monitor.ingest_feedback("digits", {"version": version, "prediction": "1",
-                                           "label": "1" if i < correct else "2"}, now=now)
+                                           "label": "1" if i < correct else "2"}, now=now,
+                                source=(f"192.0.2.{i % sources}", ""))
 
 
 def test_guardrail_rolls_back_a_worse_candidate_with_its_reason(monitored):

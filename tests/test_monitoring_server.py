@@ -113,16 +113,22 @@ def batch(home: Path, version: int, start: int, n: int, *, shift: int = 0, clien
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("monitoring-server")
     made = monitored_store(root / "store")
+    # the tests play several addresses through X-Forwarded-For, believed from 127.0.0.1 only:
+    # rate limits are per address (issue 19), so each test sends from addresses of its own
     env = {"POLLINATE_TELEMETRY_RATE": str(RATE), "POLLINATE_MONITOR_INTERVAL": str(INTERVAL_S),
-           "POLLINATE_WEB_CLIENT": "off"}
+           "POLLINATE_WEB_CLIENT": "off", "POLLINATE_TRUSTED_PROXIES": "127.0.0.1"}
     with LiveServer(made["home"], log=root / "serve.log", env=env) as live:
         yield {**made, "url": live.url, "log": root / "serve.log"}
 
 
-def post(served, model: str, route: str, body, headers: dict | None = None, **kwargs) -> httpx.Response:
+def post(served, model: str, route: str, body, headers: dict | None = None, *, address: str | None = None,
+         **kwargs) -> httpx.Response:
+    """POST a body; `address`: the client address a trusted proxy (127.0.0.1) reports for it."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    forwarded = {"X-Forwarded-For": address} if address else {}
     return httpx.post(f"{served['url']}/v1/models/{model}/{route}", content=content,
-                      headers={"Content-Type": "application/json", **(headers or {})}, timeout=30, **kwargs)
+                      headers={"Content-Type": "application/json", **forwarded, **(headers or {})}, timeout=30,
+                      **kwargs)
 
 
 def report(served, model: str = "digits") -> dict:
@@ -166,7 +172,7 @@ def test_telemetry_batches_merge_into_the_versions_window(served):
     before = version_numbers(served, v1).get("predictions", 0)
     first = batch(served["home"], v1, 0, 40, client_id="merge-a")
     second = batch(served["home"], v1, 40, 60, client_id="merge-b")
-    answers = [post(served, "digits", "telemetry", b) for b in (first, second)]
+    answers = [post(served, "digits", "telemetry", b, address="198.51.100.1") for b in (first, second)]
     for answer in answers:
         assert answer.status_code == 202, answer.text
         assert answer.json()["accepted"] is True
@@ -195,18 +201,19 @@ def test_every_refusal_is_4xx_with_a_detail_and_stores_nothing(served):
         "too many predictions": ({**good, "predictions": 10_001}, 422),
     }
     for what, (body, status) in cases.items():
-        answer = post(served, "digits", "telemetry", body)
+        answer = post(served, "digits", "telemetry", body, address="198.51.100.2")
         assert answer.status_code == status, (what, answer.text)
         assert isinstance(answer.json()["detail"], str) and answer.json()["detail"], what
 
-    unknown = post(served, "nosuchmodel", "telemetry", good)
+    unknown = post(served, "nosuchmodel", "telemetry", good, address="198.51.100.2")
     assert unknown.status_code == 404 and "nosuchmodel" in unknown.json()["detail"]
-    huge = post(served, "digits", "telemetry", json.dumps({**good, "pad": "x" * 70_000}).encode())
+    huge = post(served, "digits", "telemetry", json.dumps({**good, "pad": "x" * 70_000}).encode(),
+                address="198.51.100.2")
     assert huge.status_code == 413 and "detail" in huge.json()
     for what, body in {"no label": {"version": v1, "prediction": "7"},
                        "unknown label": {"version": v1, "prediction": "7", "label": "seven"},
                        "unknown prediction id": {"prediction_id": "never-sent", "label": "1"}}.items():
-        answer = post(served, "digits", "feedback", body)
+        answer = post(served, "digits", "feedback", body, address="198.51.100.2")
         assert answer.status_code in (404, 422), (what, answer.text)
         assert answer.json()["detail"], what
 
@@ -215,14 +222,16 @@ def test_every_refusal_is_4xx_with_a_detail_and_stores_nothing(served):
 
 
 def test_a_flood_gets_429_and_leaves_the_aggregates_intact(served):
+    """The flood comes from one address with a new client_id on every post (the limit is the
+    address's: issue 19); another address is not held back by it."""
     v1, _ = served["versions"]
-    body = batch(served["home"], v1, 200, 10, client_id="flooder")
+    body = batch(served["home"], v1, 200, 10)
     before = version_numbers(served, v1).get("predictions", 0)
     statuses, retry = [], []
     started = time.monotonic()
-    with httpx.Client(timeout=30) as client:
-        for _ in range(RATE + 20):
-            answer = client.post(f"{served['url']}/v1/models/digits/telemetry", json=body)
+    with httpx.Client(timeout=30, headers={"X-Forwarded-For": "198.51.100.3"}) as client:
+        for i in range(RATE + 20):
+            answer = client.post(f"{served['url']}/v1/models/digits/telemetry", json={**body, "client_id": f"fl-{i}"})
             statuses.append(answer.status_code)
             if answer.status_code == 429:
                 retry.append(int(answer.headers["Retry-After"]))
@@ -233,8 +242,9 @@ def test_a_flood_gets_429_and_leaves_the_aggregates_intact(served):
     assert RATE <= accepted <= RATE + 1 + refilled  # a minute's burst, and what refilled while sending
     assert min(retry) >= 1
     assert version_numbers(served, v1)["predictions"] == before + 10 * accepted
-    # another client is not held back by the flooder
-    assert post(served, "digits", "telemetry", {**body, "client_id": "patient"}).status_code == 202
+    # another address is not held back by the flooder
+    assert post(served, "digits", "telemetry", {**body, "client_id": "patient"},
+                address="198.51.100.4").status_code == 202
     metrics = httpx.get(f"{served['url']}/metrics", timeout=10).text
     refused = [line for line in metrics.splitlines() if line.startswith("pollinate_monitor_refusals_total{")
                and 'reason="rate_limited"' in line and 'route="telemetry"' in line]
@@ -249,7 +259,7 @@ def test_feedback_yields_field_accuracy_with_an_interval(served):
     right = [{"version": v2, "prediction": str(d % 10), "label": str(d % 10), "client_id": f"fb-{d}"} for d in range(16)]
     wrong = [{"version": v2, "prediction": "1", "label": "7", "client_id": f"fb-w{d}"} for d in range(4)]
     for body in right + wrong:
-        answer = post(served, "digits", "feedback", body)
+        answer = post(served, "digits", "feedback", body, address="198.51.100.5")
         assert answer.status_code == 202, answer.text
     accuracy = version_numbers(served, v2)["field_accuracy"]
     assert accuracy["n"] == 20 and accuracy["value"] == pytest.approx(0.8)
@@ -258,8 +268,9 @@ def test_feedback_yields_field_accuracy_with_an_interval(served):
     # a late label joins the prediction a client listed in `recent`
     late = batch(served["home"], v2, 300, 5, client_id="late-label")
     late["recent"] = [{"id": "pred-0001", "prediction": "3", "confidence": 0.9}]
-    assert post(served, "digits", "telemetry", late).status_code == 202
-    assert post(served, "digits", "feedback", {"prediction_id": "pred-0001", "label": "3"}).status_code == 202
+    assert post(served, "digits", "telemetry", late, address="198.51.100.5").status_code == 202
+    assert post(served, "digits", "feedback", {"prediction_id": "pred-0001", "label": "3"},
+                address="198.51.100.5").status_code == 202
     assert version_numbers(served, v2)["field_accuracy"]["n"] == 21
 
 
@@ -352,16 +363,17 @@ def test_a_worse_candidate_under_a_guardrail_is_rolled_back_by_the_server(tmp_pa
     store.set_channel("digits", "stable", v2, rollout_percent=50)
     Monitor(store).set_guardrails("digits", "stable", ["field_accuracy"], alpha=0.05, min_samples=100)
     env = {"POLLINATE_TELEMETRY_RATE": "100000", "POLLINATE_MONITOR_INTERVAL": str(INTERVAL_S),
-           "POLLINATE_WEB_CLIENT": "off"}
+           "POLLINATE_WEB_CLIENT": "off", "POLLINATE_TRUSTED_PROXIES": "127.0.0.1"}
     with LiveServer(home, log=tmp_path / "serve.log", env=env) as live, httpx.Client(timeout=30) as client:
-        def feedback(version: int, right: bool) -> None:
+        def feedback(version: int, right: bool, address: str) -> None:
             answer = client.post(f"{live.url}/v1/models/digits/feedback",
-                                 json={"version": version, "prediction": "4", "label": "4" if right else "9"})
+                                 json={"version": version, "prediction": "4", "label": "4" if right else "9"},
+                                 headers={"X-Forwarded-For": address})
             assert answer.status_code == 202, answer.text
 
-        for i in range(120):
-            feedback(v1, right=i % 10 != 0)  # 90 %
-            feedback(v2, right=i % 10 < 6)  # 60 %
+        for i in range(120):  # from 20 addresses: no single source decides (issue 19)
+            feedback(v1, right=i % 10 != 0, address=f"203.0.113.{i % 20}")  # 90 %
+            feedback(v2, right=i % 10 < 6, address=f"203.0.113.{i % 20}")  # 60 %
         state = wait_for(lambda: (s := store.get_channel("digits", "stable")) and s.candidate_version is None and s,
                          what="the rollback")
         assert state.version == v1
@@ -433,12 +445,12 @@ def test_the_shortcut_answers_as_the_router_would(tmp_path, served):
     app = create_app(ServerConfig(home=made["home"], web_client=None, telemetry_rate=2, monitor_interval_s=0))
     good = batch(made["home"], v1, 0, 10)
 
-    async def call(asgi, model: str, route: str, body) -> tuple[int, dict, bytes]:
+    async def call(asgi, model: str, route: str, body, address: str) -> tuple[int, dict, bytes]:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": f"/v1/models/{model}/{route}", "raw_path": b"", "root_path": "", "query_string": b"",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
-                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "app": app}
+                 "server": ("127.0.0.1", 80), "client": (address, 1), "app": app}
         sent: list[dict] = []
         pieces = iter([{"type": "http.request", "body": content, "more_body": False}])
 
@@ -452,25 +464,27 @@ def test_the_shortcut_answers_as_the_router_would(tmp_path, served):
             await asgi({**scope, "fastapi_middleware_astack": stack}, receive, send)
         return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
-    def cases(who: str) -> list[tuple[str, str, object]]:
-        """Each way gets its own client ids: the rate limiter (one per app) sees the same history."""
+    def cases(who: int) -> list[tuple[str, str, object, str]]:
+        """Each way sends from addresses of its own (rate limits are per address): the rate
+        limiter (one per app) sees the same history."""
         return [
-            ("digits", "telemetry", {**good, "client_id": f"ok-{who}"}),  # 202
-            ("digits", "telemetry", b"{not json"),  # 422 before anything else
-            ("digits", "telemetry", {**good, "client_id": f"bad-{who}", "version": 99}),  # 422 from the monitor
-            ("nosuchmodel", "telemetry", {**good, "client_id": f"none-{who}"}),  # 404
-            *[("digits", "telemetry", {**good, "client_id": f"flood-{who}"})] * 3,  # 202, 202, 429
-            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "7", "client_id": f"ok-{who}"}),
-            ("digits", "feedback", [1, 2]),  # 422
-            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "seven", "client_id": f"bad-{who}"}),
-            ("nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7", "client_id": f"none-{who}"}),
-            *[("digits", "feedback", {"version": v1, "prediction": "7", "label": "7",
-                                      "client_id": f"flood-{who}"})] * 3,
+            ("digits", "telemetry", {**good, "client_id": "ok"}, f"10.{who}.0.1"),  # 202
+            ("digits", "telemetry", b"{not json", f"10.{who}.0.2"),  # 422
+            ("digits", "telemetry", {**good, "version": 99}, f"10.{who}.0.3"),  # 422 from the monitor
+            ("nosuchmodel", "telemetry", good, f"10.{who}.0.4"),  # 404
+            *[("digits", "telemetry", {**good, "client_id": f"flood-{i}"}, f"10.{who}.0.5")
+              for i in range(3)],  # 202, 202, 429: a new client_id changes nothing
+            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "7"}, f"10.{who}.0.1"),
+            ("digits", "feedback", [1, 2], f"10.{who}.0.2"),  # 422
+            ("digits", "feedback", {"version": v1, "prediction": "7", "label": "seven"}, f"10.{who}.0.3"),
+            ("nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7"}, f"10.{who}.0.4"),
+            *[("digits", "feedback", {"version": v1, "prediction": "7", "label": "7", "client_id": f"flood-{i}"},
+               f"10.{who}.0.5") for i in range(3)],
         ]
 
     async def both() -> list:
         answers = []
-        for fast_case, routed_case in zip(cases("fast"), cases("routed"), strict=True):
+        for fast_case, routed_case in zip(cases(1), cases(2), strict=True):
             answers.append((await call(app, *fast_case), await call(app.router, *routed_case)))
         return answers
 
@@ -495,8 +509,9 @@ def test_the_shortcut_answers_as_the_router_would(tmp_path, served):
     # over the wire: CORS on answers and refusals, metrics under the routes' templates
     origin = {"Origin": "https://app.example"}
     ok = post(served, "digits", "telemetry", {**batch(served["home"], v1, 300, 5), "client_id": "shortcut-wire"},
-              headers=origin)
-    refused = post(served, "nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7"}, headers=origin)
+              headers=origin, address="198.51.100.6")
+    refused = post(served, "nosuchmodel", "feedback", {"version": 1, "prediction": "7", "label": "7"}, headers=origin,
+                   address="198.51.100.6")
     assert (ok.status_code, refused.status_code) == (202, 404), (ok.text, refused.text)
     for response in (ok, refused):
         assert response.headers["access-control-allow-origin"] == "*"

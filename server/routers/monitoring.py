@@ -2,13 +2,16 @@
 
 ``POST /v1/models/{name}/telemetry`` and ``POST /v1/models/{name}/feedback`` take the small
 aggregates and labels that devices send (docs/monitoring.md sections 2 and 3; no admin
-token). The order of refusals: a body over 64 KiB is refused by the app's body limit (413)
-before anything is read; then the body must be a JSON object (422); then the client's token
-bucket (per client id, else per address: 429 with ``Retry-After``); then the model must exist
-(404); then ``registry.monitoring.Monitor`` validates and merges it on its committer thread,
-in one transaction with the other batches queued meanwhile, and the request is answered once
-that transaction is committed (422 with what is wrong; nothing stored). A refused batch
-changes nothing.
+token). Every sender is untrusted, so the order of refusals puts the cheap ones first: a body
+over 64 KiB (or JSON nested or sized past the app's bounds) is refused by the app's
+middleware (413/422) before anything here; then the source address's token bucket (per
+address, whatever ``client_id`` the body claims: 429 with ``Retry-After``); then the model
+name (404); then, when ``monitor_auth`` is ``device``, an enrolled device's token (401);
+then the body must be a JSON object (422); then ``registry.monitoring.Monitor`` validates
+and merges it on its committer thread, in one transaction with the other batches queued
+meanwhile, and the request is answered once that transaction is committed (422 with what is
+wrong; nothing stored). A refused batch changes nothing; a batch whose ``batch_id`` was
+already counted is answered 202 with ``"duplicate": true`` and not counted again.
 Every accepted batch asks the watcher (``server/monitoring.py``) to check the model's alerts
 and guardrails soon.
 
@@ -30,7 +33,7 @@ from starlette.types import Receive, Scope
 
 from core.errors import InvalidInput, NotFound
 from server import metrics
-from server.monitoring import Watcher, retry_after
+from server.monitoring import Watcher, bearer_token, retry_after
 from server.names import existing_model_name
 from server.schemas import MAX_VERSION, ErrorOut
 from server.shortcuts import read_body
@@ -38,16 +41,18 @@ from server.state import Services, ServicesDep
 
 router = APIRouter(prefix="/v1/models", tags=["monitoring"])
 
-MAX_CLIENT_ID = 64  # docs/monitoring.md: longer ids are refused by the monitor
 ModelName = Annotated[str, Path(description="Model name, e.g. digits.")]
 REFUSALS = {
+    401: {"model": ErrorOut, "description": "Only enrolled devices may send (POLLINATE_MONITOR_AUTH=device):"
+          " `Authorization: Bearer <device token>` of a device enrolled for this model."},
     404: {"model": ErrorOut, "description": "No such model."},
     413: {"model": ErrorOut, "description": "The body is over 64 KiB."},
     422: {"model": ErrorOut, "description": "A bad body: what is wrong is in `detail`. Nothing was stored."},
-    429: {"model": ErrorOut, "description": "Over the rate limit: retry after `Retry-After` seconds."},
+    429: {"model": ErrorOut, "description": "Over the rate limit of this address: retry after `Retry-After` seconds."},
 }
-ACCEPTED = {"description": "Merged into the version's window (UTC hour).", "content": {"application/json": {
-    "example": {"accepted": True, "window": "2026-12-02T14:00:00Z"}}}}
+ACCEPTED = {"description": "Merged into the version's window (UTC hour); `\"duplicate\": true` when its"
+            " `batch_id` was counted before (then not counted again).", "content": {"application/json": {
+                "example": {"accepted": True, "window": "2026-12-02T14:00:00Z"}}}}
 NO_STORE = {"Cache-Control": "no-store"}
 MAX_DRIFT_BUCKETS = 96  # buckets per version whose per-feature drift the monitor view adds
 
@@ -58,8 +63,11 @@ def watcher(app: Any) -> Watcher:
     found = getattr(app.state, "watcher", None)
     if found is None:
         svc: Services = app.state.services
+        config = svc.config
         found = app.state.watcher = Watcher(
-            svc.store, rate_per_minute=svc.config.telemetry_rate, interval_s=svc.config.monitor_interval_s)
+            svc.store, rate_per_minute=config.telemetry_rate, interval_s=config.monitor_interval_s,
+            trusted_proxies=config.trusted_proxies, monitor_auth=config.monitor_auth,
+            edge=getattr(app.state, "edge", None))
     return found
 
 
@@ -69,38 +77,43 @@ def _refuse(model: str | None, route: str, reason: str, status: int, detail: str
     return JSONResponse({"detail": detail}, status_code=status, headers={**NO_STORE, **(headers or {})})
 
 
-async def _take(scope: Scope, receive: Receive, name: str, route: str) -> tuple[Watcher, str, dict] | JSONResponse:
-    """(watcher, model, body) for a batch that may be ingested, or the refusal to send. Whether
-    the model exists is checked by the monitor, in the transaction that would store the batch."""
-    try:
-        body = json.loads(await read_body(receive))
-    except (ValueError, UnicodeDecodeError):
-        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
-    if not isinstance(body, dict):
-        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
-    client_id = body.get("client_id")
-    if isinstance(client_id, str) and 0 < len(client_id) <= MAX_CLIENT_ID:
-        key = (route, "id", client_id)
-    else:
-        client = scope.get("client")
-        key = (route, "address", client[0] if client else "")
+async def _take(scope: Scope, receive: Receive, name: str, route: str
+                ) -> tuple[Watcher, str, dict, tuple[str, str]] | JSONResponse:
+    """(watcher, model, body, (address, device)) for a batch that may be ingested, or the
+    refusal to send. Whether the model exists is checked by the monitor, in the transaction
+    that would store the batch."""
     watch = watcher(scope["app"])
-    wait = watch.limiter.take(key)
+    address = watch.address(scope)
+    wait = watch.limiter.take((route, address))
     if wait > 0:
-        return _refuse(None, route, "rate_limited", 429, f"too many {route} batches from this client:"
+        return _refuse(None, route, "rate_limited", 429, f"too many {route} batches from this address:"
                        f" retry in {retry_after(wait)} s", {"Retry-After": retry_after(wait)})
     try:
         model = existing_model_name(name)
     except NotFound as exc:
         return _refuse(None, route, "not_found", 404, str(exc))
-    return watch, model, body
+    token = bearer_token(scope)
+    device = await watch.device(model, token) if token is not None else None
+    if device is None and watch.devices_only:
+        detail = ("only enrolled devices may send telemetry and feedback here: Authorization: Bearer <device token>"
+                  " (POST /v1/federations/{model}/devices enrols one)" if token is None
+                  else f"this token does not belong to a device enrolled for {model!r}")
+        return _refuse(None, route, "unauthorized", 401, detail, {"WWW-Authenticate": "Bearer"})
+    try:
+        body = json.loads(await read_body(receive))
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting past the bounds
+        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
+    if not isinstance(body, dict):
+        return _refuse(None, route, "invalid", 422, "the body must be a JSON object (docs/monitoring.md)")
+    return watch, model, body, (address, device or "")
 
 
-async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict) -> JSONResponse | dict:
+async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict,
+                  source: tuple[str, str]) -> JSONResponse | dict:
     """``ingest`` is the monitor's async ingestion: the body waits in its committer's queue and
     this request is answered once the group it joined is committed (the loop never blocks)."""
     try:
-        return await ingest(model, body)
+        return await ingest(model, body, source=source)
     except NotFound as exc:  # no such model: not a metric label of its own
         return _refuse(None, route, "not_found", 404, str(exc))
     except InvalidInput as exc:
@@ -123,13 +136,14 @@ async def receive_telemetry(scope: Scope, receive: Receive, name: str) -> JSONRe
     taken = await _take(scope, receive, name, "telemetry")
     if isinstance(taken, JSONResponse):
         return taken
-    watch, model, body = taken
-    result = await _ingest(watch, model, "telemetry", watch.monitor.ingest_telemetry_async, body)
+    watch, model, body, source = taken
+    result = await _ingest(watch, model, "telemetry", watch.monitor.ingest_telemetry_async, body, source)
     if isinstance(result, JSONResponse):
         return result
-    predictions = body.get("predictions")
-    metrics.count_telemetry(model, predictions if isinstance(predictions, int) else 0)
-    watch.accepted(model)
+    if not result.get("duplicate"):  # a retry of a batch counted before changes nothing
+        predictions = body.get("predictions")
+        metrics.count_telemetry(model, predictions if isinstance(predictions, int) else 0)
+        watch.accepted(model)
     return JSONResponse(result, status_code=202, headers=NO_STORE)
 
 
@@ -147,12 +161,13 @@ async def receive_feedback(scope: Scope, receive: Receive, name: str) -> JSONRes
     taken = await _take(scope, receive, name, "feedback")
     if isinstance(taken, JSONResponse):
         return taken
-    watch, model, body = taken
-    result = await _ingest(watch, model, "feedback", watch.monitor.ingest_feedback_async, body)
+    watch, model, body, source = taken
+    result = await _ingest(watch, model, "feedback", watch.monitor.ingest_feedback_async, body, source)
     if isinstance(result, JSONResponse):
         return result
-    metrics.count_feedback(model)
-    watch.accepted(model)
+    if not result.get("duplicate"):
+        metrics.count_feedback(model)
+        watch.accepted(model)
     return JSONResponse(result, status_code=202, headers=NO_STORE)
 
 
@@ -222,4 +237,5 @@ def _monitor_view(svc: Services, watch: Watcher, model: str, version: int | None
         "timeline": timeline,
         "channels": channels,
         "history": store.channel_history(model)[-50:],
+        "guardrails": watch.monitor.guardrail_status(model),
     }

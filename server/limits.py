@@ -1,19 +1,28 @@
-"""Limits on what one client may make the server do: body sizes, and rates (token buckets).
+"""Limits on what one client may make the server do: body sizes and shapes, uploads in
+flight, and rates (token buckets).
 
-Refuse request bodies bigger than the admin routes could ever need (413).
-
-Most bodies this service accepts are small JSON (a channel move, a device enrolment), so a
-small cap costs nothing and keeps a client from making a worker buffer megabytes. The
-declared ``Content-Length`` is checked first; a chunked body is counted as it arrives,
-buffered up to the cap and replayed to the app, so the app never sees a partial body.
+``BodyLimitMiddleware`` refuses request bodies bigger than the admin routes could ever need
+(413). Most bodies this service accepts are small JSON (a channel move, a device enrolment,
+telemetry), so a small cap costs nothing and keeps a client from making a worker buffer
+megabytes. The declared ``Content-Length`` is checked first; a chunked body is counted as it
+arrives, buffered up to the cap and replayed to the app, so the app never sees a partial
+body. Holding the whole body, it also checks its JSON shape once, before any route parses
+it (``server/json_bounds.py``: depth, items, string lengths; 422).
 
 Routes that take big bodies (a device's model update) are ``exempt``: they stream the body
 themselves against their own limit (``server/routers/federations.py``), so that a refusal
 can name the task it was for and be counted.
+
+``UploadCap`` bounds the requests with a body that one worker serves at once
+(``POLLINATE_MAX_UPLOADS``): a client that opens thousands of uploads and stalls them holds
+each only until the body read timeout (``server/protocol.py``) closes it, and the ones past
+the cap are refused at once (503 with ``Retry-After``), so they cost neither memory nor a slot
+that an honest device needs.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -24,21 +33,34 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import json_bounds
+
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# Seconds a client refused by the upload cap is asked to wait: uploads finish in
+# milliseconds, and stalled ones are closed by the body timeout.
+UPLOAD_RETRY_AFTER_S = 2
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = b'{"detail":"request body too large: at most %d bytes"}' % limit
+async def _refuse(send: Send, status: int, detail: str, reason: str, extra: tuple = ()) -> None:
+    """A JSON refusal ``{"detail", "reason"}`` (the device protocol's shape, which is also
+    the ErrorOut every other route documents) that closes the connection: the rest of the
+    body, if any, is never read."""
+    body = json.dumps({"detail": detail, "reason": reason}).encode()
     await send({
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            *extra,
         ],
     })
     await send({"type": "http.response.body", "body": body})
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    await _refuse(send, 413, f"request body too large: at most {limit} bytes", "too_large")
 
 
 class BodyLimitMiddleware:
@@ -75,6 +97,10 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        wrong = json_bounds.problem(body)
+        if wrong is not None:
+            await _refuse(send, 422, wrong, "json_bounds")
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -85,6 +111,43 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class UploadCap:
+    """At most ``max_uploads`` requests with a body in this worker at once; more get 503 with
+    ``Retry-After`` before their body is read. A request counts from its start until the app
+    has answered it (for an upload that is its body's read plus its checks: milliseconds,
+    unless its client stalls, and then only until the body timeout)."""
+
+    def __init__(self, app: ASGIApp, max_uploads: int):
+        self.app = app
+        self.max_uploads = max_uploads
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or not _has_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_uploads:
+            await _refuse(send, 503, f"this server is receiving {self.max_uploads} uploads already:"
+                          f" retry in {UPLOAD_RETRY_AFTER_S} s", "busy",
+                          ((b"retry-after", str(UPLOAD_RETRY_AFTER_S).encode()),))
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def _has_body(headers) -> bool:
+    """A request with a body: a Content-Length other than 0, or a Transfer-Encoding."""
+    for key, value in headers:
+        if key == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if key == b"transfer-encoding":
+            return True
+    return False
 
 
 # Clients remembered by the rate limiter; past this the least recently seen are forgotten

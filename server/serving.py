@@ -5,6 +5,13 @@ Workers are separate processes that import ``server.app:app_from_env``; the conf
 to them as environment variables (``server/config.py``). With more than one worker,
 Prometheus counters go through a fresh multiprocess folder so ``/metrics`` reports the
 whole server, not whichever worker answered.
+
+uvicorn runs with its own proxy-header handling off: on by default, it believes any
+``X-Forwarded-For`` from 127.0.0.1, so on one machine every local caller could name its
+own address. Who is asking is decided by the app alone (``server/addresses.py``: only the
+proxies in ``POLLINATE_TRUSTED_PROXIES`` are believed). Its HTTP protocol is
+``server/protocol.py``'s, which adds the header and body read timeouts (in every worker:
+uvicorn imports it by name).
 """
 
 from __future__ import annotations
@@ -19,6 +26,15 @@ from dataclasses import dataclass
 from core.errors import PollinateError
 from server.config import ENV_ADMIN_TOKEN, ServerConfig
 from server.web_assets import check_web_client
+
+# uvicorn's httptools protocol with read timeouts, imported by name in every worker
+HTTP_PROTOCOL = "server.protocol:TimedHttpToolsProtocol"
+
+
+def uvicorn_options() -> dict:
+    """What every uvicorn this package starts is given, whatever else it is told: its own
+    proxy headers off (the app decides whom to believe) and the protocol with timeouts."""
+    return {"http": HTTP_PROTOCOL, "proxy_headers": False, "server_header": False}
 
 
 @dataclass(frozen=True)
@@ -83,9 +99,9 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, workers
             port=listening.port,
             workers=workers,
             access_log=access_log,
-            server_header=False,
             log_level="info" if access_log else "warning",
             timeout_graceful_shutdown=5,
+            **uvicorn_options(),
         )
     finally:
         if metrics_dir:

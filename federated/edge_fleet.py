@@ -33,7 +33,7 @@ import numpy as np
 
 from core.errors import InvalidInput, PollinateError
 
-from .runtime import ServeProcess, stop_process_tree
+from .runtime import SIMULATION_SERVER_ENV, ServeProcess, stop_process_tree
 from .settings import FederationSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +156,8 @@ class EdgeFleet:
         parts = fleet_partitions(self.settings, self.options.total)
         if self.options.devices:
             _import_tflite()  # once, here: threads importing TensorFlow at once see a half-imported module
-        self.server = ServeProcess(self.settings.home, port=0, log_path=self.folder / "serve.log").__enter__()
+        self.server = ServeProcess(self.settings.home, port=0, log_path=self.folder / "serve.log",
+                                   env=SIMULATION_SERVER_ENV).__enter__()
         if self.options.browsers:
             self._start_browsers(node, parts[:self.options.browsers])
         for device, (x, y) in zip(self.options.device_ids(), parts[self.options.browsers:]):

@@ -150,21 +150,34 @@ class LocalSuperLink:
         self.process = None
 
 
-class ServeProcess:
-    """`pollinate serve --json` on a store, in a process of its own; `url` once it answers."""
+# A simulation's server is its own (on 127.0.0.1, for the simulation's processes only), and
+# all of its simulated browsers and devices enrol and report from that one address: the
+# per-address limits that protect a real server (docs/deployment.md) would throttle the
+# simulation itself. `pollinate federate up` serves real devices and keeps the defaults.
+SIMULATION_SERVER_ENV = {
+    "POLLINATE_ENROL_RATE": "100000",      # enrolments a minute per address
+    "POLLINATE_TELEMETRY_RATE": "100000",  # telemetry and feedback batches a minute per address
+}
 
-    def __init__(self, home: Path, *, host: str = "127.0.0.1", port: int = 0, log_path: Path):
+
+class ServeProcess:
+    """`pollinate serve --json` on a store, in a process of its own; `url` once it answers.
+    `env`: variables for that server only (a simulation's: SIMULATION_SERVER_ENV)."""
+
+    def __init__(self, home: Path, *, host: str = "127.0.0.1", port: int = 0, log_path: Path,
+                 env: dict[str, str] | None = None):
         self.home = Path(home).resolve()
         self.host = host
         self.port = port
         self.log_path = Path(log_path)
+        self.env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.url = ""
 
     def __enter__(self) -> ServeProcess:
         command = [sys.executable, "-m", "pollinate", "serve", "--home", str(self.home), "--host", self.host,
                    "--port", str(self.port), "--json"]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log,
                                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)

@@ -161,6 +161,7 @@ REFUSALS = {
     "bad_examples": 422,
     "bad_dtype": 422,
     "bad_enrolment": 422,
+    "rate_limited": 429,
 }
 MAX_EXAMPLES = 10_000_000
 # What a 202 survives (module docstring): the process's kill -9, or a power cut too.
@@ -178,11 +179,12 @@ RECENT_TASKS = 16
 class EdgeRefusal(PollinateError):
     """A device request the protocol refuses: `reason` is one of REFUSALS, `status` its HTTP code."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, retry_after_s: float | None = None):
         super().__init__(detail)
         self.reason = reason
         self.status = REFUSALS[reason]
         self.detail = detail
+        self.retry_after_s = retry_after_s  # a 429: when the client may try again
 
 
 @dataclass(frozen=True)
@@ -611,7 +613,7 @@ class EdgeStore:
                 update = self._check(task, device_id, body, dtype, examples)
                 accepted, update = self._record(task, update, body, now).future.result()
             except EdgeRefusal as refusal:
-                self.count_refusal(task.model, refusal.reason, task.round)
+                self.count_refusal(task.model, refusal.reason, task.round, task.federation)
                 raise
             self._recorded(task, device_id)
             if own:  # the caller keeps no buffer: give it values of its own
@@ -636,7 +638,8 @@ class EdgeStore:
             accepted, update = await pending.future
         except EdgeRefusal as refusal:
             with contextlib.suppress(PollinateError):
-                await self._commits.submit(_refusal_count(task.model, refusal.reason, task.round), loop=loop).future
+                await self._commits.submit(_refusal_count(task.model, refusal.reason, task.round, task.federation),
+                                           loop=loop).future
             raise
         self._recorded(task, device_id)
         return accepted, update, pending.times
@@ -848,31 +851,41 @@ class EdgeStore:
 
     # ------------------------------------------------------------------ status and counters
 
-    def count_refusal(self, model: str, reason: str, round: int = 0) -> None:
+    def count_refusal(self, model: str, reason: str, round: int = 0, federation: str = "") -> None:
+        """Count one refusal: under the task's federation and round when the request named a
+        task, else under federation '' and round 0 (no task could say which federation it was for)."""
         with contextlib.suppress(PollinateError):
-            self._commits.run(_refusal_count(model, reason, round))
+            self._commits.run(_refusal_count(model, reason, round, federation))
 
     def status(self, model: str) -> dict:
-        """The model's current round (that of the task opened last): {round, open, accepted,
-        refused{reason: count}, refused_total{reason: count}, tasks[...]}.
+        """The model's current federation and round (those of the task opened last): {round,
+        federation, open, accepted, refused{reason: count}, refused_total{reason: count},
+        refused_unattributed{reason: count}, tasks[...]}.
 
-        `refused` counts this round's refusals plus those that could name no round (401, 404:
-        counted under round 0), so a client that was refused always sees itself counted;
-        `refused_total` is every refusal the model ever had."""
+        ``refused`` counts this round's refusals and ``refused_total`` every round's, of this
+        federation only: another federation of the same model (an earlier one, or one beside it)
+        never shows here. Refusals that could name no task (a wrong token, an unknown task, a bad
+        or rate-limited enrolment; and counts kept from before schema 6, which recorded no
+        federation) cannot be told apart by federation: they are ``refused_unattributed``, over
+        the model's life, so that a refused client always finds itself counted somewhere."""
         with self._read() as db:
             row = db.execute("SELECT federation, round FROM edge_tasks WHERE model = ?"
                              " ORDER BY opened_at DESC, round DESC LIMIT 1", (model,)).fetchone()
-            counts = db.execute("SELECT round, reason, count FROM edge_refusal_counts WHERE model = ?",
-                                (model,)).fetchall()
             federation, current = row if row is not None else (None, None)
+            counts = db.execute("SELECT federation, round, reason, count FROM edge_refusal_counts"
+                                " WHERE model = ? AND federation IN (?, '')", (model, federation or "")).fetchall()
             tasks = [] if row is None else [_task(r) for r in db.execute(
                 f"SELECT {_TASK_COLUMNS} FROM edge_tasks t WHERE model = ? AND federation = ? AND round = ?"
                 " ORDER BY gateway", (model, federation, current))]
         refused: dict[str, int] = {}
         total: dict[str, int] = {}
-        for rnd, reason, count in counts:
+        unattributed: dict[str, int] = {}
+        for fed, rnd, reason, count in counts:
+            if fed == "":
+                unattributed[reason] = unattributed.get(reason, 0) + int(count)
+                continue
             total[reason] = total.get(reason, 0) + int(count)
-            if rnd == 0 or rnd == current:
+            if rnd == current:
                 refused[reason] = refused.get(reason, 0) + int(count)
         now = time.time()
         return {
@@ -882,6 +895,7 @@ class EdgeStore:
             "accepted": sum(t.accepted for t in tasks),
             "refused": dict(sorted(refused.items())),
             "refused_total": dict(sorted(total.items())),
+            "refused_unattributed": dict(sorted(unattributed.items())),
             "tasks": [{"task_id": t.task_id, "gateway": t.gateway, "open": t.open, "accepted": t.accepted,
                        "min_updates": t.min_updates,
                        "deadline": iso_utc(t.deadline)}

@@ -5,11 +5,16 @@
 the same config from environment variables that ``pollinate serve`` sets.
 
 Middleware, outermost first, all pure ASGI (no per-request task, no body copies):
-metrics (time and count everything, refusals included) → CORS (so browsers can read
-refusals too) → body size limit (device updates excepted: their route streams them against
-its own limit) → the shortcut for the hot POSTs: device updates, telemetry, feedback
-(``server/shortcuts.py``) → the shortcut for cached manifests and known files
-(``server/fastpath.py``) → the routers.
+metrics (time and count everything, refusals included) → CORS, for every route but the
+admin ones (``server/cors.py``; so browsers can read refusals too) → the cap on uploads in
+flight (503) → body size limit and JSON shape bounds (device updates excepted: their route
+streams them against its own limit; ``server/limits.py``) → the shortcut for the hot POSTs:
+device updates, telemetry, feedback (``server/shortcuts.py``) → the shortcut for cached
+manifests and known files (``server/fastpath.py``) → the routers. The read timeouts live a
+layer below, in uvicorn's protocol (``server/protocol.py``).
+
+The admin routes are left out of ``/openapi.json`` unless ``POLLINATE_OPENAPI_ADMIN`` is set
+(they still work; ``pollinate models promote --server`` and curl need no schema).
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ from __future__ import annotations
 from functools import partial
 
 from fastapi import APIRouter, FastAPI
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 import server
 from registry.edge import EdgeStore
 from server import errors
+from server.addresses import ClientAddress
 from server.config import ServerConfig
+from server.cors import PublicCors, admin_routes, hide_from_openapi
 from server.fastpath import FastPath
-from server.limits import BodyLimitMiddleware
+from server.limits import BodyLimitMiddleware, RateLimiter, UploadCap
 from server.metrics import MetricsMiddleware
 from server.routers import channels, federations, files, health, metrics, models, monitoring, predict, web
 from server.shortcuts import Shortcuts
@@ -53,13 +59,20 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app.state.services = Services.build(config)
     app.state.edge = EdgeStore(app.state.services.store)  # one per process: its writes share transactions
+    app.state.client_address = ClientAddress(config.trusted_proxies)  # who is asking (server/addresses.py)
+    app.state.enrol_limiter = RateLimiter(config.enrol_rate)  # device enrolments per address
     errors.install(app)
     # the device protocol first: its update route is the hottest path the router walks (routes
     # are matched in order; benchmarks/edge_ingest.md has the cost of walking past the others)
-    for module in (federations, health, models, predict, files, channels, monitoring, metrics, web):
-        app.include_router(module.router)
+    routers = [m.router for m in (federations, health, models, predict, files, channels, monitoring, metrics, web)]
+    for router in routers:
+        app.include_router(router)
     app.mount(web.WEB_PREFIX, web.WebClientFiles(directory=config.web_client, html=True, check_dir=False),
               name="web_client")
+    admin = admin_routes(route for router in routers for route in router.routes)
+    errors.document(app)
+    if not config.openapi_admin:
+        hide_from_openapi(app, admin)
 
     svc: Services = app.state.services
     app.add_middleware(
@@ -82,10 +95,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     # device updates stream past the cap, against their own limit (max_update_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt=federations.UPDATES_PATH)
+    app.add_middleware(UploadCap, max_uploads=config.max_uploads)
     app.add_middleware(
-        CORSMiddleware,
+        PublicCors,
+        admin=admin,
         allow_origins=list(config.cors_origins),
-        allow_methods=["GET", "HEAD", "PUT", "POST", "OPTIONS"],
+        allow_methods=["GET", "HEAD", "POST", "OPTIONS"],  # PUT is admin only
         allow_headers=ALLOWED_HEADERS,
         expose_headers=EXPOSED_HEADERS,
         max_age=600,

@@ -18,6 +18,11 @@ class Offload(str, Enum):
     nginx = "nginx"
 
 
+# Trusted by default with --offload nginx: the nginx that --print-nginx-config renders proxies
+# from this machine (docs/deployment.md says when to list other proxies instead).
+LOCAL_PROXIES = ("127.0.0.1", "::1")
+
+
 def serve(
     home: HomeOption = Path(".pollinate"),
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -32,6 +37,15 @@ def serve(
         typer.Option("--cors-origin", help="Origin allowed to call the API from a browser (repeat; default"
                      " $POLLINATE_CORS_ORIGINS, comma-separated, else *)."),
     ] = None,
+    trusted_proxy: Annotated[
+        Optional[list[str]],
+        typer.Option("--trusted-proxy", help="Address or network of a proxy whose X-Forwarded-For is believed (repeat;"
+                     " default $POLLINATE_TRUSTED_PROXIES, comma-separated, else none; with --offload nginx, else"
+                     " 127.0.0.1 and ::1)."),
+    ] = None,
+    openapi_admin: Annotated[
+        bool, typer.Option("--openapi-admin", help="List the admin routes in /openapi.json too ($POLLINATE_OPENAPI_ADMIN=1).")
+    ] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (slower).")] = False,
     print_nginx_config: Annotated[
         bool, typer.Option("--print-nginx-config", help="Print an nginx.conf fronting this server, and exit.")
@@ -52,6 +66,12 @@ def serve(
     config = replace(ServerConfig.from_env(), home=home, offload=offload.value if offload else None)
     if cors_origin:
         config = replace(config, cors_origins=tuple(cors_origin))
+    if trusted_proxy:  # a bad address is one error line (InvalidInput), exit 2
+        config = replace(config, trusted_proxies=tuple(trusted_proxy))
+    elif config.offload == "nginx" and not config.trusted_proxies:
+        config = replace(config, trusted_proxies=LOCAL_PROXIES)  # the nginx that --print-nginx-config renders
+    if openapi_admin:
+        config = replace(config, openapi_admin=True)
 
     def announce(listening) -> None:
         url = listening.url

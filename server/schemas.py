@@ -21,6 +21,21 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class ValidationItemOut(BaseModel):
+    """One problem with a request: where (``["query", "version"]``, ``["body", "rows", 0]``) and what."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(ErrorOut):
+    """A request that does not match the operation's parameters or body: every problem in one
+    sentence (``detail``) and as a list (``errors``, at most 20)."""
+
+    errors: list[ValidationItemOut] = []
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -140,7 +155,7 @@ class ManifestOut(BaseModel):
     channel: str | None = Field(description="The channel asked for (null for a fixed version).")
     cohort: Literal["channel", "candidate", "latest"] | None = Field(
         description="Why this version: the channel's, the rollout candidate for this client,"
-        " or the newest because the channel is unset (null for a fixed version)."
+        " or the newest because the channel is `stable` and unset (null for a fixed version)."
     )
     manifest_url: str = Field(description="This version's own (fixed) manifest.")
     lineage: LineageOut
@@ -165,7 +180,9 @@ class EdgeErrorOut(BaseModel):
 
     detail: str
     reason: str = Field(description="unauthorized, unknown_model, unknown_task, stale, duplicate, too_large,"
-                        " wrong_length, non_finite, norm, bad_examples, bad_dtype or bad_enrolment.")
+                        " wrong_length, non_finite, norm, bad_examples, bad_dtype, bad_enrolment or rate_limited"
+                        " (the protocol's, counted in /metrics and /status); json_bounds or busy (the server's"
+                        " own limits on any request).")
 
 
 class EnrolIn(BaseModel):
@@ -240,9 +257,12 @@ class FederationStatusOut(BaseModel):
     federation: str | None = None
     open: bool = Field(description="A task of this round is open and before its deadline.")
     accepted: int = Field(description="Updates accepted in this round, over all gateways.")
-    refused: dict[str, int] = Field(description="Refusals of this round by reason, plus those that named no round"
-                                    " (401 and 404).")
-    refused_total: dict[str, int] = Field(default_factory=dict, description="Every refusal of the model, by reason.")
+    refused: dict[str, int] = Field(description="Refusals of this federation's current round, by reason.")
+    refused_total: dict[str, int] = Field(default_factory=dict, description="Every refusal of this federation, by"
+                                          " reason (never another federation's, even of the same model).")
+    refused_unattributed: dict[str, int] = Field(
+        default_factory=dict, description="The model's refusals that could name no task, so no federation (a wrong"
+        " token, an unknown task, a bad or rate-limited enrolment), by reason, over the model's life.")
     tasks: list[FederationTaskStatusOut] = []
 
 

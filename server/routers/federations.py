@@ -10,8 +10,15 @@ twice.
 Every refusal is a JSON ``detail`` with the protocol's status (and its ``reason``, so that a
 client tells a stale round from a duplicate without reading the sentence), counted in ``/metrics`` per
 model and reason and, once the model is known, in the store (``/status``): under the task's
-round when the request named a live task, else under round 0. Store calls block (SQLite,
-fsync), so each route runs them in the thread pool, as the other routers do.
+federation and round when the request named a live task, else as unattributed (federation
+'', round 0). Store calls block (SQLite, fsync), so each route runs them in the thread pool,
+as the other routers do.
+
+Enrolment is open by default (``POLLINATE_ENROL_TOKEN`` closes it), so it is rate-limited by
+network address (``POLLINATE_ENROL_RATE`` a minute, a minute's worth of burst; the address as
+``server/addresses.py`` resolves it, trusted proxies included): one source cannot mint
+thousands of devices to outvote a round. Past the rate: 429 with ``Retry-After``, reason
+``rate_limited``, counted like any refusal.
 
 An update body is the one big body this service takes: the app's 64 KiB cap skips the
 updates route (``UPDATES_PATH``), which streams the body against
@@ -37,7 +44,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from registry.edge import DEVICE_KINDS, DTYPES, EdgeRefusal, EdgeStore, EdgeTask, check_update_params
-from server.config import ENV_ENROL_TOKEN, ENV_MAX_UPDATE_BYTES
+from server.config import ENV_ENROL_RATE, ENV_ENROL_TOKEN, ENV_MAX_UPDATE_BYTES
+from server.limits import retry_after
 from server.metrics import count_edge_enrolment, count_edge_refusal, count_edge_update
 from server.schemas import EdgeErrorOut, EnrolIn, EnrolOut, FederationStatusOut, TaskOut, UpdateAcceptedOut
 from server.state import ServicesDep
@@ -70,6 +78,7 @@ def _refusals(*statuses: int) -> dict:
         413: f"The body is over the server's limit ({ENV_MAX_UPDATE_BYTES}).",
         422: "Wrong length, NaN or infinite values, L2 norm over the bound, bad example count or dtype"
              " (or, on enrolment, a body that is not a JSON object).",
+        429: f"Too many enrolments from this address ({ENV_ENROL_RATE} a minute): retry after `Retry-After` seconds.",
     }
     return {s: {"model": EdgeErrorOut, "description": described[s]} for s in statuses}
 
@@ -95,6 +104,8 @@ ENROL_REQUEST = {
         "required": False,
         "content": {"application/json": {"schema": EnrolIn.model_json_schema()}},
     },
+    # the enrol token is needed only where the server sets one: either way is a valid request
+    "security": [{}, {"EnrolToken": []}],
 }
 WEIGHTS_RESPONSE = {
     200: {"description": "The task's base weights: its tensors in `weights` order, little-endian float32,"
@@ -116,8 +127,8 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
 
 
 def _counted(edge: EdgeStore, model: str, action, *args):
-    """Run `action` (blocking); a refusal it raises is counted in the store under round 0,
-    the model being known by then unless the refusal says it is not."""
+    """Run `action` (blocking); a refusal it raises is counted in the store as unattributed
+    (no task named), the model being known by then unless the refusal says it is not."""
     try:
         return action(*args)
     except EdgeRefusal as refusal:
@@ -132,6 +143,8 @@ def _refused(refusal: EdgeRefusal, model: str) -> JSONResponse:
     headers = dict(CHALLENGE) if refusal.status == 401 else {}
     if refusal.status == 413:
         headers["Connection"] = "close"  # the rest of the body is never read
+    if refusal.retry_after_s is not None:
+        headers["Retry-After"] = retry_after(refusal.retry_after_s)
     return JSONResponse({"detail": refusal.detail, "reason": refusal.reason}, status_code=refusal.status,
                         headers=headers)
 
@@ -157,21 +170,28 @@ def _enrol_kind(body: bytes) -> str:
     "/{model}/devices",
     status_code=201,
     response_model=EnrolOut,
-    responses=_refusals(401, 404, 422),
+    responses=_refusals(401, 404, 422, 429),
     openapi_extra=ENROL_REQUEST,
     summary="Enrol a device: its id and the token for every other call",
 )
 async def enrol(request: Request, svc: ServicesDep, edge: EdgeDep, model: ModelName,
                 credentials: EnrolCredentials) -> EnrolOut | Response:
     """Enrol once and keep the token (it is stored hashed and never shown again). When the
-    server sets ``POLLINATE_ENROL_TOKEN``, send it as ``Authorization: Bearer``."""
+    server sets ``POLLINATE_ENROL_TOKEN``, send it as ``Authorization: Bearer``. At most
+    ``POLLINATE_ENROL_RATE`` enrolments a minute come from one address (429 past it)."""
     try:
         body = await request.body()
     except ClientDisconnect:
         return Response(status_code=400)
+    address = request.app.state.client_address(request.scope)
+    limiter = request.app.state.enrol_limiter
 
     def enrol_device() -> tuple[str, str, str]:
-        edge.require_model(model)
+        edge.require_model(model)  # an unknown model is 404 before it costs a token
+        wait = limiter.take(address)
+        if wait > 0:
+            raise EdgeRefusal("rate_limited", f"too many enrolments from this address: retry in"
+                                              f" {retry_after(wait)} s ({ENV_ENROL_RATE})", retry_after_s=wait)
         expected = svc.config.enrol_token
         given = _token(credentials)
         if expected and not (given and hmac.compare_digest(given.encode(), expected.encode())):
@@ -213,7 +233,7 @@ async def current_task(edge: EdgeDep, model: ModelName, credentials: DeviceCrede
 
 
 def _refuse_in_round(edge: EdgeStore, task: EdgeTask, refusal: EdgeRefusal) -> EdgeRefusal:
-    edge.count_refusal(task.model, refusal.reason, task.round)
+    edge.count_refusal(task.model, refusal.reason, task.round, task.federation)
     return refusal
 
 

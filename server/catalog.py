@@ -16,6 +16,12 @@ channels change: registry/store.py) and keeps its snapshot while that counter st
 Order matters: the marker is read *before* the store, so a snapshot may hold data newer
 than its marker but never older; the next request then sees a new marker and reloads.
 
+A channel a client names must exist, with one exception: ``stable`` (what a client gets
+when it names none) falls back to the newest version while it is unset, so a fresh store
+serves its first model with no setup (``cohort: "latest"`` says so). Any other channel that
+is not set is 404: a typo (``?channel=stabel``) or a guessed name must not hand out the
+newest version, which nobody reviewed. A channel a rollback unset is not set either.
+
 Everything here runs on the event-loop thread (the marker connection is only meaningful
 within that one connection); store reads on a cache miss go to a worker thread, and
 concurrent misses for the same key share one load.
@@ -41,6 +47,9 @@ from server.manifest import RenderedManifest, build_manifest, read_grid
 MAX_CACHED_FILES = 100_000
 # Rendered manifests kept per snapshot (a few KB each); past this they are rendered per request.
 MAX_RENDERED = 4096
+# The channel a client gets when it names none, and the only one that stands for the newest
+# version while it is unset (module docstring).
+DEFAULT_CHANNEL = "stable"
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,7 @@ class Catalog:
             rendered = RenderedManifest.of(build_manifest(
                 record, channel, cohort, export_outcome=self._outcome(record),
                 monitoring=read_grid(self.store, record), shadow_version=getattr(state, "shadow_version", None)))
-            # Unset channels are named by the client, so the cache must not grow with them.
+            # Clients name channels and cohorts: the cache must not grow with whatever they send.
             if len(snap.rendered) < MAX_RENDERED:
                 snap.rendered[key] = rendered
         return rendered
@@ -219,24 +228,34 @@ class Catalog:
         info = snap.models.get(model)
         if info is None:
             return None
-        version, cohort, label = self._choose(info, channel, client_id)
+        chosen = self._choose(info, channel, client_id)
+        if chosen is None:
+            return None  # the slow path says 404
+        version, cohort, label = chosen
         rendered = snap.rendered.get((model, version, channel, cohort))
         return None if rendered is None else Resolved(rendered, label)
 
     async def channel_manifest(self, model: str, channel: str, client_id: str | None) -> Resolved:
         """The manifest this client should run: the channel's version, the rollout
         candidate when the client's cohort has it, or the newest version when the channel
-        is unset (same rules as :meth:`registry.Store.resolve`)."""
+        is ``stable`` and unset (as :meth:`registry.Store.resolve`); NotFound for any other
+        channel that is not set."""
         snap = self.snapshot()
         info = await self.model(model, snap)
-        version, cohort, label = self._choose(info, channel, client_id)
+        chosen = self._choose(info, channel, client_id)
+        if chosen is None:
+            named = ", ".join(sorted(info.channels)) or "none yet"
+            raise NotFound(f"model {model!r} has no channel {channel!r} (its channels: {named})")
+        version, cohort, label = chosen
         record = await self.record(model, version, snap)
         return Resolved(self._render(snap, record, channel, cohort), label)
 
     @staticmethod
-    def _choose(info: ModelInfo, channel: str, client_id: str | None) -> tuple[int, str, str]:
+    def _choose(info: ModelInfo, channel: str, client_id: str | None) -> tuple[int, str, str] | None:
         state = info.channels.get(channel)
         if state is None:
+            if channel != DEFAULT_CHANNEL:
+                return None
             return info.latest_version, "latest", "(latest)"
         version, cohort = choose(state, client_id)
         return version, cohort, channel

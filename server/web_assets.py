@@ -11,6 +11,16 @@ server refuses to start instead (``check_web_client``, called by ``server.servin
 and ``/`` explains what is missing if the files disappear later. A folder given with
 ``POLLINATE_WEB_CLIENT`` that holds no ``index.html`` means "no demo page" (the API alone);
 ``POLLINATE_WEB_CLIENT=off`` says so explicitly.
+
+Only what ships is served (``servable``). In a checkout the web client's folder also holds
+``node_modules`` (all of npm's packages, with their ``package.json`` files), the tests, the
+tools, ``package.json`` and the package's ``__init__.py``; none of it is the page's, and an
+anonymous visitor learnt our dependencies' exact versions from it. Pollinate's own web client
+serves exactly ``SHIPPED``: the patterns of ``pyproject.toml``'s package data for
+``web_client`` (tests/test_package.py checks the two are the same list), so a checkout serves
+what an installed Pollinate has. A folder of the operator's own (``POLLINATE_WEB_CLIENT``)
+serves its files except the ones no page needs: anything under ``node_modules``, ``test``,
+``tools`` or a dot-folder, ``package.json``, ``package-lock.json`` and Python files.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import importlib.util
 import json
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +43,34 @@ PACKAGE = "web_client"
 VENDOR_SPEC = "vendor.json"
 OFF = "off"  # POLLINATE_WEB_CLIENT=off: serve the API without the demo page
 _IMPORT_MAP = re.compile(r'<script type="importmap">(.*?)</script>', re.S)
+# What ships of web_client/: pyproject.toml's [tool.setuptools.package-data] web_client list
+# (setuptools' glob: `*` stays inside one folder). tests/test_package.py keeps them equal.
+SHIPPED = ("*.html", "*.js", "vendor.json", "app/*", "lib/*", "dashboard/*", "try/*", "vendor/tfjs/*")
+# Never served from an operator's folder either: what development leaves beside a page.
+NEVER_FOLDERS = frozenset({"node_modules", "test", "tests", "tools", "__pycache__"})
+NEVER_FILES = frozenset({"package.json", "package-lock.json"})
+
+
+def ships(relative: str) -> bool:
+    """Whether a path inside the web client ("app/app.js") is one of the files that ship."""
+    parts = relative.split("/")
+    return any(len(parts) == len(pattern) and all(map(fnmatchcase, parts, pattern)) for pattern in _SHIPPED_PARTS)
+
+
+_SHIPPED_PARTS = [tuple(p.split("/")) for p in SHIPPED]
+
+
+def servable(relative: str, own: bool) -> bool:
+    """Whether a web client may serve the file at ``relative`` (a "/"-separated path inside its
+    folder): Pollinate's own (``own``: ``is_default``) what ships, another folder all but what no
+    page needs."""
+    if not relative or relative.startswith("/") or ".." in relative.split("/"):
+        return False
+    if own:
+        return ships(relative)
+    parts = relative.split("/")
+    return not (any(p in NEVER_FOLDERS or p.startswith(".") for p in parts[:-1]) or parts[-1] in NEVER_FILES
+                or parts[-1].startswith(".") or parts[-1].endswith((".py", ".pyc")))
 
 
 def default_web_client() -> Path:

@@ -74,7 +74,9 @@ async def list_models(svc: ServicesDep) -> ModelListOut:
 @router.get(
     "/{name}/manifest",
     response_model=ManifestOut,
-    responses={**REVALIDATED, **NOT_FOUND},
+    responses={**REVALIDATED, 404: {"model": ErrorOut, "description": "No such model, or no such channel of it"
+                                                                      " (only `stable` stands for the newest version"
+                                                                      " while it is unset)."}},
     summary="The manifest of the version this client should run",
 )
 async def channel_manifest(
@@ -87,9 +89,11 @@ async def channel_manifest(
         Query(max_length=MAX_CLIENT_ID, description="A stable id for this client: decides its rollout cohort."),
     ] = None,
 ) -> Response:
-    """The channel's version, or the staged candidate when this client's cohort has it, or
-    the newest version when the channel is unset. ``cohort`` in the body says which.
-    Revalidate with ``If-None-Match``: the ETag changes whenever the answer would."""
+    """The channel's version, or the staged candidate when this client's cohort has it.
+    ``stable`` (the default) stands for the newest version while it is unset; any other
+    channel that is not set is 404 (a typo never gets the newest, unreviewed version).
+    ``cohort`` in the body says which. Revalidate with ``If-None-Match``: the ETag changes
+    whenever the answer would."""
     resolved = await svc.catalog.channel_manifest(existing_model_name(name), channel, client_id)
     response = manifest_response(request, resolved.manifest, NO_CACHE)
     count_manifest(name, resolved.manifest.version, resolved.channel_label, response.status_code)

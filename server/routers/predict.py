@@ -50,7 +50,7 @@ def predictor(request: Request) -> Predictor:
     response_model=PredictOut,
     responses={
         200: {"headers": ANSWER_HEADERS},
-        404: {"model": ErrorOut, "description": "No such model."},
+        404: {"model": ErrorOut, "description": "No such model, or no such channel of it."},
         409: {"model": ErrorOut, "description": "The resolved version has no tflite-float32 file to run."},
         422: {"model": ErrorOut, "description": "The inputs do not fit the version's input spec: the detail names"
               " the expected shape and dtype, or the row and column."},
@@ -70,7 +70,8 @@ async def predict(
     ] = None,
 ) -> Response:
     """The outputs of the version the channel's manifest gives this client (the rollout
-    candidate when its cohort has it, the newest version when the channel is unset), computed
+    candidate when its cohort has it, the newest version while ``stable`` is unset; another
+    channel that is not set is 404, as for the manifest), computed
     by LiteRT from the version's ``tflite-float32`` file: the numbers a device running that
     file gets. ``inputs`` are MODEL inputs, after the preprocessing the manifest describes;
     tabular models also take ``rows`` of named columns. Concurrent requests are run as one

@@ -3,7 +3,8 @@
 ``/`` redirects to ``/web_client/`` (so the page's relative script and model URLs
 resolve under it) and ``/web_client`` is a static mount of the web client's folder (the
 one that ships with Pollinate unless ``POLLINATE_WEB_CLIENT`` says otherwise; see
-``server/web_assets.py``). Without a page, ``/`` says where the API docs are. A page whose
+``server/web_assets.py``), serving only the files that ship (``servable``: never
+``node_modules``, ``package.json``, tests, tools or Python files, in a checkout or installed). Without a page, ``/`` says where the API docs are. A page whose
 TF.js files are missing is never served: ``/`` and the page itself answer 503 with what is
 missing and how to fix it (the server also refuses to start that way).
 
@@ -31,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.schemas import ErrorOut, RootOut
 from server.state import ServicesDep
-from server.web_assets import default_web_client, inspect_web_client, is_default
+from server.web_assets import default_web_client, inspect_web_client, is_default, servable
 
 router = APIRouter(tags=["web"])
 
@@ -116,19 +117,40 @@ async def root(svc: ServicesDep, request: Request):
 
 
 class WebClientFiles(StaticFiles):
-    """The web client's folder; a plain 404 (not a 500) while the folder does not exist, and a
-    503 page saying what is missing instead of a page that would fail in the browser."""
+    """The web client's folder, its shipped files only (404 for anything else); a plain 404 (not
+    a 500) while the folder does not exist, and a 503 page saying what is missing instead of a
+    page that would fail in the browser."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.directory is None or not Path(self.directory).is_dir():
             await JSONResponse({"detail": "no web client is installed"}, status_code=404)(scope, receive, send)
             return
-        if scope["type"] == "http" and scope.get("path", "").removeprefix(scope.get("root_path", "")) in PAGE_PATHS:
-            status = inspect_web_client(Path(self.directory))
-            if status.has_page and not status.whole:
-                await _unavailable(status.problem())(scope, receive, send)
+        if scope["type"] == "http":
+            if scope.get("path", "").removeprefix(scope.get("root_path", "")) in PAGE_PATHS:
+                status = inspect_web_client(Path(self.directory))
+                if status.has_page and not status.whole:
+                    await _unavailable(status.problem())(scope, receive, send)
+                    return
+            relative = self._served_file(scope)
+            own = getattr(self, "_own", None)
+            if own is None:
+                own = self._own = is_default(Path(self.directory))
+            if relative is None or not servable(relative, own):
+                await JSONResponse({"detail": "no such file in the web client"}, status_code=404)(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def _served_file(self, scope: Scope) -> str | None:
+        """The file inside the folder a request names ("index.html" for a folder, as
+        ``html=True`` serves it); None for a path outside it."""
+        relative = self.get_path(scope).replace("\\", "/")
+        if relative in (".", ""):
+            return "index.html"
+        if relative.startswith("../") or relative == ".." or relative.startswith("/"):
+            return None
+        if (Path(self.directory) / relative).is_dir():
+            return f"{relative}/index.html"
+        return relative
 
 
 def _unavailable(problem: str | None) -> HTMLResponse:

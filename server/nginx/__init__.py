@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server.config import OFFLOAD_PREFIX
+from server.config import OFFLOAD_PREFIX, ServerConfig
+
+# Uploads one address may have in flight through nginx (the server-wide cap is POLLINATE_MAX_UPLOADS).
+UPLOADS_PER_ADDRESS = 16
 
 TEMPLATE = Path(__file__).with_name("pollinate.conf")
 MIME_TYPES = "/etc/nginx/mime.types"
@@ -28,6 +31,7 @@ def render_config(
     single_process: bool = False,
     worker_processes: int | str = "auto",
     user: str | None = None,
+    config: ServerConfig | None = None,
 ) -> str:
     """A complete nginx.conf that fronts the app at ``upstream_port``.
 
@@ -35,7 +39,10 @@ def render_config(
     ``daemon=False`` keeps nginx in the foreground (a supervisor, a container, a test);
     ``single_process`` runs one process with no master (tests). ``user`` sets the worker
     user when nginx starts as root (the workers must be able to read ``objects/``).
+    ``config`` (default: from the environment) gives the timeouts, body and upload limits and
+    the enrolment rate, so that nginx and the app refuse the same things.
     """
+    config = config or ServerConfig.from_env()
     home = Path(home).resolve()
     runtime = Path(runtime_dir).resolve() if runtime_dir else home / "nginx"
     process = ("" if daemon else "daemon off;\n") + ("master_process off;\n" if single_process else "")
@@ -52,6 +59,13 @@ def render_config(
         "@@LISTEN@@": f"{listen_host}:{int(listen_port)}",
         "@@PREFIX@@": OFFLOAD_PREFIX,
         "@@OBJECTS@@": str(home / "objects"),
+        "@@HEADER_TIMEOUT@@": str(max(1, round(config.header_timeout_s))),
+        "@@BODY_TIMEOUT@@": str(max(1, round(config.body_timeout_s))),
+        "@@MAX_UPDATE_BYTES@@": str(config.max_update_bytes),
+        "@@MAX_UPLOADS@@": str(config.max_uploads),
+        "@@UPLOADS_PER_ADDRESS@@": str(min(UPLOADS_PER_ADDRESS, config.max_uploads)),
+        "@@ENROL_RATE@@": str(max(1, round(config.enrol_rate))),
+        "@@ENROL_BURST@@": str(max(1, round(config.enrol_rate))),
     }
     text = TEMPLATE.read_text()
     for placeholder, value in values.items():

@@ -154,8 +154,10 @@ def test_the_answer_follows_the_channel_and_the_client_cohort(world):
         assert answer["version"] == manifest["version"]
         seen.add(answer["version"])
     assert seen == {1, 2}
-    # an unset channel means the newest version, as for the manifest
-    assert post(world, "sequence", {"inputs": np.zeros((8, 8)).tolist()}, channel="nightly").json()["version"] == 1
+    # unset `stable` (the default) means the newest version, as for the manifest; any other unset
+    # channel is 404 there and here (a typo never gets the newest version: issue 19)
+    assert post(world, "sequence", {"inputs": np.zeros((8, 8)).tolist()}).json()["version"] == 1
+    assert post(world, "sequence", {"inputs": np.zeros((8, 8)).tolist()}, channel="nightly").status_code == 404
 
 
 def test_concurrent_requests_share_one_interpreter_run(world):

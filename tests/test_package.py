@@ -319,6 +319,26 @@ def test_the_checkout_page_is_whole_and_folders_without_a_page_mean_api_only(tmp
     assert ServerConfig.from_env({"POLLINATE_WEB_CLIENT": "off"}).to_env()["POLLINATE_WEB_CLIENT"] == "off"
 
 
+def test_the_server_serves_exactly_what_the_wheel_ships_of_the_web_client():
+    """One list of what ships: pyproject.toml's package-data for web_client is the server's
+    allow-list (server/web_assets.SHIPPED), so a checkout serves what an installed Pollinate
+    has, and every file the page loads (its import map, its vendored TF.js) is on it."""
+    import tomllib
+
+    from server.web_assets import SHIPPED, default_web_client, inspect_web_client, servable, vendored_files
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert list(SHIPPED) == package_data["web_client"]
+    folder = default_web_client()
+    needed = ["index.html", *vendored_files(folder)]
+    status = inspect_web_client(folder)
+    assert not status.missing or not status.has_page, status.problem()
+    for path in needed + [p.relative_to(folder).as_posix() for p in (folder / "lib").glob("*.js")]:
+        assert servable(path, own=True), path
+    for path in ("package.json", "node_modules/x/package.json", "__init__.py", "test/a.test.mjs", "tools/fleet.mjs"):
+        assert not servable(path, own=True), path
+
+
 def flower_scripts(installed: dict) -> None:
     """Flower starts its helpers by name from the venv's bin/ (flower-superlink, flwr-simulation,
     flower-superexec, flwr-serverapp, ...). The fresh venv got flwr through the .pth line, not its

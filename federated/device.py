@@ -36,7 +36,12 @@ model's predictions on its local data (what the model does on this device's inpu
 version's ``monitoring`` grid (``registry.profile.observe``: the same features and bins as the
 server's profile), and posts one batch per version every ``telemetry_every`` predictions and
 when a run ends (``POST /v1/models/{name}/telemetry``). Never an input. A batch the server
-cannot take now waits in the state folder and goes with the next flush.
+cannot take now waits in the state folder and goes with the next flush (at most
+TELEMETRY_KEEP_S: the server remembers a batch's id that long). Each batch and feedback
+carries a random ``batch_id``, made once and kept across retries, so a batch whose answer was
+lost is counted once; the device's token goes along (``Authorization: Bearer``), and a server
+that takes telemetry from enrolled devices only answers 401 without it: the device enrols (or
+enrols again, once) and retries.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ TRAIN_FORMAT = "tflite-train"
 TELEMETRY_EVERY = 100      # predictions per version and batch (docs/monitoring.md)
 MAX_BATCH_PREDICTIONS = 10_000
 MAX_RECENT = 100
+TELEMETRY_KEEP_S = 7 * 24 * 3600  # an unsent batch is dropped after this (the server keeps batch ids as long)
 MAX_QUEUED_BATCHES = 200
 INFER_BATCH = 256
 SIGNATURES = ("infer", "train", "get_weights", "set_weights", "save", "restore")
@@ -214,9 +220,10 @@ class ProtocolClient:
         _, _, body = self.request("GET", path)
         return body
 
-    def post_json(self, path: str, payload: dict) -> dict:
-        """POST a JSON body to a server path (telemetry, feedback): the answer's JSON."""
-        return self._json("POST", path, payload=payload)
+    def post_json(self, path: str, payload: dict, *, token: str | None = None) -> dict:
+        """POST a JSON body to a server path (telemetry, feedback): the answer's JSON. Retries
+        send the same body (its ``batch_id`` too: counted once)."""
+        return self._json("POST", path, token=token, payload=payload)
 
     # ------------------------------------------------------------------ transport
 
@@ -532,6 +539,7 @@ class TelemetryReport:
 
     predictions: int = 0       # predictions counted
     batches: int = 0           # batches the server accepted
+    duplicates: int = 0        # of those, retries of a batch it had counted already (not counted again)
     queued: int = 0            # batches waiting in the state folder for a later flush
     refused: int = 0           # batches the server refused (4xx other than 429: never sent again)
     bytes_up: int = 0
@@ -548,13 +556,16 @@ class DeviceTelemetry:
     feature and prediction histograms, so the numbers are the server's own."""
 
     def __init__(self, http: ProtocolClient, state: DeviceState, model: str, *, client_id: str | None = None,
-                 every: int = TELEMETRY_EVERY):
+                 every: int = TELEMETRY_EVERY, token: Callable[[bool], str | None] | None = None):
         if not 1 <= int(every) <= MAX_BATCH_PREDICTIONS:
             raise InvalidInput(f"--telemetry-every must be 1..{MAX_BATCH_PREDICTIONS}, got {every}")
         self.http = http
         self.state = state
         self.model = model
         self.client_id = client_id
+        # token(refused) -> the device token to send (None: none); refused=True after a 401:
+        # a new enrolment's token, or None when there is none to be had
+        self.token = token
         self.every = int(every)
         self.pending: dict[int, dict] = {}   # version → the batch being counted
         self.report = TelemetryReport()
@@ -631,11 +642,14 @@ class DeviceTelemetry:
                     del body["recent"]
                 if self.client_id:
                     body["client_id"] = self.client_id[:64]
-                items.append({"url": batch["url"], "body": body})
+                body["batch_id"] = uuid.uuid4().hex  # once: the queue keeps it with the batch
+                items.append({"url": batch["url"], "body": body, "queued_at": time.time()})
+        now = time.time()
+        items = [item for item in items if now - float(item.get("queued_at") or now) <= TELEMETRY_KEEP_S]
         left: list[dict] = []
         for i, item in enumerate(items):
             try:
-                answer = self.http.post_json(item["url"], item["body"])
+                answer = self.post(item["url"], item["body"])
             except Refused as refusal:
                 self.report.refused += 1
                 self.report.detail = f"telemetry refused: {refusal}"
@@ -645,11 +659,26 @@ class DeviceTelemetry:
                 left = items[i:]
                 break
             self.report.batches += 1
+            self.report.duplicates += bool(answer.get("duplicate"))
             self.report.bytes_up += len(json.dumps(item["body"]))
             if answer.get("window"):
                 self.report.windows.append(answer["window"])
         self.report.queued = len(left)
         self.state.save_queued_telemetry(self.model, left)
+
+    def post(self, path: str, body: dict) -> dict:
+        """POST a telemetry batch or feedback with the device's token; a 401 (a server that takes
+        enrolled devices only) gets one new token and one retry."""
+        token = self.token(False) if self.token else None
+        try:
+            return self.http.post_json(path, body, token=token)
+        except Refused as refusal:
+            if refusal.status != 401 or self.token is None:
+                raise
+            renewed = self.token(True)
+            if not renewed or renewed == token:
+                raise
+            return self.http.post_json(path, body, token=renewed)
 
 
 class DeviceClient:
@@ -681,10 +710,12 @@ class DeviceClient:
         self._fresh: dict[str, Path] = {}
         self._skip: set[str] = set()
         self._reenrolled = False
+        self._telemetry_reenrolled = False
         self.identity: dict | None = None
         self.summary = RunSummary(self.server, model, kind=kind)
         # opt-in: nothing is counted or sent without it
-        self.telemetry = DeviceTelemetry(self.http, self.state, model, every=telemetry_every) if telemetry else None
+        self.telemetry = DeviceTelemetry(self.http, self.state, model, every=telemetry_every,
+                                         token=self._telemetry_token) if telemetry else None
         if self.telemetry is not None:
             self.summary.telemetry = self.telemetry.report
 
@@ -742,6 +773,22 @@ class DeviceClient:
             self.on_event("reenrol", {"detail": refusal.detail})
             self.enrol(force=True)
             return call(self.identity["token"])
+
+    def _telemetry_token(self, refused: bool) -> str | None:
+        """The token telemetry and feedback carry: this device's (enrolling first when it has
+        none yet and the server asked for one), or, after a 401, a new enrolment's (once per
+        client); None when enrolment is refused (the telemetry refusal then stands)."""
+        if not refused:
+            return (self.identity or self.state.identity(self.server, self.model) or {}).get("token")
+        if self._telemetry_reenrolled:
+            return None
+        self._telemetry_reenrolled = True
+        had = self._telemetry_token(False)  # a token the server refused: enrol anew
+        try:
+            return self.enrol(force=bool(had))["token"]
+        except DeviceError as exc:
+            self.on_event("telemetry-unauthorized", {"detail": str(exc)})
+            return None
 
     def fetch_task(self) -> dict | None:
         self.summary.polls += 1
@@ -947,7 +994,8 @@ class DeviceClient:
             body = {"version": int(version), "prediction": prediction, "label": label}
         else:
             raise InvalidInput("feedback needs a prediction_id, or a version and its prediction")
-        return self.http.post_json(f"/v1/models/{quote(self.model, safe='')}/feedback", body)
+        body["batch_id"] = uuid.uuid4().hex  # the HTTP client's retries resend it: counted once
+        return self.telemetry.post(f"/v1/models/{quote(self.model, safe='')}/feedback", body)
 
     # ------------------------------------------------------------------ files
 

@@ -288,6 +288,58 @@ def test_device_predict_feedback_and_the_offline_queue(device_world, tmp_path):
     assert _report(world)["predictions"] == after["predictions"] + 7
 
 
+def test_device_client_enrols_for_a_devices_only_server_and_a_retried_batch_counts_once(device_world, tmp_path):
+    """Against POLLINATE_MONITOR_AUTH=device, a device client that never enrolled gets 401 on
+    its first batch, enrols once and sends it again with its token; its feedback carries the
+    token too. A batch whose answer was lost goes again from the state folder with the same
+    batch_id: the server answers it as a duplicate and counts it once. (Before issue 19 the
+    server took anonymous batches and the client sent no batch_id.)"""
+    import time
+
+    import httpx
+
+    from federated.device import DeviceClient, DeviceState, DeviceTelemetry, ProtocolClient
+    from tests.server_helpers.live import LiveServer
+
+    world = device_world
+    state = tmp_path / "strict-app"
+    with LiveServer(world["home"], log=tmp_path / "strict.log", env={"POLLINATE_MONITOR_AUTH": "device"}) as strict:
+        def numbers() -> dict:
+            answer = httpx.get(f"{strict.url}/v1/models/{DEVICE_MODEL}/monitor", timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["report"]["versions"].get(str(world["version"])) or {"predictions": 0, "feedback": 0}
+
+        before = numbers()
+        device = DeviceClient(strict.url, DEVICE_MODEL, world["data"], state, telemetry=True, telemetry_every=1000)
+        try:
+            answer = device.predict(world["x"][:12])
+            device.telemetry.flush()
+            report = device.telemetry.report
+            assert (report.batches, report.refused, report.queued) == (1, 0, 0), report.detail
+            assert DeviceState(state).identity(device.server, DEVICE_MODEL)["token"], "enrolled on the 401"
+            fed = device.feedback(str(int(world["y"][0])), prediction_id=answer["ids"][0])
+            assert fed["accepted"] is True
+            token = device.identity["token"]
+        finally:
+            device.close()
+        assert numbers()["predictions"] == before["predictions"] + 12
+        assert numbers()["feedback"] == before["feedback"] + 1
+
+        # the answer to a batch was lost on the way back: the batch is still in the queue
+        sent: list[dict] = []
+        http = ProtocolClient(strict.url, DEVICE_MODEL)
+        posting = http.post_json
+        http.post_json = lambda path, body, **kw: (sent.append({"url": path, "body": body}), posting(path, body, **kw))[1]
+        telemetry = DeviceTelemetry(http, DeviceState(state), DEVICE_MODEL, token=lambda refused: None if refused else token)
+        telemetry.record(device._manifest(None), world["x"][:5], answer["outputs"][:5], np.ones(5))
+        telemetry.flush()
+        DeviceState(state).save_queued_telemetry(DEVICE_MODEL, [{**sent[0], "queued_at": time.time()}])
+        telemetry.flush()
+        assert telemetry.report.batches == 2 and telemetry.report.duplicates == 1
+        assert sent[0]["body"]["batch_id"] == sent[1]["body"]["batch_id"]
+        assert numbers()["predictions"] == before["predictions"] + 12 + 5, "the retried batch is counted once"
+
+
 # ----------------------------------------------------------------------------- real chromium
 
 def _browser_missing() -> list[str]:
@@ -399,7 +451,7 @@ def test_digits_drawn_in_chromium_appear_in_the_served_versions_telemetry(digits
     bodies = [json.loads(s["body"]) for s in sent if "/telemetry" in s["url"] and s["body"]]
     assert bodies, "the batch before the feedback is seen by the page's request log"
     for body in bodies:
-        assert set(body) <= {"version", "client_id", "predictions", "errors", "latency_ms", "features", "prediction",
-                             "shadow", "recent"}
+        assert set(body) <= {"version", "client_id", "batch_id", "predictions", "errors", "latency_ms", "features",
+                             "prediction", "shadow", "recent"}
         for counts in [body["latency_ms"], *body["features"].values(), *body["prediction"].values()]:
             assert all(isinstance(c, int) and c >= 0 for c in counts)

@@ -159,7 +159,9 @@ export class PollinateClient {
    *   user made with optInTelemetry() (kept in storage) decides, and nothing is sent before it.
    *   flushEvery: predictions per version and batch (default 100); recentIds: 'feedback' (default:
    *   a batch lists only the prediction ids feedback() names) or 'all' (every id, for labels that
-   *   reach the server another way).
+   *   reach the server another way). Every batch and feedback carries a batch_id kept across its
+   *   retries (counted once); the device token of this browser's enrolment goes along, and a
+   *   server that takes enrolled devices only (401) gets one enrolment (with enrolToken) first.
    * @param {'local'|'auto'|'server'} [options.mode] where predictions run (default 'local'; see lib/hybrid.js):
    *   'auto' runs locally and answers from the server's predict when the model cannot load here
    * @param {number} [options.maxModelBytes] the most bytes of model files this device takes: a larger
@@ -222,6 +224,15 @@ export class PollinateClient {
       serverUrl: this.serverUrl, model, clientId, cache, fetch, timeoutMs, flushEvery: telemetry?.flushEvery ?? undefined,
       recentIds: telemetry?.recentIds ?? undefined,
       onError: error => this.emit('telemetry-error', error),
+      // the device token this browser keeps from its enrolment (deviceIdentity()) goes with every
+      // batch; a server that takes enrolled devices only (401) gets one enrolment, then the retry
+      credentials: {
+        token: async () => (await this.cacheGet(this.preferenceKey('device')))?.token ?? null,
+        renew: async refused => {
+          if (refused) await this.forgetDevice();  // the server does not know this token (a new store)
+          return (await this.deviceIdentity({ kind: 'browser' })).token;
+        },
+      },
     });
     this.telemetryChoice = typeof telemetry?.enabled === 'boolean' ? telemetry.enabled : null;
     if (this.telemetryChoice) this.telemetry.enable();

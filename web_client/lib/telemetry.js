@@ -10,6 +10,12 @@
 // later. Each prediction gets a random id, kept a while so a later label ("it was a 7") can
 // name it: POST /v1/models/{name}/feedback.
 //
+// Every batch and every feedback carries a random `batch_id`, made once and kept with it in the
+// queue: a retry (an answer lost on the way back) is counted once by the server. When the client
+// holds a device token (its enrolment, see lib/contribute.js) it is sent as `Authorization:
+// Bearer`; a server that takes telemetry from enrolled devices only (POLLINATE_MONITOR_AUTH=
+// device) answers 401 without one, and the client then enrols (or enrols again) once and retries.
+//
 // Nothing here runs unless the user opted in (see PollinateClient.optInTelemetry()).
 
 import { PollinateError } from './errors.js';
@@ -170,6 +176,9 @@ export function newPredictionId() {
   else for (let i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
   return Array.from(bytes, b => b.toString(16).padStart(2, '0')).join('');
 }
+
+/** A batch's id (32 hex characters, docs/monitoring.md): made once per batch, kept across its retries. */
+export const newBatchId = newPredictionId;
 
 function argmax(values) {
   let best = 0;
@@ -354,8 +363,11 @@ export class Telemetry {
    *   'all' every one, for labels that reach the server another way (about 12× the bytes)
    * @param {number} [options.timeoutMs]
    * @param {(error: Error) => void} [options.onError]
+   * @param {{token: () => Promise<string|null>, renew?: (refused: string|null) => Promise<string|null>}} [options.credentials]
+   *   the device token sent with every post (null: none); `renew` is asked once after a 401
+   *   (with the token that was refused, or null) and gives the token to retry with
    */
-  constructor({ serverUrl, model, clientId = null, cache, fetch, flushEvery = DEFAULT_FLUSH_EVERY, recentIds = 'feedback', timeoutMs = 30_000, onError = null }) {
+  constructor({ serverUrl, model, clientId = null, cache, fetch, flushEvery = DEFAULT_FLUSH_EVERY, recentIds = 'feedback', timeoutMs = 30_000, onError = null, credentials = null }) {
     if (!['feedback', 'all'].includes(recentIds)) throw new PollinateError('config', `telemetry.recentIds must be 'feedback' or 'all', got ${JSON.stringify(recentIds)}`);
     if (!(Number.isInteger(flushEvery) && flushEvery >= 1 && flushEvery <= MAX_BATCH_PREDICTIONS)) {
       throw new PollinateError('config', `telemetry.flushEvery must be an integer in 1..${MAX_BATCH_PREDICTIONS}, got ${JSON.stringify(flushEvery)}`);
@@ -369,6 +381,8 @@ export class Telemetry {
     this.wanted = new Set();       // ids feedback() named before their batch went
     this.timeoutMs = timeoutMs;
     this.onError = onError;
+    this.credentials = credentials;
+    this.token = null;             // the device token last sent (beacons at page hide need it at once)
     this.enabled = false;
     this.aggregates = new Map();   // version → VersionAggregate
     this.urls = new Map();         // version → {telemetry, feedback}
@@ -494,14 +508,44 @@ export class Telemetry {
 
   // ---- sending --------------------------------------------------------------------------------
 
-  /** POST JSON; {ok, status, retryAfterMs, answer} — never throws for HTTP answers. */
+  /** The device token to send (null: none), as the credentials give it (their trouble is not ours). */
+  async deviceToken() {
+    if (!this.credentials?.token) return null;
+    try {
+      this.token = (await this.credentials.token()) || null;
+    } catch {
+      this.token = null;
+    }
+    return this.token;
+  }
+
+  /** POST JSON; {ok, status, retryAfterMs, answer} — never throws for HTTP answers. A 401 asks the
+   * credentials for a (new) token once and tries again with it. */
   async post(url, body) {
+    const token = await this.deviceToken();
+    let result = await this.postOnce(url, body, token);
+    if (result.status === 401 && this.credentials?.renew) {
+      let renewed = null;
+      try {
+        renewed = (await this.credentials.renew(token)) || null;
+      } catch { /* cannot enrol now: the refusal stands */ }
+      if (renewed && renewed !== token) {
+        this.token = renewed;
+        result = await this.postOnce(url, body, renewed);
+      }
+    }
+    return result;
+  }
+
+  async postOnce(url, body, token) {
     const text = JSON.stringify(body);
     const timeout = globalThis.AbortSignal?.timeout ? AbortSignal.timeout(this.timeoutMs) : undefined;
+    const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
+    if (token) headers.Authorization = `Bearer ${token}`;
     let response;
     try {
       response = await this.fetchImpl(url, {
-        method: 'POST', headers: { 'Content-Type': 'application/json', Accept: 'application/json' }, body: text, signal: timeout,
+        method: 'POST', headers, body: text, signal: timeout,
         cache: 'no-store', keepalive: text.length < BEACON_LIMIT,
       });
     } catch (error) {
@@ -537,7 +581,9 @@ export class Telemetry {
       kept.listed = !ids || ids.has(r.id);        // … naming it (the server can join a label to it)
       this.wanted.delete(r.id);
     }
-    return { kind: 'telemetry', url: this.urls.get(version).telemetry, body: aggregate.body(this.clientId, ids) };
+    // the batch's id is made here, once: the item (and its id) is what the queue keeps and retries
+    const body = { ...aggregate.body(this.clientId, ids), batch_id: newBatchId() };
+    return { kind: 'telemetry', url: this.urls.get(version).telemetry, body };
   }
 
   flushVersion(version) {
@@ -627,7 +673,11 @@ export class Telemetry {
     return results;
   }
 
-  /** The page is going away: every aggregate leaves now by navigator.sendBeacon (what it refuses is queued). */
+  /**
+   * The page is going away: every aggregate leaves now by navigator.sendBeacon (what it refuses is
+   * queued). A beacon carries no header, so a client with a device token sends a keep-alive fetch
+   * with it instead (it outlives the page the same way).
+   */
   beaconAll() {
     if (!this.enabled) return 0;
     const beacon = globalThis.navigator?.sendBeacon?.bind(globalThis.navigator);
@@ -637,7 +687,15 @@ export class Telemetry {
       if (!item) continue;
       const text = JSON.stringify(item.body);
       let ok = false;
-      if (beacon && text.length < BEACON_LIMIT) {
+      if (this.token && text.length < BEACON_LIMIT) {
+        ok = true;
+        this.track(Promise.resolve().then(() => this.fetchImpl(item.url, {
+          method: 'POST', keepalive: true, cache: 'no-store', body: text,
+          headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${this.token}` },
+        })).then(response => {
+          if (!response.ok && (response.status >= 500 || response.status === 429)) throw new Error(`${response.status}`);
+        }).catch(() => this.queue.push(item).then(() => { this.stats.queued += 1; })));
+      } else if (beacon && text.length < BEACON_LIMIT) {
         try {
           ok = beacon(item.url, new Blob([text], { type: 'application/json' }));
         } catch {
@@ -681,6 +739,7 @@ export class Telemetry {
     } else {
       body = { version, prediction, label };
     }
+    body.batch_id = newBatchId();  // kept with the item in the queue: a retried feedback counts once
     const urls = this.urls.get(urlVersion) ?? this.urlsFor(manifestFor(urlVersion) ?? {});
     return this.send({ kind: 'feedback', url: urls.feedback, body });
   }

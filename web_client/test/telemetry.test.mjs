@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 
 import { createClient, MemoryCache } from '../pollinate.js';
-import { binIndex, featureValues, inputKind, newPredictionId, TelemetryQueue, VersionAggregate } from '../lib/telemetry.js';
+import { binIndex, featureValues, inputKind, newBatchId, newPredictionId, Telemetry, TelemetryQueue, VersionAggregate } from '../lib/telemetry.js';
 import { pollinate, prepareStore, sampleDigits, startServer } from '../test-support/server.mjs';
 
 const tfModule = await import('@tensorflow/tfjs');
@@ -106,6 +106,63 @@ describe('features and bins (no server)', () => {
     assert.notEqual(newPredictionId(), newPredictionId());
   });
 
+  test('a batch and a feedback carry a batch_id made once: a retry from the queue sends the same one', async () => {
+    const grid = {
+      features: [{ name: 'mean', edges: [0, 1] }], latency_ms_edges: [0, 1, 10],
+      prediction: { task: 'classification', labels: ['a', 'b'], confidence_edges: [0, 0.5, 1] },
+    };
+    const manifest = { version: 1, monitoring: grid, input: { shape: [2] } };
+    const sent = [];
+    let down = true;
+    const fakeFetch = async (url, init) => {
+      sent.push(JSON.parse(init.body));
+      if (down) throw new Error('offline');
+      return new Response(JSON.stringify({ accepted: true, window: 'w' }), { status: 202 });
+    };
+    const t = new Telemetry({ serverUrl: 'http://127.0.0.1:9', model: 'm', cache: new MemoryCache(), fetch: fakeFetch });
+    t.enable();
+    t.record(manifest, { input: [0, 1], output: [0.2, 0.8], latencyMs: 1 });
+    const queued = await t.flushVersion(1);
+    assert.equal(queued.queued, true);
+    const fed = await t.feedback({ version: 1, prediction: 'a', label: 'b' }, () => manifest);
+    assert.equal(fed.queued, true);
+    down = false;
+    assert.equal(await t.retryQueued({ force: true }), 2);
+    const ids = sent.map(b => b.batch_id);
+    assert.equal(ids.length, 3, 'the batch (failed), then the batch and the feedback from the queue');
+    assert.match(ids[0], /^[0-9a-f]{32}$/);
+    assert.equal(ids[1], ids[0], 'the retried batch keeps its id');
+    assert.match(ids[2], /^[0-9a-f]{32}$/);
+    assert.notEqual(ids[2], ids[0]);
+    assert.notEqual(newBatchId(), newBatchId());
+    t.unlisten();
+  });
+
+  test('the device token goes with every post; a 401 asks for a new one once and retries with it', async () => {
+    const seen = [];
+    const fakeFetch = async (url, init) => {
+      seen.push(init.headers.Authorization ?? null);
+      const ok = init.headers.Authorization === 'Bearer fresh';
+      return new Response(JSON.stringify(ok ? { accepted: true } : { detail: 'only enrolled devices' }), { status: ok ? 202 : 401 });
+    };
+    const renewed = [];
+    const t = new Telemetry({
+      serverUrl: 'http://127.0.0.1:9', model: 'm', cache: new MemoryCache(), fetch: fakeFetch,
+      credentials: { token: async () => 'stale', renew: async refused => { renewed.push(refused); return 'fresh'; } },
+    });
+    const result = await t.post('http://127.0.0.1:9/v1/models/m/feedback', { version: 1, prediction: 'a', label: 'a' });
+    assert.equal(result.ok, true);
+    assert.deepEqual(seen, ['Bearer stale', 'Bearer fresh']);
+    assert.deepEqual(renewed, ['stale']);
+    // no token and no way to get one: one request, the 401 stands (not retried, not queued)
+    const bare = new Telemetry({ serverUrl: 'http://127.0.0.1:9', model: 'm', cache: new MemoryCache(), fetch: fakeFetch });
+    seen.length = 0;
+    const refused = await bare.post('http://127.0.0.1:9/v1/models/m/feedback', {});
+    assert.equal(refused.status, 401);
+    assert.equal(refused.retry, false);
+    assert.deepEqual(seen, [null]);
+  });
+
   test('the offline queue keeps order in the cache adapter', async () => {
     const queue = new TelemetryQueue(new MemoryCache(), 'q/');
     await queue.push({ n: 1 });
@@ -158,8 +215,8 @@ async function freePort() {
 }
 
 /** `pollinate serve` on a given port (the offline test stops it and starts it again there). */
-async function serveOn(port) {
-  const env = { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3' };
+async function serveOn(port, extraEnv = {}) {
+  const env = { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3', ...extraEnv };
   for (const key of ['POLLINATE_HOME', 'POLLINATE_ADMIN_TOKEN', 'POLLINATE_SERVER', 'POLLINATE_WEB_CLIENT', 'POLLINATE_CORS_ORIGINS']) delete env[key];
   const child = spawn(PYTHON, ['-m', 'pollinate', 'serve', '--home', home, '--port', String(port), '--json'],
     { cwd: REPO, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -309,6 +366,55 @@ describe('telemetry against a real server', { timeout: 600_000 }, () => {
       await c.flushTelemetry();
       assert.equal(await c.telemetry.queue.size(), 0);
       assert.equal((await monitor(own.url)).versions['1'].predictions, before + 9, 'the queued batch and the new one, each once');
+    } finally {
+      await c.close();
+      await own.stop();
+    }
+  });
+
+  test('a batch whose answer was lost is sent again from the queue and counted once (its batch_id)', async () => {
+    let lose = 1;
+    const losing = async (url, init) => {
+      const response = await fetch(url, init);
+      if (String(url).endsWith('/telemetry') && lose > 0) {
+        lose -= 1;
+        throw new Error('the connection dropped before the answer');  // the server did count it
+      }
+      return response;
+    };
+    const c = client({ fetch: losing, telemetry: { enabled: true, flushEvery: 100 } });
+    await c.load();
+    const before = (await monitor()).versions['1']?.predictions ?? 0;
+    for (const s of samples.slice(0, 4)) await c.predict(s.pixels);
+    const [first] = await c.flushTelemetry();
+    assert.equal(first.queued, true, JSON.stringify(first));
+    await c.flushTelemetry();  // the queue goes again: the same batch, the same id
+    assert.equal(await c.telemetry.queue.size(), 0);
+    assert.equal((await monitor()).versions['1'].predictions, before + 4, 'counted once');
+  });
+
+  test('a server that takes enrolled devices only: the client enrols once and its batches and feedback count', async () => {
+    const port = await freePort();
+    const own = await serveOn(port, { POLLINATE_MONITOR_AUTH: 'device' });
+    const c = client({ telemetry: { enabled: true, flushEvery: 100 } }, own.url);
+    try {
+      await c.load();
+      const before = (await monitor(own.url)).versions['1'] ?? { predictions: 0, feedback: 0 };
+      const anonymous = await fetch(`${own.url}/v1/models/digits/feedback`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ version: 1, prediction: '1', label: '1' }),
+      });
+      assert.equal(anonymous.status, 401);
+      const results = [];
+      for (const s of samples.slice(0, 3)) results.push(await c.predict(s.pixels));
+      const [sent] = await c.flushTelemetry();
+      assert.equal(sent.sent, true, JSON.stringify(sent));
+      const identity = await c.deviceIdentity();
+      assert.match(identity.token, /\S{20,}/, 'enrolled on the 401');
+      const fed = await c.feedback({ predictionId: results[2].id, label: results[2].label });
+      assert.equal(fed.sent, true, JSON.stringify(fed));
+      const v1 = (await monitor(own.url)).versions['1'];
+      assert.equal(v1.predictions, before.predictions + 3);
+      assert.equal(v1.feedback, before.feedback + 1);
     } finally {
       await c.close();
       await own.stop();

@@ -978,7 +978,9 @@ class Monitor:
         share = float(self.config(model).get("guardrail_share") or DEFAULT_SHARE)
         rolled: list[dict] = []
         for channel, rail in sorted(rails.items()):
-            tallies, state, _ = self._tallies(model, channel)
+            # capped counts are never above what was received: read the sources only for the
+            # metrics whose received counts could reach min_samples on both sides
+            tallies, state, _ = self._tallies(model, channel, rail["metrics"], rail["min_samples"])
             if state is None or state.candidate_version is None:
                 continue
             for metric in rail["metrics"]:
@@ -1002,16 +1004,28 @@ class Monitor:
         self._forget_tallies(model)
         return rolled
 
-    def _tallies(self, model: str, channel: str) -> tuple[dict, channels.ChannelState | None, int | None]:
+    def _tallies(self, model: str, channel: str, metrics: list[str] | None = None, min_samples: float = 0
+                 ) -> tuple[dict, channels.ChannelState | None, int | None]:
         """{(version, metric, address, device): (successes, trials)} of the channel's current
-        rollout, its state and the rollout's id, read together."""
+        rollout, its state and the rollout's id, read together. With ``metrics``, only those
+        whose received counts reach ``min_samples`` on both sides are read source by source."""
         with self.store._read() as db:
             state = channels.read_state(db, model, channel)
             rollout = db.execute("SELECT MAX(id) FROM channel_history WHERE model = ? AND channel = ?",
                                  (model, channel)).fetchone()[0]
-            rows = db.execute(
-                "SELECT version, metric, address, device, successes, trials FROM guardrail_tallies"
-                " WHERE model = ? AND channel = ? AND rollout = ?", (model, channel, rollout)).fetchall()
+            where, params = "model = ? AND channel = ? AND rollout = ?", [model, channel, rollout]
+            if metrics is not None and state is not None and state.candidate_version is not None:
+                received = {(v, m): n for v, m, n in db.execute(
+                    f"SELECT version, metric, SUM(trials) FROM guardrail_tallies WHERE {where}"
+                    " GROUP BY version, metric", params)}
+                metrics = [m for m in metrics if min(received.get((state.candidate_version, m), 0),
+                                                     received.get((state.version, m), 0)) >= min_samples]
+                if not metrics:
+                    return {}, state, rollout
+                where += f" AND metric IN ({', '.join('?' * len(metrics))})"
+                params += metrics
+            rows = db.execute(f"SELECT version, metric, address, device, successes, trials FROM guardrail_tallies"
+                              f" WHERE {where}", params).fetchall()
         return {(v, m, a, d): (s, n) for v, m, a, d, s, n in rows}, state, rollout
 
     def guardrail_status(self, model: str) -> dict[str, dict]:

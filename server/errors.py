@@ -74,6 +74,7 @@ def install(app: FastAPI) -> None:
 
 # What the app's middleware may answer any request with a body (server/limits.py).
 BODY_REFUSALS = {
+    "400": "The body could not be read as text (FastAPI's own refusal of bytes that are not UTF-8 JSON).",
     "413": "The body is over the server's limit (64 KiB; a device update: POLLINATE_MAX_UPDATE_BYTES).",
     "422": "The JSON body nests too deep, or has too long an array or string (docs/deployment.md), or is"
            " otherwise refused: `detail` says why.",

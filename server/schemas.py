@@ -7,12 +7,37 @@ against the schema.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 # Largest version number a path or body may carry (SQLite integers are 64-bit).
 MAX_VERSION = 2**53
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's "integer" is any number with no fraction (``3.0`` too): take it as the
+    int it is. Strings and booleans stay refused (StrictInt)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
+# A time a client may name (``?since=`` of the monitor view): an ISO date or time in years
+# 2000-2999 that exists (leap days included), or a span back from now (90m, 24h, 7d, 2w). The
+# route refuses anything else itself, so what the schema allows is exactly what is accepted;
+# [0-9], not \\d, which would allow other scripts' digits.
+_YEAR = "2[0-9]{3}"
+_LEAP_YEAR = "2[0-9](0[48]|[2468][048]|[13579][26])|2[048]00"
+_DATE = (f"({_YEAR}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|{_YEAR}-(0[13-9]|1[0-2])-(29|30)"
+         f"|{_YEAR}-(0[13578]|1[02])-31|({_LEAP_YEAR})-02-29)")
+_TIME = ("(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\\.[0-9]{3}|\\.[0-9]{6})?)?"
+         "(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?")
+_SPAN = "[0-9]{1,4}(\\.[0-9]{1,3})?[mhdw]"
+SINCE_PATTERN = f"^({_DATE}{_TIME}|{_SPAN})$"
 
 
 class ErrorOut(BaseModel):
@@ -103,8 +128,8 @@ class ChannelMoveIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: StrictInt = Field(ge=1, le=MAX_VERSION)
-    rollout_percent: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    version: WholeNumber = Field(ge=1, le=MAX_VERSION)
+    rollout_percent: StrictFloat | None = Field(None, gt=0, le=100, allow_inf_nan=False)
 
 
 class LineageOut(BaseModel):
@@ -269,14 +294,36 @@ class FederationStatusOut(BaseModel):
 # --------------------------------------------------------------------------- server-side predict
 
 
-class PredictIn(BaseModel):
-    """One example or a batch as MODEL inputs, or table rows for a tabular model: not both."""
+def _nested_numbers(depth: int) -> dict:
+    """JSON Schema for numbers in lists nested at most ``depth`` deep (one level: a batch)."""
+    schema: dict = {"type": "number"}
+    for _ in range(depth):
+        schema = {"anyOf": [{"type": "number"}, {"type": "array", "items": schema, "minItems": 1}]}
+    return schema
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+
+# an example of up to rank 5, or a batch of them
+PREDICT_INPUTS_SCHEMA = {"type": "array", "minItems": 1, "items": _nested_numbers(5)}
+PREDICT_ROWS_SCHEMA = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}]}}}
+
+
+def _predict_schema(schema: dict) -> None:
+    """Exactly one of ``inputs`` and ``rows``, each in the shape the server reads."""
+    schema["properties"]["inputs"] = {**PREDICT_INPUTS_SCHEMA, "description": schema["properties"]["inputs"]["description"]}
+    schema["properties"]["rows"] = {**PREDICT_ROWS_SCHEMA, "description": schema["properties"]["rows"]["description"]}
+    schema["oneOf"] = [{"required": ["inputs"]}, {"required": ["rows"]}]
+    schema["examples"] = [
         {"inputs": [[[0.0]] * 8] * 8},
         {"rows": [{"distance_km": 2.4, "hour": 19, "weekday": 4, "city": "london",
                    "prep_time_min": 12.0, "courier_load": 1.1}]},
-    ]})
+    ]
+
+
+class PredictIn(BaseModel):
+    """One example or a batch as MODEL inputs, or table rows for a tabular model: exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_predict_schema)
 
     inputs: Any = Field(None, description=(
         "Nested lists of numbers in the manifest's input shape (one example) or with a leading batch"
@@ -287,6 +334,17 @@ class PredictIn(BaseModel):
         " spec's preprocessing (numbers for numeric columns, a vocabulary entry for categorical ones;"
         " the server one-hot encodes them)."))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        """``{"inputs": null, "rows": [...]}`` is neither shape the schema allows: refuse it here,
+        as the schema says, rather than read it as rows."""
+        if isinstance(data, dict):
+            for key in ("inputs", "rows"):
+                if key in data and data[key] is None:
+                    raise ValueError(f"{key!r} must not be null: send either 'inputs' or 'rows'")
+        return data
+
 
 class PredictOut(BaseModel):
     """The answer: which version computed it, and one output row per example."""
@@ -296,3 +354,61 @@ class PredictOut(BaseModel):
     outputs: list[Any] = Field(description=(
         "The LiteRT float32 artifact's outputs, one entry per example (a single example gets a batch"
         " of one): class probabilities in label order, or the regression value."))
+
+
+# --------------------------------------------------------------------------- field monitoring
+# The bodies of POST /v1/models/{name}/telemetry and /feedback (docs/monitoring.md, sections 2 and
+# 3), as the OpenAPI document states them. The monitor reads them itself (registry/monitoring.py):
+# what it checks against the version they name (its grid, labels and value range) no schema can
+# say, so these state the shape and what is checked whatever the version: no stricter than the
+# monitor, so that nothing the schema refuses is ever accepted.
+
+_COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_VALUE = {"anyOf": [{"type": "string"}, {"type": "number"}]}
+_CLIENT_ID = {"type": "string", "minLength": 1, "maxLength": 64,
+              "description": "Optional; it decides nothing on the server."}
+_BATCH_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$",
+             "description": "Made once per batch and sent unchanged with each retry: a batch is counted once."}
+TELEMETRY_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["version"],
+    "description": "One version's aggregate since the client's last flush: histograms on the manifest's"
+                   " `monitoring` grid, never an input.",
+    "properties": {
+        "version": {"type": "integer", "minimum": 1, "maximum": MAX_VERSION},
+        "batch_id": _BATCH_ID,
+        "client_id": _CLIENT_ID,
+        "predictions": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "errors": {"type": "integer", "minimum": 0},
+        "latency_ms": _COUNTS,
+        "features": {"type": "object", "additionalProperties": _COUNTS},
+        "prediction": {"type": "object"},
+        "shadow": {"type": "object"},
+        "recent": {"type": "array", "maxItems": 100, "items": {"type": "object"}},
+    },
+    "examples": [{"version": 1, "batch_id": "9f1c2a5b7d3e4f60a1b2c3d4e5f60718", "predictions": 10, "errors": 0,
+                  "latency_ms": [0, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0]}],
+}
+FEEDBACK_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["label"],
+    "description": "`{version, prediction, label}`, or `{prediction_id, label}` for a prediction listed in an"
+                   " earlier telemetry batch's `recent`. Labels are the manifest's `labels` (numbers for"
+                   " regression).",
+    "properties": {
+        "version": {"type": "integer", "minimum": 1, "maximum": MAX_VERSION},
+        "prediction": _VALUE,
+        "label": _VALUE,
+        "prediction_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+        "batch_id": _BATCH_ID,
+        "client_id": _CLIENT_ID,
+    },
+    "examples": [{"version": 1, "prediction": "7", "label": "1", "batch_id": "5be0c1d2e3f4a5b6c7d8e9f0a1b2c3d4"}],
+}
+
+
+def json_body(schema: dict) -> dict:
+    """``openapi_extra`` for a route that reads its JSON body itself: required, with this schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -35,7 +35,7 @@ from core.errors import InvalidInput, NotFound
 from server import metrics
 from server.monitoring import Watcher, bearer_token, retry_after
 from server.names import existing_model_name
-from server.schemas import MAX_VERSION, ErrorOut
+from server.schemas import FEEDBACK_BODY, MAX_VERSION, SINCE_PATTERN, TELEMETRY_BODY, ErrorOut, json_body
 from server.shortcuts import read_body
 from server.state import Services, ServicesDep
 
@@ -124,6 +124,7 @@ async def _ingest(watch: Watcher, model: str, route: str, ingest, body: dict,
 # FastAPI's routing, with the same functions (receive_telemetry, receive_feedback). The
 # declarations document the routes (OpenAPI) and serve any request that reaches the router.
 @router.post("/{name}/telemetry", status_code=202, responses={202: ACCEPTED, **REFUSALS},
+             openapi_extra=json_body(TELEMETRY_BODY),
              summary="One version's telemetry aggregate since the client's last flush")
 async def telemetry(request: Request, name: ModelName) -> JSONResponse:
     """Histograms on the manifest's `monitoring` grid, counts, latency, shadow agreement and
@@ -148,6 +149,7 @@ async def receive_telemetry(scope: Scope, receive: Receive, name: str) -> JSONRe
 
 
 @router.post("/{name}/feedback", status_code=202, responses={202: ACCEPTED, **REFUSALS},
+             openapi_extra=json_body(FEEDBACK_BODY),
              summary="What a prediction's answer really was")
 async def feedback(request: Request, name: ModelName) -> JSONResponse:
     """``{"version", "prediction", "label"}``, or ``{"prediction_id", "label"}`` for a prediction
@@ -178,7 +180,8 @@ async def monitor(
     svc: ServicesDep,
     name: ModelName,
     version: Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="Only this version.")] = None,
-    since: Annotated[str | None, Query(max_length=40, description="ISO date or time: windows from then on.")] = None,
+    since: Annotated[str | None, Query(max_length=40, pattern=SINCE_PATTERN,
+                                       description="ISO date or time, or a span back (7d): windows from then on.")] = None,
     bucket: Annotated[Literal["hour", "day", "month"], Query(description="The timeline's step.")] = "hour",
 ) -> JSONResponse:
     model = existing_model_name(name)

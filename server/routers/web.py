@@ -40,6 +40,8 @@ WEB_PREFIX = "/web_client"
 PAGE_PATHS = ("/", "", "/index.html")  # inside the mount: the page itself
 DASHBOARD_ASSETS = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
                     "dashboard.css": "text/css; charset=utf-8"}
+# HTML pages refuse in JSON, like every route: say so (FastAPI would file them under text/html).
+JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
 # The dashboard changes with Pollinate, not per request: revalidate (Starlette sends ETags).
 DASHBOARD_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
@@ -60,7 +62,8 @@ def _dashboard_file(name: str) -> FileResponse | JSONResponse:
     return FileResponse(path, media_type=DASHBOARD_ASSETS[name], headers=DASHBOARD_HEADERS)
 
 
-@router.get("/dashboard", response_class=HTMLResponse, responses={404: {"model": ErrorOut}},
+@router.get("/dashboard", response_class=HTMLResponse,
+            responses={404: {"description": "The dashboard's files are missing.", "content": JSON_ERROR}},
             summary="The monitoring dashboard (?model=NAME for one model)")
 async def dashboard():
     return _dashboard_file("index.html")
@@ -72,7 +75,8 @@ async def dashboard_asset(asset: str):
 
 
 @router.get("/try/{name}", response_class=HTMLResponse,
-            responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "The page's TF.js files are missing."}},
+            responses={404: {"description": "Not a model name, or no try-it page here.", "content": JSON_ERROR},
+                       503: {"description": "The page's TF.js files are missing.", "content": JSON_ERROR}},
             summary="A model's try-it page: a form from its input spec, answered in the browser and by the server")
 async def try_page(name: str, svc: ServicesDep):
     if not MODEL_NAME.match(name):

@@ -68,7 +68,9 @@ class _Lazy:
     def __getattr__(self, name: str):
         from registry import profile
 
-        return getattr(profile, name)
+        value = getattr(profile, name)
+        setattr(self, name, value)  # found once: later lookups are plain attribute reads
+        return value
 
 
 P = _Lazy()
@@ -147,6 +149,8 @@ CREATE TABLE IF NOT EXISTS monitor_guardrails (
 # what arrived after the rollout began) and per source (address, and device when the sender
 # showed an enrolled device's token), so that no single source decides a rollback.
 SCHEMA_6 = """
+-- monitor_batches has no index on expires_at: a second B-tree per batch cost more than the
+-- hourly sweep's scan (BATCH_SWEEP_S)
 CREATE TABLE IF NOT EXISTS monitor_batches (
     model      TEXT NOT NULL,
     kind       TEXT NOT NULL,   -- "telemetry" or "feedback"
@@ -155,7 +159,6 @@ CREATE TABLE IF NOT EXISTS monitor_batches (
     expires_at REAL NOT NULL,   -- unix seconds
     PRIMARY KEY (model, kind, batch_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS monitor_batches_expiry ON monitor_batches (expires_at);
 CREATE TABLE IF NOT EXISTS guardrail_tallies (
     model     TEXT NOT NULL,
     channel   TEXT NOT NULL,
@@ -180,7 +183,13 @@ PREDICTION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # as ``recent`` ids (which cost a hundred rows a batch; this costs one).
 BATCH_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 BATCH_TTL_S = 7 * 24 * 3600
-BATCH_SWEEP_S = 600.0  # expired batch ids are deleted at most this often (one indexed DELETE)
+# Expired batch ids are deleted at most this often: one DELETE that scans the table (about 0.1 s
+# per million ids on a laptop; the table is not indexed by expiry, which would cost every batch)
+BATCH_SWEEP_S = 3600.0
+_CLAIM_BATCH = (
+    "INSERT INTO monitor_batches (model, kind, batch_id, window, expires_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (model, kind, batch_id) DO UPDATE SET window = excluded.window, expires_at = excluded.expires_at"
+    " WHERE expires_at < ?")  # a live id is left alone (0 rows changed: a duplicate); an expired one is taken
 # A regression value (a prediction or a label) may lie this many widths of the training range
 # beyond either end of it (the profile's prediction edges: the training targets' min and max).
 VALUE_MARGIN = 1.0
@@ -330,6 +339,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._committer = _Committer(self, synchronous)
         self._swept_batches = -math.inf  # when expired batch ids were last deleted (committer thread)
+        self._rails: dict[str, tuple[int, list[_Rail]]] = {}  # model -> (data_version, rails): committer thread
 
     # ------------------------------------------------------------------ profiles
 
@@ -518,6 +528,20 @@ class Monitor:
         self._committer.submit(pending)
         return pending.future
 
+    def _rails_now(self, db: sqlite3.Connection, model: str, data_version: int) -> list[_Rail]:
+        """The guardrails watching a rollout of ``model``, read again only when another
+        connection has committed since (SQLite's ``data_version`` on the committer's own
+        connection: the channels are never written by it, so an unchanged version means
+        unchanged channels). One worker under load reads them once, not once per group."""
+        cached = self._rails.get(model)
+        if cached is not None and cached[0] == data_version:
+            return cached[1]
+        rails = [_Rail(channel, rollout, version, candidate, shadow, frozenset(json.loads(metrics)))
+                 for channel, metrics, version, candidate, shadow, rollout in db.execute(_RAILS_QUERY, (model,))
+                 if rollout is not None]
+        self._rails[model] = (data_version, rails)
+        return rails
+
     def _apply(self, db: sqlite3.Connection, group: list[_Pending]) -> tuple[dict, dict]:
         """Check and apply a group of batches inside one write transaction: each refused one
         alone (it wrote nothing: every check comes before its first write), the others' counts
@@ -533,6 +557,7 @@ class Monitor:
             db.execute("DELETE FROM monitor_batches WHERE expires_at < ?", (now,))
             self._swept_batches = now
         for pending in group:
+            claimed = None
             try:
                 versions = context.versions(pending.model)
                 body = _object(pending.body, TELEMETRY_KEYS if pending.kind == "telemetry" else FEEDBACK_KEYS,
@@ -541,24 +566,25 @@ class Monitor:
                 if batch_id is not None:
                     if not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
                         raise InvalidInput("batch_id must be 16-64 of A-Z a-z 0-9 _ - (e.g. a random UUID's hex)")
-                    counted = merged.batch_ids.get((pending.model, pending.kind, batch_id)) or db.execute(
-                        "SELECT window FROM monitor_batches WHERE model = ? AND kind = ? AND batch_id = ?"
-                        " AND expires_at >= ?", (pending.model, pending.kind, batch_id, pending.now)).fetchone()
-                    if counted is not None:  # a retry of a batch already counted: answered, not counted again
+                    # claimed first (one statement): a retry is known before anything else, even a
+                    # feedback whose prediction_id its first sending used up
+                    key = (pending.model, pending.kind, batch_id)
+                    if db.execute(_CLAIM_BATCH, (*key, window_of(pending.now), pending.now + BATCH_TTL_S,
+                                                 pending.now)).rowcount == 0:
+                        counted = db.execute("SELECT window FROM monitor_batches WHERE model = ? AND kind = ?"
+                                             " AND batch_id = ?", key).fetchone()
                         results[pending] = {"accepted": True, "duplicate": True, "window": counted[0]}
                         continue
+                    claimed = key
                 if pending.kind == "telemetry":
                     results[pending] = self._apply_telemetry(db, context, pending, body, versions, merged)
                 else:
                     results[pending] = self._apply_feedback(db, context, pending, body, versions, merged)
-                if batch_id is not None:  # nothing after this can fail: the id now stands for the batch
-                    merged.batch_ids[(pending.model, pending.kind, batch_id)] = (
-                        results[pending]["window"], pending.now + BATCH_TTL_S)
-            except (InvalidInput, NotFound) as exc:
-                failed[pending] = exc
             except sqlite3.Error:
                 raise  # the transaction itself is in doubt: the whole group fails, nothing is stored
-            except Exception as exc:  # a bug in a check: that item alone fails (it wrote nothing)
+            except Exception as exc:  # refused (or a bug in a check): that item alone fails, having written nothing
+                if claimed is not None:  # a refused batch does not use up its id
+                    db.execute("DELETE FROM monitor_batches WHERE model = ? AND kind = ? AND batch_id = ?", claimed)
                 failed[pending] = exc
         merged.write(db)
         return results, failed
@@ -1176,10 +1202,11 @@ class _Group:
     """What one committed group reads once per model, inside its transaction: the model's
     versions, the guardrails watching a rollout, its settings (for value bounds)."""
 
-    __slots__ = ("monitor", "db", "_versions", "_rails", "_configs", "_bounds")
+    __slots__ = ("monitor", "db", "_versions", "_rails", "_configs", "_bounds", "_data_version")
 
     def __init__(self, monitor: Monitor, db: sqlite3.Connection):
         self.monitor, self.db = monitor, db
+        self._data_version: int | None = None
         self._versions: dict[str, set[int]] = {}
         self._rails: dict[str, list[_Rail]] = {}
         self._configs: dict[str, dict] = {}
@@ -1194,10 +1221,9 @@ class _Group:
     def rails(self, model: str) -> list[_Rail]:
         found = self._rails.get(model)
         if found is None:
-            found = self._rails[model] = [
-                _Rail(channel, rollout, version, candidate, shadow, frozenset(json.loads(metrics)))
-                for channel, metrics, version, candidate, shadow, rollout in self.db.execute(_RAILS_QUERY, (model,))
-                if rollout is not None]
+            if self._data_version is None:
+                self._data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
+            found = self._rails[model] = self.monitor._rails_now(self.db, model, self._data_version)
         return found
 
     def bounds(self, model: str, version: int, loaded: Mapping) -> tuple[float, float] | None:
@@ -1214,10 +1240,10 @@ class _Group:
 
 
 class _Merged:
-    """The accepted items of one group, added up: window totals, histogram counts, shadow pairs,
-    the guardrails' tallies and the batch ids now counted."""
+    """The accepted items of one group, added up: window totals, histogram counts, shadow pairs
+    and the guardrails' tallies."""
 
-    __slots__ = ("windows", "counts", "shadow", "expired_before", "tallies", "batch_ids")
+    __slots__ = ("windows", "counts", "shadow", "expired_before", "tallies")
 
     def __init__(self):
         # (model, version, window) -> [batches, predictions, errors, feedback, correct, abs_error, sq_error]
@@ -1227,7 +1253,6 @@ class _Merged:
         self.expired_before: float | None = None  # recent ids that expired before this are deleted
         # (model, channel, rollout, version, metric, address, device) -> [successes, trials]
         self.tallies: dict[tuple, list[int]] = {}
-        self.batch_ids: dict[tuple, tuple[str, float]] = {}  # (model, kind, batch id) -> (window, expires_at)
 
     def tally(self, rail: _Rail, model: str, version: int, metric: str, source: tuple[str, str],
               successes: int, trials: int) -> None:
@@ -1275,13 +1300,6 @@ class _Merged:
                 " version, metric, address, device) DO UPDATE SET successes = successes + excluded.successes,"
                 " trials = trials + excluded.trials",
                 [(*key, successes, trials) for key, (successes, trials) in self.tallies.items()])
-        if self.batch_ids:
-            # an expired id of the same name may still be there (swept every BATCH_SWEEP_S): replaced
-            db.executemany(
-                "INSERT INTO monitor_batches (model, kind, batch_id, window, expires_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (model, kind, batch_id) DO UPDATE SET window = excluded.window,"
-                " expires_at = excluded.expires_at",
-                [(*key, window, expires) for key, (window, expires) in self.batch_ids.items()])
 
 
 def _insert_rows(db: sqlite3.Connection, into: str, rows: list[tuple], upsert: str) -> None:
@@ -1391,6 +1409,7 @@ class _Committer:
             db.execute("PRAGMA foreign_keys = ON")
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
             db.execute(f"PRAGMA wal_autocheckpoint = {self.WAL_PAGES}")
+            self.monitor._rails.clear()  # cached against the old connection's data_version
             self._db = db
         return self._db
 

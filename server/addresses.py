@@ -49,12 +49,20 @@ def parse_trusted(spec: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=65536)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` parsed once (a request checks its hop against the proxies, then takes its source)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+@lru_cache(maxsize=65536)
 def source_of(address: str) -> str:
     """The source an address counts as: IPv4 as it is, IPv6 as its /64 ("2001:db8:1:2::/64");
     anything that is not an IP address (a Unix socket, a test client's name) as it is."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = _ip(address)
+    if ip is None:
         return address or "unknown"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
@@ -68,17 +76,22 @@ class ClientAddress:
 
     def __init__(self, trusted: Iterable[str] = ()):
         self.networks: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+        self._trusted: dict[str, bool] = {}  # address -> trusted: the peer is the same proxy again and again
 
     def trusts(self, address: str) -> bool:
         if not self.networks:
             return False
-        try:
-            ip = ipaddress.ip_address(address.strip())
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        known = self._trusted.get(address)
+        if known is not None:
+            return known
+        ip = _ip(address.strip())
+        if ip is not None and isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        known = ip is not None and any(ip in network for network in self.networks)
+        if len(self._trusted) >= 65536:
+            self._trusted.clear()
+        self._trusted[address] = known
+        return known
 
     def peer(self, scope) -> str:
         client = scope.get("client")

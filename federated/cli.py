@@ -24,6 +24,21 @@ SUPERLINK_PORT = 9092  # Flower's own default (8000) is the one `pollinate serve
 SUPERLINK = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
 
 
+# The robust defaults (federated/robust.py) and the acceptance gate (federated/acceptance.py)
+NormMultipleOption = Annotated[float, typer.Option(
+    "--norm-multiple", help="Set aside an update whose L2 norm is over this × the round's median (0: off).")]
+MinCosineOption = Annotated[float, typer.Option(
+    "--min-cosine", help="Set aside an update whose cosine with the mean of the round's others is below this (-1: off).")]
+ExamplesMultipleOption = Annotated[float, typer.Option(
+    "--examples-multiple", help="An update's example claim weighs at most this × the round's median claim (0: no cap).")]
+ExamplesCapOption = Annotated[int, typer.Option(
+    "--examples-cap", help="...and at most this many examples per device or client (0: no fixed cap).")]
+GateThresholdOption = Annotated[float, typer.Option(
+    "--gate-threshold", help="Hold a round (published, channel not moved) whose test accuracy is this much below "
+                             "the last accepted round's (0.02: 2 points; regressors: MAE this much worse, relative).")]
+GateOption = Annotated[bool, typer.Option("--gate/--no-gate", help="The acceptance gate before the channel moves.")]
+
+
 def parse_from(value: str | None, dataset: str) -> tuple[str, str]:
     """--from NAME[@VERSION] → (model name, "latest" | version)."""
     from core.errors import InvalidInput
@@ -57,7 +72,7 @@ def simulate_command(
     partition: Annotated[str, typer.Option("--partition", help="iid | dirichlet:ALPHA | shards:K")] = "dirichlet:0.5",
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="fedavg | fedprox | fedadam | fedavgm | fedmedian | fedtrimmedavg | krum")] = "fedavg",
     fraction: Annotated[float, typer.Option("--fraction", help="Share of clients sampled per round.")] = 1.0,
-    malicious: Annotated[Optional[str], typer.Option("--malicious", help="SHARE:ATTACK, attacks: scale, signflip, nan, noise (e.g. 0.2:scale).")] = None,
+    malicious: Annotated[Optional[str], typer.Option("--malicious", help="SHARE:ATTACK, attacks: scale, signflip, nan, noise, minus-base, inflate (e.g. 0.1:minus-base).")] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="Probability that a client fails in a round.")] = 0.0,
     from_version: Annotated[Optional[str], typer.Option("--from", help="Start from NAME@VERSION (default: the latest version of the dataset's model).")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Start from a freshly initialised zoo model.")] = False,
@@ -68,6 +83,12 @@ def simulate_command(
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", help="FedProx μ.")] = 0.01,
     clip_norm: Annotated[float, typer.Option("--clip-norm", help="Clip each update's L2 norm (0 = off).")] = 0.0,
+    norm_multiple: NormMultipleOption = 4.0,
+    min_cosine: MinCosineOption = 0.0,
+    examples_multiple: ExamplesMultipleOption = 2.0,
+    examples_cap: ExamplesCapOption = 0,
+    gate: GateOption = True,
+    gate_threshold: GateThresholdOption = 0.02,
     publish_every: Annotated[int, typer.Option("--publish-every", help="Publish every k rounds (and the last).")] = 1,
     channel: Annotated[str, typer.Option("--channel", help="Channel that follows the federation.")] = "canary",
     formats: Annotated[str, typer.Option("--formats", help="Export formats per published round.")] = "tfjs-layers,tflite-int8",
@@ -110,6 +131,8 @@ def simulate_command(
         partition=partition, num_partitions=clients + (edge_gateways if fleet else 0), fraction=fraction,
         local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, strategy=strategy,
         proximal_mu=proximal_mu, clip_norm=clip_norm, publish_every=publish_every, channel=channel, formats=formats,
+        norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple, examples_cap=examples_cap, gate=gate,
+        gate_threshold=gate_threshold,
         malicious=share, attack=attack, dropout=dropout, seed=seed, resume=resume,
         edge=fleet is not None, edge_gateways=edge_gateways if fleet else 0, edge_partitions=fleet.total if fleet else 0,
         edge_min_updates=min_updates, edge_round_deadline=round_deadline,
@@ -144,6 +167,11 @@ def simulate_command(
             if row.get("publish_error"):
                 progress.console.print(f"[yellow]round {row['round']} not published:[/] {row['publish_error']}")
             extra = (f" rejected {row['rejected']}" if row["rejected"] else "") + (f" failed {row['failed']}" if row["failed"] else "")
+            extra += f" set aside {sum(row['set_aside'].values())}" if row.get("set_aside") else ""
+            if row.get("held"):
+                progress.console.print(f"[yellow]round {row['round']} held, channel {channel} not moved:[/] "
+                                       f"{row['gate']['reason']}", soft_wrap=True)
+                extra += " HELD"
             extra += f" edge {row['edge_updates']}" if row.get("edge_updates") else ""
             if fleet is not None:
                 progress.console.print(f"round {row['round']}/{rounds}: {metric} → {version}{describe_edge(row)}",
@@ -163,6 +191,8 @@ def simulate_command(
         "versions": outcome.versions, "channel": channel, "initial": outcome.initial,
         "final": outcome.history[-1] if outcome.history else None, "reference": reference,
         "rejected_total": sum(r["rejected"] for r in outcome.history),
+        "set_aside_total": sum(sum(r.get("set_aside", {}).values()) for r in outcome.history),
+        "held_rounds": [r["round"] for r in outcome.history if r.get("held")],
         "failed_total": sum(r["failed"] for r in outcome.history),
         "publishing": outcome.publishing,
         "published": outcome.publishing.get("published", len(outcome.versions)),
@@ -183,7 +213,9 @@ def simulate_command(
         metric = "accuracy" if "accuracy" in final else "mae"
         ref = f" (central reference {reference[metric]:.4f})" if reference and metric in reference else ""
         console.print(f"Final test {metric}: {final[metric]:.4f}{ref}; versions {outcome.versions} on channel {channel}; "
-                      f"{summary['rejected_total']} updates rejected, {summary['failed_total']} clients failed.")
+                      f"{summary['rejected_total']} updates rejected, {summary['set_aside_total']} set aside, "
+                      f"{summary['failed_total']} clients failed"
+                      + (f"; round(s) {summary['held_rounds']} held by the gate." if summary["held_rounds"] else "."))
     if summary["publish_failed"]:
         console.print(f"[yellow]{summary['publish_failed']} round(s) not published:[/] "
                       + "; ".join(f"round {e['round']}: {e['error']}" for e in outcome.publishing.get("errors", [])))
@@ -306,10 +338,14 @@ def supernode(
     gateway: Annotated[Optional[str], typer.Option("--gateway", help="Run as the edge gateway NAME: devices train through `pollinate serve` on the same --home.")] = None,
     min_updates: Annotated[int, typer.Option("--min-updates", help="Gateway: answer the round once this many device updates are in...")] = 1,
     round_deadline: Annotated[float, typer.Option("--round-deadline", help="Gateway: ...or this many seconds after the round opened.")] = 120.0,
-    norm_bound: Annotated[float, typer.Option("--norm-bound", help="Gateway: L2 bound on a device update (0: the norm of the base weights).")] = 0.0,
+    norm_bound: Annotated[float, typer.Option("--norm-bound", help="Gateway: fixed L2 bound on a device update (0: 10× the median of the previous round's updates; in the first round the norm of the base weights).")] = 0.0,
     clip: Annotated[bool, typer.Option("--clip", help="Gateway: scale updates over the bound down to it instead of refusing them.")] = False,
     aggregate: Annotated[str, typer.Option("--aggregate", help="Gateway: mean (example-weighted) | median | trimmed-mean.")] = "mean",
     trim: Annotated[float, typer.Option("--trim", help="Gateway, trimmed-mean: share cut at each end.")] = 0.2,
+    norm_multiple: NormMultipleOption = 4.0,
+    min_cosine: MinCosineOption = 0.0,
+    examples_multiple: ExamplesMultipleOption = 2.0,
+    examples_cap: ExamplesCapOption = 0,
     data: Annotated[Optional[Path], typer.Option("--data", help="Train on this file (.csv with the model's columns, or .npz with x, y) instead of a partition.")] = None,
     model: Annotated[str, typer.Option("--model", help="With --data: the model (NAME or NAME@VERSION) whose input the file must match.")] = "digits",
     server_url: Annotated[Optional[str], typer.Option("--server", help="With --data: read the model's manifest from this pollinate serve (else the store, else the built-in dataset).")] = None,
@@ -344,7 +380,8 @@ def supernode(
 
         options = GatewayOptions(name=gateway, home=str(Path(home).resolve()), min_updates=min_updates,
                                  round_deadline=round_deadline, norm_bound=norm_bound, clip=clip,
-                                 aggregate=aggregate, trim=trim).check()
+                                 aggregate=aggregate, trim=trim, norm_multiple=norm_multiple, min_cosine=min_cosine,
+                                 examples_multiple=examples_multiple, examples_cap=examples_cap).check()
         open_store(home)  # the store devices reach through `pollinate serve --home` (created if new)
         nodes.mkdir(parents=True, exist_ok=True)
         node_config = str(write_run_config(nodes / f"gateway-{gateway}.toml", options.to_node_config()))
@@ -409,6 +446,12 @@ def run(
     channel: Annotated[str, typer.Option("--channel")] = "canary",
     publish_every: Annotated[int, typer.Option("--publish-every")] = 1,
     edge: Annotated[bool, typer.Option("--edge", help="Edge gateways take part: publish every round before the next (devices train on it), give a restarted gateway its round again.")] = False,
+    norm_multiple: NormMultipleOption = 4.0,
+    min_cosine: MinCosineOption = 0.0,
+    examples_multiple: ExamplesMultipleOption = 2.0,
+    examples_cap: ExamplesCapOption = 0,
+    gate: GateOption = True,
+    gate_threshold: GateThresholdOption = 0.02,
     superlink_address: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")] = SUPERLINK,
     insecure: Annotated[bool, typer.Option("--insecure/--tls")] = True,
     root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates")] = None,
@@ -433,7 +476,9 @@ def run(
                                   start_from="scratch" if from_scratch else start_from, rounds=rounds,
                                   strategy=strategy, min_clients=min_clients, num_partitions=num_partitions,
                                   partition=partition, formats=formats, channel=channel,
-                                  publish_every=publish_every, edge=edge, progress_file=str(progress)).check()
+                                  publish_every=publish_every, edge=edge, progress_file=str(progress),
+                                  norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple,
+                                  examples_cap=examples_cap, gate=gate, gate_threshold=gate_threshold).check()
     env = flower_env(_flower_home(home))
     connection = {"address": superlink_address, "insecure": insecure}
     if not insecure:
@@ -461,9 +506,11 @@ def run(
     elif outcome:
         pub = outcome.get("publishing", {})
         edge_updates = sum(r.get("edge_updates", 0) for r in outcome.get("history", []))
+        held = [r["round"] for r in outcome.get("history", []) if r.get("held")]
         console.print(f"Federation {outcome['federation_id']}: versions {outcome['versions']}; "
                       f"{pub.get('published', 0)} round(s) published, {pub.get('failed', 0)} failed"
                       + (f"; {edge_updates} device update(s) through gateways" if edge_updates else "")
+                      + (f"; round(s) {held} held by the acceptance gate (channel not moved)" if held else "")
                       + "".join(f"; round {e['round']}: {e['error']}" for e in pub.get("errors", [])))
 
 
@@ -506,9 +553,15 @@ def up(
     gateways: Annotated[int, typer.Option("--gateways", help="Edge gateway SuperNodes (gw-0, gw-1, ...).")] = 1,
     min_updates: Annotated[int, typer.Option("--min-updates", help="A gateway answers once this many device updates are in...")] = 1,
     round_deadline: Annotated[float, typer.Option("--round-deadline", help="...or this many seconds after its round opened.")] = 120.0,
-    norm_bound: Annotated[float, typer.Option("--norm-bound", help="L2 bound on a device update (0: the norm of the base weights).")] = 0.0,
+    norm_bound: Annotated[float, typer.Option("--norm-bound", help="Fixed L2 bound on a device update (0: 10× the median of the previous round's updates; in the first round the norm of the base weights).")] = 0.0,
     clip: Annotated[bool, typer.Option("--clip", help="Clip updates over the bound instead of refusing them.")] = False,
     aggregate: Annotated[str, typer.Option("--aggregate", help="mean | median | trimmed-mean")] = "mean",
+    norm_multiple: NormMultipleOption = 4.0,
+    min_cosine: MinCosineOption = 0.0,
+    examples_multiple: ExamplesMultipleOption = 2.0,
+    examples_cap: ExamplesCapOption = 0,
+    gate: GateOption = True,
+    gate_threshold: GateThresholdOption = 0.02,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Also an own-data SuperNode on this file (repeat for more).")] = None,
     from_version: Annotated[Optional[str], typer.Option("--from", help="Start from NAME@VERSION.")] = None,
     port: Annotated[int, typer.Option("--port", help="The device endpoint's port (pollinate serve; 0: any free port).")] = 8000,
@@ -552,7 +605,8 @@ def up(
     else:
         version = None
     GatewayOptions(name="gw-0", home=".", min_updates=min_updates, round_deadline=round_deadline,
-                   norm_bound=norm_bound, clip=clip, aggregate=aggregate).check()
+                   norm_bound=norm_bound, clip=clip, aggregate=aggregate, norm_multiple=norm_multiple,
+                   min_cosine=min_cosine, examples_multiple=examples_multiple, examples_cap=examples_cap).check()
     for path in data or []:
         if not Path(path).is_file():
             raise InvalidInput(f"data file not found: {path}")
@@ -581,7 +635,8 @@ def up(
         home=str(home), model_name=model, dataset=json.dumps(recipe, sort_keys=True), start_from=str(record.version),
         rounds=rounds, min_clients=gateways + len(data or []), local_epochs=local_epochs, batch_size=batch_size,
         learning_rate=learning_rate, strategy=strategy, formats=formats, channel=channel, edge=True,
-        progress_file=str(progress)).check()
+        progress_file=str(progress), norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple,
+        examples_cap=examples_cap, gate=gate, gate_threshold=gate_threshold).check()
     console = human_console(as_json)
     rows: list[dict] = []
     with ExitStack() as stack:
@@ -593,7 +648,10 @@ def up(
             nodes[f"gateway-{i}"] = (start_pollinate(
                 ["federate", "supernode", "--gateway", f"gw-{i}", "--superlink", link.address, "--home", str(home),
                  "--min-updates", str(min_updates), "--round-deadline", str(round_deadline),
-                 "--norm-bound", str(norm_bound), "--aggregate", aggregate, *(["--clip"] if clip else [])],
+                 "--norm-bound", str(norm_bound), "--aggregate", aggregate, *(["--clip"] if clip else []),
+                 "--norm-multiple", str(norm_multiple), "--min-cosine", str(min_cosine),
+                 "--examples-multiple", str(examples_multiple),
+                 "--examples-cap", str(examples_cap)],
                 folder / f"gateway-{i}.log"))
         for i, path in enumerate(data or []):
             nodes[f"own-data-{i}"] = (start_pollinate(
@@ -620,6 +678,8 @@ def up(
             rows.append(row)
             metric = f"acc {row['accuracy']:.3f}" if "accuracy" in row else f"mae {row['mae']:.3f}"
             version_text = f"v{row['version']}" if row["version"] else f"not published ({row['publish_error']})"
+            if row.get("held"):
+                version_text += f", held: channel {channel} not moved ({row['gate']['reason']})"
             console.print(f"round {row['round']}/{rounds}: {metric} → {version_text}{describe_edge(row)}",
                           soft_wrap=True, markup=False)
 

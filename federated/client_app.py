@@ -36,6 +36,8 @@ from .task import client_data, to_arrays, trainer_for
 
 SCALE_FACTOR = -20.0
 NOISE_STD = 5.0
+MINUS_BASE = -0.999  # the update that cancels the model: w_g + (−0.999 · w_g)
+INFLATED_EXAMPLES = 10_000_000  # what an `inflate` attacker claims (the device protocol's maximum)
 
 app = ClientApp()
 
@@ -69,7 +71,10 @@ def poison(attack: str, global_weights: list[np.ndarray], local_weights: list[np
       style attack that dominates a plain average);
     - `signflip`: the update reversed, w_g − Δ;
     - `nan`: NaN everywhere (a broken or hostile client);
-    - `noise`: w_g + N(0, 5²) per weight.
+    - `noise`: w_g + N(0, 5²) per weight;
+    - `minus-base`: w_g − 0.999·w_g, an update that cancels the model (issue 19's device attack);
+    - `inflate`: the update reversed, w_g − Δ, sent with a claim of 10,000,000 examples so
+      that an example-weighted mean follows it (`train` sets the claim).
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -80,8 +85,10 @@ def poison(attack: str, global_weights: list[np.ndarray], local_weights: list[np
         delta = w - g
         if attack == "scale":
             out.append((g + SCALE_FACTOR * delta).astype(w.dtype))
-        elif attack == "signflip":
+        elif attack in ("signflip", "inflate"):
             out.append((g - delta).astype(w.dtype))
+        elif attack == "minus-base":
+            out.append((g + MINUS_BASE * g).astype(w.dtype))
         elif attack == "nan":
             out.append(np.full_like(w, np.nan))
         else:
@@ -157,6 +164,8 @@ def train(msg: Message, context: Context) -> Message:
         malicious = is_malicious(settings, partition_id, num_partitions)
         if malicious:
             weights = poison(settings.attack, global_weights, weights, seed=server_round * 7919 + partition_id)
+            if settings.attack == "inflate":
+                metrics["num-examples"] = INFLATED_EXAMPLES
         metrics.update({"partition-id": partition_id, "malicious": int(malicious)})
     content = RecordDict({"arrays": ArrayRecord(to_arrays(weights)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

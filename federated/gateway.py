@@ -8,12 +8,22 @@ rate, the version those weights are (`base-version`, which the ServerApp sends),
 on updates. Devices fetch the task over HTTP, train and post `local − base`; the server
 validates and durably records each update. The gateway waits until `min_updates` are in or
 the task's deadline passes, closes the task, checks every update again (same rules as the
-server: length, finite values, the norm bound), aggregates them and answers Flower with
-`base + aggregate` and the summed example count, so Flower weighs the gateway like one client
-holding all its devices' examples.
+server: length, finite values, the norm bound), screens them (robust.py: outliers set aside,
+each `examples` claim's weight capped), aggregates the rest and answers Flower with
+`base + aggregate` and the summed (capped) example weight, so Flower weighs the gateway like
+one client holding all its devices' examples.
 
-Aggregates:
-- `mean`: the example-weighted mean of the deltas (FedAvg over the devices);
+The task's norm bound (what the server refuses with 422 `norm`, at no extra cost per update):
+`--norm-bound` when given; else RECEIVE_MULTIPLE × the median norm of the updates this
+gateway kept in the federation's previous round (the ServerApp sends it back in the train
+config, `edge-norm-medians`), capped by the base weights' own norm; in a federation's first
+round, with no history yet, the base weights' norm alone (an update larger than the whole
+model). The bound is loose on purpose: a refused honest device cannot send again, and the
+fine screening happens at the gateway against the round's own median. It never follows the
+last model's norm alone: a poisoned model cannot make the next round refuse honest updates.
+
+Aggregates (over the screened updates):
+- `mean`: the mean of the deltas weighted by their capped example counts (FedAvg over the devices);
 - `median`: the coordinate-wise median (unweighted), robust to a minority of wild updates;
 - `trimmed-mean`: per coordinate, drop the `trim` share of highest and lowest values, average
   the rest (unweighted).
@@ -46,14 +56,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from core.errors import InvalidInput, PollinateError
 
+from .robust import EXAMPLES_MULTIPLE, MIN_COSINE, NORM_MULTIPLE, RobustPolicy, screen
 from .settings import FederationSettings
-from .strategies import EDGE_RECORD
+from .strategies import EDGE_RECORD, NORM_MEDIANS
 
 log = logging.getLogger("pollinate.federated")
 
 AGGREGATES = ("mean", "median", "trimmed-mean")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NORM_SLACK = 1e-4  # a clipped update sits on the bound, up to float32 rounding
+# The task's receive bound: this many times the previous round's median kept norm (module
+# docstring). Honest norms moved by at most ~2× between rounds in the measured runs.
+RECEIVE_MULTIPLE = 10.0
 
 
 class NoEdgeUpdates(PollinateError):
@@ -69,11 +83,15 @@ class GatewayOptions:
     home: str
     min_updates: int = 1
     round_deadline: float = 120.0  # seconds from the task's opening
-    norm_bound: float = 0.0  # L2 bound on an update; 0: the L2 norm of the base weights
+    norm_bound: float = 0.0  # fixed L2 bound on an update; 0: from the previous round's updates (module docstring)
     clip: bool = False  # scale updates over the bound down to it instead of refusing them
     aggregate: str = "mean"
     trim: float = 0.2  # trimmed-mean: share cut at each end
     poll_seconds: float = 0.25
+    norm_multiple: float = NORM_MULTIPLE  # robust.py: outliers over this × the round's median norm
+    min_cosine: float = MIN_COSINE  # robust.py: set aside under this cosine with the others' mean
+    examples_multiple: float = EXAMPLES_MULTIPLE  # robust.py: a claim weighs at most this × the median claim
+    examples_cap: int = 0  # robust.py: and at most this many examples (0: no fixed cap)
 
     def check(self) -> GatewayOptions:
         if not NAME.match(self.name):
@@ -83,17 +101,26 @@ class GatewayOptions:
         if not (self.round_deadline > 0 and math.isfinite(self.round_deadline)):
             raise InvalidInput("--round-deadline must be a positive number of seconds")
         if not (self.norm_bound >= 0 and math.isfinite(self.norm_bound)):
-            raise InvalidInput("--norm-bound must be ≥ 0 (0: the L2 norm of the base weights)")
+            raise InvalidInput("--norm-bound must be ≥ 0 (0: from the previous round's updates)")
         if self.aggregate not in AGGREGATES:
             raise InvalidInput(f"unknown aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
         if not 0 <= self.trim < 0.5:
             raise InvalidInput("--trim must be in [0, 0.5)")
+        self.policy()
         return self
+
+    def policy(self) -> RobustPolicy:
+        """The screening of this gateway's device updates (the bound itself is the task's)."""
+        return RobustPolicy(norm_multiple=self.norm_multiple, min_cosine=self.min_cosine,
+                            examples_multiple=self.examples_multiple, examples_cap=self.examples_cap).check()
 
     def to_node_config(self) -> dict:
         return {"gateway": self.name, "home": self.home, "min-updates": self.min_updates,
                 "round-deadline": float(self.round_deadline), "norm-bound": float(self.norm_bound),
-                "clip": bool(self.clip), "aggregate": self.aggregate, "trim": float(self.trim)}
+                "clip": bool(self.clip), "aggregate": self.aggregate, "trim": float(self.trim),
+                "norm-multiple": float(self.norm_multiple), "min-cosine": float(self.min_cosine),
+                "examples-multiple": float(self.examples_multiple),
+                "examples-cap": int(self.examples_cap)}
 
     @classmethod
     def for_simulated_node(cls, node, config) -> GatewayOptions | None:
@@ -103,7 +130,9 @@ class GatewayOptions:
         if "partition-id" not in node or int(node["partition-id"]) >= settings.edge_gateways:
             return None
         return cls(name=f"sim-gw-{int(node['partition-id'])}", home=settings.home,
-                   min_updates=settings.edge_min_updates, round_deadline=settings.edge_round_deadline).check()
+                   min_updates=settings.edge_min_updates, round_deadline=settings.edge_round_deadline,
+                   norm_multiple=settings.norm_multiple, min_cosine=settings.min_cosine,
+                   examples_multiple=settings.examples_multiple, examples_cap=settings.examples_cap).check()
 
     @classmethod
     def from_node_config(cls, node) -> GatewayOptions | None:
@@ -117,7 +146,11 @@ class GatewayOptions:
                    round_deadline=float(node.get("round-deadline", 120.0)),
                    norm_bound=float(node.get("norm-bound", 0.0)),
                    clip=clip if isinstance(clip, bool) else str(clip).lower() in ("1", "true", "yes"),
-                   aggregate=str(node.get("aggregate", "mean")), trim=float(node.get("trim", 0.2))).check()
+                   aggregate=str(node.get("aggregate", "mean")), trim=float(node.get("trim", 0.2)),
+                   norm_multiple=float(node.get("norm-multiple", NORM_MULTIPLE)),
+                   min_cosine=float(node.get("min-cosine", MIN_COSINE)),
+                   examples_multiple=float(node.get("examples-multiple", EXAMPLES_MULTIPLE)),
+                   examples_cap=int(node.get("examples-cap", 0))).check()
 
 
 # ---------------------------------------------------------------- weights as one flat vector
@@ -151,8 +184,9 @@ def apply_delta(base: list[np.ndarray], delta: np.ndarray) -> list[np.ndarray]:
 # ---------------------------------------------------------------- robust aggregation
 
 
-def aggregate(deltas: list[np.ndarray], examples: list[int], method: str = "mean", trim: float = 0.2) -> np.ndarray:
-    """One delta from many (see the module docstring for each method)."""
+def aggregate(deltas: list[np.ndarray], examples: list[float], method: str = "mean", trim: float = 0.2) -> np.ndarray:
+    """One delta from many (see the module docstring for each method); `examples`: each
+    update's weight in the mean (its capped claim)."""
     if not deltas:
         raise NoEdgeUpdates("nothing to aggregate")
     if method not in AGGREGATES:
@@ -161,7 +195,7 @@ def aggregate(deltas: list[np.ndarray], examples: list[int], method: str = "mean
     if method == "mean":
         weights = np.asarray(examples, dtype=np.float64)
         if weights.shape != (len(deltas),) or (weights <= 0).any():
-            raise InvalidInput("the weighted mean needs one positive example count per update")
+            raise InvalidInput("the weighted mean needs one positive example weight per update")
         return (weights @ stack / weights.sum()).astype(np.float32)
     if method == "median":
         return np.median(stack, axis=0).astype(np.float32)
@@ -171,24 +205,48 @@ def aggregate(deltas: list[np.ndarray], examples: list[int], method: str = "mean
     return kept.mean(axis=0).astype(np.float32)
 
 
-def recheck(task, updates) -> tuple[list, list[str]]:
+def recheck(task, updates) -> tuple[list, list[str], list[float]]:
     """The gateway's own check of the stored updates (the server's rules: length, finite values,
-    the norm bound): (sound updates, reasons for the others)."""
-    sound, reasons = [], []
+    the norm bound): (sound updates, reasons for the others, the sound ones' L2 norms)."""
+    sound, reasons, norms = [], [], []
     bound = float(task.norm_bound or 0.0)
     for update in updates:
         delta = np.asarray(update.delta)
         if delta.size != task.size:
             reasons.append(f"device {update.device_id}: {delta.size} values, the task has {task.size}")
-        elif not np.isfinite(delta).all():
+            continue
+        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        if not math.isfinite(norm):
             reasons.append(f"device {update.device_id}: NaN or infinite values")
         elif update.examples < 1:
             reasons.append(f"device {update.device_id}: {update.examples} examples")
-        elif bound > 0 and float(np.linalg.norm(delta.astype(np.float64))) > bound * (1 + NORM_SLACK):
+        elif bound > 0 and norm > bound * (1 + NORM_SLACK):
             reasons.append(f"device {update.device_id}: L2 norm over the bound {bound:.4g}")
         else:
             sound.append(update)
-    return sound, reasons
+            norms.append(norm)
+    return sound, reasons, norms
+
+
+def receive_bound(options: GatewayOptions, base_norm: float, reference: float | None) -> float:
+    """The task's L2 bound on an update (see the module docstring)."""
+    if options.norm_bound > 0:
+        return options.norm_bound
+    if reference is not None and reference > 0:
+        return min(base_norm, RECEIVE_MULTIPLE * reference)
+    return base_norm
+
+
+def reference_median(config, gateway: str) -> float | None:
+    """The median norm of the updates this gateway kept in the previous round, from the train
+    config (None in a federation's first round)."""
+    raw = config.get(NORM_MEDIANS, "") if hasattr(config, "get") else ""
+    try:
+        medians = json.loads(str(raw)) if raw else {}
+        value = float(medians.get(gateway)) if isinstance(medians, dict) and medians.get(gateway) is not None else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and math.isfinite(value) and value > 0 else None
 
 
 # ---------------------------------------------------------------- one round
@@ -220,7 +278,8 @@ def serve_round(msg: Message, options: GatewayOptions, *, clock=time.time, sleep
     names = weight_names(config)
     spec = weights_spec(base, names if names and len(names) == len(base) else None)
     flat = flatten(base)
-    bound = options.norm_bound or float(np.linalg.norm(flat.astype(np.float64)))
+    reference = reference_median(config, options.name)
+    bound = receive_bound(options, float(np.linalg.norm(flat.astype(np.float64))), reference)
     edge = EdgeStore(Store(options.home))
     task = edge.open_task(
         settings.model_name, federation=settings.federation_id, round=global_round, gateway=options.name,
@@ -241,32 +300,47 @@ def serve_round(msg: Message, options: GatewayOptions, *, clock=time.time, sleep
         updates = edge.updates(task.task_id)
     except (OSError, ValueError) as exc:  # files of a task closed long ago
         raise NoEdgeUpdates(f"gateway {options.name}: the updates of round {global_round} are gone ({exc})") from None
-    sound, reasons = recheck(task, updates)
+    checked, reasons, norms = recheck(task, updates)
     for reason in reasons:
         log.warning("gateway %s: round %s: dropped the update of %s", options.name, global_round, reason)
+    screening = screen(norms, [u.examples for u in checked], options.policy(), reference_median=reference,
+                       pieces=lambda i: (checked[i].delta,))
+    for i, why in sorted(screening.details.items()):
+        log.warning("gateway %s: round %s: set aside the update of device %s: %s", options.name, global_round,
+                    checked[i].device_id, why)
+    sound = [checked[i] for i in screening.kept]
+    robust = screening.summary()
     if not sound:
-        outcome = {"error": "no usable update by the deadline", "accepted": len(updates), "rejected": len(reasons)}
+        outcome = {"error": "no usable update by the deadline", "accepted": len(updates), "rejected": len(reasons),
+                   **robust}
         edge.close_task(task.task_id, outcome)
         raise NoEdgeUpdates(f"gateway {options.name}: no usable device update for round {global_round} "
-                            f"by its deadline ({len(updates)} accepted, {len(reasons)} dropped)")
+                            f"by its deadline ({len(updates)} accepted, {len(reasons)} dropped, "
+                            f"{len(screening.set_aside)} set aside)")
     examples = [u.examples for u in sound]
-    delta = aggregate([u.delta for u in sound], examples, options.aggregate, options.trim)
+    weight = float(sum(screening.weights))
+    delta = aggregate([u.delta for u in sound], screening.weights, options.aggregate, options.trim)
     arrays = apply_delta(base, delta)
     devices = {u.device_id for u in sound}
     kinds = Counter(edge.device_kinds(sorted(devices)).values())
     seconds = clock() - started
     outcome = {"updates": len(sound), "devices": len(devices), "examples": int(sum(examples)),
-               "rejected": len(reasons), "aggregate": options.aggregate, "kinds": dict(kinds)}
+               "weight": weight, "rejected": len(reasons), "aggregate": options.aggregate, "kinds": dict(kinds),
+               "norm_bound": task.norm_bound, **robust}
     edge.close_task(task.task_id, outcome)
-    log.warning("gateway %s: round %s answered with %s update(s) from %s device(s), %s examples", options.name,
-                global_round, len(sound), len(devices), int(sum(examples)))
+    log.warning("gateway %s: round %s answered with %s update(s) from %s device(s), %s examples (weight %.0f), "
+                "%s set aside", options.name, global_round, len(sound), len(devices), int(sum(examples)), weight,
+                len(screening.set_aside))
     metrics = MetricRecord({
-        "num-examples": int(sum(examples)), "train-seconds": float(seconds),
+        # Flower weighs the gateway by its devices' capped claims, not by what they claimed
+        "num-examples": max(1, int(round(weight))), "train-seconds": float(seconds),
         "edge-updates": len(sound), "edge-devices": len(devices), "edge-examples": int(sum(examples)),
         "edge-rejected": len(reasons), "edge-resumed": int(resumed),
+        "edge-set-aside": len(screening.set_aside), "edge-examples-capped": screening.capped,
+        "edge-norm-median": float(screening.kept_norm_median or 0.0),
     })
     info = ConfigRecord({"gateway": options.name, "task-id": task.task_id, "kinds": json.dumps(dict(kinds)),
-                         "aggregate": options.aggregate})
+                         "aggregate": options.aggregate, "set-aside": json.dumps(screening.counts())})
     content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics, EDGE_RECORD: info})
     return Message(content=content, reply_to=msg)
 

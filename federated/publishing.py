@@ -4,10 +4,13 @@ critical path.
 The ServerApp hands each due round to a `RoundPublisher` and goes on with the next round
 while a background thread registers, exports and verifies the previous one. Rounds are
 published one at a time, in round order, so versions appear in round order and each
-version's parent is the version published before it (the federation's start version for
-the first). A round whose publish fails (an export gate, a converter error, a full disk) is
-recorded with its error and the next round's parent is the last version that did publish;
-the federation goes on. `close()` waits for the queue to drain; `wait_idle()` waits for the
+version's parent is the last *accepted* version published before it (the federation's start
+version for the first). A round the acceptance gate held (acceptance.py) is registered and
+exported like any other, with the verdict in its lineage (`extra.gate`), but its channel
+does not move and it is nobody's parent. A round whose publish fails (an export gate, a
+converter error, a full disk) is recorded with its error and the next round's parent is the
+last accepted version that did publish; the federation goes on. `accepted_weights` are the
+weights of that parent (edge rounds hand them to devices). `close()` waits for the queue to drain; `wait_idle()` waits for the
 rounds handed over so far (edge rounds do, so that devices train on a published version).
 
 Keeping the publish off the critical path is worth most where clients train on other
@@ -33,6 +36,7 @@ import numpy as np
 from core.errors import PollinateError
 from registry import Lineage, Store, VersionRecord
 
+from .acceptance import Verdict
 from .settings import FederationSettings
 from .strategies import RoundStats
 from .task import set_model_weights
@@ -53,6 +57,11 @@ class RoundJob:
     predictions: np.ndarray  # its test-split predictions (for the report)
     stats: RoundStats
     full_report: bool = False  # plots too (the run's last round); otherwise report.json only
+    verdict: Verdict | None = None  # the acceptance gate's; held (not passed): no channel moves
+
+    @property
+    def held(self) -> bool:
+        return self.verdict is not None and not self.verdict.passed
 
 
 @dataclass
@@ -64,6 +73,7 @@ class PublishResult:
     seconds: float = 0.0
     waited_seconds: float = 0.0  # time in the queue before its publish began
     breakdown: dict = field(default_factory=dict)  # seconds per stage: keras, report, tflite, verify, register...
+    channel_moved: bool = False  # False for a held round, a failed publish
 
 
 @dataclass
@@ -91,6 +101,7 @@ class RoundPublisher:
         self.model = keras.models.model_from_json(model.to_json())
         set_model_weights(self.model, model.get_weights())
         self.parent = parent
+        self.accepted_weights = [np.array(w) for w in model.get_weights()]  # the weights of `parent`
         self.on_result = on_result
         self.summary = PublishingSummary()
         self._queue: queue.Queue = queue.Queue()
@@ -105,7 +116,8 @@ class RoundPublisher:
 
     def wait_idle(self) -> int | None:
         """Wait until every round submitted so far is published (or failed); returns the newest
-        version published (the federation's start version before any), `parent` of the next."""
+        accepted version published (the federation's start version before any), `parent` of
+        the next (its weights: `accepted_weights`)."""
         self._queue.join()
         return self.parent
 
@@ -145,7 +157,10 @@ class RoundPublisher:
             record = publish_round(self.store, self.settings, self.model, self.dataset, job, self.parent,
                                    breakdown=result.breakdown)
             result.version = record.version
-            self.parent = record.version
+            if not job.held:
+                self.parent = record.version
+                self.accepted_weights = [np.array(w) for w in job.weights]
+                result.channel_moved = True
             self.summary.published += 1
         except Exception as exc:  # one failed publish never stops the federation
             result.error = _describe(exc)
@@ -186,8 +201,9 @@ def write_round_report(folder: Path, dataset, job: RoundJob, federation_id: str)
 
 def publish_round(store: Store, settings: FederationSettings, model, dataset, job: RoundJob,
                   parent: int | None, breakdown: dict | None = None) -> VersionRecord:
-    """Register the round's global model with its exports (verified), and move the channel.
-    `breakdown`, when given, receives the seconds spent per stage."""
+    """Register the round's global model with its exports (verified), and move the channel
+    unless the acceptance gate held the round. `breakdown`, when given, receives the seconds
+    spent per stage."""
     from export.pipeline import ExportOptions, export_model
     from training.central import profile_artifact
     from training.report import headline_metrics
@@ -240,6 +256,8 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
                     "rejected": stats.rejected,
                     "failed": stats.failed,
                     "clipped": stats.clipped,
+                    "robust": stats.robust_summary(),
+                    **({"gate": job.verdict.to_dict()} if job.verdict is not None else {}),
                     **({"edge": stats.edge_summary()} if stats.gateways or settings.edge else {}),
                     **({"own_data": {"nodes": len(stats.own_data), "examples": stats.own_data_examples}}
                        if stats.own_data else {}),
@@ -252,6 +270,7 @@ def publish_round(store: Store, settings: FederationSettings, model, dataset, jo
             input_spec=dataset.input_spec(),
             labels=dataset.labels,
         )
-    store.set_channel(settings.model_name, settings.channel, record.version)
+    if not job.held:
+        store.set_channel(settings.model_name, settings.channel, record.version)
     lap("register")
     return record

@@ -1,12 +1,15 @@
 """The Flower ServerApp: runs the strategy and turns rounds into published versions.
 
-Each round the aggregated global model is evaluated centrally on the held-out test split.
-Every round (or every `publish_every` rounds, and always the last) it is then handed to the
+Each round the aggregated global model is evaluated centrally on the held-out test split and
+judged by the acceptance gate (acceptance.py) against the last accepted round. Every round
+(or every `publish_every` rounds, and always the last) it is then handed to the
 `RoundPublisher` (publishing.py), which registers it as a new version (source `federated`,
 its round, its parent version, the strategy, the clients and examples that made it, how many
-updates were rejected or dropped), exports it (TF.js + TFLite int8 by default, verified like
-any export) and points a channel at it (default `canary`), so a running `pollinate serve`
-hands it to browsers and phones at once. The publish runs in the background while the next
+updates were rejected, set aside or dropped, the gate's verdict), exports it (TF.js + TFLite
+int8 by default, verified like any export) and, when the gate passed it, points a channel at
+it (default `canary`), so a running `pollinate serve` hands it to browsers and phones at
+once. A held round is published for inspection but moves no channel, and the next round
+trains from the last accepted model. The publish runs in the background while the next
 round trains; the run ends when the last round is published.
 
 Progress: with `progress_file` set (the simulation sets it; Flower runs this ServerApp in its
@@ -18,9 +21,11 @@ Flower leaves checkpointing and resuming to the user; here every published round
 checkpoint: `resume` continues from the newest version of the federation and its round.
 
 Edge rounds (`edge` in the settings: gateways take part, see gateway.py): before each train
-message goes out the publisher has published the round before, and the message names that
-version (`base-version`, with `global-round` and the Keras `weight-names`), so devices load a
-real version's model files and train on the weights the gateway hands them. Rounds go
+message goes out the publisher has published the round before, and the message names the
+last accepted published version (`base-version`, with `global-round` and the Keras
+`weight-names`) and carries that version's weights, so devices load a real version's model
+files and train on exactly the weights the gateway hands them (after a held round, or one
+whose publish failed, that is the version before it). Rounds go
 through a RedeliveringGrid (redelivery.py) so that a gateway restarted mid-round gets its
 round again. Each round's row and version lineage count what devices contributed
 (`edge`: updates, devices, examples, per gateway).
@@ -34,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,7 @@ from core.errors import InvalidInput, NotFound, PollinateError
 from core.tensorflow import import_tensorflow, quiet_keras_warnings
 from registry import Store, VersionRecord
 
+from .acceptance import AcceptanceGate
 from .publishing import PublishResult, RoundJob, RoundPublisher
 from .redelivery import RedeliveringGrid
 from .settings import FederationSettings
@@ -96,11 +102,14 @@ def resolve_start(store: Store, settings: FederationSettings, dataset) -> Start:
             raise InvalidInput(f"nothing to resume: {settings.model_name} has no federated version yet")
         last = versions[-1]
         # the federation's own settings, extended to more rounds if asked for
-        saved = FederationSettings(**{**last.lineage.extra["federation"], "resume": False, "home": settings.home,
-                                      "progress_file": settings.progress_file})
+        known = {f.name for f in fields(FederationSettings)}
+        saved = FederationSettings(**{**{k: v for k, v in last.lineage.extra["federation"].items() if k in known},
+                                      "resume": False, "home": settings.home, "progress_file": settings.progress_file})
         saved.rounds = max(saved.rounds, settings.rounds)
-        model = load_keras_model(store, last.model, last.version)
-        return Start(model, last.version, int(last.lineage.round or 0), saved.federation_id, saved)
+        # go on from the last version the gate accepted (a held one is not trained on), after the last round
+        accepted = [v for v in versions if (v.lineage.extra.get("gate") or {}).get("passed", True)] or versions
+        model = load_keras_model(store, accepted[-1].model, accepted[-1].version)
+        return Start(model, accepted[-1].version, int(last.lineage.round or 0), saved.federation_id, saved)
     federation_id = settings.federation_id or uuid.uuid4().hex[:12]
     settings.federation_id = federation_id
     if settings.start_from == "scratch":
@@ -157,7 +166,7 @@ class RoundLedger:
                 if row["round"] == result.round:
                     row.update(version=result.version, parent_version=result.parent, publish_error=result.error,
                                publish_seconds=result.seconds, publish_wait_seconds=result.waited_seconds,
-                               publish_breakdown=result.breakdown)
+                               publish_breakdown=result.breakdown, channel_moved=result.channel_moved)
                     if result.version is not None:
                         self.outcome.versions.append(result.version)
             self._waiting.discard(result.round)
@@ -203,6 +212,8 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
     config = ConfigRecord({**settings.to_config(), "architecture": model.to_json(), "task": dataset.task})
     ledger = RoundLedger(outcome, on_round)
     publisher = RoundPublisher(store, settings, dataset, model, start.parent_version, on_result=ledger.published)
+    gate = AcceptanceGate(settings.gate_threshold, settings.gate)
+    gate.accepted_arrays = to_arrays(model.get_weights())
     clock = {"round_started": time.perf_counter()}
     if settings.edge:
         grid = RedeliveringGrid(grid)
@@ -217,6 +228,14 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
 
         strategy.train_config_hook = edge_round
 
+    def train_from(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays the next round trains from: the last accepted model (acceptance.py); in
+        edge rounds the weights of the version the task names as its base (publishing.py)."""
+        weights = publisher.accepted_weights if settings.edge else gate.accepted_arrays
+        return ArrayRecord([np.asarray(w) for w in weights])
+
+    strategy.train_from = train_from
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's server-side evaluation: evaluate, record the round, hand it to the publisher."""
         global_round = start.first_round + server_round
@@ -228,6 +247,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
         eval_seconds = time.perf_counter() - evaluated_at
         if server_round == 0:
             outcome.initial = {"round": global_round, **_headline(test)}
+            gate.start(global_round, test)
             clock["round_started"] = time.perf_counter()
             return MetricRecord(_headline(test))
         stats = strategy.stats
@@ -236,10 +256,19 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
         unchanged = stats.accepted == 0
         skipped = "no client update was accepted: the model did not change" if due and unchanged else None
         due = due and not unchanged
+        verdict = None if unchanged else gate.judge(global_round, test, weights)
+        if verdict is not None and not verdict.passed:
+            log.warning("round %s: %s; the next round trains from round %s", global_round, verdict.reason,
+                        verdict.reference_round)
         now = time.perf_counter()
         row = {
             "round": global_round, **_headline(test),
+            "gate": verdict.to_dict() if verdict else None, "held": bool(verdict and not verdict.passed),
+            "channel_moved": False,
             "replies": stats.replies, "accepted": stats.accepted, "rejected": stats.rejected,
+            "set_aside": dict(sorted(stats.set_aside.items())), "examples_capped": stats.examples_capped,
+            "examples_weight": stats.examples_weight, "norm_median": stats.norm_median,
+            "norm_max": stats.norm_max, "norm_limit": stats.norm_limit, "cosine_min": stats.cosine_min,
             "failed": stats.failed, "clipped": stats.clipped, "examples": stats.examples,
             "clients": sorted(stats.clients), "train_loss": stats.train_loss, "reasons": stats.reasons,
             "client_train_seconds_sum": float(sum(stats.client_train_seconds)),
@@ -262,7 +291,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
         ledger.add(row, awaits_publish=due)
         if due:
             publisher.submit(RoundJob(global_round, weights, evaluation, predictions, stats,
-                                      full_report=global_round == settings.rounds))
+                                      full_report=global_round == settings.rounds, verdict=verdict))
         return MetricRecord(_headline(test))
 
     started = time.perf_counter()
@@ -279,18 +308,27 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
 
 
 def describe_edge(row: dict) -> str:
-    """', edge: 5 updates from 5 devices (240 examples) via gw-0 (3), gw-1 (2), own data: ...' or ''."""
+    """', edge: 5 updates from 5 devices (240 examples) via gw-0 (3), gw-1 (2), device updates set aside:
+    1 norm_outlier, own data: ..., set aside: ...' or ''."""
     gateways = row.get("gateways") or {}
     text = ""
     if gateways:
         via = ", ".join(f"{name} ({g['updates']})" for name, g in sorted(gateways.items()))
         text += (f", edge: {_count(row['edge_updates'], 'update')} from {_count(row['edge_devices'], 'device')} "
                  f"({_count(row['edge_examples'], 'example')}) via {via}")
+        aside: dict[str, int] = {}
+        for g in gateways.values():
+            for reason, n in (g.get("set_aside") or {}).items():
+                aside[reason] = aside.get(reason, 0) + int(n)
+        if aside:
+            text += ", device updates set aside: " + ", ".join(f"{n} {reason}" for reason, n in sorted(aside.items()))
     if row.get("own_data_nodes"):
         text += (f", own data: {_count(row['own_data_nodes'], 'node')} "
                  f"({_count(row['own_data_examples'], 'example')})")
     if row.get("failed"):
         text += f", {row['failed']} failed"
+    if row.get("set_aside"):
+        text += ", set aside: " + ", ".join(f"{n} {reason}" for reason, n in sorted(row["set_aside"].items()))
     return text
 
 
@@ -355,6 +393,8 @@ def main(grid: Grid, context: Context) -> None:
         headline = {k: round(row[k], 4) for k in ("accuracy", "mae", "loss") if k in row}
         published = f"version {row['version']}" if row["version"] else (
             f"NOT published: {row['publish_error']}" if row["publish_error"] else "not due for publishing")
+        if row.get("held"):
+            published += f", HELD (channel not moved): {row['gate']['reason']}"
         log.warning("round %s: %s, %s%s", row["round"], headline, published, describe_edge(row))
 
     try:

@@ -9,12 +9,13 @@ id). Keys use Flower's kebab-case; values are str/int/float/bool as ConfigRecord
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 from core.errors import InvalidInput
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
-ATTACKS = ("scale", "signflip", "nan", "noise")
+ATTACKS = ("scale", "signflip", "nan", "noise", "minus-base", "inflate")
 
 
 @dataclass
@@ -41,6 +42,19 @@ class FederationSettings:
     beta: float = 0.2  # fedtrimmedavg: share trimmed at each end
     krum_malicious: int = 0  # krum's f (0: 20% of sampled clients)
     clip_norm: float = 0.0  # L2 bound on each update (0 = off)
+    # robust screening of every round's updates (federated/robust.py), and of every gateway's
+    # device updates: outliers over norm_multiple × the round's median norm and updates whose
+    # cosine with the others' mean is under min_cosine are set aside, a claim's weight is
+    # capped at examples_multiple × the median claim (and examples_cap)
+    norm_multiple: float = 4.0
+    min_cosine: float = 0.0
+    examples_multiple: float = 2.0
+    examples_cap: int = 0
+    # the acceptance gate (federated/acceptance.py): a round worse than the last accepted one
+    # by more than gate_threshold (accuracy points as a fraction, or MAE relative) is published
+    # but its channel does not move, and the next round trains from the last accepted model
+    gate: bool = True
+    gate_threshold: float = 0.02
     publish_every: int = 1  # register + export + publish every k rounds (and always the last)
     channel: str = "canary"
     formats: str = "tfjs-layers,tflite-int8"
@@ -87,6 +101,9 @@ class FederationSettings:
             raise InvalidInput("--publish-every must be at least 1")
         if self.clip_norm < 0:
             raise InvalidInput("--clip-norm must be ≥ 0")
+        self.robust_policy()
+        if not (math.isfinite(self.gate_threshold) and self.gate_threshold >= 0):
+            raise InvalidInput("--gate-threshold must be a number ≥ 0 (0.02: two accuracy points, or MAE 2% worse)")
         if self.edge and self.publish_every != 1:
             raise InvalidInput("edge rounds publish every round (devices train on the version of the round "
                                "before): --publish-every must be 1")
@@ -103,6 +120,13 @@ class FederationSettings:
             if self.edge_min_updates < 1 or not self.edge_round_deadline > 0:
                 raise InvalidInput("--min-updates must be ≥ 1 and --round-deadline positive")
         return self
+
+    def robust_policy(self):
+        """The screening of every round's Flower replies (federated/robust.py)."""
+        from federated.robust import RobustPolicy
+
+        return RobustPolicy(norm_multiple=self.norm_multiple, min_cosine=self.min_cosine,
+                            examples_multiple=self.examples_multiple, examples_cap=self.examples_cap).check()
 
     def client_partition(self, partition_id: int, num_partitions: int) -> tuple[int, int]:
         """A simulated node's (partition id, partition count): with simulated gateways the

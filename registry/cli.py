@@ -119,6 +119,12 @@ def show(
     federation = _federation_line(lineage.extra) if lineage.source == "federated" else ""
     if federation:
         out.print(f"clients   {federation}")
+    gate = lineage.extra.get("gate") if lineage.source == "federated" else None
+    if isinstance(gate, dict):
+        verdict = (f"HELD, channel not moved: {gate.get('reason')}" if gate.get("passed") is False else
+                   f"passed ({gate.get('metric')} {gate.get('value', 0):.4g} vs {gate.get('reference', 0):.4g}"
+                   f" of round {gate.get('reference_round')})")
+        out.print(f"gate      {verdict}", soft_wrap=True, markup=False)
     if lineage.hyperparameters:
         out.print("hyper     " + ", ".join(f"{k}={v}" for k, v in sorted(lineage.hyperparameters.items())))
     out.print("metrics   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.metrics.items())))
@@ -292,14 +298,23 @@ def history(
     home: HomeOption = Path(".pollinate"),
     as_json: JsonOption = False,
 ) -> None:
-    """Every channel move, oldest first."""
-    rows = open_store(home).channel_history(name, channel)
+    """Every channel move, oldest first, with the federated versions the acceptance gate held
+    (published, but their channel did not move) in between."""
+    from registry.gate import held_versions, history_with_holds
+
+    store = open_store(home)
+    rows = history_with_holds(store, name, channel)
     if as_json:
-        print_json({"model": name, "history": rows})
+        held = [h for h in held_versions(store, name) if channel is None or h["channel"] == channel]
+        print_json({"model": name, "history": rows, "held": held})
         return
     out = human_console(False)
     for row in rows:
         reason = f"  ({row['reason']})" if row.get("reason") else ""
+        if row["action"] == "held":
+            out.print(f"{row['at']}  {row['channel'] or '?':<10} held      ✗ v{row['version']} (round {row['round']}) "
+                      f"not moved to{reason}", soft_wrap=True, markup=False)
+            continue
         out.print(f"{row['at']}  {row['channel']:<10} {row['action']:<9} → {_describe_channel(row)}{reason}")
 
 
@@ -322,10 +337,19 @@ def _federation_line(extra: dict) -> str:
         gateways = edge.get("gateways") or {}
         parts.append(f"{edge['updates']} edge update(s) from {edge.get('devices', 0)} device(s), "
                      f"{edge.get('examples', 0):,} examples, via {len(gateways) or '?'} gateway(s)")
+        aside = sum(sum((g.get("set_aside") or {}).values()) for g in gateways.values() if isinstance(g, dict))
+        if aside:
+            parts.append(f"{aside} device update(s) set aside")
     own = extra.get("own_data") or {}
     if own.get("nodes"):
         parts.append(f"{own['nodes']} own-data node(s), {own.get('examples', 0):,} examples")
     for key in ("rejected", "failed"):
         if extra.get(key):
             parts.append(f"{extra[key]} {key}")
+    robust = extra.get("robust") or {}
+    set_aside = robust.get("set_aside") or {}
+    if set_aside:
+        parts.append("set aside: " + ", ".join(f"{n} {reason}" for reason, n in sorted(set_aside.items())))
+    if robust.get("examples_capped"):
+        parts.append(f"{robust['examples_capped']} example claim(s) capped")
     return "; ".join(parts)

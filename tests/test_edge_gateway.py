@@ -71,8 +71,8 @@ def test_the_gateway_checks_stored_updates_again():
            Update("d", 5, 2.0, False, np.array([2.0, 0, 0], np.float32)),
            Update("e", 5, 0.1, False, np.zeros(4, np.float32)),
            Update("f", 0, 0.1, False, np.zeros(3, np.float32))]
-    sound, reasons = recheck(Task(), [good, clipped, *bad])
-    assert [u.device_id for u in sound] == ["a", "b"]
+    sound, reasons, norms = recheck(Task(), [good, clipped, *bad])
+    assert [u.device_id for u in sound] == ["a", "b"] and norms == pytest.approx([0.5, 1.0])
     assert len(reasons) == 4 and any("NaN" in r for r in reasons) and any("bound" in r for r in reasons)
 
 
@@ -254,7 +254,9 @@ def test_the_strategy_counts_gateways_once_and_aggregates_mixed_clients():
     stats = strategy.stats
     assert (stats.accepted, stats.rejected, stats.failed) == (3, 1, 1)
     assert stats.edge_summary() == {"updates": 3, "devices": 3, "examples": 30, "gateways": {
-        "gw": {"updates": 3, "devices": 3, "examples": 30, "rejected": 1, "kinds": {"browser": 2, "phone": 1}}}}
+        "gw": {"updates": 3, "devices": 3, "examples": 30, "rejected": 1, "set_aside": {}, "examples_capped": 0,
+               "norm_median": None, "kinds": {"browser": 2, "phone": 1}}}}
+    assert stats.set_aside == {} and stats.examples_capped == 0  # three honest replies: nothing set aside or cut
     assert stats.own_data == [13] and stats.own_data_examples == 10 and stats.clients == [0]
     assert stats.train_loss == pytest.approx((0.4 * 10 + 0.6 * 20) / 30)  # devices report no loss
     assert any("already answered" in r for r in stats.reasons)

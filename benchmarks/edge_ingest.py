@@ -1,7 +1,8 @@
 """Edge update ingestion: `pollinate serve`'s update route against a bare endpoint.
 
     .venv/bin/python benchmarks/edge_ingest.py [--seconds 10] [--devices 200] [--tasks 5] \
-        [--repeats 3] [--concurrency 8,64] [--durability process,power] [--models digits-cnn,mlp-1m]
+        [--repeats 3] [--concurrency 8,64] [--durability process,power] [--models digits-cnn,mlp-1m] \
+        [--reference DIR]
 
 For two model sizes — the digits CNN and a 1M-parameter model — enrols ``--devices`` devices
 in a scratch store and, for each run, opens ``--tasks`` tasks (as that many gateways of one
@@ -16,6 +17,12 @@ task over ``--concurrency`` keep-alive connections (after one warm-up post per c
 - ``bare``: a FastAPI route on uvicorn (one worker) that only reads the body and answers
   202 (the reference: what HTTP, uvicorn and FastAPI alone cost for these bytes).
 
+- ``ref`` (with ``--reference DIR``): ``pollinate serve`` from another checkout of Pollinate
+  (e.g. ``git worktree add /tmp/ref daf1709``, the code before issue 19's request hygiene:
+  read timeouts, upload cap, JSON bounds, CORS split), on a store of its own built by that
+  checkout's code, in the default durability mode: what the same hot path cost before. Target:
+  ours >= 0.9x ref (ingestion within 10% of the reference's).
+
 They alternate (bare, then each mode; reversed every other repeat), ``--repeats`` times per
 model and concurrency, in one run; the ratio reported is the median of the repeats'
 ours/bare (target >= 0.5), per mode. Both servers and the
@@ -25,8 +32,9 @@ both are bound by their CPU (the capacity a gateway operator asks about): both a
 Each run also reports the server's CPU time per update, split into the event loop's and the
 other threads' (so a gap can be told apart as work or waiting), and ours' wall time per
 update in each phase of its acceptance (from the server's own
-``pollinate_edge_update_seconds_total`` in ``/metrics``). Writes
-benchmarks/results/edge_ingest.json and edge_ingest.md.
+``pollinate_edge_update_seconds_total`` in ``/metrics``), and what the request hygiene checks
+cost on the event loop: the JSON bounds of a telemetry and a feedback body against parsing
+them. Writes benchmarks/results/edge_ingest.json and edge_ingest.md.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_RATIO = 0.5
+REFERENCE_TARGET = 0.9  # ours against the reference checkout: ingestion within 10%
 TICKS = os.sysconf("SC_CLK_TCK")
 
 from serve import free_port, stop, wait_http  # noqa: E402  (the serve benchmark's process helpers)
@@ -102,6 +112,32 @@ SPECS = textwrap.dedent('''
 ''')
 
 
+REFERENCE_SETUP = textwrap.dedent('''
+    # Run with the reference checkout as the working directory: its registry builds its store.
+    import json, sys, time
+    import numpy as np
+    import registry  # noqa: F401  (the package first: its store imports registry.edge)
+    from registry import Lineage, Store
+    from registry.edge import EdgeStore
+
+    job = json.loads(sys.stdin.read())
+    store = Store(job["home"])
+    edge = EdgeStore(store)
+    out = {}
+    for name, model in job["models"].items():
+        store.publish(name, lineage=Lineage("central"), artifacts={"keras": {"model.keras": b"placeholder"}})
+        base = np.load(model["base"])
+        tokens = [edge.enrol(name, "simulated")[1] for _ in range(model["devices"])]
+        tasks = {gateway: edge.open_task(
+            name, federation=f"bench-{name}", round=1, gateway=gateway, base_version=1,
+            config={"epochs": 1, "batch_size": 32, "learning_rate": 0.01}, weights=model["spec"], base=base,
+            deadline=time.time() + 86400, min_updates=10**6, norm_bound=float(np.linalg.norm(base))).task_id
+            for gateway in model["gateways"]}
+        out[name] = {"tokens": tokens, "tasks": tasks}
+    print(json.dumps(out))
+''')
+
+
 def model_specs() -> dict[str, list[dict]]:
     """The weight lists of the two models: the zoo's digits CNN and a ~1M-parameter MLP. Read
     in a child process, so that the one posting the updates never loads TensorFlow (its
@@ -128,6 +164,27 @@ def build_store(home: Path, specs: dict[str, list[dict]], devices: int) -> dict[
                         "tokens": [edge.enrol(name, "simulated")[1] for _ in range(devices)],
                         "body": (rng.normal(0, 0.01 / np.sqrt(size), size)).astype("<f4").tobytes()}
     return setups
+
+
+def reference_gateways(args, concurrencies: list[int]) -> list[str]:
+    """The gateways (one task each) the reference server's runs post to, opened up front."""
+    return [f"c{c}-r{r}-ref-{k}" for c in concurrencies for r in range(args.repeats)
+            for k in [*range(args.tasks), "warmup"]]
+
+
+def build_reference(reference: Path, home: Path, setups: dict[str, dict], gateways: list[str],
+                    devices: int) -> dict[str, dict]:
+    """The reference checkout's store, built by its own code (a store's schema is its code's): per
+    model the same version, `devices` devices and a task per gateway, on the same base weights."""
+    models = {}
+    for name, setup in setups.items():
+        np.save(home.parent / f"ref-base-{name}.npy", setup["base"])
+        models[name] = {"base": str(home.parent / f"ref-base-{name}.npy"), "devices": devices,
+                        "spec": setup["spec"], "gateways": gateways}
+    job = json.dumps({"home": str(home), "models": models})
+    out = subprocess.run([sys.executable, "-c", REFERENCE_SETUP], cwd=reference, input=job, capture_output=True,
+                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def open_tasks(model: str, setup: dict, gateways: list[str]) -> list[str]:
@@ -251,14 +308,19 @@ async def _post_all(port: int, model: str, jobs: list[tuple[str, str]], warmup: 
             "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
-def start(server: str, scratch: Path, durability: str | None = None) -> tuple[subprocess.Popen, int]:
+def start(server: str, scratch: Path, durability: str | None = None,
+          reference: Path | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "POLLINATE_MAX_UPDATE_BYTES": str(64 << 20)}
+    # the same settings for ours and the reference (neither serves the demo page here)
+    env = {**os.environ, "POLLINATE_MAX_UPDATE_BYTES": str(64 << 20), "POLLINATE_WEB_CLIENT": "off"}
     if durability is not None:
         env[ENV_DURABILITY] = durability
     if server == "ours":
         command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "store"), "--port", str(port)]
         cwd = ROOT
+    elif server == "ref":  # python -m from the reference checkout imports its code
+        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "ref-store"), "--port", str(port)]
+        cwd = reference
     else:
         command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
@@ -364,6 +426,84 @@ def loop_split(home: Path, model: str, spec: list[dict], updates: int = 2000, co
     return uvloop.run(run())
 
 
+def hygiene_costs(repeats: int = 2000) -> dict[str, float]:
+    """Event-loop µs per body of the JSON bounds check (server/json_bounds.py), which every body
+    but a device update's passes, against json.loads of the same body: a telemetry batch of the
+    digits model's size (64 features x 10 bins, 50 recent ids) and a feedback item."""
+    import random
+
+    from server.json_bounds import problem
+
+    rng = random.Random(0)
+    telemetry = json.dumps({
+        "version": 3, "batch_id": "9f1c2a5b7d3e4f60a1b2c3d4e5f60718", "client_id": "c" * 32, "predictions": 100,
+        "errors": 0, "latency_ms": [rng.randint(0, 20) for _ in range(11)],
+        "features": {f"feature_{i}": [rng.randint(0, 20) for _ in range(10)] for i in range(64)},
+        "prediction": {"classes": [rng.randint(0, 20) for _ in range(10)], "confidence": [rng.randint(0, 9)] * 10},
+        "recent": [{"id": f"{rng.getrandbits(64):016x}", "prediction": str(i % 10), "confidence": 0.9}
+                   for i in range(50)]}).encode()
+    feedback = json.dumps({"version": 3, "prediction": "7", "label": "1",
+                           "batch_id": "5be0c1d2e3f4a5b6c7d8e9f0a1b2c3d4"}).encode()
+
+    def per_call(fn, body: bytes) -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn(body)
+            best = min(best, (time.perf_counter() - started) / repeats * 1e6)
+        return best
+
+    return {"telemetry_bytes": len(telemetry), "telemetry_bounds": per_call(problem, telemetry),
+            "telemetry_json_loads": per_call(json.loads, telemetry), "feedback_bytes": len(feedback),
+            "feedback_bounds": per_call(problem, feedback), "feedback_json_loads": per_call(json.loads, feedback),
+            **middleware_costs(repeats * 50)}
+
+
+def middleware_costs(repeats: int) -> dict[str, float]:
+    """µs per device-update request through the CORS layer as it was (Starlette's CORSMiddleware
+    for every route) and as it is (server/cors.py's split, which also asks whether the route is
+    an admin one, then server/limits.py's upload cap), around an app that does nothing."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    from server.cors import PublicCors, admin_routes
+    from server.limits import UploadCap
+    from server.routers import channels
+
+    async def nothing(scope, receive, send) -> None:
+        return None
+
+    options = {"allow_origins": ["*"], "allow_methods": ["GET", "HEAD", "POST", "OPTIONS"],
+               "allow_headers": ["Authorization", "Content-Type"], "expose_headers": ["ETag"], "max_age": 600}
+    before = CORSMiddleware(nothing, **options)
+    after = PublicCors(UploadCap(nothing, 256), admin=admin_routes(channels.router.routes), **options)
+    scope = {"type": "http", "method": "POST", "path": "/v1/federations/digits/tasks/0b6d7f/updates",
+             "headers": [(b"host", b"127.0.0.1"), (b"authorization", b"Bearer x"),
+                         (b"content-type", b"application/octet-stream"), (b"content-length", b"153128")]}
+
+    async def per_call(app) -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                await app(scope, None, None)
+            best = min(best, (time.perf_counter() - started) / repeats * 1e6)
+        return best
+
+    async def both() -> dict[str, float]:
+        return {"update_middleware_before": await per_call(before), "update_middleware_after": await per_call(after)}
+
+    return asyncio.run(both())
+
+
+def _commit(checkout: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="8,64", help="keep-alive connections, a comma-separated list")
@@ -374,7 +514,14 @@ def main() -> None:
     parser.add_argument("--models", default="digits-cnn,mlp-1m")
     parser.add_argument("--durability", default=",".join(DURABILITY_MODES),
                         help=f"ours' {ENV_DURABILITY} modes, each measured against bare (default first)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="another checkout of Pollinate (e.g. a git worktree of an earlier commit) whose"
+                             " pollinate serve runs beside ours in each repeat, in the default durability mode")
     args = parser.parse_args()
+    if args.reference is not None:
+        args.reference = args.reference.resolve()
+        if not (args.reference / "pollinate" / "__main__.py").is_file():
+            parser.error(f"--reference {args.reference}: not a checkout of Pollinate (no pollinate/__main__.py)")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.modes = [m for m in DURABILITY_MODES if m in args.durability.split(",")]
     if DEFAULT_DURABILITY not in args.modes:
@@ -386,9 +533,18 @@ def main() -> None:
               "devices": args.devices, "tasks": args.tasks, "repeats": args.repeats, "seconds": args.seconds,
               "target_ratio": TARGET_RATIO, "durability": args.modes, "default_durability": DEFAULT_DURABILITY,
               "rows": []}
+    if args.reference is not None:
+        result["reference"] = {"commit": _commit(args.reference), "target_ratio": REFERENCE_TARGET}
+    result["hygiene_checks_us"] = hygiene_costs()
+    print(f"request hygiene checks (µs per body): {result['hygiene_checks_us']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pollinate-edge-ingest-") as scratch:
         scratch = Path(scratch)
         setups = build_store(scratch / "store", specs, max(args.devices, max(concurrencies)))
+        if args.reference is not None:
+            built = build_reference(args.reference, scratch / "ref-store", setups,
+                                    reference_gateways(args, concurrencies), max(args.devices, max(concurrencies)))
+            for name, setup in setups.items():
+                setup["ref"] = built[name]
         gc.freeze()  # the client's setup objects: never traversed again while it posts
         (scratch / "bare_app.py").write_text(BARE_APP)
         for model, setup in setups.items():
@@ -417,22 +573,35 @@ def measure(model: str, setup: dict, concurrency: int, args, scratch: Path) -> d
     row = {"model": model, "concurrency": concurrency, "parameters": setup["size"],
            "bytes_per_update": len(setup["body"]), "runs": []}
     servers = [("bare", None)] + [(ours_key(mode), mode) for mode in args.modes]
+    if args.reference is not None:
+        servers.append(("ref", DEFAULT_DURABILITY))
     for r in range(args.repeats):
         tag = f"c{concurrency}-r{r}"
         run = {}
         for key, mode in servers if r % 2 == 0 else servers[::-1]:
-            tasks = open_tasks(model, setup, [f"{tag}-{key}-{k}" for k in range(args.tasks)])
-            warmup = open_tasks(model, setup, [f"{tag}-{key}-warmup"])[0]
-            jobs = [(task, token) for task in tasks for token in setup["tokens"][:args.devices]]
-            warmups = [(warmup, token) for token in setup["tokens"][:concurrency]]
-            proc, port = start("bare" if mode is None else "ours", scratch, mode)
+            if key == "ref":  # the reference's own store: tasks opened up front by its code
+                ref = setup["ref"]
+                tasks = [ref["tasks"][f"{tag}-ref-{k}"] for k in range(args.tasks)]
+                warmup = ref["tasks"][f"{tag}-ref-warmup"]
+                tokens = ref["tokens"]
+            else:
+                tasks = open_tasks(model, setup, [f"{tag}-{key}-{k}" for k in range(args.tasks)])
+                warmup = open_tasks(model, setup, [f"{tag}-{key}-warmup"])[0]
+                tokens = setup["tokens"]
+            jobs = [(task, token) for task in tasks for token in tokens[:args.devices]]
+            warmups = [(warmup, token) for token in tokens[:concurrency]]
+            kind = "bare" if mode is None else "ref" if key == "ref" else "ours"
+            proc, port = start(kind, scratch, mode, args.reference)
             try:
                 run[key] = post_all(port, model, jobs, warmups, setup["body"], concurrency, args.seconds,
                                     proc.pid, mode is not None)
             finally:
                 stop(proc)
             for task in (*tasks, warmup):  # the run's updates: gigabytes for the big model
-                setup["edge"].discard_files(task)
+                if key == "ref":
+                    shutil.rmtree(scratch / "ref-store" / "edge" / task, ignore_errors=True)
+                else:
+                    setup["edge"].discard_files(task)
             s = run[key]
             print(f"{model:11s} x{concurrency:<3d} #{r} {key:10s} {s['updates_per_s']:8.1f} updates/s "
                   f"{s['mb_per_s']:8.1f} MB/s  cpu {s['server_cpu_ms_per_update']:.2f} ms/update "
@@ -445,15 +614,20 @@ def measure(model: str, setup: dict, concurrency: int, args, scratch: Path) -> d
                 print(f"warning: {model} ({mode}): not every update was accepted: {s['statuses']}", flush=True)
         for mode in args.modes:
             run[ratio_key(mode)] = run[ours_key(mode)]["updates_per_s"] / run["bare"]["updates_per_s"]
+        if "ref" in run:
+            run["ratio_ref"] = run["ours"]["updates_per_s"] / run["ref"]["updates_per_s"]
         row["runs"].append(run)
     for mode in args.modes:
         row[ratio_key(mode)] = statistics.median(run[ratio_key(mode)] for run in row["runs"])
     row["meets_target"] = row["ratio"] >= TARGET_RATIO
+    if args.reference is not None:
+        row["ratio_ref"] = statistics.median(run["ratio_ref"] for run in row["runs"])
+        row["meets_reference_target"] = row["ratio_ref"] >= REFERENCE_TARGET
     for key, mode in servers:
         row[key] = {stat: statistics.median(run[key][stat] for run in row["runs"])
                     for stat in ("updates_per_s", "mb_per_s", "server_cpu_ms_per_update", "server_cpu_cores",
                                  "loop_cpu_ms_per_update", "other_threads_cpu_ms_per_update")}
-        if mode is not None:
+        if mode is not None and key != "ref":
             row[key]["durability"] = mode
             row[key]["phases_ms"] = {phase: statistics.median(run[key]["phases_ms"].get(phase, 0.0)
                                                               for run in row["runs"])
@@ -514,6 +688,42 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"| {row['concurrency']} | {mode} | {row['bare']['updates_per_s']:.0f} | {row['bare']['mb_per_s']:.0f} "
                 f"| {ours['updates_per_s']:.0f} | {ours['mb_per_s']:.0f} "
                 f"| **{_ratio(ratio, target)}x** {'(met)' if ratio >= target else '(NOT met)'} |")
+    ref = result.get("reference")
+    if ref:
+        goal = ref["target_ratio"]
+        lines += ["", f"Against the reference: `pollinate serve` from a checkout of commit `{ref['commit']}` (the code "
+                  "before issue 19's request hygiene: no read timeouts, upload cap, JSON bounds or CORS split), on a "
+                  "store its own code built, in the same repeats as ours and bare, default durability. Target: ours >= "
+                  f"{goal}x ref (ingestion within 10%).", "",
+                  "| model | connections | ref updates/s | ours updates/s | ours/ref | each repeat "
+                  "| ref CPU ms/update | ours CPU ms/update | ours/ref CPU |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for row in result["rows"]:
+            if "ratio_ref" not in row:
+                continue
+            each = ", ".join(f"{run['ratio_ref']:.2f}" for run in row["runs"])
+            cpu_ours, cpu_ref = row["ours"]["server_cpu_ms_per_update"], row["ref"]["server_cpu_ms_per_update"]
+            lines.append(f"| {row['model']} | {row['concurrency']} | {row['ref']['updates_per_s']:.0f} "
+                         f"| {row['ours']['updates_per_s']:.0f} | **{_ratio(row['ratio_ref'], goal)}x** "
+                         f"{'(met)' if row['ratio_ref'] >= goal else '(NOT met)'} | {each} "
+                         f"| {cpu_ref:.3f} | {cpu_ours:.3f} | {cpu_ours / cpu_ref:.2f} |")
+        lines += ["", "The server CPU an update costs (medians over the repeats) is the steadier measure on a shared "
+                  "machine: the rates move with whatever else the cores run, the work per update does not."]
+    costs = result.get("hygiene_checks_us")
+    if costs:
+        lines += ["", "What the JSON bounds (server/json_bounds.py) cost on the event loop per body, which every body "
+                  "but a device update's passes once before any route parses it, against `json.loads` of the same "
+                  "body (best of 5 x 2,000 calls, µs):", "",
+                  "| body | bytes | bounds check | json.loads | check / parse |", "|---|---:|---:|---:|---:|"]
+        for body in ("telemetry", "feedback"):
+            check, parse = costs[f"{body}_bounds"], costs[f"{body}_json_loads"]
+            lines.append(f"| {body} | {costs[f'{body}_bytes']:,} | {check:.1f} | {parse:.1f} | {check / parse:.2f} |")
+        if "update_middleware_after" in costs:
+            lines += ["", "The other checks on a device update's way in, per request (µs; around an app that does nothing): "
+                      f"CORS as it was (Starlette's middleware for every route) {costs['update_middleware_before']:.1f}, "
+                      "as it is (the admin-route split, server/cors.py, then the upload cap, server/limits.py) "
+                      f"{costs['update_middleware_after']:.1f}. The read timeouts (server/protocol.py) cost a float "
+                      "assignment per body read and one timer per connection."]
     lines += ["", "Server CPU per update (ms; ours: the event loop, and the store's committer thread), "
               "and each repeat's ratio:", "",
               "| model | connections | durability | bare CPU | ours CPU | ours: loop | ours: committer | ratios |",

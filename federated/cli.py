@@ -27,8 +27,9 @@ SUPERLINK = f"{SUPERLINK_HOST}:{SUPERLINK_PORT}"
 # The robust defaults (federated/robust.py) and the acceptance gate (federated/acceptance.py)
 NormMultipleOption = Annotated[float, typer.Option(
     "--norm-multiple", help="Set aside an update whose L2 norm is over this × the round's median (0: off).")]
-MinCosineOption = Annotated[float, typer.Option(
-    "--min-cosine", help="Set aside an update whose cosine with the mean of the round's others is below this (-1: off).")]
+DirectionRatioOption = Annotated[float, typer.Option(
+    "--direction-ratio", help="Set aside an update whose cosine with the mean of the round's others is below -this x "
+                              "the round's median cosine (0: off).")]
 ExamplesMultipleOption = Annotated[float, typer.Option(
     "--examples-multiple", help="An update's example claim weighs at most this × the round's median claim (0: no cap).")]
 ExamplesCapOption = Annotated[int, typer.Option(
@@ -84,7 +85,7 @@ def simulate_command(
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", help="FedProx μ.")] = 0.01,
     clip_norm: Annotated[float, typer.Option("--clip-norm", help="Clip each update's L2 norm (0 = off).")] = 0.0,
     norm_multiple: NormMultipleOption = 4.0,
-    min_cosine: MinCosineOption = 0.0,
+    direction_ratio: DirectionRatioOption = 0.5,
     examples_multiple: ExamplesMultipleOption = 2.0,
     examples_cap: ExamplesCapOption = 0,
     gate: GateOption = True,
@@ -131,7 +132,7 @@ def simulate_command(
         partition=partition, num_partitions=clients + (edge_gateways if fleet else 0), fraction=fraction,
         local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, strategy=strategy,
         proximal_mu=proximal_mu, clip_norm=clip_norm, publish_every=publish_every, channel=channel, formats=formats,
-        norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple, examples_cap=examples_cap, gate=gate,
+        norm_multiple=norm_multiple, direction_ratio=direction_ratio, examples_multiple=examples_multiple, examples_cap=examples_cap, gate=gate,
         gate_threshold=gate_threshold,
         malicious=share, attack=attack, dropout=dropout, seed=seed, resume=resume,
         edge=fleet is not None, edge_gateways=edge_gateways if fleet else 0, edge_partitions=fleet.total if fleet else 0,
@@ -343,7 +344,7 @@ def supernode(
     aggregate: Annotated[str, typer.Option("--aggregate", help="Gateway: mean (example-weighted) | median | trimmed-mean.")] = "mean",
     trim: Annotated[float, typer.Option("--trim", help="Gateway, trimmed-mean: share cut at each end.")] = 0.2,
     norm_multiple: NormMultipleOption = 4.0,
-    min_cosine: MinCosineOption = 0.0,
+    direction_ratio: DirectionRatioOption = 0.5,
     examples_multiple: ExamplesMultipleOption = 2.0,
     examples_cap: ExamplesCapOption = 0,
     data: Annotated[Optional[Path], typer.Option("--data", help="Train on this file (.csv with the model's columns, or .npz with x, y) instead of a partition.")] = None,
@@ -380,7 +381,7 @@ def supernode(
 
         options = GatewayOptions(name=gateway, home=str(Path(home).resolve()), min_updates=min_updates,
                                  round_deadline=round_deadline, norm_bound=norm_bound, clip=clip,
-                                 aggregate=aggregate, trim=trim, norm_multiple=norm_multiple, min_cosine=min_cosine,
+                                 aggregate=aggregate, trim=trim, norm_multiple=norm_multiple, direction_ratio=direction_ratio,
                                  examples_multiple=examples_multiple, examples_cap=examples_cap).check()
         open_store(home)  # the store devices reach through `pollinate serve --home` (created if new)
         nodes.mkdir(parents=True, exist_ok=True)
@@ -447,7 +448,7 @@ def run(
     publish_every: Annotated[int, typer.Option("--publish-every")] = 1,
     edge: Annotated[bool, typer.Option("--edge", help="Edge gateways take part: publish every round before the next (devices train on it), give a restarted gateway its round again.")] = False,
     norm_multiple: NormMultipleOption = 4.0,
-    min_cosine: MinCosineOption = 0.0,
+    direction_ratio: DirectionRatioOption = 0.5,
     examples_multiple: ExamplesMultipleOption = 2.0,
     examples_cap: ExamplesCapOption = 0,
     gate: GateOption = True,
@@ -477,7 +478,7 @@ def run(
                                   strategy=strategy, min_clients=min_clients, num_partitions=num_partitions,
                                   partition=partition, formats=formats, channel=channel,
                                   publish_every=publish_every, edge=edge, progress_file=str(progress),
-                                  norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple,
+                                  norm_multiple=norm_multiple, direction_ratio=direction_ratio, examples_multiple=examples_multiple,
                                   examples_cap=examples_cap, gate=gate, gate_threshold=gate_threshold).check()
     env = flower_env(_flower_home(home))
     connection = {"address": superlink_address, "insecure": insecure}
@@ -557,7 +558,7 @@ def up(
     clip: Annotated[bool, typer.Option("--clip", help="Clip updates over the bound instead of refusing them.")] = False,
     aggregate: Annotated[str, typer.Option("--aggregate", help="mean | median | trimmed-mean")] = "mean",
     norm_multiple: NormMultipleOption = 4.0,
-    min_cosine: MinCosineOption = 0.0,
+    direction_ratio: DirectionRatioOption = 0.5,
     examples_multiple: ExamplesMultipleOption = 2.0,
     examples_cap: ExamplesCapOption = 0,
     gate: GateOption = True,
@@ -606,7 +607,7 @@ def up(
         version = None
     GatewayOptions(name="gw-0", home=".", min_updates=min_updates, round_deadline=round_deadline,
                    norm_bound=norm_bound, clip=clip, aggregate=aggregate, norm_multiple=norm_multiple,
-                   min_cosine=min_cosine, examples_multiple=examples_multiple, examples_cap=examples_cap).check()
+                   direction_ratio=direction_ratio, examples_multiple=examples_multiple, examples_cap=examples_cap).check()
     for path in data or []:
         if not Path(path).is_file():
             raise InvalidInput(f"data file not found: {path}")
@@ -635,7 +636,7 @@ def up(
         home=str(home), model_name=model, dataset=json.dumps(recipe, sort_keys=True), start_from=str(record.version),
         rounds=rounds, min_clients=gateways + len(data or []), local_epochs=local_epochs, batch_size=batch_size,
         learning_rate=learning_rate, strategy=strategy, formats=formats, channel=channel, edge=True,
-        progress_file=str(progress), norm_multiple=norm_multiple, min_cosine=min_cosine, examples_multiple=examples_multiple,
+        progress_file=str(progress), norm_multiple=norm_multiple, direction_ratio=direction_ratio, examples_multiple=examples_multiple,
         examples_cap=examples_cap, gate=gate, gate_threshold=gate_threshold).check()
     console = human_console(as_json)
     rows: list[dict] = []
@@ -649,7 +650,7 @@ def up(
                 ["federate", "supernode", "--gateway", f"gw-{i}", "--superlink", link.address, "--home", str(home),
                  "--min-updates", str(min_updates), "--round-deadline", str(round_deadline),
                  "--norm-bound", str(norm_bound), "--aggregate", aggregate, *(["--clip"] if clip else []),
-                 "--norm-multiple", str(norm_multiple), "--min-cosine", str(min_cosine),
+                 "--norm-multiple", str(norm_multiple), "--direction-ratio", str(direction_ratio),
                  "--examples-multiple", str(examples_multiple),
                  "--examples-cap", str(examples_cap)],
                 folder / f"gateway-{i}.log"))

@@ -56,7 +56,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from core.errors import InvalidInput, PollinateError
 
-from .robust import EXAMPLES_MULTIPLE, MIN_COSINE, NORM_MULTIPLE, RobustPolicy, screen
+from .robust import DIRECTION_RATIO, EXAMPLES_MULTIPLE, NORM_MULTIPLE, RobustPolicy, screen
 from .settings import FederationSettings
 from .strategies import EDGE_RECORD, NORM_MEDIANS
 
@@ -89,7 +89,7 @@ class GatewayOptions:
     trim: float = 0.2  # trimmed-mean: share cut at each end
     poll_seconds: float = 0.25
     norm_multiple: float = NORM_MULTIPLE  # robust.py: outliers over this × the round's median norm
-    min_cosine: float = MIN_COSINE  # robust.py: set aside under this cosine with the others' mean
+    direction_ratio: float = DIRECTION_RATIO  # robust.py: set aside opposing the round this much
     examples_multiple: float = EXAMPLES_MULTIPLE  # robust.py: a claim weighs at most this × the median claim
     examples_cap: int = 0  # robust.py: and at most this many examples (0: no fixed cap)
 
@@ -111,14 +111,14 @@ class GatewayOptions:
 
     def policy(self) -> RobustPolicy:
         """The screening of this gateway's device updates (the bound itself is the task's)."""
-        return RobustPolicy(norm_multiple=self.norm_multiple, min_cosine=self.min_cosine,
+        return RobustPolicy(norm_multiple=self.norm_multiple, direction_ratio=self.direction_ratio,
                             examples_multiple=self.examples_multiple, examples_cap=self.examples_cap).check()
 
     def to_node_config(self) -> dict:
         return {"gateway": self.name, "home": self.home, "min-updates": self.min_updates,
                 "round-deadline": float(self.round_deadline), "norm-bound": float(self.norm_bound),
                 "clip": bool(self.clip), "aggregate": self.aggregate, "trim": float(self.trim),
-                "norm-multiple": float(self.norm_multiple), "min-cosine": float(self.min_cosine),
+                "norm-multiple": float(self.norm_multiple), "direction-ratio": float(self.direction_ratio),
                 "examples-multiple": float(self.examples_multiple),
                 "examples-cap": int(self.examples_cap)}
 
@@ -131,7 +131,7 @@ class GatewayOptions:
             return None
         return cls(name=f"sim-gw-{int(node['partition-id'])}", home=settings.home,
                    min_updates=settings.edge_min_updates, round_deadline=settings.edge_round_deadline,
-                   norm_multiple=settings.norm_multiple, min_cosine=settings.min_cosine,
+                   norm_multiple=settings.norm_multiple, direction_ratio=settings.direction_ratio,
                    examples_multiple=settings.examples_multiple, examples_cap=settings.examples_cap).check()
 
     @classmethod
@@ -148,7 +148,7 @@ class GatewayOptions:
                    clip=clip if isinstance(clip, bool) else str(clip).lower() in ("1", "true", "yes"),
                    aggregate=str(node.get("aggregate", "mean")), trim=float(node.get("trim", 0.2)),
                    norm_multiple=float(node.get("norm-multiple", NORM_MULTIPLE)),
-                   min_cosine=float(node.get("min-cosine", MIN_COSINE)),
+                   direction_ratio=float(node.get("direction-ratio", DIRECTION_RATIO)),
                    examples_multiple=float(node.get("examples-multiple", EXAMPLES_MULTIPLE)),
                    examples_cap=int(node.get("examples-cap", 0))).check()
 

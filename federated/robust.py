@@ -19,14 +19,21 @@ over the updates, as many as FedAvg's own mean), then medians over a few numbers
    send. With fewer than MIN_FOR_MEDIAN updates a round's own median means little (of two
    updates, one may be the attacker), so the median of the previous round's kept updates
    stands in when known (`reference_median`); with neither, only the bound applies.
-3. **Direction.** An update that points away from where the round is going, its cosine with
-   the mean of the round's other kept updates below `min_cosine` (0: opposite, by any
-   angle over 90°), is set aside (`direction`). A sign-flipped honest update has the
-   norm of an honest one but the opposite direction: measured on digits, honest updates
-   sit at cosine 0.4–0.8 with the others' mean (0.4 on non-IID Dirichlet α=0.5 shards),
-   a flipped one at −0.45. On non-IID data a flipped copy of one device's update also
-   erases what that device's classes taught the round (8 accuracy points in two rounds,
-   measured): the norm rule cannot see it, this rule does. Needs MIN_FOR_MEDIAN updates.
+3. **Direction.** An update that opposes the round is set aside (`direction`): its cosine
+   with the mean of the round's other kept updates is below −`direction_ratio` × the
+   round's median cosine (it points away from the others at least half as strongly as a
+   typical update agrees with them) and below −DIRECTION_FLOOR. A sign-flipped honest update has the norm of an
+   honest one but the opposite direction: measured on digits, honest updates sit at cosine
+   0.4–0.8 with the others' mean (0.4 on non-IID Dirichlet α=0.5 shards), a flipped one at
+   about minus the median (−0.45). On non-IID data a flipped copy of one device's update
+   also erases what that device's classes taught the round (8 accuracy points in two
+   rounds, measured): the norm rule cannot see it, this rule does. The limit follows the
+   round's own agreement, so a round whose updates barely agree (late rounds, very
+   different shards) is not thinned out: there a flipped update opposes little signal, and
+   honest updates scatter around a small median (independent directions: about ±1/√size),
+   which the floor keeps clear of. A round without agreement (median cosine ≤ 0) has no
+   direction to oppose. It needs MIN_FOR_DIRECTION updates: among three non-IID
+   updates one honest update measured −0.14 against the mean of the other two.
 4. **The weight an `examples` claim buys is capped** at `examples_multiple` × the median
    claim per contributor of the kept updates (and at `examples_cap` per contributor when
    set), times the update's contributors (a device is one; a gateway counts the device
@@ -59,13 +66,15 @@ from core.errors import InvalidInput
 # federated.md, edge.md): an honest update's norm stays under ~2.5× the round's median
 # (more local examples, more steps); −base, ×20 scaling and noise are 10× to 1000× it.
 NORM_MULTIPLE = 4.0
-# Below this cosine with the others' mean an update is set aside (−1: never).
-MIN_COSINE = 0.0
+# Set aside below −this × the round's median cosine with the others' mean (0: never).
+DIRECTION_RATIO = 0.5
+DIRECTION_FLOOR = 0.1  # ... and below −this, whatever the median
 # An honest claim's weight is cut at 2× the round's median claim: the largest honest
 # partitions keep most of their weight (measured: FedAvg's clean accuracy unchanged), a
 # lie of 10,000,000 weighs as much as two median devices.
 EXAMPLES_MULTIPLE = 2.0
-MIN_FOR_MEDIAN = 3  # updates a round needs before its own medians and mean are trusted
+MIN_FOR_MEDIAN = 3  # updates a round needs before its own median norm is trusted
+MIN_FOR_DIRECTION = 5  # ... and before "the mean of the others" is a direction
 
 REASONS = {
     "norm_bound": "L2 norm over the fixed bound",
@@ -80,7 +89,7 @@ class RobustPolicy:
 
     norm_multiple: float = NORM_MULTIPLE  # 0: no outlier rule
     norm_bound: float = 0.0  # a fixed L2 bound on an update; 0: none
-    min_cosine: float = MIN_COSINE  # −1: no direction rule
+    direction_ratio: float = DIRECTION_RATIO  # 0: no direction rule
     examples_multiple: float = EXAMPLES_MULTIPLE  # 0: no cap from the round's median claim
     examples_cap: int = 0  # a fixed cap per contributor; 0: none
 
@@ -93,8 +102,8 @@ class RobustPolicy:
             raise InvalidInput("--norm-multiple must be ≥ 1 (an update at the round's median norm is honest) or 0 (off)")
         if 0 < self.examples_multiple < 1:
             raise InvalidInput("--examples-multiple must be ≥ 1 or 0 (off)")
-        if not (math.isfinite(self.min_cosine) and -1 <= self.min_cosine < 1):
-            raise InvalidInput("--min-cosine must be in [-1, 1) (-1: off)")
+        if not (math.isfinite(self.direction_ratio) and self.direction_ratio >= 0):
+            raise InvalidInput("--direction-ratio must be a number ≥ 0 (0: off)")
         if self.examples_cap < 0:
             raise InvalidInput("--examples-cap must be ≥ 0 (0: none)")
         return self
@@ -117,6 +126,7 @@ class Screening:
     kept_norm_max: float | None = None  # the largest kept norm (its ratio to the median: honest spread)
     norm_limit: float | None = None  # the outlier limit used, if any
     cosine_min: float | None = None  # the lowest cosine with the others' mean (before setting aside)
+    cosine_median: float | None = None  # the round's median cosine with the others' mean
     examples_cap: float | None = None  # the cap per contributor used, if any
 
     def counts(self) -> dict[str, int]:
@@ -132,6 +142,7 @@ class Screening:
                 "norm_median": self.norm_median, "kept_norm_median": self.kept_norm_median,
                 "kept_norm_max": self.kept_norm_max,
                 "norm_limit": self.norm_limit, "cosine_min": self.cosine_min,
+                "cosine_median": self.cosine_median,
                 "examples_cap": self.examples_cap}
 
 
@@ -201,15 +212,17 @@ def screen(norms: list[float], claims: list[float], policy: RobustPolicy, *, con
                               f"{'round' if own else 'previous round'}'s median {scale:.4g}")
         else:
             out.kept.append(i)
-    if pieces is not None and policy.min_cosine > -1 and len(out.kept) >= MIN_FOR_MEDIAN:
+    if pieces is not None and policy.direction_ratio > 0 and len(out.kept) >= MIN_FOR_DIRECTION:
         cosines = cosines_to_the_others(pieces, out.kept, norms)
-        out.cosine_min = min(cosines.values())
-        for i, cosine in cosines.items():
-            if cosine < policy.min_cosine:
-                out.set_aside[i] = "direction"
-                out.details[i] = (f"cosine {cosine:.2f} with the mean of the round's other updates, under "
-                                  f"{policy.min_cosine:g}")
-        out.kept = [i for i in out.kept if i not in out.set_aside]
+        out.cosine_min, out.cosine_median = min(cosines.values()), median(list(cosines.values()))
+        if out.cosine_median > 0:
+            floor = -max(policy.direction_ratio * out.cosine_median, DIRECTION_FLOOR)
+            for i, cosine in cosines.items():
+                if cosine < floor:
+                    out.set_aside[i] = "direction"
+                    out.details[i] = (f"cosine {cosine:.2f} with the mean of the round's other updates, under "
+                                      f"{floor:.2f} (the round's median is {out.cosine_median:.2f})")
+            out.kept = [i for i in out.kept if i not in out.set_aside]
     if not out.kept:
         return out
     out.kept_norm_median = median([norms[i] for i in out.kept])

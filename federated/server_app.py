@@ -269,6 +269,7 @@ def run_federation(grid: Grid, settings: FederationSettings, on_round: RoundCall
             "set_aside": dict(sorted(stats.set_aside.items())), "examples_capped": stats.examples_capped,
             "examples_weight": stats.examples_weight, "norm_median": stats.norm_median,
             "norm_max": stats.norm_max, "norm_limit": stats.norm_limit, "cosine_min": stats.cosine_min,
+            "cosine_median": stats.cosine_median,
             "failed": stats.failed, "clipped": stats.clipped, "examples": stats.examples,
             "clients": sorted(stats.clients), "train_loss": stats.train_loss, "reasons": stats.reasons,
             "client_train_seconds_sum": float(sum(stats.client_train_seconds)),

@@ -44,10 +44,10 @@ class FederationSettings:
     clip_norm: float = 0.0  # L2 bound on each update (0 = off)
     # robust screening of every round's updates (federated/robust.py), and of every gateway's
     # device updates: outliers over norm_multiple × the round's median norm and updates whose
-    # cosine with the others' mean is under min_cosine are set aside, a claim's weight is
-    # capped at examples_multiple × the median claim (and examples_cap)
+    # cosine with the others' mean is under −direction_ratio × the round's median cosine are
+    # set aside, a claim's weight is capped at examples_multiple × the median claim (and examples_cap)
     norm_multiple: float = 4.0
-    min_cosine: float = 0.0
+    direction_ratio: float = 0.5
     examples_multiple: float = 2.0
     examples_cap: int = 0
     # the acceptance gate (federated/acceptance.py): a round worse than the last accepted one
@@ -125,7 +125,7 @@ class FederationSettings:
         """The screening of every round's Flower replies (federated/robust.py)."""
         from federated.robust import RobustPolicy
 
-        return RobustPolicy(norm_multiple=self.norm_multiple, min_cosine=self.min_cosine,
+        return RobustPolicy(norm_multiple=self.norm_multiple, direction_ratio=self.direction_ratio,
                             examples_multiple=self.examples_multiple, examples_cap=self.examples_cap).check()
 
     def client_partition(self, partition_id: int, num_partitions: int) -> tuple[int, int]:

@@ -73,6 +73,7 @@ class RoundStats:
     norm_max: float | None = None  # the largest kept update norm
     norm_limit: float | None = None
     cosine_min: float | None = None  # the lowest cosine with the others' mean, before setting aside
+    cosine_median: float | None = None  # the round's median of those cosines
     clients: list[int] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     client_train_seconds: list[float] = field(default_factory=list)
@@ -101,7 +102,8 @@ class RoundStats:
         """The round's screening, for its history row and its version's lineage."""
         return {"set_aside": dict(sorted(self.set_aside.items())), "examples_capped": self.examples_capped,
                 "examples_weight": self.examples_weight, "norm_median": self.norm_median,
-                "norm_max": self.norm_max, "norm_limit": self.norm_limit, "cosine_min": self.cosine_min}
+                "norm_max": self.norm_max, "norm_limit": self.norm_limit, "cosine_min": self.cosine_min,
+                "cosine_median": self.cosine_median}
 
     def edge_summary(self) -> dict:
         """What the devices behind the gateways contributed (devices: distinct per gateway, summed)."""
@@ -270,6 +272,7 @@ def make_strategy(settings: FederationSettings, num_nodes: int):
                                contributors=[units for *_, units in sound], pieces=pieces)
             stats.norm_median, stats.norm_limit = screening.kept_norm_median, screening.norm_limit
             stats.norm_max, stats.cosine_min = screening.kept_norm_max, screening.cosine_min
+            stats.cosine_median = screening.cosine_median
             stats.examples_capped = screening.capped
             for i, why in sorted(screening.details.items()):
                 msg, client, gateway, _, _ = sound[i]

@@ -79,12 +79,20 @@ def test_a_sign_flipped_update_is_set_aside_by_its_direction():
     deltas = [*honest, flipped]
     norms = [float(np.linalg.norm(d)) for d in deltas]
     out = screen(norms, [100] * 10, RobustPolicy(), pieces=lambda i: (deltas[i],))
-    assert out.set_aside == {9: "direction"} and out.cosine_min < 0
-    off = screen(norms, [100] * 10, RobustPolicy(min_cosine=-1), pieces=lambda i: (deltas[i],))
+    assert out.set_aside == {9: "direction"} and out.cosine_min < -0.5 * out.cosine_median < 0
+    off = screen(norms, [100] * 10, RobustPolicy(direction_ratio=0), pieces=lambda i: (deltas[i],))
     assert off.set_aside == {}
+    # too few to say where the round goes: three updates that disagree are all kept
+    few = [deltas[0], deltas[1], flipped]
+    assert screen([norms[0], norms[1], norms[9]], [100] * 3, RobustPolicy(), pieces=lambda i: (few[i],)).set_aside == {}
+    # no agreement at all (independent directions): no direction to oppose, nothing set aside
+    scattered = [rng.normal(size=500) for _ in range(10)]
+    out = screen([float(np.linalg.norm(d)) for d in scattered], [100] * 10, RobustPolicy(),
+                 pieces=lambda i: (scattered[i],))
+    assert out.set_aside == {}
 
 
-@pytest.mark.parametrize("bad", [dict(norm_multiple=0.5), dict(examples_multiple=-1), dict(min_cosine=1.5),
+@pytest.mark.parametrize("bad", [dict(norm_multiple=0.5), dict(examples_multiple=-1), dict(direction_ratio=-0.5),
                                  dict(examples_cap=-3), dict(norm_bound=float("nan"))])
 def test_bad_policies_are_refused(bad):
     with pytest.raises(InvalidInput):
@@ -93,7 +101,7 @@ def test_bad_policies_are_refused(bad):
 
 def test_bad_gate_and_robust_flags_are_one_line(tmp_path):
     for args, message in [(["--gate-threshold", "-1"], "--gate-threshold"),
-                          (["--min-cosine", "2"], "--min-cosine"),
+                          (["--direction-ratio", "-1"], "--direction-ratio"),
                           (["--malicious", "0.1:teleport"], "minus-base, inflate")]:
         result = run_cli("federate", "simulate", "--from-scratch", *args, home=tmp_path / "store")
         lines = result.stderr.strip().splitlines()

@@ -220,9 +220,22 @@ DEFAULTS: dict = {
 # --------------------------------------------------------------------------- time
 
 
+_hour: tuple[float, float, str] = (math.inf, -math.inf, "")  # (start, end, label) of the last hour asked for
+
+
 def window_of(now: float) -> str:
-    """The UTC hour holding ``now`` (unix seconds), as "YYYY-MM-DDTHH:00:00Z"."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:00:00Z")
+    """The UTC hour holding ``now`` (unix seconds), as "YYYY-MM-DDTHH:00:00Z". Ingestion asks
+    for the current hour with every batch: the last hour's span and label are kept (one
+    strftime an hour, not one per batch)."""
+    global _hour
+    start, end, label = _hour
+    if start <= now < end:
+        return label
+    moment = datetime.fromtimestamp(now, UTC)
+    label = moment.strftime("%Y-%m-%dT%H:00:00Z")
+    start = moment.replace(minute=0, second=0, microsecond=0).timestamp()
+    _hour = (start, start + 3600.0, label)
+    return label
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([mhdw])")
@@ -524,7 +537,7 @@ class Monitor:
             raise NotFound(f"no model named {model!r}")
         check_model_name(model)
         pending = _Pending(kind, model, body, time.time() if now is None else float(now), loop,
-                           _source_key(source))
+                           ("", "") if source is None else source)
         self._committer.submit(pending)
         return pending.future
 
@@ -1169,7 +1182,7 @@ class _Pending:
     def __init__(self, kind: str, model: str, body: object, now: float, loop: asyncio.AbstractEventLoop | None,
                  source: tuple[str, str] = ("", "")):
         self.kind, self.model, self.body, self.now, self.loop = kind, model, body, now, loop
-        self.source = source  # (address pseudonym, device id or ""): who sent it, for the guardrails
+        self.source = source  # (address, device id or ""): who sent it, for the guardrails (never stored as is)
         if loop is None:
             self.future = Future()
             self.future.set_running_or_notify_cancel()  # in the committer's hands: it cannot be called off
@@ -1256,7 +1269,8 @@ class _Merged:
 
     def tally(self, rail: _Rail, model: str, version: int, metric: str, source: tuple[str, str],
               successes: int, trials: int) -> None:
-        pair = self.tallies.setdefault((model, rail.channel, rail.rollout, version, metric, *source), [0, 0])
+        pair = self.tallies.setdefault((model, rail.channel, rail.rollout, version, metric, *_source_key(source)),
+                                       [0, 0])
         pair[0] += successes
         pair[1] += trials
 
@@ -1512,12 +1526,11 @@ def _side(tallies: Mapping, version: int, metric: str, share: float) -> source_s
                                if v == version and m == metric], share)
 
 
-def _source_key(source: tuple[str, str] | None) -> tuple[str, str]:
-    """(address pseudonym, device id) of a sender. The address is stored as the first 16 hex
-    digits of its sha256: the store never holds a sender's address, only a stable stand-in
-    for as long as a rollout's tallies are kept."""
-    if source is None:
-        return "", ""
+def _source_key(source: tuple[str, str]) -> tuple[str, str]:
+    """(address pseudonym, device id) of a sender, as tallies keep it. The address is stored as
+    the first 16 hex digits of its sha256: the store never holds a sender's address, only a
+    stable stand-in for as long as a rollout's tallies are kept. Worked out only for items a
+    guardrail tallies."""
     address, device = source
     pseudonym = hashlib.sha256(str(address).encode()).hexdigest()[:16] if address else ""
     return pseudonym, str(device or "")[:64]

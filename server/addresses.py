@@ -18,6 +18,8 @@ client rotating through it would otherwise be a new source each time.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -48,9 +50,17 @@ def parse_trusted(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+# A dotted-quad IPv4 address as ipaddress writes it (no leading zeros): the usual case, parsed
+# without ipaddress' octet-by-octet Python parser (about 3 µs a request of the hot POSTs)
+_DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                          r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
 @lru_cache(maxsize=65536)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """``text`` parsed once (a request checks its hop against the proxies, then takes its source)."""
+    if _DOTTED_QUAD.fullmatch(text):
+        return ipaddress.IPv4Address(socket.inet_aton(text))
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -61,6 +71,8 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def source_of(address: str) -> str:
     """The source an address counts as: IPv4 as it is, IPv6 as its /64 ("2001:db8:1:2::/64");
     anything that is not an IP address (a Unix socket, a test client's name) as it is."""
+    if _DOTTED_QUAD.fullmatch(address):
+        return address
     ip = _ip(address)
     if ip is None:
         return address or "unknown"

@@ -555,16 +555,20 @@ class Monitor:
         self._rails[model] = (data_version, rails)
         return rails
 
-    def _apply(self, db: sqlite3.Connection, group: list[_Pending]) -> tuple[dict, dict]:
+    def _apply(self, db: sqlite3.Connection, group: list[_Pending]) -> tuple[dict, dict, dict]:
         """Check and apply a group of batches inside one write transaction: each refused one
         alone (it wrote nothing: every check comes before its first write), the others' counts
         added up in memory first (they commute) and written once per row. Recent ids and batch
         ids are written (and a feedback's id consumed) in queue order, so a later item of the
-        group sees them."""
+        group sees them. Returns (results, refusals, the group's guardrail tallies): the
+        committer writes tallies a second at a time (see :class:`_Committer`)."""
         results: dict[_Pending, dict] = {}
         failed: dict[_Pending, BaseException] = {}
         context = _Group(self, db)
         merged = _Merged()
+        group = [p for p in group if p.kind != _FLUSH]
+        if not group:
+            return results, failed, {}
         now = max(p.now for p in group)
         if now - self._swept_batches >= BATCH_SWEEP_S:
             db.execute("DELETE FROM monitor_batches WHERE expires_at < ?", (now,))
@@ -600,7 +604,7 @@ class Monitor:
                     db.execute("DELETE FROM monitor_batches WHERE model = ? AND kind = ? AND batch_id = ?", claimed)
                 failed[pending] = exc
         merged.write(db)
-        return results, failed
+        return results, failed, merged.tallies
 
     def _apply_telemetry(self, db, context: _Group, pending: _Pending, body: Mapping, versions: set[int],
                          merged: _Merged) -> dict:
@@ -1016,6 +1020,8 @@ class Monitor:
         rails = self.guardrails(model)
         share = float(self.config(model).get("guardrail_share") or DEFAULT_SHARE)
         rolled: list[dict] = []
+        if rails:
+            self._committer.flush()  # this process's tallies of the last second, written
         for channel, rail in sorted(rails.items()):
             # capped counts are never above what was received: read the sources only for the
             # metrics whose received counts could reach min_samples on both sides
@@ -1073,6 +1079,7 @@ class Monitor:
         self._require_model(model)
         share = float(self.config(model).get("guardrail_share") or DEFAULT_SHARE)
         out: dict[str, dict] = {}
+        self._committer.flush()
         for channel, rail in sorted(self.guardrails(model).items()):
             tallies, state, rollout = self._tallies(model, channel)
             if state is None or state.candidate_version is None:
@@ -1099,9 +1106,17 @@ class Monitor:
                 " AND h.channel = c.channel) FROM channels c WHERE c.model = ? AND c.candidate_version IS NOT NULL")
         with self.store._read() as db:
             current = dict(db.execute(keep, (model,)).fetchall())
-            stale = db.execute("SELECT DISTINCT channel, rollout FROM guardrail_tallies WHERE model = ?",
-                               (model,)).fetchall()
-        stale = [(c, r) for c, r in stale if current.get(c) != r]
+            # the (channel, rollout) pairs present, one index probe each (not a scan of every row)
+            present, after = [], ("", -1)
+            while True:
+                row = db.execute("SELECT channel, rollout FROM guardrail_tallies WHERE model = ? AND"
+                                 " (channel, rollout) > (?, ?) ORDER BY channel, rollout LIMIT 1",
+                                 (model, *after)).fetchone()
+                if row is None:
+                    break
+                present.append(row)
+                after = row
+        stale = [(c, r) for c, r in present if current.get(c) != r]
         if stale:
             with self.store._write() as db:
                 db.executemany("DELETE FROM guardrail_tallies WHERE model = ? AND channel = ? AND rollout = ?",
@@ -1307,13 +1322,24 @@ class _Merged:
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model, version, window, shadow_version) DO UPDATE"
                 " SET compared = compared + excluded.compared, agreed = agreed + excluded.agreed",
                 [(*key, compared, agreed) for key, (compared, agreed) in self.shadow.items()])
-        if self.tallies:
-            db.executemany(
-                "INSERT INTO guardrail_tallies (model, channel, rollout, version, metric, address, device,"
-                " successes, trials) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel, rollout,"
-                " version, metric, address, device) DO UPDATE SET successes = successes + excluded.successes,"
-                " trials = trials + excluded.trials",
-                [(*key, successes, trials) for key, (successes, trials) in self.tallies.items()])
+
+
+def _write_tallies(db: sqlite3.Connection, tallies: dict) -> None:
+    """Add the guardrails' tallies {(model, channel, rollout, version, metric, address, device):
+    [successes, trials]} into the store."""
+    db.executemany(
+        "INSERT INTO guardrail_tallies (model, channel, rollout, version, metric, address, device,"
+        " successes, trials) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel, rollout,"
+        " version, metric, address, device) DO UPDATE SET successes = successes + excluded.successes,"
+        " trials = trials + excluded.trials",
+        [(*key, successes, trials) for key, (successes, trials) in tallies.items()])
+
+
+def _add_tallies(into: dict, more: dict) -> None:
+    for key, (successes, trials) in more.items():
+        pair = into.setdefault(key, [0, 0])
+        pair[0] += successes
+        pair[1] += trials
 
 
 def _insert_rows(db: sqlite3.Connection, into: str, rows: list[tuple], upsert: str) -> None:
@@ -1366,6 +1392,13 @@ class _Committer:
 
     IDLE_S = 10.0
     MAX_GROUP = 1024
+    # Guardrail tallies (one row per source, rollout, version and metric: a row per sender in a
+    # big fleet) are added up here and written at most this often, in the transaction of a
+    # group (or one of their own when none comes), not with every group: each group wrote as
+    # many scattered rows as it had senders. A tally is written only once the batches it
+    # counts are committed; a server killed within the second loses that second's tallies (a
+    # guardrail then weighs a few items less; never one twice). Monitor.enforce flushes first.
+    TALLY_FLUSH_S = 1.0
     # The log is copied into the database (a checkpoint: writes and an fsync) by a thread of its
     # own every CHECKPOINT_S while the committer runs, so commits do not wait for it; the
     # committer checkpoints itself (what is left) only past WAL_PAGES, which bounds the log.
@@ -1381,6 +1414,8 @@ class _Committer:
         self._queue: list[_Pending] = []
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None  # only the committer thread uses it
+        self._tallies: dict = {}  # committed groups' tallies not written yet (committer thread)
+        self._tallies_due = 0.0   # monotonic time by which they are written
 
     def submit(self, pending: _Pending) -> None:
         with self._cond:
@@ -1391,6 +1426,15 @@ class _Committer:
             else:
                 self._cond.notify()
 
+    def flush(self) -> None:
+        """Write the tallies not written yet now (and wait for it): a guardrail about to weigh
+        them in this process sees every committed batch."""
+        if self._tallies:
+            pending = _Pending(_FLUSH, "", None, time.time(), None)
+            self.submit(pending)
+            with contextlib.suppress(PollinateError):
+                pending.future.result()
+
     def _serve(self) -> None:
         stop = threading.Event()
         threading.Thread(target=self._checkpoints, args=(stop,), name="pollinate-monitor-checkpoint",
@@ -1398,12 +1442,17 @@ class _Committer:
         while True:
             with self._cond:
                 if not self._queue:
-                    self._cond.wait(self.IDLE_S)
-                    if not self._queue:
-                        self._thread = None
-                        db, self._db = self._db, None
-                        break
-                group, self._queue = self._queue[:self.MAX_GROUP], self._queue[self.MAX_GROUP:]
+                    wait = (self.IDLE_S if not self._tallies
+                            else max(0.0, self._tallies_due - time.monotonic()))
+                    self._cond.wait(wait)
+                if self._queue:
+                    group, self._queue = self._queue[:self.MAX_GROUP], self._queue[self.MAX_GROUP:]
+                elif self._tallies:
+                    group = []  # nothing came: the tallies are written on their own
+                else:
+                    self._thread = None
+                    db, self._db = self._db, None
+                    break
             try:
                 self._commit(group)
             except BaseException as exc:  # noqa: BLE001 - whatever happens, every sender hears of it
@@ -1461,12 +1510,28 @@ class _Committer:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
-                results, failed = self.monitor._apply(db, group)
+                results, failed, tallies = self.monitor._apply(db, group)
+                flushing = bool(self._tallies or tallies) and (
+                    not group or time.monotonic() >= self._tallies_due or any(p.kind == _FLUSH for p in group))
+                if flushing:
+                    written = {key: list(pair) for key, pair in self._tallies.items()}
+                    _add_tallies(written, tallies)
+                    _write_tallies(db, written)
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            # committed: the tallies were written, or wait for the next write
+            if flushing:
+                self._tallies = {}
+            elif tallies:
+                if not self._tallies:
+                    self._tallies_due = time.monotonic() + self.TALLY_FLUSH_S
+                _add_tallies(self._tallies, tallies)
+            for pending in group:
+                if pending.kind == _FLUSH:
+                    results[pending] = {}
         except BaseException as exc:  # the transaction rolled back: nothing in it was recorded
             if isinstance(exc, sqlite3.Error):
                 self._close()  # start afresh next time
@@ -1478,6 +1543,9 @@ class _Committer:
                 _answer(group, failed, results)
                 raise
         _answer(group, failed, results)
+
+
+_FLUSH = "flush"  # a _Pending that asks the committer to write its tallies now (no body)
 
 
 def _answer(group: list[_Pending], failed: dict, results: dict) -> None:

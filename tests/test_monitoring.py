@@ -439,6 +439,8 @@ def test_guardrail_rolls_back_a_worse_candidate_with_its_reason(monitored):
     last = store.channel_history("digits")[-1]
     assert last["action"] == "rollback" and "guardrail field_accuracy" in last["reason"]
     assert monitored.enforce("digits") == []  # nothing staged any more
+    with store._read() as db:  # the rollout is over: its tallies (address pseudonyms) are gone
+        assert db.execute("SELECT COUNT(*) FROM guardrail_tallies").fetchone()[0] == 0
 
 
 def test_guardrail_keeps_an_equal_candidate(monitored):

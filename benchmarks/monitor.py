@@ -8,17 +8,26 @@ so the process that posts and measures never loads TensorFlow) and registers it 
 store with its reference profile, exactly as ``pollinate train`` does. Then, in one run:
 
 1. **Ingestion.** ``pollinate serve`` (one uvicorn worker, the real routes: JSON, the
-   per-client token bucket, validation against the version's grid, one SQLite transaction
-   per batch, the alert watcher) against a bare FastAPI app on one uvicorn worker whose
+   per-address token bucket, validation against the version's grid and value range, the
+   batch id, the committer's SQLite transaction, the alert watcher), as ``ours`` on a store
+   with v1 on ``stable`` and as ``guarded`` with a copy of v1 staged for 50 % under the
+   field_accuracy and error_rate guardrails (every post to v1 is tallied under its sender),
+   against two references measured in the same run: the same command from the code of
+   ``--reference`` (default daf1709, before issue 19: ``git archive`` of that commit into the
+   scratch folder, run by this Python with that folder first on the path; the run checks
+   that the old code answers, by refusing the new ``batch_id`` field) on a store of its own
+   with the same versions and rollout, and a bare FastAPI app on one uvicorn worker whose
    routes only read and ``json.loads`` the body and answer 202. Workloads: telemetry
    batches of 100 predictions aggregated the way a client does (``registry.profile.observe``
    on real held-out digits and the CNN's real outputs; latency histogram from the CNN's
    measured per-prediction latency), without and with the 100 ``recent`` prediction ids
    ``pollinate.js`` adds to every batch, and feedback posts. One asyncio client with that
-   many keep-alive connections; every batch carries a client id of its own (a fleet where
-   each device sends about one batch a minute), so the default rate limit
-   (``POLLINATE_TELEMETRY_RATE`` = 60 a minute per client) is in force but never reached.
-   Bare and ours alternate ``--repeats`` times; medians and the median of the ratios.
+   many keep-alive connections; every post comes from an address of its own (X-Forwarded-For
+   from a trusted proxy, 127.0.0.1) and carries a client id of its own and, to ours, a
+   time-ordered ``batch_id``, so the default rate limit (``POLLINATE_TELEMETRY_RATE`` = 60 a
+   minute) is in force but never reached. The four servers take turns ``--repeats`` times,
+   in rotating order; medians, the median of each round's ratio, and the server's CPU time
+   per post (steadier than throughput on a shared machine).
 2. **Bytes per 1,000 predictions**: the request bodies (compact JSON, as
    ``JSON.stringify`` writes them) a client sends flushing every 100 and every 1,000
    predictions, against the raw inputs (1,000 × 64 float32).
@@ -392,9 +401,10 @@ class Connection:
     async def open(cls, port: int) -> Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port, limit=1 << 20))
 
-    async def post(self, path: str, body: bytes) -> int:
+    async def post(self, path: str, body: bytes, address: str = "") -> int:
+        forwarded = f"X-Forwarded-For: {address}\r\n" if address else ""
         self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                          f"{forwarded}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         await self.writer.drain()
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         length = next((int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")), 0)
@@ -406,6 +416,17 @@ class Connection:
 
 
 WORKLOADS = ("telemetry", "telemetry+recent", "feedback")
+
+
+def with_batch_id(template: str) -> str:
+    """A body template that also carries a ``batch_id`` (``%(i)s``: unique per post), as
+    clients send since issue 19."""
+    return '{"batch_id":"%(i)s",' + template[1:]
+
+
+def address_of(k: int) -> str:
+    """The k-th sender's address (X-Forwarded-For): a fleet's, one per device."""
+    return f"10.{(k >> 16) & 255}.{(k >> 8) & 255}.{k & 255}"
 
 
 def templates(workload: str, grid: dict, spec: dict, data: dict, rng: np.random.Generator, count: int = 64) -> list[str]:
@@ -441,14 +462,16 @@ async def _post_all(port: int, workload: str, bodies: list[str], concurrency: in
     path = f"/v1/models/{MODEL}/{workload.split('+')[0]}"
     counter = iter(range(1 << 40))
 
-    def body() -> bytes:
+    def body() -> tuple[bytes, str]:
         k = next(counter)
-        return (bodies[k % len(bodies)] % {"c": f"bench-{nonce}-{k}", "b": f"{nonce:04x}{k:012x}"}).encode()
+        data = bodies[k % len(bodies)] % {"c": f"bench-{nonce}-{k}", "b": f"{nonce:04x}{k:012x}",
+                                          "i": f"{nonce:08x}{k:024x}"}
+        return data.encode(), address_of(nonce * 1_000_003 + k)
 
     statuses: dict[int, int] = {}
     sent = 0
     connections = [await Connection.open(port) for _ in range(concurrency)]
-    for code in await asyncio.gather(*(c.post(path, body()) for c in connections)):  # warm-up, untimed
+    for code in await asyncio.gather(*(c.post(path, *body()) for c in connections)):  # warm-up, untimed
         if code != 202:
             raise RuntimeError(f"{workload}: warm-up answered {code}")
     cpu = cpu_seconds(pid)
@@ -458,8 +481,8 @@ async def _post_all(port: int, workload: str, bodies: list[str], concurrency: in
     async def worker(connection: Connection) -> None:
         nonlocal sent
         while time.perf_counter() < stop_at:
-            data = body()
-            status = await connection.post(path, data)
+            data, address = body()
+            status = await connection.post(path, data, address)
             statuses[status] = statuses.get(status, 0) + 1
             sent += len(data)
 
@@ -475,44 +498,154 @@ async def _post_all(port: int, workload: str, bodies: list[str], concurrency: in
             "server_cpu_cores": cpu / elapsed, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
+SERVERS = ("bare", "reference", "ours", "guarded")
+STORES = {"ours": "plain-store", "guarded": "store"}  # ours: no rollout staged; guarded: v2 staged, guardrails on
+
+
 def start(server: str, scratch: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    if server == "ours":
-        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "store"), "--port", str(port)]
+    # no demo page for either (an archived commit has no vendored TF.js; nothing here loads the page)
+    env = {**os.environ, "POLLINATE_TRUSTED_PROXIES": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "POLLINATE_WEB_CLIENT": "off"}
+    env.pop("POLLINATE_HOME", None)
+    if server in STORES:
+        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / STORES[server]),
+                   "--port", str(port)]
         cwd = ROOT
+    elif server == "reference":  # the old code: its folder first on the path (and for any worker it starts)
+        command = [sys.executable, "-m", "pollinate", "serve", "--home", str(scratch / "reference-store"),
+                   "--port", str(port)]
+        cwd = scratch / "reference"
+        env["PYTHONPATH"] = str(cwd)
     else:
         command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
         cwd = scratch
     with open(scratch / f"{server}.log", "ab") as log:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     except BaseException:
         stop(proc)
-        raise
+        log = (scratch / f"{server}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the {server} server did not come up:\n{log}") from None
     return proc, port
 
 
-def ingestion(scratch: Path, grid: dict, spec: dict, data: dict, args, rng: np.random.Generator) -> list[dict]:
-    """Per workload and connection count, ``args.repeats`` alternations of bare and ours; each
-    server is started once per repeat and measures every workload and connection count."""
+# Run by the reference's own code (its folder first on sys.path): a store of its own with the
+# versions the benchmark's store holds (files exported by this process), stable -> v1 with v2
+# staged for 50 % under guardrails — as the benchmark's store is set up by set_up_rollout.
+REFERENCE_STORE = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import registry
+    from registry import Lineage, Store
+    from registry.monitoring import Monitor
+
+    folder, home, spec = Path(sys.argv[1]).resolve(), sys.argv[2], json.loads(Path(sys.argv[3]).read_text())
+    assert Path(registry.__file__).resolve().is_relative_to(folder), registry.__file__
+    store = Store(home)
+    for version in spec["versions"]:
+        store.publish(spec["model"], lineage=Lineage("central"), metrics=version["metrics"],
+                      input_spec=version["input_spec"], labels=version["labels"],
+                      artifacts={fmt: {name: Path(path) for name, path in files.items()}
+                                 for fmt, files in version["artifacts"].items()})
+    store.set_channel(spec["model"], "stable", 1)
+    store.set_channel(spec["model"], "stable", 2, rollout_percent=50)
+    Monitor(store).set_guardrails(spec["model"], "stable", ["field_accuracy", "error_rate"])
+    print(registry.__file__)
+''')
+
+
+def set_up_rollout(scratch: Path, reference: str) -> dict:
+    """v2 (a copy of v1) staged for 50 % of ``stable`` under guardrails in the benchmark's
+    store (a copy with v1 alone on ``stable`` is the plain store), and the same in a store made
+    by the reference's code; the reference's code is ``git archive`` of that commit. Returns
+    what was checked."""
+    from registry import Lineage, Store
+    from registry.monitoring import Monitor
+
+    folder = scratch / "reference"
+    folder.mkdir(exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", reference], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    commit = subprocess.run(["git", "rev-parse", reference], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    store = Store(scratch / "store")
+    record = store.get_version(MODEL, 1)
+    artifacts = {fmt: {f.name: str(store.artifact_path(MODEL, 1, fmt, f.name)) for f in files}
+                 for fmt, files in record.artifacts.items()}
+    spec = {"model": MODEL, "versions": [{"metrics": record.metrics, "input_spec": record.input_spec,
+                                          "labels": record.labels, "artifacts": artifacts}] * 2}
+    (scratch / "reference-versions.json").write_text(json.dumps(spec))
+    shutil.copytree(scratch / "store", scratch / "plain-store")  # the same versions, nothing staged
+    store.publish(MODEL, lineage=Lineage("central"), metrics=record.metrics, input_spec=record.input_spec,
+                  labels=record.labels, artifacts={fmt: {name: Path(path) for name, path in files.items()}
+                                                   for fmt, files in artifacts.items()})
+    store.set_channel(MODEL, "stable", 1)
+    store.set_channel(MODEL, "stable", 2, rollout_percent=50)
+    Monitor(store).set_guardrails(MODEL, "stable", ["field_accuracy", "error_rate"])
+    made = subprocess.run([sys.executable, "-c", REFERENCE_STORE, str(folder), str(scratch / "reference-store"),
+                           str(scratch / "reference-versions.json")], cwd=folder, check=True, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(folder)})
+    return {"reference": reference, "commit": commit, "reference_registry": made.stdout.strip()}
+
+
+def check_reference(scratch: Path, body: str) -> dict:
+    """The reference server runs the old code: it refuses the ``batch_id`` field ours takes
+    (``body``: a feedback with one)."""
+    import urllib.error
+    import urllib.request
+
+    answers = {}
+    for server in ("ours", "reference"):
+        proc, port = start(server, scratch)
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/{MODEL}/feedback",
+                                             data=body.encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    answers[server] = [answer.status, answer.read().decode()[:200]]
+            except urllib.error.HTTPError as error:
+                answers[server] = [error.code, error.read().decode()[:200]]
+        finally:
+            stop(proc)
+    if answers["ours"][0] != 202 or answers["reference"][0] != 422 or "batch_id" not in answers["reference"][1]:
+        raise RuntimeError(f"the reference server is not the old code: {answers}")
+    return answers
+
+
+def ingestion(scratch: Path, grid: dict, spec: dict, data: dict, args, rng: np.random.Generator
+              ) -> tuple[list[dict], dict]:
+    """Per workload and connection count, ``args.repeats`` rounds of the three servers (bare,
+    ours, the reference), in a rotating order; each server is started once per round and
+    measures every workload and connection count. Returns the rows and what was checked of
+    the reference."""
     workloads = [w for w in args.workloads.split(",") if w]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    bodies = {w: templates(w, grid, spec, data, rng) for w in workloads}
+    checked = set_up_rollout(scratch, args.reference)
+    probe = with_batch_id(templates("feedback", grid, spec, data, rng, 1)[0]) % {"c": "check", "i": "0" * 32}
+    checked["answers"] = check_reference(scratch, probe)
+    print(f"reference {checked['reference']} ({checked['commit'][:12]}) runs its own code: "
+          f"{checked['reference_registry']}; {checked['answers']}", flush=True)
+    plain = {w: templates(w, grid, spec, data, rng) for w in workloads}
+    ided = {w: [with_batch_id(t) for t in ts] for w, ts in plain.items()}
+    bodies = {"bare": plain, "reference": plain, "ours": ided, "guarded": ided}
     (scratch / "bare_app.py").write_text(BARE_APP)
     gc.freeze()
     runs: dict[tuple[str, int], list[dict]] = {(w, c): [] for w in workloads for c in concurrencies}
     nonce = 0
     for r in range(args.repeats):
         measured: dict[tuple[str, int], dict] = {key: {} for key in runs}
-        for server in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+        for server in SERVERS[r % len(SERVERS):] + SERVERS[:r % len(SERVERS)]:
             proc, port = start(server, scratch)
             try:
                 for w in workloads:
                     for c in concurrencies:
                         nonce += 1
-                        s = post_all(port, w, bodies[w], c, args.seconds, proc.pid, nonce)
+                        s = post_all(port, w, bodies[server][w], c, args.seconds, proc.pid, nonce)
                         measured[(w, c)][server] = s
                         print(f"{w:17s} x{c:<3d} #{r} {server:5s} {s['posts_per_s']:8.1f} posts/s "
                               f"{s['events_per_s']:9.0f} events/s  {s['bytes_per_post']:6.0f} B/post  "
@@ -522,21 +655,34 @@ def ingestion(scratch: Path, grid: dict, spec: dict, data: dict, args, rng: np.r
                 stop(proc)
         for key, run in measured.items():
             run["ratio"] = run["ours"]["posts_per_s"] / run["bare"]["posts_per_s"]
+            run["ratio_reference"] = run["ours"]["posts_per_s"] / run["reference"]["posts_per_s"]
+            run["cpu_ratio_reference"] = (run["ours"]["server_cpu_ms_per_post"]
+                                          / run["reference"]["server_cpu_ms_per_post"])
+            run["guarded_ratio_reference"] = run["guarded"]["posts_per_s"] / run["reference"]["posts_per_s"]
+            run["guarded_cpu_ratio_reference"] = (run["guarded"]["server_cpu_ms_per_post"]
+                                                  / run["reference"]["server_cpu_ms_per_post"])
             runs[key].append(run)
     rows = []
     for (w, c), repeats in runs.items():
         row = {"workload": w, "concurrency": c, "runs": repeats,
                "ratio": statistics.median(run["ratio"] for run in repeats),
-               "all_accepted": all(set(run["ours"]["statuses"]) == {"202"} for run in repeats)}
-        for server in ("bare", "ours"):
+               "ratio_reference": statistics.median(run["ratio_reference"] for run in repeats),
+               "cpu_ratio_reference": statistics.median(run["cpu_ratio_reference"] for run in repeats),
+               "guarded_ratio_reference": statistics.median(run["guarded_ratio_reference"] for run in repeats),
+               "guarded_cpu_ratio_reference": statistics.median(run["guarded_cpu_ratio_reference"]
+                                                                for run in repeats),
+               "all_accepted": all(set(run[server]["statuses"]) == {"202"} for run in repeats
+                                   for server in ("ours", "guarded", "reference"))}
+        for server in SERVERS:
             row[server] = {key: statistics.median(run[server][key] for run in repeats)
                            for key in ("posts_per_s", "events_per_s", "bytes_per_post", "server_cpu_ms_per_post",
                                        "server_cpu_cores")}
         rows.append(row)
         if not row["all_accepted"]:
             print(f"warning: {w} x{c}: not every post was accepted: "
-                  f"{[run['ours']['statuses'] for run in repeats]}", flush=True)
-    return rows
+                  f"{[(run['ours']['statuses'], run['guarded']['statuses'], run['reference']['statuses']) for run in repeats]}",
+                  flush=True)
+    return rows, checked
 
 
 def in_process(store_home: Path, grid: dict, spec: dict, data: dict, rng: np.random.Generator,
@@ -584,6 +730,8 @@ def main() -> None:
     parser.add_argument("--low-min", type=int, default=50, help="also measure drift with min_predictions set to this"
                         " (0: skip)")
     parser.add_argument("--low-false-runs", type=int, default=20, help="false-alarm runs per N with --low-min")
+    parser.add_argument("--reference", default="daf1709", help="the commit whose `pollinate serve` ingestion is the"
+                        " same-run reference (default: before issue 19's checks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-ingestion", action="store_true", help="rerun only the ingestion numbers (and"
                         " the in-process ones) into the existing monitor.json/.md, keeping the other sections")
@@ -622,7 +770,8 @@ def main() -> None:
             result["drift_low_min"] = drift_power(scratch / "drift-store", data, args, rng, args.low_min,
                                                   args.low_false_runs)
         result["in_process_ms"] = in_process(scratch / "drift-store", grid, spec, data, rng)
-        result["ingestion"] = ingestion(scratch, grid, spec, data, args, rng) if args.workloads else []
+        result["ingestion"], result["reference"] = (
+            ingestion(scratch, grid, spec, data, args, rng) if args.workloads else ([], None))
     result["machine"]["load_after"] = os.getloadavg()[0]
     result["seconds"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -647,7 +796,8 @@ def rerun_ingestion(args, rng: np.random.Generator) -> None:
         grid = Monitor(store).grid(MODEL, trained["version"])
         spec = store.get_version(MODEL, trained["version"]).input_spec
         result["in_process_ms"] = in_process(scratch / "inproc-store", grid, spec, data, rng)
-        result["ingestion"] = ingestion(scratch, grid, spec, data, args, rng) if args.workloads else []
+        result["ingestion"], result["reference"] = (
+            ingestion(scratch, grid, spec, data, args, rng) if args.workloads else ([], None))
     machine["load_after"] = os.getloadavg()[0]
     result["ingestion_run"] = {"machine": machine, "args": vars(args), "seconds": time.perf_counter() - started,
                                "date": time.strftime("%Y-%m-%d", time.gmtime())}
@@ -688,28 +838,47 @@ def write_markdown(result: dict, path: Path) -> None:
                 "",
             ]
         lines += [
-            "`ours` = `pollinate serve`, one uvicorn worker: JSON, the per-client token bucket, validation "
-            "against the version's grid and storing by the monitor's committer thread (the batches queued "
-            "meanwhile checked and added up in one SQLite transaction, each post answered once it is committed; "
-            "`recent` ids stored for 7 days), the alert watcher. `bare` = a FastAPI route on one uvicorn worker "
-            "that reads "
-            "the body and `json.loads` it. One asyncio client, keep-alive connections; every post has a client "
-            "id of its own, so the default rate limit (60 a minute per client) is in force but never reached. "
+            "`ours` = `pollinate serve`, one uvicorn worker: JSON, the per-address token bucket, validation "
+            "against the version's grid and value range, the batch id (one row kept 7 days per batch), storing by "
+            "the monitor's committer thread (the batches queued meanwhile checked and added up in one SQLite "
+            "transaction, each post answered once it is committed; `recent` ids stored for 7 days), the alert and "
+            "guardrail watcher. `guarded` = the same with a rollout under guardrails (v2, a copy of v1, staged for "
+            "50 % of `stable` with the field_accuracy and error_rate guardrails): every post to v1 is also tallied "
+            "under its sender, and as every post comes from a new address here, each one is a new tally row — the "
+            "most a guardrail can cost. `reference` = the same command from the code of "
+            + (f"`{ref['reference']}` ({ref['commit'][:12]}, before issue 19's checks; run from a `git archive` of it "
+               "with that folder first on the path: it refused the new `batch_id` field with 422, ours took it) "
+               if (ref := result.get("reference")) else "the reference commit ")
+            + "on a store of its own with the same versions, rollout and guardrails (its guardrail reads the hour "
+            "windows it writes anyway). `bare` = a FastAPI route on one uvicorn worker that reads the body and "
+            "`json.loads` it. One asyncio client, keep-alive connections; every post comes from an address of its "
+            "own (X-Forwarded-For from 127.0.0.1, a trusted proxy) with a client id of its own and, to ours, a "
+            "time-ordered `batch_id` (as the clients make them), so the default rate limit (60 a minute) is in "
+            "force but never reached. "
             f"Telemetry batches hold {BATCH} predictions (events); `+recent` adds the 100 prediction ids "
             "`pollinate.js` sends with every batch (for late labels). "
-            f"{args['repeats']} alternating repeats of {args['seconds']:g} s per row (medians).",
+            f"{args['repeats']} rounds of the four servers in rotating order, {args['seconds']:g} s per row "
+            "(medians; the ratios are the medians of each round's ratio). The machine is shared: the server's "
+            "CPU time per post is the steadier measure of what the checks cost.",
             "",
-            "| workload | bytes/post | connections | bare posts/s | ours posts/s | ours events/s | ours/bare "
-            "| ours CPU ms/post | bare CPU ms/post |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| workload | bytes/post | connections | bare posts/s | reference posts/s | ours posts/s | ours events/s "
+            "| **ours/reference** | CPU per post ours/reference | guarded posts/s | **guarded/reference** "
+            "| CPU per post guarded/reference | ours CPU ms/post | reference CPU ms/post |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        nan = float("nan")
         for row in rows:
             bare, ours = row["bare"], row["ours"]
+            reference = row.get("reference") or {"posts_per_s": nan, "server_cpu_ms_per_post": nan}
+            guarded = row.get("guarded") or {"posts_per_s": nan}
             events = f"{ours['events_per_s']:,.0f}" if row["workload"].startswith("telemetry") else "-"
             lines.append(
                 f"| {row['workload']} | {ours['bytes_per_post']:,.0f} | {row['concurrency']} "
-                f"| {bare['posts_per_s']:,.0f} | {ours['posts_per_s']:,.0f} | {events} | **{row['ratio']:.2f}x** "
-                f"| {ours['server_cpu_ms_per_post']:.2f} | {bare['server_cpu_ms_per_post']:.2f} |")
+                f"| {bare['posts_per_s']:,.0f} | {reference['posts_per_s']:,.0f} | {ours['posts_per_s']:,.0f} "
+                f"| {events} | **{row.get('ratio_reference', nan):.2f}x** | {row.get('cpu_ratio_reference', nan):.2f}x "
+                f"| {guarded['posts_per_s']:,.0f} | **{row.get('guarded_ratio_reference', nan):.2f}x** "
+                f"| {row.get('guarded_cpu_ratio_reference', nan):.2f}x "
+                f"| {ours['server_cpu_ms_per_post']:.3f} | {reference['server_cpu_ms_per_post']:.3f} |")
         inproc = result.get("in_process_ms") or {}
         if inproc:
             lines += ["", "The `Monitor` alone (no HTTP), one call at a time on a copy of the store, per post: "
@@ -717,8 +886,10 @@ def write_markdown(result: dict, path: Path) -> None:
                                   for w, v in inproc.items())
                       + ". One sender, so every call is a transaction of its own on the committer's "
                       "connection (WAL, synchronous=NORMAL: committed survives a killed process; no fsync per post)."]
-        lines += ["", "Each repeat's ratio: " + "; ".join(
-            f"{row['workload']} x{row['concurrency']}: " + ", ".join(f"{run['ratio']:.2f}" for run in row["runs"])
+        lines += ["", "Each round's ours/reference (guarded/reference): " + "; ".join(
+            f"{row['workload']} x{row['concurrency']}: " + ", ".join(
+                f"{run.get('ratio_reference', float('nan')):.2f} ({run.get('guarded_ratio_reference', float('nan')):.2f})"
+                for run in row["runs"])
             for row in rows) + "."]
         refused = [row for row in rows if not row["all_accepted"]]
         if refused:

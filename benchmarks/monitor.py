@@ -589,7 +589,9 @@ def set_up_rollout(scratch: Path, reference: str) -> dict:
     made = subprocess.run([sys.executable, "-c", REFERENCE_STORE, str(folder), str(scratch / "reference-store"),
                            str(scratch / "reference-versions.json")], cwd=folder, check=True, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(folder)})
-    return {"reference": reference, "commit": commit, "reference_registry": made.stdout.strip()}
+    # where the reference's `registry` was imported from, relative to the scratch folder
+    found = Path(made.stdout.strip()).resolve().relative_to(scratch.resolve())
+    return {"reference": reference, "commit": commit, "reference_registry": str(found)}
 
 
 def check_reference(scratch: Path, body: str) -> dict:

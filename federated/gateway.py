@@ -16,11 +16,13 @@ one client holding all its devices' examples.
 The task's norm bound (what the server refuses with 422 `norm`, at no extra cost per update):
 `--norm-bound` when given; else RECEIVE_MULTIPLE × the median norm of the updates this
 gateway kept in the federation's previous round (the ServerApp sends it back in the train
-config, `edge-norm-medians`), capped by the base weights' own norm; in a federation's first
-round, with no history yet, the base weights' norm alone (an update larger than the whole
-model). The bound is loose on purpose: a refused honest device cannot send again, and the
-fine screening happens at the gateway against the round's own median. It never follows the
-last model's norm alone: a poisoned model cannot make the next round refuse honest updates.
+config, `edge-norm-medians`); in a federation's first round, with no history yet, the base
+weights' norm (an update larger than the whole model). The bound is loose on purpose: a
+refused honest device cannot send again, and the fine screening happens at the gateway
+against the round's own median. Once there is history it never depends on the model's
+norm: a poisoned model (a round let through with the screening and the gate off, measured
+in benchmarks/results/edge.md) cannot make the next round refuse honest updates, as the
+base weights' norm did before issue 19.
 
 Aggregates (over the screened updates):
 - `mean`: the mean of the deltas weighted by their capped example counts (FedAvg over the devices);
@@ -66,7 +68,8 @@ AGGREGATES = ("mean", "median", "trimmed-mean")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NORM_SLACK = 1e-4  # a clipped update sits on the bound, up to float32 rounding
 # The task's receive bound: this many times the previous round's median kept norm (module
-# docstring). Honest norms moved by at most ~2× between rounds in the measured runs.
+# docstring). Honest medians moved by at most 11% from one round to the next in the 20-round
+# digits CNN run of benchmarks/results/federated.md and no honest update was over 1.5× its median.
 RECEIVE_MULTIPLE = 10.0
 
 
@@ -233,7 +236,7 @@ def receive_bound(options: GatewayOptions, base_norm: float, reference: float | 
     if options.norm_bound > 0:
         return options.norm_bound
     if reference is not None and reference > 0:
-        return min(base_norm, RECEIVE_MULTIPLE * reference)
+        return RECEIVE_MULTIPLE * reference
     return base_norm
 
 

@@ -92,6 +92,18 @@ def test_a_sign_flipped_update_is_set_aside_by_its_direction():
     assert out.set_aside == {}
 
 
+def test_the_tasks_bound_follows_the_previous_rounds_updates_not_the_models_norm():
+    """Before issue 19 a task's bound was its base weights' norm: after a poisoned round
+    (0.001 × the model) it was 0.015 and honest updates (0.2) got 422."""
+    from federated.gateway import GatewayOptions, receive_bound
+
+    options = GatewayOptions(name="gw", home=".")
+    assert receive_bound(options, base_norm=15.06, reference=None) == 15.06  # first round: no history
+    assert receive_bound(options, base_norm=0.0151, reference=0.196) == pytest.approx(1.96)  # a collapsed model
+    fixed = GatewayOptions(name="gw", home=".", norm_bound=3.0)
+    assert receive_bound(fixed, base_norm=0.0151, reference=0.196) == 3.0
+
+
 @pytest.mark.parametrize("bad", [dict(norm_multiple=0.5), dict(examples_multiple=-1), dict(direction_ratio=-0.5),
                                  dict(examples_cap=-3), dict(norm_bound=float("nan"))])
 def test_bad_policies_are_refused(bad):

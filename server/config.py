@@ -10,8 +10,8 @@ The device protocol (``server/routers/federations.py``) adds two: ``POLLINATE_EN
 (the largest update body a device may post; the only route allowed past the 64 KiB cap).
 
 Monitoring (``server/routers/monitoring.py``, docs/monitoring.md) adds
-``POLLINATE_TELEMETRY_RATE`` (telemetry and feedback batches a minute per client id, else per
-address, in each worker; default 60) and ``POLLINATE_MONITOR_INTERVAL`` (seconds between two
+``POLLINATE_TELEMETRY_RATE`` (telemetry and feedback batches a minute per source address,
+whatever client id the batch claims, in each worker; default 60) and ``POLLINATE_MONITOR_INTERVAL`` (seconds between two
 alert and guardrail checks of one model after accepted batches; default 10).
 
 The web client defaults to the one that ships with Pollinate (``server/web_assets.py`` finds
@@ -76,7 +76,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_UPDATE_BYTES = 32 * 1024 * 1024
 # nginx serves the store's objects/ folder under this internal prefix (server/nginx/).
 OFFLOAD_PREFIX = "/_pollinate_blobs/"
-# Telemetry and feedback batches a minute per client (a page flushes every 100 predictions).
+# Telemetry and feedback batches a minute per source address (a page flushes every 100 predictions).
 TELEMETRY_RATE = 60.0
 # Seconds between two alert/guardrail checks of one model (each reads every window of it).
 MONITOR_INTERVAL_S = 10.0
@@ -110,7 +110,7 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     enrol_token: str | None = None  # None: anyone may enrol a device
     max_update_bytes: int = MAX_UPDATE_BYTES
-    telemetry_rate: float = TELEMETRY_RATE  # batches a minute per client id (else address)
+    telemetry_rate: float = TELEMETRY_RATE  # batches a minute per source address (server/addresses.py)
     monitor_interval_s: float = MONITOR_INTERVAL_S
     predict_cache_entries: int = PREDICT_CACHE_ENTRIES  # 0: no cache
     predict_window_ms: float = PREDICT_WINDOW_MS

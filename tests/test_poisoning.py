@@ -104,6 +104,18 @@ def test_the_tasks_bound_follows_the_previous_rounds_updates_not_the_models_norm
     assert receive_bound(fixed, base_norm=0.0151, reference=0.196) == 3.0
 
 
+def test_an_update_kept_against_the_round_weighs_at_most_a_median_claim():
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=2000)
+    honest = [signal + 2 * rng.normal(size=2000) for _ in range(9)]
+    mild = -0.2 * signal + 2 * rng.normal(size=2000)  # against the round, above the direction limit
+    deltas = [*honest, mild]
+    norms = [float(np.linalg.norm(d)) for d in deltas]
+    out = screen(norms, [100] * 9 + [10_000_000], RobustPolicy(), pieces=lambda i: (deltas[i],))
+    assert out.set_aside == {} and -0.15 < out.cosine_min < 0
+    assert out.weights[-1] == pytest.approx(100) and out.capped == 1  # not 2 × 100
+
+
 @pytest.mark.parametrize("bad", [dict(norm_multiple=0.5), dict(examples_multiple=-1), dict(direction_ratio=-0.5),
                                  dict(examples_cap=-3), dict(norm_bound=float("nan"))])
 def test_bad_policies_are_refused(bad):

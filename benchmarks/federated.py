@@ -1,6 +1,6 @@
 """Federated benchmark, in one run on this machine.
 
-    .venv/bin/python benchmarks/federated.py [--rounds 20] [--scale 200 500 1000]
+    .venv/bin/python benchmarks/federated.py [--rounds 20] [--scale 200 500 1000] [--parts runs,attacks,aggregation,scale]
 
 1. Central reference: the digits CNN trained centrally on the same training split.
 2. FedAvg, 20 clients, Dirichlet α=0.5, 20 rounds, from a freshly initialised CNN, every
@@ -8,9 +8,23 @@
    time of a round split into client training, aggregation, central evaluation (the compute
    floor), the rest (Flower, Ray, transport) and publishing (register + export + verify, in
    the background), with the effective time per round against the floor.
-3. 20% of clients sending `scale` attacks: FedAvg vs FedMedian vs Krum, against the clean run.
-4. Aggregation time of 20 updates of a 1.3M-parameter model per strategy (+ the update guard).
-5. Scale: N virtual clients (delivery-eta MLP), 10% sampled per round, 3 rounds, until one
+3. 20% of clients sending `scale` attacks: FedAvg with the robust defaults (federated/robust.py),
+   FedAvg with the screening off (what FedAvg did before issue 19), FedMedian, Krum, against
+   the clean run.
+4. Attacks (issue 19): from a weak start (the same CNN trained 1 epoch centrally, as a
+   deployed model the federation improves), 10% of clients sending each attack of
+   `--malicious` (minus-base, scale, signflip, inflate, noise), robust defaults and
+   acceptance gate on, every round published (no export) so that channel moves are
+   recorded, against references measured in the same part: the clean run, the clean run
+   again (run-to-run noise: Ray actors keep their own dropout RNG), the clean run with the
+   attackers' clients silent (`nan` updates, all refused: the same federation without their
+   data), and the clean run with the screening off (what robustness costs when nobody
+   attacks); the strongest attacks again with the screening and the gate off. Per run: accuracy, points below the clean
+   run, updates set aside per reason, rounds held by the gate, and rounds in which the
+   channel moved to a version more than 2 points below the clean run's same round.
+5. Aggregation time of 20 updates of a 1.3M-parameter model per strategy (+ the update guard),
+   FedAvg with and without the screening.
+6. Scale: N virtual clients (delivery-eta MLP), 10% sampled per round, 3 rounds, until one
    fails or exceeds the time box; wall time and peak memory of the whole process tree.
 Every simulation is a real `pollinate federate simulate` subprocess (Flower's Simulation
 Engine on Ray). Writes benchmarks/results/federated.json, federated.md and federated.png.
@@ -37,6 +51,10 @@ LOCAL = ["--local-epochs", "2", "--learning-rate", "0.003", "--batch-size", "16"
 # The same clean run's seconds per round when every round was published inside Flower's
 # evaluate_fn, before the next round could start (results file of commit c1208e3, this machine).
 SYNCHRONOUS_PUBLISHING_ROUND = 2.95
+# The robust screening and the acceptance gate off: what FedAvg did before issue 19.
+SCREENING_OFF = ["--norm-multiple", "0", "--direction-ratio", "0", "--examples-multiple", "0", "--no-gate"]
+ATTACKS = ("minus-base", "scale", "signflip", "inflate", "noise")
+PARTS = ("runs", "attacks", "aggregation", "scale")
 
 
 def pollinate(home: Path, *args: str, timeout: float = 3600) -> tuple[dict, float, float]:
@@ -106,8 +124,11 @@ def aggregation_times(repeats: int = 3) -> dict:
         return out
 
     out = {"parameters": parameters, "updates": 20, "seconds": {}}
-    for name in ("fedavg", "fedmedian", "fedtrimmedavg", "krum"):
-        strategy = make_strategy(FederationSettings(strategy=name, min_clients=1), 20)
+    off = dict(norm_multiple=0.0, direction_ratio=0.0, examples_multiple=0.0)
+    for label, name, extra in (("fedavg", "fedavg", {}), ("fedavg (screening off)", "fedavg", off),
+                               ("fedmedian", "fedmedian", {}), ("fedtrimmedavg", "fedtrimmedavg", {}),
+                               ("krum", "krum", {})):
+        strategy = make_strategy(FederationSettings(strategy=name, min_clients=1, **extra), 20)
         strategy.reference = reference
         times = []
         for _ in range(repeats):
@@ -116,7 +137,7 @@ def aggregation_times(repeats: int = 3) -> dict:
             strategy.aggregate_train(1, batch)
             times.append(time.perf_counter() - started)
             assert strategy.stats.accepted == 20, strategy.stats.reasons[:3]
-        out["seconds"][name] = float(np.median(times))
+        out["seconds"][label] = float(np.median(times))
     return out
 
 
@@ -157,19 +178,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--scale", type=int, nargs="*", default=[200, 500, 1000, 2000, 4000])
-    parser.add_argument("--parts", default="runs,aggregation,scale",
+    parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated subset to (re)measure; the others are kept from the last results file")
+    parser.add_argument("--attack-rounds", type=int, default=10, help="rounds of each run of the attacks part")
     parser.add_argument("--scale-timebox", type=float, default=900, help="seconds per scale run")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     previous = RESULTS / "federated.json"
-    result: dict = json.loads(previous.read_text()) if parts != {"runs", "aggregation", "scale"} and previous.exists() else {}
+    result: dict = json.loads(previous.read_text()) if parts != set(PARTS) and previous.exists() else {}
     result.update({"machine": {"cpus": os.cpu_count()}, "rounds": result.get("rounds", args.rounds)})
 
     with tempfile.TemporaryDirectory(prefix="pollinate-fedbench-") as scratch:
         scratch = Path(scratch)
         if "runs" in parts:
             measure_runs(result, scratch, args.rounds)
+        if "attacks" in parts:
+            measure_attacks(result, scratch, args.attack_rounds)
         if "aggregation" in parts:
             print("== aggregation of 20 updates of a 1.3M-parameter model", flush=True)
             result["aggregation"] = aggregation_times()
@@ -194,6 +218,8 @@ def measure_runs(result: dict, scratch: Path, rounds: int) -> None:
     plan = [
         ("fedavg (clean)", ["--strategy", "fedavg"]),
         ("fedavg, 20% scale", ["--strategy", "fedavg", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
+        ("fedavg (screening off), 20% scale", ["--strategy", "fedavg", "--malicious", "0.2:scale", "--formats", "",
+                                               "--publish-every", str(rounds), *SCREENING_OFF]),
         ("fedmedian, 20% scale", ["--strategy", "fedmedian", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
         ("krum, 20% scale", ["--strategy", "krum", "--malicious", "0.2:scale", "--formats", "", "--publish-every", str(rounds)]),
     ]
@@ -211,6 +237,59 @@ def measure_runs(result: dict, scratch: Path, rounds: int) -> None:
     result["fedavg_vs_central"] = clean["final_accuracy"] / result["central"]["accuracy"]
     result["timing_split"] = timing_split(clean["rounds"], clean["publishing"], concurrency=os.cpu_count() or 1)
     result["timing_split"]["before"] = SYNCHRONOUS_PUBLISHING_ROUND
+
+
+def measure_attacks(result: dict, scratch: Path, rounds: int) -> None:
+    """Section 4 of the module docstring. Every run: 20 clients, Dirichlet α=0.5, FedAvg, from
+    the weak start, `rounds` rounds, every round published without exports (channel moves
+    recorded)."""
+    import shutil
+
+    start = scratch / "attack-start"
+    weak, _, _ = pollinate(start, "train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--no-export")
+    plan = [("clean", []), ("clean, again", []), ("clean, attackers' clients silent", ["--malicious", "0.1:nan"]),
+            ("clean, screening off", SCREENING_OFF)]
+    plan += [(f"10% {attack}", ["--malicious", f"0.1:{attack}"]) for attack in ATTACKS]
+    plan += [(f"10% {attack}, screening and gate off", ["--malicious", f"0.1:{attack}", *SCREENING_OFF])
+             for attack in ("minus-base", "inflate", "scale")]
+    runs = {}
+    for label, extra in plan:
+        print(f"== attacks: {label}", flush=True)
+        folder = scratch / ("attack-" + "".join(c if c.isalnum() else "-" for c in label))
+        shutil.copytree(start, folder)
+        summary, wall, _ = pollinate(folder, "federate", "simulate", "--dataset", "digits", "--from", "digits@1",
+                                     "--rounds", str(rounds), *LOCAL, "--clients", "20", "--partition", "dirichlet:0.5",
+                                     "--formats", "", *extra)
+        rows = summary["rounds"]
+        set_aside: dict[str, int] = {}
+        for row in rows:
+            for reason, n in row.get("set_aside", {}).items():
+                set_aside[reason] = set_aside.get(reason, 0) + n
+        runs[label] = {
+            "initial": summary["initial"]["accuracy"],
+            "accuracy": [r["accuracy"] for r in rows], "final_accuracy": rows[-1]["accuracy"],
+            "set_aside": set_aside, "rejected": summary["rejected_total"],
+            "held_rounds": [r["round"] for r in rows if r.get("held")],
+            "channel_moves": [r["round"] for r in rows if r.get("channel_moved")],
+            "examples_capped": sum(r.get("examples_capped", 0) for r in rows),
+            # what the screening kept, per round: in a clean run, how far honest updates spread
+            "norm_max_over_median": [r["norm_max"] / r["norm_median"] for r in rows
+                                     if r.get("norm_max") and r.get("norm_median")],
+            "cosine_min": [r["cosine_min"] for r in rows if r.get("cosine_min") is not None],
+            "cosine_median": [r["cosine_median"] for r in rows if r.get("cosine_median") is not None],
+            "wall_seconds": wall,
+        }
+        print(f"   final accuracy {rows[-1]['accuracy']:.4f}, set aside {set_aside}, held "
+              f"{runs[label]['held_rounds']} in {wall:.0f}s", flush=True)
+    clean = runs["clean"]["accuracy"]
+    for run in runs.values():
+        run["points_below_clean"] = 100 * (clean[-1] - run["final_accuracy"])
+        run["worst_points_below_clean"] = 100 * max(c - a for c, a in zip(clean, run["accuracy"]))
+        # the channel followed a version more than 2 points below the clean run's same round
+        run["poisoned_channel_moves"] = [r for r, c, a in zip(range(1, len(clean) + 1), clean, run["accuracy"])
+                                         if r in run["channel_moves"] and a < c - 0.02]
+    result["attacks"] = {"rounds": rounds, "clients": 20, "share": 0.1, "partition": "dirichlet:0.5", "runs": runs,
+                         "start_accuracy": weak["metrics"]["accuracy"]}
 
 
 def measure_scale(result: dict, scratch: Path, counts: list[int], timebox: float) -> None:
@@ -275,6 +354,40 @@ def unpublished_line(runs: dict, cpus: int) -> str:
             "Flower's own per-round cost is most of the gap to the floor.")
 
 
+def attack_lines(attacks: dict | None) -> list[str]:
+    """The attacks part's table (module docstring, section 4)."""
+    if not attacks:
+        return []
+    runs = attacks["runs"]
+    clean = runs["clean"]
+    lines = ["", f"Attacks: {attacks['share']:.0%} of {attacks['clients']} clients ({attacks['partition']}, FedAvg, from "
+             f"a weak start (the CNN trained 1 epoch centrally: {attacks.get('start_accuracy', float('nan')):.4f}), "
+             f"{attacks['rounds']} rounds, every round published without exports) sending each "
+             "`--malicious` attack; robust defaults (norm ×4 the round's median; cosine with the others' mean ≥ −0.5 × the round's median cosine "
+             "or ≥ −0.15; "
+             "claims ≤ 2× the median claim, ≤ 1× for an update kept against the round) and the acceptance gate (2 points) "
+             "unless said otherwise. Points below "
+             "clean: the clean run's accuracy minus the run's, at the last round and at its worst round.", "",
+             "| run | final accuracy | points below clean (final / worst round) | set aside (per reason, all rounds) "
+             "| claims capped | rounds held | channel moves to a version > 2 points below clean |",
+             "|---|---:|---:|---|---:|---|---:|"]
+    for label, run in runs.items():
+        aside = ", ".join(f"{n} {reason}" for reason, n in sorted(run["set_aside"].items())) or "—"
+        held = ", ".join(map(str, run["held_rounds"])) or "—"
+        lines.append(f"| {label} | {run['final_accuracy']:.4f} | {run['points_below_clean']:+.1f} / "
+                     f"{run['worst_points_below_clean']:+.1f} | {aside} | {run['examples_capped']} | {held} | "
+                     f"{len(run['poisoned_channel_moves'])} |")
+    spread = clean.get("norm_max_over_median") or [0.0]
+    cosines = clean.get("cosine_min") or [0.0]
+    medians = clean.get("cosine_median") or [0.0]
+    lines += ["", f"Honest updates in the clean run (what the defaults must leave alone): the largest kept norm is "
+              f"{min(spread):.2f}–{max(spread):.2f}× the round's median (limit 4×); per round the lowest cosine with "
+              f"the others' mean is {min(cosines):.2f}–{max(cosines):.2f} and the median {min(medians):.2f}–"
+              f"{max(medians):.2f} (limit: under −0.5 × the median and under −0.15); "
+              f"{sum(clean['set_aside'].values())} honest update(s) set aside in {attacks['rounds']} rounds.", ""]
+    return lines
+
+
 def write_markdown(result: dict, path: Path) -> None:
     central = result["central"]["accuracy"]
     runs = result["runs"]
@@ -292,6 +405,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for label, run in runs.items():
         lines.append(f"| {label} | {run['final_accuracy']:.4f} | {run['final_accuracy'] / central:.3f} | "
                      f"{run['final_accuracy'] / clean:.3f} | {run['rejected']} | {run['wall_seconds']:.0f} | {run['peak_rss_gib']:.1f} |")
+    lines += ["", "Every run screens the round's updates first (federated/robust.py: outliers set aside, claims capped) "
+              "unless it says `screening off` (FedAvg as it was before issue 19). Krum then picks one client's "
+              "update from honest non-IID ones, which costs it accuracy here."]
     per_round = " ".join(f"{r['accuracy']:.3f}" for r in runs["fedavg (clean)"]["rounds"])
     lines += ["", f"FedAvg (clean) accuracy per round: {per_round}.", ""]
     split = result["timing_split"]
@@ -319,6 +435,10 @@ def write_markdown(result: dict, path: Path) -> None:
               "(update guard included), median of 3:", "",
               "| strategy | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in agg["seconds"].items()]
+    if "fedavg (screening off)" in agg["seconds"]:
+        lines += ["", f"FedAvg's robust screening (one norm, one cosine and one capped weight per update: "
+                  f"federated/robust.py) costs {agg['seconds']['fedavg'] / agg['seconds']['fedavg (screening off)']:.1f}× "
+                  "the plain guarded mean; every strategy above screens first."]
     lines += ["", "Scale: delivery-eta MLP (8,400 training rows, so thousands of clients still hold a few "
               "examples each), 10% of clients per round, 3 rounds, IID:", "",
               "| clients | completed | wall s | peak RSS GiB (process tree) | test MAE (min) |", "|---:|---|---:|---:|---:|"]
@@ -327,10 +447,12 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {s['clients']} | yes | {s['wall_seconds']:.0f} | {s['peak_rss_gib']:.1f} | {s['final_mae']:.2f} |")
         else:
             lines.append(f"| {s['clients']} | no: {s['error'][-120:]!r} | | | |")
+    lines += attack_lines(result.get("attacks"))
     quiet = runs.get("fedavg, 20% scale")
     quiet_floor = float(np.mean([r["client_train_seconds_sum"] / result["machine"]["cpus"] + r["aggregation_seconds"]
                                  + r["evaluation_seconds"] for r in quiet["rounds"][1:]])) if quiet else 0.0
-    robust = max((runs[k]["final_accuracy"] for k in runs if k.startswith(("fedmedian", "krum"))), default=0)
+    robust = runs.get("fedavg, 20% scale", {}).get("final_accuracy", 0.0)
+    off = runs.get("fedavg (screening off), 20% scale")
     lines += [
         "", "Targets:",
         f"- FedAvg ≥ 95% of central by round {result['rounds']}: {result['fedavg_vs_central']:.3f}× → "
@@ -340,10 +462,26 @@ def write_markdown(result: dict, path: Path) -> None:
         + (f"; but that floor is inflated by publishing's own CPU use on {result['machine']['cpus']} cores: against the "
            f"floor of the same-sized run without publishing ({quiet_floor:.2f} s) it is {split['round'] / quiet_floor:.2f}×."
            if quiet_floor else "."),
-        f"- A robust strategy within 3 points of the clean run under 20% `scale` attackers "
-        f"(best {robust:.4f} vs clean {clean:.4f}: {100 * (clean - robust):.1f} points) while FedAvg collapses "
-        f"({runs['fedavg, 20% scale']['final_accuracy']:.4f}) → "
-        f"{'met' if clean - robust <= 0.03 and runs['fedavg, 20% scale']['final_accuracy'] < 0.5 else 'NOT met'}.",
+    ]
+    if off is not None:
+        lines.append(
+            f"- FedAvg with the robust defaults within 3 points of the clean run under 20% `scale` attackers "
+            f"({robust:.4f} vs clean {clean:.4f}: {100 * (clean - robust):.1f} points) while FedAvg with the screening "
+            f"off collapses ({off['final_accuracy']:.4f}) → "
+            f"{'met' if clean - robust <= 0.03 and off['final_accuracy'] < 0.5 else 'NOT met'}.")
+    attacks = result.get("attacks")
+    if attacks:
+        attacked = {k: r for k, r in attacks["runs"].items() if k.startswith("10% ") and "off" not in k}
+        final = max(r["points_below_clean"] for r in attacked.values())
+        worst = max(r["worst_points_below_clean"] for r in attacked.values())
+        noise = attacks["runs"].get("clean, again", {}).get("worst_points_below_clean")
+        moved = sum(len(r["poisoned_channel_moves"]) for r in attacked.values())
+        lines.append(f"- Each attack from 10% of clients within 2 points of the clean run at the last round, and no "
+                     f"channel move to a version more than 2 points below the clean run's same round: at most "
+                     f"{final:+.1f} points at the last round (worst round {worst:+.1f}"
+                     + (f"; the clean run repeated differs by up to {noise:+.1f} in a round" if noise is not None else "")
+                     + f"), {moved} such move(s) → {'met' if final <= 2.0 and moved == 0 else 'NOT met'}.")
+    lines += [
         f"- ≥ 200 simulated clients on this machine: largest completed {result['largest_clients']} → "
         f"{'met' if result['largest_clients'] >= 200 else 'NOT met'}.", "",
     ]

@@ -423,8 +423,12 @@ def test_one_device_posting_minus_base_with_ten_million_examples_through_a_real_
             posted[round] = (task, base, deltas)
         out, err = up.communicate(timeout=300)
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        if up.poll() is None:  # SIGTERM: federate up stops serve, the SuperLink and the gateway too
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 0, err[-3000:]
     first, second = json.loads(out)["outcome"]["history"]
     task, base, deltas = posted[1]

@@ -461,22 +461,25 @@ def hygiene_costs(repeats: int = 2000) -> dict[str, float]:
 
 
 def middleware_costs(repeats: int) -> dict[str, float]:
-    """µs per device-update request through the CORS layer as it was (Starlette's CORSMiddleware
-    for every route) and as it is (server/cors.py's split, which also asks whether the route is
-    an admin one, then server/limits.py's upload cap), around an app that does nothing."""
+    """µs per device-update request through the CORS and body layers as they were (Starlette's
+    CORSMiddleware for every route, then the body limit, which lets updates pass) and as they
+    are (server/cors.py's split, which also asks whether the route is an admin one, then the
+    body limit with its upload cap), around an app that does nothing."""
     from starlette.middleware.cors import CORSMiddleware
 
     from server.cors import PublicCors, admin_routes
-    from server.limits import UploadCap
-    from server.routers import channels
+    from server.limits import BodyLimitMiddleware
+    from server.routers import channels, federations
 
     async def nothing(scope, receive, send) -> None:
         return None
 
     options = {"allow_origins": ["*"], "allow_methods": ["GET", "HEAD", "POST", "OPTIONS"],
                "allow_headers": ["Authorization", "Content-Type"], "expose_headers": ["ETag"], "max_age": 600}
-    before = CORSMiddleware(nothing, **options)
-    after = PublicCors(UploadCap(nothing, 256), admin=admin_routes(channels.router.routes), **options)
+    exempt = federations.UPDATES_PATH
+    before = CORSMiddleware(BodyLimitMiddleware(nothing, 64 * 1024, exempt=exempt), **options)
+    after = PublicCors(BodyLimitMiddleware(nothing, 64 * 1024, exempt=exempt, max_uploads=256),
+                       admin=admin_routes(channels.router.routes), **options)
     scope = {"type": "http", "method": "POST", "path": "/v1/federations/digits/tasks/0b6d7f/updates",
              "headers": [(b"host", b"127.0.0.1"), (b"authorization", b"Bearer x"),
                          (b"content-type", b"application/octet-stream"), (b"content-length", b"153128")]}

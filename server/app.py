@@ -31,7 +31,7 @@ from server.addresses import ClientAddress
 from server.config import ServerConfig
 from server.cors import PublicCors, admin_routes, hide_from_openapi
 from server.fastpath import FastPath
-from server.limits import BodyLimitMiddleware, RateLimiter, UploadCap
+from server.limits import BodyLimitMiddleware, RateLimiter
 from server.metrics import MetricsMiddleware
 from server.routers import channels, federations, files, health, metrics, models, monitoring, predict, web
 from server.shortcuts import Shortcuts
@@ -94,8 +94,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         exception_handlers=app.exception_handlers,
     )
     # device updates stream past the cap, against their own limit (max_update_bytes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt=federations.UPDATES_PATH)
-    app.add_middleware(UploadCap, max_uploads=config.max_uploads)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt=federations.UPDATES_PATH,
+                       max_uploads=config.max_uploads)
     app.add_middleware(
         PublicCors,
         admin=admin,

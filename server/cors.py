@@ -68,6 +68,22 @@ class PublicCors:
         self.cors = CORSMiddleware(app, **cors_options)
         self.admin: list[tuple[re.Pattern[str], frozenset[str]]] = [
             (route.path_regex, frozenset(route.methods or ())) for route in admin]
+        self.admin_methods = frozenset(m for _, methods in self.admin for m in methods)
+        self._decided: dict[tuple[str, str], bool] = {}  # (method, path) -> admin: the hot POSTs repeat
+
+    def _admin_request(self, scope: Scope) -> bool:
+        method = scope["method"]
+        if method == "OPTIONS":  # decided by the method it asks about: not cached
+            return self._is_admin(scope)
+        if method not in self.admin_methods:
+            return False
+        key = (method, scope["path"])
+        found = self._decided.get(key)
+        if found is None:
+            if len(self._decided) >= 4096:  # paths are many only when someone makes them up
+                self._decided.clear()
+            found = self._decided[key] = self._is_admin(scope)
+        return found
 
     def _is_admin(self, scope: Scope) -> bool:
         method: str | None = scope["method"]
@@ -78,7 +94,7 @@ class PublicCors:
         return any((method is None or method in methods) and pattern.match(path) for pattern, methods in self.admin)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.admin and self._is_admin(scope):
+        if scope["type"] == "http" and self.admin and self._admin_request(scope):
             await self.app(scope, receive, send)
             return
         await self.cors(scope, receive, send)

@@ -13,7 +13,7 @@ Routes that take big bodies (a device's model update) are ``exempt``: they strea
 themselves against their own limit (``server/routers/federations.py``), so that a refusal
 can name the task it was for and be counted.
 
-``UploadCap`` bounds the requests with a body that one worker serves at once
+The same middleware bounds the requests with a body that one worker serves at once
 (``POLLINATE_MAX_UPLOADS``): a client that opens thousands of uploads and stalls them holds
 each only until the body read timeout (``server/protocol.py``) closes it, and the ones past
 the cap are refused at once (503 with ``Retry-After``), so they cost neither memory nor a slot
@@ -64,25 +64,54 @@ async def _too_large(send: Send, limit: int) -> None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt: re.Pattern[str] | None = None):
+    """The size cap and JSON bounds of every body (but the ``exempt`` routes'), and the cap on
+    requests with a body in flight (``max_uploads``; exempt routes included): one middleware,
+    one pass over the headers (the hot POSTs pay for one layer, not two)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: re.Pattern[str] | None = None,
+                 max_uploads: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.exempt = exempt
+        self.max_uploads = max_uploads
+        self.active = 0  # requests with a body being served now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] not in BODY_METHODS
-                or (self.exempt is not None and self.exempt.match(scope["path"]))):
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        declared = None
+        chunked = False
         for key, value in scope["headers"]:
             if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = self.max_bytes + 1
-                if declared > self.max_bytes:
-                    await _too_large(send, self.max_bytes)
-                    return
+                if declared is None:
+                    try:
+                        declared = int(value)
+                    except ValueError:
+                        declared = self.max_bytes + 1  # not a length: refused as too large unless exempt
+            elif key == b"transfer-encoding":
+                chunked = True
+        if not declared and not chunked:  # no body: nothing to cap or check
+            await self.app(scope, receive, send)
+            return
+        if self.max_uploads is not None and self.active >= self.max_uploads:
+            await _refuse(send, 503, f"this server is receiving {self.max_uploads} uploads already:"
+                          f" retry in {UPLOAD_RETRY_AFTER_S} s", "busy",
+                          ((b"retry-after", str(UPLOAD_RETRY_AFTER_S).encode()),))
+            return
+        self.active += 1
+        try:
+            if self.exempt is not None and self.exempt.match(scope["path"]):
+                await self.app(scope, receive, send)
+            else:
+                await self._bounded(scope, receive, send, declared)
+        finally:
+            self.active -= 1
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, declared: int | None) -> None:
+        if declared is not None and declared > self.max_bytes:
+            await _too_large(send, self.max_bytes)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -96,7 +125,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         wrong = json_bounds.problem(body)
         if wrong is not None:
             await _refuse(send, 422, wrong, "json_bounds")
@@ -111,43 +140,6 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-class UploadCap:
-    """At most ``max_uploads`` requests with a body in this worker at once; more get 503 with
-    ``Retry-After`` before their body is read. A request counts from its start until the app
-    has answered it (for an upload that is its body's read plus its checks: milliseconds,
-    unless its client stalls, and then only until the body timeout)."""
-
-    def __init__(self, app: ASGIApp, max_uploads: int):
-        self.app = app
-        self.max_uploads = max_uploads
-        self.active = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or not _has_body(scope["headers"]):
-            await self.app(scope, receive, send)
-            return
-        if self.active >= self.max_uploads:
-            await _refuse(send, 503, f"this server is receiving {self.max_uploads} uploads already:"
-                          f" retry in {UPLOAD_RETRY_AFTER_S} s", "busy",
-                          ((b"retry-after", str(UPLOAD_RETRY_AFTER_S).encode()),))
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-
-
-def _has_body(headers) -> bool:
-    """A request with a body: a Content-Length other than 0, or a Transfer-Encoding."""
-    for key, value in headers:
-        if key == b"content-length":
-            return value.strip() not in (b"0", b"")
-        if key == b"transfer-encoding":
-            return True
-    return False
 
 
 # Clients remembered by the rate limiter; past this the least recently seen are forgotten

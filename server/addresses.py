@@ -103,6 +103,7 @@ class ClientAddress:
         self.networks: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
         # IPv4 networks as (address, mask) integers
         self._v4_networks = tuple((int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 4)
+        self._peers: dict[str, bool] = {}  # peer -> trusted: behind a proxy it is the same few again and again
 
     def trusts(self, address: str) -> bool:
         if not self.networks:
@@ -126,7 +127,14 @@ class ClientAddress:
 
     def resolve(self, scope) -> str:
         peer = self.peer(scope)
-        if self.networks and self.trusts(peer):
+        if not self.networks:
+            return source_of(peer)
+        trusted = self._peers.get(peer)
+        if trusted is None:
+            if len(self._peers) >= 4096:  # many direct callers: a bound on memory, not a cache that matters
+                self._peers.clear()
+            trusted = self._peers[peer] = self.trusts(peer)
+        if trusted:
             forwarded = _forwarded_for(scope.get("headers") or ())
             for hop in reversed(forwarded):
                 if not self.trusts(hop):

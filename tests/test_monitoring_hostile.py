@@ -382,6 +382,33 @@ def test_a_retried_batch_is_counted_once(proxied):
     assert after["predictions"] == before["predictions"] + 14 and after["feedback"] == before["feedback"] + 1
 
 
+def test_one_batch_id_twice_in_one_group_is_counted_once(tmp_path):
+    """Two copies of a batch that arrive together (a client's retry racing its first try)
+    land in one committer group: the ids are looked up before the group and claimed after it,
+    so the second copy must see the first's claim. Counted once, the copy answered as a
+    duplicate; an id refused in the group stays free."""
+    from registry import Store
+    from registry.monitoring import Monitor, _Pending
+
+    made = monitored_store(tmp_path / "store")
+    v1, _ = made["versions"]
+    monitor = Monitor(Store(made["home"]))
+    now = time.time()
+    body = {**batch(made["home"], v1, 0, 5), "batch_id": uuid.uuid4().hex}
+    refused = {**body, "batch_id": uuid.uuid4().hex, "version": 99}
+    group = [_Pending("telemetry", "digits", dict(body), now, None), _Pending("telemetry", "digits", dict(body), now, None),
+             _Pending("telemetry", "digits", refused, now, None)]
+    db = sqlite3.connect(Store(made["home"]).db_path, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    results, failed, _ = monitor._apply(db, group)
+    db.execute("COMMIT")
+    assert "duplicate" not in results[group[0]] and results[group[1]]["duplicate"] is True
+    assert group[2] in failed
+    ids = {row[0] for row in db.execute("SELECT batch_id FROM monitor_batches")}
+    assert ids == {body["batch_id"]}  # the refused one's id is still free
+    assert monitor.report("digits")["versions"][str(v1)]["predictions"] == 5
+
+
 # ---------------------------------------------------------------------------- bodies
 
 

@@ -47,8 +47,24 @@ def served(tmp_path_factory):
             monitor.ingest_feedback("digits", {"version": v1, "prediction": "5", "label": "5" if right else "8"},
                                     now=at)
     monitor.check_alerts("digits")
+    held = publish_held(Store(made["home"]), parent=v1)
     with LiveServer(made["home"], log=root / "serve.log", env={"POLLINATE_WEB_CLIENT": "off"}) as live:
-        yield {**made, "url": live.url}
+        yield {**made, "url": live.url, "held": held}
+
+
+def publish_held(store, parent: int) -> int:
+    """A federated round the acceptance gate held (federated/acceptance.py writes this verdict
+    into the lineage; its channel did not move)."""
+    from registry import Lineage
+
+    reason = "accuracy 0.1000 is 81.4 points under the last accepted 0.9140 (round 2): more than 2.0"
+    gate = {"passed": False, "metric": "accuracy", "value": 0.1, "reference": 0.914, "reference_round": 2,
+            "threshold": 0.02, "reason": reason}
+    record = store.publish("digits", lineage=Lineage("federated", parent_version=parent, round=3,
+                                                     extra={"gate": gate, "federation": {"channel": "canary"}}),
+                           artifacts={"tflite-float32": {"model.tflite": b"held" * 100}}, metrics={"accuracy": 0.1},
+                           input_spec={"shape": [8, 8, 1], "dtype": "float32"}, labels=[str(i) for i in range(10)])
+    return record.version
 
 
 def test_dashboard_draws_field_accuracy_and_drift(served, tmp_path):
@@ -83,6 +99,9 @@ def test_dashboard_draws_field_accuracy_and_drift(served, tmp_path):
         assert f"{v2}" == section.get_by_test_id("channels").get_by_test_id("shadow").inner_text().strip()
         assert "%" in section.get_by_test_id("versions").get_by_test_id("field-accuracy").first.inner_text()
         assert "drift" in section.get_by_test_id("alerts").inner_text().lower()
+        holds = section.get_by_test_id("gate-holds")  # the round the acceptance gate held, and why
+        assert holds.locator(f"li[data-version='{served['held']}']").count() == 1
+        assert "canary not moved" in holds.inner_text() and "81.4 points under" in holds.inner_text()
         page.screenshot(path=str(ARTIFACTS / "digits.png"), full_page=True)
 
         page.goto(f"{served['url']}/dashboard")  # every model

@@ -17,7 +17,8 @@ and guardrails soon.
 
 ``GET /v1/models/{name}/monitor`` is what ``/dashboard`` draws: the monitor's report (the
 ``pollinate monitor --json`` shape), its timeline, the channels with their rollout and
-shadow, and the channel history.
+shadow, the channel history with the versions the federation's acceptance gate held (each
+with its reason), and the guardrails' standing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope
 
 from core.errors import InvalidInput, NotFound
+from registry.gate import held_versions, history_with_holds
 from server import metrics
 from server.monitoring import Watcher, bearer_token, retry_after
 from server.names import existing_model_name
@@ -266,6 +268,9 @@ def _monitor_view(svc: Services, watch: Watcher, model: str, version: int | None
         "report": report,
         "timeline": timeline,
         "channels": channels,
-        "history": store.channel_history(model)[-50:],
+        # channel moves and the versions the federation's gate held (published, channel not
+        # moved: registry/gate.py), in time order
+        "history": history_with_holds(store, model)[-50:],
+        "held": held_versions(store, model)[-20:],
         "guardrails": watch.monitor.guardrail_status(model),
     }

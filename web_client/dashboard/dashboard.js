@@ -208,13 +208,25 @@ function focusVersion(view) {
 
 function channelsTable(view) {
   const rows = Object.entries(view.channels ?? {}).sort(([a], [b]) => a.localeCompare(b));
-  if (!rows.length) return el("p", { class: "empty", "data-testid": "channels" }, "No channel is set: clients get the newest version.");
+  if (!rows.length) return el("p", { class: "empty", "data-testid": "channels" }, "No channel is set: clients asking for stable get the newest version.");
   return el("table", { "data-testid": "channels" },
     el("thead", {}, el("tr", {}, ["channel", "version", "candidate", "rollout", "shadow", "since"].map((h) => el("th", {}, h)))),
     el("tbody", {}, rows.map(([name, s]) => el("tr", { "data-channel": name },
       el("td", {}, name), el("td", {}, s.version ?? "unset"), el("td", {}, s.candidate_version ?? "–"),
       el("td", {}, isNumber(s.rollout_percent) ? `${s.rollout_percent} %` : "–"),
       el("td", { "data-testid": "shadow" }, s.shadow_version ?? "–"), el("td", {}, s.updated_at ?? "")))));
+}
+
+// Versions a federated round published but the acceptance gate held: worse than the last
+// accepted version on the held-out data, so their channel did not move (registry/gate.py).
+function heldList(view) {
+  const held = view.held ?? [];
+  if (!held.length) return null;
+  return el("div", {}, el("h3", {}, "Held by the federation's acceptance gate"),
+    el("ul", { class: "held", "data-testid": "gate-holds" }, held.slice().reverse().map((h) => el("li", {
+      "data-version": h.version,
+    }, [`v${h.version}`, h.round != null ? `round ${h.round}` : "", h.channel ? `${h.channel} not moved` : "",
+      h.reason ?? "", h.created_at ?? ""].filter(Boolean).join(" · ")))));
 }
 
 function versionsTable(view) {
@@ -309,6 +321,7 @@ function modelSection(view) {
     el("h2", {}, view.model, " ", el("span", { class: "badge" }, `latest v${view.latest_version ?? "?"}`),
       alerts.length ? el("span", { class: "badge alert" }, ` ${alerts.length} alert${alerts.length > 1 ? "s" : ""}`) : null),
     el("h3", {}, "Channels and rollout"), channelsTable(view),
+    heldList(view),
     el("h3", {}, "Versions in the field"), versionsTable(view),
     plots(view),
     el("h3", {}, "Alerts"), alertsList(view),

@@ -186,6 +186,10 @@ BATCH_TTL_S = 7 * 24 * 3600
 # Expired batch ids are deleted at most this often: one DELETE that scans the table (about 0.1 s
 # per million ids on a laptop; the table is not indexed by expiry, which would cost every batch)
 BATCH_SWEEP_S = 3600.0
+_CLAIM_BATCH = (
+    "INSERT INTO monitor_batches (model, kind, batch_id, window, expires_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (model, kind, batch_id) DO UPDATE SET window = excluded.window, expires_at = excluded.expires_at"
+    " WHERE expires_at < ?")  # a live id is left alone (0 rows changed: a duplicate); an expired one is taken
 # A regression value (a prediction or a label) may lie this many widths of the training range
 # beyond either end of it (the profile's prediction edges: the training targets' min and max).
 VALUE_MARGIN = 1.0
@@ -569,35 +573,36 @@ class Monitor:
         if now - self._swept_batches >= BATCH_SWEEP_S:
             db.execute("DELETE FROM monitor_batches WHERE expires_at < ?", (now,))
             self._swept_batches = now
-        claims = _BatchClaims(db, group)
         for pending in group:
+            claimed = None
             try:
                 versions = context.versions(pending.model)
                 body = _object(pending.body, TELEMETRY_KEYS if pending.kind == "telemetry" else FEEDBACK_KEYS,
                                pending.kind)
                 batch_id = body.get("batch_id")
-                key = None
                 if batch_id is not None:
                     if not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
                         raise InvalidInput("batch_id must be 16-64 of A-Z a-z 0-9 _ - (e.g. a random UUID's hex)")
-                    # looked up first: a retry is known before anything else, even a feedback
-                    # whose prediction_id its first sending used up
+                    # claimed first (one statement): a retry is known before anything else, even a
+                    # feedback whose prediction_id its first sending used up
                     key = (pending.model, pending.kind, batch_id)
-                    counted = claims.counted(key, pending.now)
-                    if counted is not None:
-                        results[pending] = {"accepted": True, "duplicate": True, "window": counted}
+                    if db.execute(_CLAIM_BATCH, (*key, window_of(pending.now), pending.now + BATCH_TTL_S,
+                                                 pending.now)).rowcount == 0:
+                        counted = db.execute("SELECT window FROM monitor_batches WHERE model = ? AND kind = ?"
+                                             " AND batch_id = ?", key).fetchone()
+                        results[pending] = {"accepted": True, "duplicate": True, "window": counted[0]}
                         continue
+                    claimed = key
                 if pending.kind == "telemetry":
                     results[pending] = self._apply_telemetry(db, context, pending, body, versions, merged)
                 else:
                     results[pending] = self._apply_feedback(db, context, pending, body, versions, merged)
-                if key is not None:  # only an accepted batch uses up its id
-                    claims.claim(key, window_of(pending.now), pending.now + BATCH_TTL_S)
             except sqlite3.Error:
                 raise  # the transaction itself is in doubt: the whole group fails, nothing is stored
             except Exception as exc:  # refused (or a bug in a check): that item alone fails, having written nothing
+                if claimed is not None:  # a refused batch does not use up its id
+                    db.execute("DELETE FROM monitor_batches WHERE model = ? AND kind = ? AND batch_id = ?", claimed)
                 failed[pending] = exc
-        claims.write(db)
         merged.write(db)
         return results, failed, merged.tallies
 
@@ -1260,56 +1265,6 @@ class _Group:
                 config = self._configs[model] = {**DEFAULTS, **(json.loads(row[0]) if row else {})}
             self._bounds[key] = _value_bounds(loaded["prediction"], config)
         return self._bounds[key]
-
-
-class _BatchClaims:
-    """The batch ids of one group: those already counted, read in one statement per (model,
-    kind) before any item is applied, and those the group's accepted items claim, written in
-    one statement after (a statement per batch was most of what an id cost). A refused item
-    claims nothing, so its id stays free for a retry; the same id twice in one group is
-    counted once. It all happens inside the group's write transaction, so two processes
-    cannot both count one id."""
-
-    __slots__ = ("known", "claimed")
-
-    def __init__(self, db: sqlite3.Connection, group: list):
-        self.known: dict[tuple, tuple[str, float]] = {}  # (model, kind, id) -> (window, expires_at)
-        self.claimed: dict[tuple, tuple[str, float]] = {}
-        wanted: dict[tuple[str, str], list[str]] = {}
-        for pending in group:
-            body = pending.body
-            batch_id = body.get("batch_id") if isinstance(body, dict) else None
-            if isinstance(batch_id, str) and BATCH_ID.fullmatch(batch_id):
-                wanted.setdefault((pending.model, pending.kind), []).append(batch_id)
-        for (model, kind), ids in wanted.items():
-            if _has_json(db):
-                rows = db.execute("SELECT batch_id, window, expires_at FROM monitor_batches WHERE model = ? AND"
-                                  " kind = ? AND batch_id IN (SELECT value FROM json_each(?))",
-                                  (model, kind, json.dumps(ids))).fetchall()
-            else:
-                rows = [row for batch_id in ids for row in db.execute(
-                    "SELECT batch_id, window, expires_at FROM monitor_batches WHERE model = ? AND kind = ?"
-                    " AND batch_id = ?", (model, kind, batch_id))]
-            for batch_id, window, expires_at in rows:
-                self.known[(model, kind, batch_id)] = (window, expires_at)
-
-    def counted(self, key: tuple, now: float) -> str | None:
-        """The window a live id was counted in (this group or before), None for a new one."""
-        found = self.claimed.get(key)
-        if found is not None:
-            return found[0]
-        found = self.known.get(key)
-        return found[0] if found is not None and found[1] >= now else None
-
-    def claim(self, key: tuple, window: str, expires_at: float) -> None:
-        self.claimed[key] = (window, expires_at)
-
-    def write(self, db: sqlite3.Connection) -> None:
-        if self.claimed:  # an expired row of the same id is taken over
-            _insert_rows(db, "monitor_batches (model, kind, batch_id, window, expires_at)",
-                         [(*key, window, expires) for key, (window, expires) in self.claimed.items()],
-                         " ON CONFLICT (model, kind, batch_id) DO UPDATE SET window = excluded.window,"
-                         " expires_at = excluded.expires_at")
 
 
 class _Merged:

@@ -3,7 +3,8 @@
 1. train the digits CNN centrally, export it (TF.js + every TFLite variant, verified) and
    register it; the `stable` channel points at it;
 2. improve it with a short Flower federation (simulated clients with non-IID data): every
-   round becomes a version, exported and published on the `canary` channel;
+   round becomes a version, exported and published, and the `canary` channel moves to it
+   unless the acceptance gate holds it (worse than the last accepted round);
 3. serve the store over HTTP and print the URL to open.
 """
 
@@ -94,7 +95,7 @@ def federate(out, home: Path, model: str, version: int, rounds: int, clients: in
     settings = FederationSettings(home=str(Path(home).resolve()), model_name=model, start_from=str(version),
                                   rounds=rounds, num_partitions=clients, partition="dirichlet:0.5", seed=seed)
     out.print(f"{clients} clients, Dirichlet α=0.5 partition, FedAvg, {rounds} rounds from v{version}; "
-              "each round is published on channel canary")
+              "each round is published and moves channel canary unless the acceptance gate holds it")
     with Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=out) as progress:
         task = progress.add_task("rounds", total=rounds, info="starting Flower…")

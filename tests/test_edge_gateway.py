@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO, processes_naming
+from federation_helpers.stores import weak_digits_store
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from core.errors import InvalidInput
@@ -288,12 +289,7 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def trained_store(tmp_path_factory) -> Path:
     """A store with a small digits model (an MLP, 16 units: rounds stay quick)."""
-    from training.central import TrainSettings, train_and_register
-    from training.datasets import load_dataset
-
-    home = tmp_path_factory.mktemp("edge") / "template"
-    train_and_register(Store(home), load_dataset("digits"), TrainSettings(model="mlp", epochs=3, width=16))
-    return home
+    return weak_digits_store(tmp_path_factory.mktemp("edge") / "template", width=16)
 
 
 class Federation:

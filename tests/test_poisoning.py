@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, cli_json, run_cli
+from federation_helpers.stores import weak_digits_store
 
 from core.errors import InvalidInput
 from federated.attack_fleet import MAX_CLAIM, RawDevice, craft, train_honestly, weights_of
@@ -138,12 +139,7 @@ def test_bad_gate_and_robust_flags_are_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A store with a weak digits MLP (32 units, 3 epochs, ~0.73): honest rounds improve it."""
-    from training.central import TrainSettings, train_and_register
-    from training.datasets import load_dataset
-
-    home = tmp_path_factory.mktemp("poisoning") / "template"
-    train_and_register(Store(home), load_dataset("digits"), TrainSettings(model="mlp", epochs=3, width=32))
-    return home
+    return weak_digits_store(tmp_path_factory.mktemp("poisoning") / "template", width=32)
 
 
 class World:

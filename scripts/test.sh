@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export TF_CPP_MIN_LOG_LEVEL=2
+# stores the node tests build once and copy (web_client/test-support/server.mjs), for this run only
+POLLINATE_TEST_CACHE=$(mktemp -d)
+export POLLINATE_TEST_CACHE
+trap 'rm -rf "$POLLINATE_TEST_CACHE"' EXIT
 # Lint and both suites run even when one fails; the script fails if any does.
 status=0
 echo "==> lint: ruff check ."

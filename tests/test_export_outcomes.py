@@ -268,10 +268,13 @@ def trained_mobilenet():
     return get
 
 
-@pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
+@pytest.mark.parametrize("arch", ["MobileNetV3Small"])
 def test_trained_mobilenets_every_tflite_variant_keeps_keras_accuracy(tmp_path, arch, trained_mobilenet):
     """Every variant converts (int8 calibrated on training digits), runs in LiteRT on the held-out
-    digits, keeps Keras' accuracy within 2 points and is delivered, int8 included.
+    digits, keeps Keras' accuracy within 2 points and is delivered, int8 included. V3Small only
+    (hard-swish, squeeze-excite: the harder graph; it shares the fixture's training with the
+    on-device test below) to keep the suite in budget: MobileNetV2 (α=0.35, trained, 96×96) goes
+    through every format and both gates in every run of benchmarks/export.py.
 
     int8's max |Δp| is large (measured: V2 91.1% Keras, int8 90.3%, agreement 98.9%, max |Δp|
     0.42; V3Small 94.8%, 94.1%, 99.3%, 0.19): rounding accumulated over ~50 layers moves a few

@@ -1,8 +1,8 @@
 // A real store and a real `pollinate serve` on 127.0.0.1 for the library's tests.
 //
 // prepareStore() trains two digits versions with the `pollinate` CLI of the repository's
-// .venv (about 35 s on 2 cores: TensorFlow start-up and the exporter's checks dominate) and
-// points `stable` at v1. startServer() runs `pollinate serve --port 0 --json` and waits
+// .venv (about 35 s on 2 cores: TensorFlow start-up and the exporter's checks dominate; once
+// per run where POLLINATE_TEST_CACHE is set) and points `stable` at v1. startServer() runs `pollinate serve --port 0 --json` and waits
 // until /healthz answers.
 
 import { spawn, execFile } from 'node:child_process';
@@ -34,12 +34,34 @@ export async function pollinate(home, ...args) {
   }
 }
 
-/** A temporary store with digits v1 (seed 0) and v2 (seed 1), stable → v1. */
+/**
+ * A temporary store with digits v1 (seed 0) and v2 (seed 1), stable → v1. Where
+ * POLLINATE_TEST_CACHE names a folder (scripts/test.sh makes one per run, and removes it), the
+ * first call trains into it and later calls, in any test file of that run, copy it: the same
+ * store, 35 s sooner. A store is a folder (SQLite and files, no absolute paths), copied whole
+ * once nothing writes it; the template appears by rename, so a file running beside the one
+ * that trains it either finds it whole or trains its own.
+ */
 export async function prepareStore() {
   const home = fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-web-'));
+  const cache = process.env.POLLINATE_TEST_CACHE;
+  const template = cache ? path.join(cache, 'digits-v1-v2') : null;
+  if (template && fs.existsSync(template)) {
+    fs.cpSync(template, home, { recursive: true });
+    return home;
+  }
   await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '0');
   await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '1');
   await pollinate(home, 'models', 'promote', 'digits', '1', '--channel', 'stable');
+  if (template) {
+    const building = fs.mkdtempSync(path.join(cache, 'building-'));
+    fs.cpSync(home, building, { recursive: true });
+    try {
+      fs.renameSync(building, template);
+    } catch {
+      fs.rmSync(building, { recursive: true, force: true });  // another file's copy got there first
+    }
+  }
   return home;
 }
 

@@ -14,7 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 
 import { drawBehaviour, keepExamples, parseArgs, parseFleetData, UsageError } from '../tools/fleet-input.mjs';
-import { pollinate, PYTHON, REPO, sampleDigits, startServer } from '../test-support/server.mjs';
+import { prepareStore, PYTHON, REPO, sampleDigits, startServer } from '../test-support/server.mjs';
 
 const FLEET = path.join(REPO, 'web_client/tools/fleet.mjs');
 const samples = sampleDigits();
@@ -156,9 +156,8 @@ describe('a fleet against a real server', () => {
   let seed;
 
   before(async () => {
-    home = fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-fleet-'));
+    home = await prepareStore();  // digits v1 and v2 (copied, where another file of the run trained them)
     scratch.push(home);
-    await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '1', '--seed', '0');
     server = await startServer(home);
     // v1's Keras weights in get_weights() order, once (Keras takes seconds to import); a task
     // already past its deadline, whose base the rounds below start from

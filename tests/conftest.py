@@ -36,6 +36,30 @@ def cli_json(*args: str, home: Path) -> dict:
     return json.loads(result.stdout)
 
 
+def stored_once(name: str, home: Path, build) -> Path:
+    """A store at `home` as `build(home)` makes it; where POLLINATE_TEST_CACHE names a folder
+    (scripts/test.sh makes one per run), built once per run under that name and copied (a store
+    is a folder: SQLite and files, no absolute paths). The node tests copy the same templates
+    (web_client/test-support/server.mjs), so they must be built the same way there."""
+    import fcntl
+    import shutil
+
+    cache = os.environ.get("POLLINATE_TEST_CACHE")
+    if not cache:
+        build(home)
+        return home
+    template = Path(cache) / name
+    with open(Path(cache) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one xdist worker builds it, the others wait and copy
+        if not template.is_dir():
+            building = Path(cache) / f"{name}.building"
+            shutil.rmtree(building, ignore_errors=True)
+            build(building)
+            building.rename(template)
+    shutil.copytree(template, home)
+    return home
+
+
 def processes_naming(path) -> list[list[str]]:
     """Command lines of running processes that mention `path` (a test's store): what a command
     under test left running."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli_json, run_cli
+from tests.conftest import REPO, cli_json, run_cli, stored_once
 from tests.server_helpers.live import LiveServer
 from tests.web_helpers.browser import chromium_context, missing_requirements
 
@@ -34,9 +34,11 @@ DIGITS_PER_PAGE = 6
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """digits v1 (seed 0) and v2 (seed 1), both exported to TF.js by `pollinate train`."""
-    home = tmp_path_factory.mktemp("web") / "store"
-    for seed in ("0", "1"):
-        cli_json("train", "--dataset", "digits", "--epochs", "3", "--seed", seed, home=home)
+    def build(home: Path) -> None:  # as the node tests' prepareStore() builds it, before it promotes
+        for seed in ("0", "1"):
+            cli_json("train", "--dataset", "digits", "--epochs", "3", "--seed", seed, home=home)
+
+    home = stored_once("digits-v1-v2", tmp_path_factory.mktemp("web") / "store", build)
     return {"home": home, "logs": tmp_path_factory.mktemp("web-logs")}
 
 

@@ -37,10 +37,10 @@ export async function pollinate(home, ...args) {
 /**
  * A temporary store with digits v1 (seed 0) and v2 (seed 1), stable → v1. Where
  * POLLINATE_TEST_CACHE names a folder (scripts/test.sh makes one per run, and removes it), the
- * first call trains into it and later calls, in any test file of that run, copy it: the same
- * store, 35 s sooner. A store is a folder (SQLite and files, no absolute paths), copied whole
- * once nothing writes it; the template appears by rename, so a file running beside the one
- * that trains it either finds it whole or trains its own.
+ * two versions are trained once per run (by the first caller, or by the Python tests before:
+ * tests/conftest.py's stored_once, the same template name and steps) and copied: 35 s sooner.
+ * A store is a folder (SQLite and files, no absolute paths), copied whole once nothing writes
+ * it; the template appears by rename, so a caller either finds it whole or trains its own.
  */
 export async function prepareStore() {
   const home = fs.mkdtempSync(path.join(os.tmpdir(), 'pollinate-web-'));
@@ -48,20 +48,20 @@ export async function prepareStore() {
   const template = cache ? path.join(cache, 'digits-v1-v2') : null;
   if (template && fs.existsSync(template)) {
     fs.cpSync(template, home, { recursive: true });
-    return home;
-  }
-  await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '0');
-  await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '1');
-  await pollinate(home, 'models', 'promote', 'digits', '1', '--channel', 'stable');
-  if (template) {
-    const building = fs.mkdtempSync(path.join(cache, 'building-'));
-    fs.cpSync(home, building, { recursive: true });
-    try {
-      fs.renameSync(building, template);
-    } catch {
-      fs.rmSync(building, { recursive: true, force: true });  // another file's copy got there first
+  } else {
+    await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '0');
+    await pollinate(home, 'train', '--dataset', 'digits', '--epochs', '3', '--seed', '1');
+    if (template) {
+      const building = fs.mkdtempSync(path.join(cache, 'building-'));
+      fs.cpSync(home, building, { recursive: true });
+      try {
+        fs.renameSync(building, template);
+      } catch {
+        fs.rmSync(building, { recursive: true, force: true });  // another caller's copy got there first
+      }
     }
   }
+  await pollinate(home, 'models', 'promote', 'digits', '1', '--channel', 'stable');
   return home;
 }
 

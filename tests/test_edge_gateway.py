@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import REPO, processes_naming
 from federation_helpers.stores import weak_digits_store
+from federation_helpers.up import federate_up
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from core.errors import InvalidInput
@@ -470,21 +471,9 @@ def test_a_gateway_killed_mid_round_and_restarted_counts_each_update_once(tmp_pa
 def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tmp_path, trained_store):
 
     home = tmp_path / "store"
-    shutil.copytree(trained_store, home)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("POLLINATE_HOME", None)
-    up = subprocess.Popen([sys.executable, "-m", "pollinate", "federate", "up", "--model", "digits", "--rounds", "1",
-                           "--gateways", "1", "--min-updates", "1", "--round-deadline", "120", "--port", "0",
-                           "--formats", "", "--json", "--home", str(home)],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-    try:
-        lines = []
-        while not any(line.startswith("Device endpoint") for line in lines):
-            line = up.stderr.readline()
-            assert line, "".join(lines) + up.stderr.read()
-            lines.append(line)
-        url = lines[-1].split()[2]
+    with federate_up(trained_store, home, "--rounds", "1", "--gateways", "1", "--min-updates", "1",
+                     "--round-deadline", "120") as started:
+        up, url = started.process, started.url
         routes = "".join(up.stderr.readline() for _ in range(5))
         assert f"{url}/v1/federations/digits/devices" in routes and f"{url}/v1/federations/digits/status" in routes
         device = Device(url)
@@ -492,9 +481,6 @@ def test_federate_up_runs_an_edge_federation_on_loopback_and_stops_everything(tm
         assert task["base_version"] == 1
         device.contribute(task, 25)
         out, err = up.communicate(timeout=300)
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 0, err[-3000:]
     assert "round 1/1" in err and "edge: 1 update from 1 device (25 examples) via gw-0" in err
     summary = json.loads(out)
@@ -509,26 +495,13 @@ def test_federate_up_stopped_with_sigterm_mid_round_stops_everything(tmp_path, t
     """SIGTERM (a service manager, `timeout`) to `federate up` alone, while a round waits for
     devices: serve, the SuperLink, the gateway and flwr run are stopped too (--json: progress on stderr)."""
     home = tmp_path / "store"
-    shutil.copytree(trained_store, home)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("POLLINATE_HOME", None)
-    up = subprocess.Popen([sys.executable, "-m", "pollinate", "federate", "up", "--model", "digits", "--rounds", "1",
-                           "--min-updates", "1", "--round-deadline", "300", "--port", "0", "--formats", "", "--json",
-                           "--home", str(home)],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-    try:
-        line = ""
-        while not line.startswith("Device endpoint"):
-            line = up.stderr.readline()
-            assert line, up.stderr.read()
-        Device(line.split()[2]).wait_for_task(1)  # the round is open, the gateway waits
+    with federate_up(trained_store, home, "--rounds", "1", "--min-updates", "1", "--round-deadline", "300",
+                     stdout=subprocess.DEVNULL) as started:
+        up = started.process
+        Device(started.url).wait_for_task(1)  # the round is open, the gateway waits
         assert processes_naming(home)
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=90)
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 130
     deadline = time.monotonic() + 20
     while processes_naming(home) and time.monotonic() < deadline:

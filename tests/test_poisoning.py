@@ -20,19 +20,16 @@ not exist.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_json, run_cli
+from conftest import cli_json, run_cli
 from federation_helpers.stores import weak_digits_store
+from federation_helpers.up import federate_up
 
 from core.errors import InvalidInput
 from federated.attack_fleet import MAX_CLAIM, RawDevice, craft, train_honestly, weights_of
@@ -386,20 +383,9 @@ def test_one_device_posting_minus_base_with_ten_million_examples_through_a_real_
     from training.stored import load_keras_model
 
     home = tmp_path / "store"
-    shutil.copytree(template, home)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("POLLINATE_HOME", None)
-    up = subprocess.Popen([sys.executable, "-m", "pollinate", "federate", "up", "--model", "digits", "--rounds", "2",
-                           "--min-updates", "6", "--round-deadline", "120", "--port", "0", "--formats", "",
-                           "--learning-rate", "0.01", "--json", "--home", str(home)],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-    try:
-        line = ""
-        while not line.startswith("Device endpoint"):
-            line = up.stderr.readline()
-            assert line, up.stderr.read()
-        url = line.split()[2]
+    with federate_up(template, home, "--rounds", "2", "--min-updates", "6", "--round-deadline", "120",
+                     "--learning-rate", "0.01") as started:
+        up, url = started.process, started.url
         architecture = load_keras_model(Store(home), "digits", 1).to_json()
         shards = [client_data(DIGITS, "iid", 5, i, 0) for i in range(5)]
         honest = [RawDevice(url, "digits", kind="phone") for _ in range(5)]
@@ -418,13 +404,6 @@ def test_one_device_posting_minus_base_with_ten_million_examples_through_a_real_
             assert attacker.post(task, body, claim).status == 202
             posted[round] = (task, base, deltas)
         out, err = up.communicate(timeout=300)
-    finally:
-        if up.poll() is None:  # SIGTERM: federate up stops serve, the SuperLink and the gateway too
-            up.send_signal(signal.SIGTERM)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
     assert up.returncode == 0, err[-3000:]
     first, second = json.loads(out)["outcome"]["history"]
     task, base, deltas = posted[1]
